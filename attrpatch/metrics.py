@@ -1,0 +1,79 @@
+"""Metrics on the logits at each prompt's last real token: [batch, vocab] -> [batch] (float32).
+
+    logit_diff  logit[answer] - logit[wrong]
+    logprob     log p(answer)
+    prob        p(answer)
+    kl          KL(clean || run) = sum_v p_clean(v) (log p_clean(v) - log p_run(v))
+
+All are averaged over prompts. Normalised: (m - m_corrupt) / (m_clean - m_corrupt), 0 at the corrupted
+baseline and 1 at the clean one; effects and scores normalise by the same gap.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+METRICS = ("logit_diff", "logprob", "prob", "kl")
+MIN_GAP = 1e-6  # a clean/corrupt gap below this cannot be normalised
+
+
+@dataclass(frozen=True)
+class Target:
+    """answer, wrong: [batch]; clean_logprobs: [batch, vocab] (for kl)."""
+
+    answer: Tensor
+    wrong: Tensor
+    clean_logprobs: Tensor
+
+    @classmethod
+    def from_clean(cls, answer: Tensor, wrong: Tensor, clean_logits: Tensor) -> "Target":
+        """clean_logits: [batch, vocab] of the clean run at the last real tokens."""
+        return cls(answer, wrong, clean_logits.detach().to(wide(clean_logits.dtype)).log_softmax(-1))
+
+    def repeat(self, n: int) -> "Target":
+        """The same target for ``n`` copies of the batch (copy-major, as patched runs stack them)."""
+        return Target(self.answer.repeat(n), self.wrong.repeat(n), self.clean_logprobs.repeat(n, 1))
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype metrics and scores accumulate in: float32, or float64 for float64 models."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_metric(name: str) -> None:
+    if name not in METRICS:
+        raise ValueError(f"Unknown metric {name!r}; known: {', '.join(METRICS)}.")
+
+
+def metric(name: str, logits: Tensor, target: Target) -> Tensor:
+    """[batch, vocab] -> [batch], computed in float32 (float64 for float64 logits)."""
+    check_metric(name)
+    logits = logits.to(wide(logits.dtype))
+    if name == "logit_diff":
+        return _pick(logits, target.answer) - _pick(logits, target.wrong)
+    logprobs = logits.log_softmax(-1)
+    if name == "logprob":
+        return _pick(logprobs, target.answer)
+    if name == "prob":
+        return _pick(logprobs, target.answer).exp()
+    ref = target.clean_logprobs.to(logits.dtype)
+    return (ref.exp() * (ref - logprobs)).sum(-1)
+
+
+def _pick(values: Tensor, index: Tensor) -> Tensor:
+    return values.gather(-1, index[:, None]).squeeze(-1)
+
+
+def last_logits(logits: Tensor, last: Tensor) -> Tensor:
+    """[batch, pos, vocab] (or hidden [batch, pos, d]) -> [batch, vocab] at each prompt's last real token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
+
+
+def normalise(value: float, clean: float, corrupt: float, *, offset: bool) -> float:
+    """Map a metric value (offset=True) or a difference of metric values (offset=False) to the 0=corrupt,
+    1=clean scale; NaN when the clean/corrupt gap is below MIN_GAP (the scale is undefined)."""
+    gap = clean - corrupt
+    if abs(gap) < MIN_GAP:
+        return float("nan")
+    return ((value - corrupt) if offset else value) / gap

@@ -1,0 +1,169 @@
+"""Exact activation patching: the ground truth AtP approximates.
+
+effect(c) = metric(receiver run with c set to its source value) - metric(receiver run), mean over prompts;
+denoise: source = clean, receiver = corrupt; noise: the reverse (see attribute.py).
+
+Batched and layer-resumed: components are sorted by layer and patched ``copies`` at a time, each copy of
+the prompt batch carrying a different patch, in one forward pass that starts at the block of the
+earliest patched layer from the receiver's recorded input to that block (the blocks before it would
+compute exactly the same thing). ``resume=False, copies=1`` is the naive one-full-forward-per-component
+sweep, kept as the reference.
+"""
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .attribute import as_spec
+from .batch import PromptBatch, check_direction
+from .capture import call_input, batch_pos, block_calls, eval_mode, forward_last, hooked, run_blocks
+from .metrics import Target, check_metric, metric
+from .sites import Component, ModelSpec, check_component
+
+DEFAULT_ROWS = 256  # prompt copies per patched forward pass when ``copies`` is not given
+
+
+@dataclass
+class Effects:
+    """Exact effects. ``values``: float32 [component, metric], mean over prompts; ``per_prompt``:
+    [component, metric, batch] when asked; ``receiver_metric``: the unpatched receiving run's metric."""
+
+    components: list[Component | tuple[Component, ...]]
+    metrics: list[str]
+    values: Tensor
+    direction: str
+    receiver_metric: dict[str, float]
+    per_prompt: Tensor | None = None
+    passes: dict[str, float] = field(default_factory=dict)
+
+    def effect(self, component: Component | tuple[Component, ...], metric_name: str) -> float:
+        return float(self.values[self.components.index(component), self.metrics.index(metric_name)])
+
+
+Item = Component | tuple[Component, ...]  # a tuple is patched jointly, in one copy
+
+
+def _members(item: Item) -> tuple[Component, ...]:
+    return item if isinstance(item, tuple) else (item,)
+
+
+def _start(item: Item) -> int:
+    """First block a patched run must compute: -1 (whole model) for the embeddings."""
+    return min(-1 if c.site == "embed" else c.layer for c in _members(item))
+
+
+def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
+          metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
+          resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
+          progress: bool = False) -> Effects:
+    """Exact effect of patching each of ``components`` alone, under every metric, in ``direction``.
+
+    components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
+
+    copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS // chunk size).
+    resume: start each pass at the earliest patched block instead of the embeddings.
+    """
+    spec = as_spec(model)
+    components, metrics = list(components), list(dict.fromkeys(metrics))
+    check_direction(direction)
+    for m in metrics:
+        check_metric(m)
+    members = [c for item in components for c in _members(item)]
+    for c in members:
+        check_component(c, spec, batch.n_pos)
+    if not batch.aligned and any(c.pos is not None for c in members):
+        raise ValueError("per-position components need prompts of one token length, but lengths range over "
+                         f"{sorted(set((batch.last + 1).tolist()))}; use all-position components "
+                         "(pos=None) or prompts of equal length")
+    batch = batch.to(spec.device)
+    sums = torch.zeros(len(components), len(metrics), device=spec.device)
+    prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device) if per_prompt else None
+    receiver = {m: 0.0 for m in metrics}
+    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    start = 0
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            n_copies = copies or max(1, DEFAULT_ROWS // chunk.n)
+            effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
+                                         passes, progress)  # effects: [component, metric, chunk]
+            sums += effects.sum(-1)
+            if prompts is not None:
+                prompts[..., start:start + chunk.n] = effects
+            for m in metrics:
+                receiver[m] += base[m]
+            start += chunk.n
+    return Effects(components=components, metrics=metrics, values=sums.cpu() / batch.n, direction=direction,
+                   receiver_metric={m: receiver[m] / batch.n for m in metrics},
+                   per_prompt=None if prompts is None else prompts.cpu(), passes=passes)
+
+
+def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
+                 direction: str, copies: int, resume: bool, passes: dict, progress: bool):
+    source_ids, receiver_ids = batch.runs(direction)
+    n_pos, n_layers = batch.n_pos, spec.dims.n_layers
+    keys = sorted({(c.site, c.layer) for item in components for c in _members(item)})
+    points = {key: spec.hook_point(*key) for key in keys}
+
+    # Source run: the values to patch in, per needed hook point: normalised views [batch, pos, ...].
+    source: dict[tuple[str, int], Tensor] = {}
+
+    def keep(key):
+        def callback(raw):
+            source[key] = points[key].read(raw, *batch_pos(raw, n_pos)).clone()
+        return callback
+    with hooked([(points[k], keep(k)) for k in keys]):
+        source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
+
+    # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
+    first = max(0, min(_start(c) for c in components)) if components else 0
+    with block_calls(spec, first) as calls:
+        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
+    clean_logits = source_logits if direction == "denoise" else receiver_logits
+    target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
+    base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
+
+    effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device)
+    order = sorted(range(len(components)), key=lambda i: (_start(components[i]), i))
+    groups = [order[i:i + copies] for i in range(0, len(order), copies)]
+    for group in tqdm(groups, desc="exact patching", disable=not progress):
+        n = len(group)
+        entries: dict[tuple[str, int], list[tuple[int, Component]]] = {}
+        for copy, i in enumerate(group):
+            for c in _members(components[i]):
+                entries.setdefault((c.site, c.layer), []).append((copy, c))
+        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, n_pos))
+                 for key, found in entries.items()]
+        start = min(_start(components[i]) for i in group)
+        with hooked(hooks):
+            if start < 0 or not resume:
+                start = 0
+                logits = forward_last(spec, receiver_ids.repeat(n, 1), batch.mask.repeat(n, 1),
+                                      batch.last.repeat(n))
+            else:
+                hidden = call_input(*calls[start])[0]
+                logits = run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last)
+        passes["patched_rows"] += n
+        passes["forward_equivalents"] += n * (n_layers - start) / n_layers
+        target_n = target.repeat(n)
+        for j, m in enumerate(metrics):
+            patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
+            effects[group, j] = patched - base[m]
+    return effects, {m: float(base[m].sum()) for m in metrics}
+
+
+def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int):
+    """Callback writing each entry's source value into its copy of the batch.
+
+    source: [batch, pos, ...] normalised view of the source run at this hook point."""
+    def callback(raw: Tensor) -> Tensor:
+        new = raw.clone()
+        rows, n_p = batch_pos(new, n_pos)
+        view = point.read(new, rows, n_p).unflatten(0, (rows // n_prompts, n_prompts))  # [copy, batch, pos, ..]
+        for copy, c in entries:
+            where = c.index()[1:]  # (pos, [unit])
+            view[(copy, slice(None), *where)] = source[(slice(None), *where)].to(view.dtype)
+        return new
+    return callback

@@ -1,0 +1,379 @@
+"""Sites: where each component of a HuggingFace causal LM lives, and how to read or write it.
+
+Axis names used throughout attrpatch (TransformerLens names):
+    batch    prompts (times patch copies during batched patching)
+    pos      token position
+    layer    transformer block index
+    head     attention head (query heads for ``head``/``q``; key-value heads for ``k``/``v``)
+    d_model  residual stream width
+    d_head   width of one head
+    d_mlp    MLP hidden width (one coordinate = one neuron)
+
+A *site* is a kind of activation (``resid_pre``, ``head``, ...). A *hook point* is a site at one layer:
+a module of the model plus whether the activation is that module's input or output. Every hook point
+reads its raw tensor into a normalised view:
+
+    embed, resid_pre, attn_out, mlp_out   [batch, pos, d_model]
+    head, q, k, v                         [batch, pos, head, d_head]
+    neuron                                [batch, pos, d_mlp]
+
+Views share storage with the raw tensor, so writing into the view of a clone patches it.
+The per-family tables (``ARCHS``) are the only architecture-specific code in attrpatch.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+SITES = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
+UNIT_SITES = ("head", "neuron", "q", "k", "v")  # sites with one component per head or neuron
+QKV_LAYOUTS = ("separate", "gpt2", "neox", "phi3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """Where one model family keeps its activations; paths are relative to the ``*ForCausalLM`` model,
+    and the block-level ones relative to one block.
+
+    qkv_layout says how q, k, v sit in ``q``/``k``/``v`` module outputs:
+      separate  three modules, outputs [.., n_heads*d_head], [.., n_kv*d_head], [.., n_kv*d_head]
+      gpt2      one module (``q`` path), output [.., 3*n_heads*d_head] = [q | k | v]
+      neox      one module, output [.., n_heads, 3*d_head], each head [q | k | v]
+      phi3      one module, output [.., n_heads*d_head + 2*n_kv*d_head] = [q | k | v]
+    """
+
+    layers: str
+    embed: str
+    final: tuple[str, ...]  # modules applied after the last block, before lm_head (None ones skipped)
+    attn_out: str
+    mlp_out: str
+    head: str  # input is [.., n_heads*d_head]
+    neuron: str  # input is [.., d_mlp]
+    q: str
+    k: str | None = None
+    v: str | None = None
+    qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
+    unembed: str = "lm_head"
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"qkv_layout={self.qkv_layout!r}; expected one of {QKV_LAYOUTS}")
+        if self.qkv_layout == "separate" and (self.k is None or self.v is None):
+            raise ValueError("qkv_layout='separate' needs the k= and v= module paths too")
+
+
+_LLAMA_LIKE = Arch(
+    layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
+    attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+)
+
+ARCHS: dict[str, Arch] = {
+    "gpt2": Arch(
+        layers="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
+        attn_out="attn", mlp_out="mlp", head="attn.c_proj", neuron="mlp.c_proj",
+        q="attn.c_attn", qkv_layout="gpt2",
+    ),
+    "gpt_neox": Arch(
+        layers="gpt_neox.layers", embed="gpt_neox.embed_in", final=("gpt_neox.final_layer_norm",),
+        attn_out="attention", mlp_out="mlp", head="attention.dense", neuron="mlp.dense_4h_to_h",
+        q="attention.query_key_value", qkv_layout="neox",
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma2": Arch(
+        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
+        attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+        head="self_attn.o_proj", neuron="mlp.down_proj",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        notes="post-attention/post-feedforward norms: attn_out/mlp_out are their outputs",
+    ),
+    "phi": Arch(
+        layers="model.layers", embed="model.embed_tokens", final=("model.final_layernorm",),
+        attn_out="self_attn", mlp_out="mlp", head="self_attn.dense", neuron="mlp.fc2",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    ),
+    "phi3": Arch(
+        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
+        attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
+        q="self_attn.qkv_proj", qkv_layout="phi3",
+    ),
+    "opt": Arch(
+        layers="model.decoder.layers", embed="model.decoder.embed_tokens",
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+        attn_out="self_attn", mlp_out="fc2", head="self_attn.out_proj", neuron="fc2",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        notes="fc2 sees [batch*pos, d] flattened; no MLP submodule",
+    ),
+}
+
+_HOW_TO_ADD = """To describe a new family, register its module paths, e.g.:
+
+    import attrpatch
+    attrpatch.register_arch("my_model_type", attrpatch.Arch(
+        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
+        attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"))"""
+
+
+def register_arch(model_type: str, arch: Arch) -> None:
+    """Add (or replace) the table entry used for models whose ``config.model_type`` is ``model_type``."""
+    if not isinstance(arch, Arch):
+        raise TypeError(f"register_arch needs an attrpatch.Arch, got {type(arch).__name__}")
+    ARCHS[model_type] = arch
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def _in_features(mod: nn.Module) -> int:
+    if isinstance(mod, nn.Linear):
+        return mod.in_features
+    weight = getattr(mod, "weight", None)
+    if weight is not None and weight.ndim == 2 and hasattr(mod, "nf"):  # GPT-2 Conv1D: weight [in, out]
+        return weight.shape[0]
+    if weight is not None and weight.ndim == 2:
+        return weight.shape[1]
+    raise TypeError(f"cannot read the input width of {type(mod).__name__}")
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+
+    def n_units(self, site: str) -> int | None:
+        """Heads or neurons per layer of ``site`` (None for d_model sites)."""
+        return {"head": self.n_heads, "q": self.n_heads, "k": self.n_kv_heads, "v": self.n_kv_heads,
+                "neuron": self.d_mlp}.get(site)
+
+    def n_layers_of(self, site: str) -> int:
+        return 1 if site == "embed" else self.n_layers
+
+
+@dataclass
+class ModelSpec:
+    """A model bound to its family table: modules and dimensions, found once."""
+
+    model: nn.Module
+    arch: Arch
+    dims: Dims
+    blocks: list[nn.Module] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def module(self, path: str, layer: int | None = None) -> nn.Module:
+        root = self.model if layer is None else self.blocks[layer]
+        mod = _get(root, path)
+        if mod is None:
+            where = "the model" if layer is None else f"block {layer}"
+            raise KeyError(f"{self.name}: no module {path!r} in {where}; check the Arch table entry")
+        return mod
+
+    def final_modules(self) -> list[nn.Module]:
+        return [m for m in (_get(self.model, p) for p in self.arch.final) if m is not None]
+
+    def hook_point(self, site: str, layer: int) -> "HookPoint":
+        check_site(site, self)
+        check_layer(site, layer, self)
+        a, d = self.arch, self.dims
+        if site == "embed":
+            return HookPoint(self.module(a.embed), "output", _plain)
+        if site == "resid_pre":
+            return HookPoint(self.blocks[layer], "input", _plain)
+        if site in ("attn_out", "mlp_out"):
+            return HookPoint(self.module(getattr(a, site), layer), "output", _plain)
+        if site == "head":
+            return HookPoint(self.module(a.head, layer), "input", _heads(0, d.n_heads, d.d_head))
+        if site == "neuron":
+            return HookPoint(self.module(a.neuron, layer), "input", _plain)
+        return self._qkv_point(site, layer)
+
+    def _qkv_point(self, site: str, layer: int) -> "HookPoint":
+        a, d = self.arch, self.dims
+        n, kv, h = d.n_heads, d.n_kv_heads, d.d_head
+        units = n if site == "q" else kv
+        if a.qkv_layout == "separate":
+            return HookPoint(self.module(getattr(a, site), layer), "output", _heads(0, units, h))
+        mod = self.module(a.q, layer)
+        idx = "qkv".index(site)
+        if a.qkv_layout == "gpt2":
+            return HookPoint(mod, "output", _heads(idx * n * h, n, h))
+        if a.qkv_layout == "phi3":
+            start = {"q": 0, "k": n * h, "v": n * h + kv * h}[site]
+            return HookPoint(mod, "output", _heads(start, units, h))
+        return HookPoint(mod, "output", _neox(idx, n, h))
+
+
+Reader = Callable[[Tensor, int, int], Tensor]
+
+
+def _plain(raw: Tensor, batch: int, pos: int) -> Tensor:
+    """[batch, pos, d] or flattened [batch*pos, d] (OPT) -> [batch, pos, d] view."""
+    return raw if raw.ndim == 3 else raw.view(batch, pos, raw.shape[-1])
+
+
+def _heads(start: int, n: int, d_head: int) -> Reader:
+    def read(raw: Tensor, batch: int, pos: int) -> Tensor:
+        cols = _plain(raw, batch, pos)[..., start:start + n * d_head]
+        return cols.unflatten(-1, (n, d_head))  # [batch, pos, head, d_head]
+    return read
+
+
+def _neox(idx: int, n: int, d_head: int) -> Reader:
+    def read(raw: Tensor, batch: int, pos: int) -> Tensor:
+        per_head = _plain(raw, batch, pos).unflatten(-1, (n, 3 * d_head))  # [batch, pos, head, 3*d_head]
+        return per_head[..., idx * d_head:(idx + 1) * d_head]  # [batch, pos, head, d_head]
+    return read
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One site at one layer: ``module``'s ``io`` tensor, read through ``read`` into a normalised view."""
+
+    module: nn.Module
+    io: Literal["input", "output"]
+    read: Reader
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """Bind ``model`` to its family table and read its dimensions; clear error for unknown families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        known = ", ".join(sorted(ARCHS))
+        raise KeyError(
+            f"Unsupported model family {model_type!r} ({type(model).__name__}); supported: {known}.\n"
+            + _HOW_TO_ADD)
+    arch = ARCHS[model_type]
+    blocks = _get(model, arch.layers)
+    if blocks is None:
+        raise KeyError(f"{type(model).__name__}: no block list at {arch.layers!r}; is this a *ForCausalLM "
+                       "model? attrpatch needs the model with its LM head (AutoModelForCausalLM).")
+    spec = ModelSpec(model=model, arch=arch, dims=None, blocks=list(blocks))  # type: ignore[arg-type]
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_width = _in_features(spec.module(arch.head, 0))
+    spec.dims = Dims(
+        n_layers=len(spec.blocks), n_heads=n_heads, n_kv_heads=n_kv, d_head=head_width // n_heads,
+        d_model=spec.module(arch.embed).weight.shape[1], d_mlp=_in_features(spec.module(arch.neuron, 0)),
+    )
+    return spec
+
+
+def check_site(site: str, spec: ModelSpec | None = None) -> None:
+    if site not in SITES:
+        model = f" for {spec.name}" if spec is not None else ""
+        raise ValueError(f"Unknown site {site!r}{model}; known: {', '.join(SITES)}.")
+
+
+def check_layer(site: str, layer: int, spec: ModelSpec) -> None:
+    n = spec.dims.n_layers_of(site)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer {layer!r} out of range for site {site!r} of {spec.name}: valid 0..{n - 1}.")
+
+
+def site_shape(site: str, dims: Dims, n_pos: int) -> tuple[int, ...]:
+    """Shape of the per-position score tensor of ``site``: [layer, pos] or [layer, pos, head|d_mlp]."""
+    units = dims.n_units(site)
+    base = (dims.n_layers_of(site), n_pos)
+    return base if units is None else (*base, units)
+
+
+def unit_reduce(site: str, prod: Tensor) -> Tensor:
+    """Sum an elementwise product over the component's own dimensions.
+
+    [batch, pos, d_model] -> [batch, pos]; [batch, pos, head, d_head] -> [batch, pos, head];
+    [batch, pos, d_mlp] -> [batch, pos, d_mlp] (a neuron is a scalar).
+    """
+    return prod if site == "neuron" else prod.sum(-1)
+
+
+def unembed(spec: ModelSpec, hidden: Tensor) -> Tensor:
+    """Final norm(s), LM head and logit soft-capping: [.., d_model] -> [.., vocab]."""
+    for mod in spec.final_modules():
+        hidden = mod(hidden)
+    logits = spec.module(spec.arch.unembed)(hidden)
+    cap = getattr(spec.model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """One scored unit: a site at a layer, at one position (``pos``) or all (None), and for head-like and
+    neuron sites one ``unit`` (head index, or neuron index). ``embed`` has layer 0."""
+
+    site: str
+    layer: int
+    pos: int | None = None
+    unit: int | None = None
+
+    @property
+    def head(self) -> int | None:
+        return self.unit if self.site in ("head", "q", "k", "v") else None
+
+    @property
+    def neuron(self) -> int | None:
+        return self.unit if self.site == "neuron" else None
+
+    def __str__(self) -> str:
+        if self.site == "embed":
+            name = "embed"
+        elif self.site in ("head", "q", "k", "v"):
+            name = f"L{self.layer}H{self.unit}" + ("" if self.site == "head" else f".{self.site}")
+        elif self.site == "neuron":
+            name = f"L{self.layer}N{self.unit}"
+        else:
+            name = f"L{self.layer}.{self.site}"
+        return name if self.pos is None else f"{name}@{self.pos}"
+
+    def index(self) -> tuple:
+        """Index into the per-position score tensor [layer, pos, (unit)] of the site (pos=None: all)."""
+        pos = slice(None) if self.pos is None else self.pos
+        return (self.layer, pos) if self.unit is None else (self.layer, pos, self.unit)
+
+
+def check_component(c: Component, spec: ModelSpec, n_pos: int) -> None:
+    """Raise a ValueError naming what is out of range in ``c`` for this model and prompt length."""
+    check_site(c.site, spec)
+    check_layer(c.site, c.layer, spec)
+    if c.pos is not None and not 0 <= c.pos < n_pos:
+        raise ValueError(f"{c}: position {c.pos} out of range; the prompts have {n_pos} tokens (0..{n_pos - 1})")
+    units = spec.dims.n_units(c.site)
+    if (units is None) != (c.unit is None):
+        need = "no unit" if units is None else f"a unit index (0..{units - 1})"
+        raise ValueError(f"{c}: site {c.site!r} takes {need}, got unit={c.unit!r}")
+    if units is not None and not 0 <= c.unit < units:
+        raise ValueError(f"{c}: unit {c.unit} out of range for site {c.site!r} of {spec.name}: valid 0..{units - 1}")
+
+
+def components(site: str, dims: Dims, n_pos: int, *, per_position: bool) -> list[Component]:
+    """Every component of ``site``: per layer (x position if ``per_position``) (x head or neuron)."""
+    units = dims.n_units(site)
+    positions = range(n_pos) if per_position else [None]
+    return [Component(site, layer, pos, unit)
+            for layer in range(dims.n_layers_of(site))
+            for pos in positions
+            for unit in ([None] if units is None else range(units))]

@@ -1,0 +1,73 @@
+"""Tiny random models of every supported family, and prompt pairs for them.
+
+Weights are drawn with a larger initializer range than the libraries' default (0.02), so that
+activations, logits and patching effects are O(1) and tolerances mean something.
+"""
+
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny models: threads only add spin-wait overhead
+
+VOCAB = 40
+N_POS = 7
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              intermediate_size=48, max_position_embeddings=64, initializer_range=0.3,
+              bos_token_id=0, eos_token_id=1, pad_token_id=0)
+GQA = dict(num_key_value_heads=2)
+
+CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_inner=48,
+                                  n_positions=64, initializer_range=0.3, bos_token_id=0, eos_token_id=1),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**COMMON),
+    "llama": lambda: tf.LlamaConfig(**COMMON, **GQA),
+    "mistral": lambda: tf.MistralConfig(**COMMON, **GQA),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, **GQA),
+    "gemma2": lambda: tf.Gemma2Config(**COMMON, **GQA, head_dim=8, sliding_window=4),
+    "phi": lambda: tf.PhiConfig(**COMMON),
+    "phi3": lambda: tf.Phi3Config(**COMMON, **GQA),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                ffn_dim=48, max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.3,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=0),
+}
+FAMILIES = tuple(CONFIGS)
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    config = CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    impl = "eager" if family == "gemma2" else None
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
+    return model.to(dtype).eval()
+
+
+class Pair:
+    def __init__(self, clean, corrupt, answer, wrong):
+        self.clean_ids, self.corrupt_ids, self.answer_id, self.wrong_id = clean, corrupt, answer, wrong
+
+
+def random_pairs(n: int = 3, n_pos: int = N_POS, seed: int = 0, lengths=None, changed=(1, 3)):
+    """Random prompt pairs; corrupt differs from clean at the ``changed`` positions (symmetric replacement)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        length = n_pos if lengths is None else lengths[i]
+        clean = torch.randint(2, VOCAB, (length,), generator=g).tolist()
+        corrupt = list(clean)
+        for p in changed:
+            if p < length:
+                corrupt[p] = 2 + (clean[p] - 2 + 1 + i) % (VOCAB - 2)
+        answer, wrong = torch.randperm(VOCAB - 2, generator=g)[:2].add(2).tolist()
+        pairs.append(Pair(clean, corrupt, answer, wrong))
+    return pairs
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

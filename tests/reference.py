@@ -1,0 +1,120 @@
+"""Straightforward reference implementations, written for clarity, not speed.
+
+Exact patching: one full ``model(...)`` forward per component, one hook that overwrites the activation.
+AtP: for each layer separately, the receiver's activation is swapped for a leaf tensor and
+``torch.autograd.grad`` gives the gradient; score = sum over own dims of (source - receiver) * grad.
+They share only the module table (which module, input or output, which slice) with attrpatch.
+"""
+
+import torch
+
+from attrpatch.metrics import Target, metric
+from attrpatch.sites import model_spec
+
+
+def _runs(batch, direction):
+    return (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
+
+
+def _last_logits(model, ids, batch):
+    logits = model(input_ids=ids, attention_mask=batch.mask).logits
+    return logits[torch.arange(ids.shape[0]), batch.last]
+
+
+def _activation(model, point, ids, batch):
+    """The site's normalised activation [batch, pos, ...] on a plain forward."""
+    found = {}
+
+    def grab(raw):
+        rows = raw.shape[0] if raw.ndim == 3 else raw.shape[0] // batch.n_pos
+        found["a"] = point.read(raw, rows, batch.n_pos).detach().clone()
+
+    handle = _hook(point, grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=batch.mask)
+    finally:
+        handle.remove()
+    return found["a"]
+
+
+def _hook(point, fn):
+    """fn(raw) -> None or replacement, on the module's first input or its (first) output."""
+    if point.io == "input":
+        def pre(module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+        return point.module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(module, args, out):
+        raw = out[0] if isinstance(out, tuple) else out
+        new = fn(raw)
+        if new is None:
+            return None
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return point.module.register_forward_hook(post)
+
+
+def _target(model, batch, direction):
+    with torch.no_grad():
+        clean = _last_logits(model, batch.clean, batch)
+    return Target.from_clean(batch.answer, batch.wrong, clean)
+
+
+def exact_reference(model, batch, component, direction="denoise", metric_name="logit_diff"):
+    """metric(receiver with the component set to its source value) - metric(receiver), mean over prompts."""
+    spec = model_spec(model)
+    point = spec.hook_point(component.site, component.layer)
+    source_ids, receiver_ids = _runs(batch, direction)
+    source = _activation(model, point, source_ids, batch)
+    target = _target(model, batch, direction)
+    where = component.index()[1:]
+
+    def overwrite(raw):
+        new = raw.clone()
+        rows = new.shape[0] if new.ndim == 3 else new.shape[0] // batch.n_pos
+        view = point.read(new, rows, batch.n_pos)
+        view[(slice(None), *where)] = source[(slice(None), *where)]
+        return new
+
+    with torch.no_grad():
+        base = metric(metric_name, _last_logits(model, receiver_ids, batch), target)
+        handle = _hook(point, overwrite)
+        try:
+            patched = metric(metric_name, _last_logits(model, receiver_ids, batch), target)
+        finally:
+            handle.remove()
+    return float((patched - base).mean())
+
+
+def atp_reference(model, batch, site, direction="denoise", metric_name="logit_diff"):
+    """Per-position AtP scores [layer, pos, (unit)] of ``site``, mean over prompts, one layer at a time."""
+    spec = model_spec(model)
+    source_ids, receiver_ids = _runs(batch, direction)
+    target = _target(model, batch, direction)
+    out = []
+    for layer in range(spec.dims.n_layers_of(site)):
+        point = spec.hook_point(site, layer)
+        source = _activation(model, point, source_ids, batch)
+        leaf = {}
+
+        def swap(raw):
+            leaf["t"] = raw.detach().clone().requires_grad_(True)
+            return leaf["t"]
+
+        handle = _hook(point, swap)
+        try:
+            value = metric(metric_name, _last_logits(model, receiver_ids, batch), target).mean()
+        finally:
+            handle.remove()
+        (grad,) = torch.autograd.grad(value, leaf["t"])
+        rows = grad.shape[0] if grad.ndim == 3 else grad.shape[0] // batch.n_pos
+        g = point.read(grad, rows, batch.n_pos)
+        a = point.read(leaf["t"].detach(), rows, batch.n_pos)
+        prod = (source - a) * g * batch.mask.view(rows, batch.n_pos, *([1] * (g.ndim - 2)))
+        prod = prod if site == "neuron" else prod.sum(-1)
+        out.append(prod.sum(0))  # grad of the mean already carries 1/batch
+    return torch.stack(out)

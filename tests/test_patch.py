@@ -1,0 +1,118 @@
+"""Exact patching: invariants on every family, and equality with the naive reference."""
+
+import random
+
+import pytest
+import torch
+
+import attrpatch as ap
+from attrpatch.sites import components
+from conftest import FAMILIES, N_POS, random_pairs, tiny_model
+from reference import exact_reference
+
+METRICS = list(ap.METRICS)
+
+
+def sample_components(spec, n_pos, k=3, seed=0):
+    """k random components of every site, half per position, half at all positions."""
+    rng = random.Random(seed)
+    chosen = []
+    for site in ap.SITES:
+        for per_position in (True, False):
+            pool = components(site, spec.dims, n_pos, per_position=per_position)
+            chosen += rng.sample(pool, min(k, len(pool)))
+    return chosen
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_resid_pre_layer0_restores_source_metric(family, direction):
+    model = tiny_model(family)
+    batch = ap.make_batch(random_pairs())
+    eff = ap.patch(model, batch, [ap.Component("resid_pre", 0)], metrics=METRICS, direction=direction)
+    scores = ap.attribute(model, batch, sites=["resid_pre"], metrics=METRICS, direction=direction)
+    for m in METRICS:
+        source = scores.clean_metric[m] if direction == "denoise" else scores.corrupt_metric[m]
+        patched = eff.receiver_metric[m] + eff.effect(ap.Component("resid_pre", 0), m)
+        assert patched == pytest.approx(source, abs=1e-5), m
+
+
+def test_patching_own_value_changes_nothing(family):
+    model = tiny_model(family)
+    pair = random_pairs(n=2)
+    for p in pair:
+        p.corrupt_ids = list(p.clean_ids)
+    batch = ap.make_batch(pair)
+    spec = ap.model_spec(model)
+    eff = ap.patch(model, batch, sample_components(spec, N_POS), metrics=METRICS)
+    assert eff.values.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_batched_resumed_equals_naive_reference(family, direction):
+    model = tiny_model(family)
+    batch = ap.make_batch(random_pairs(n=3))
+    spec = ap.model_spec(model)
+    comps = sample_components(spec, N_POS, k=2, seed=1)
+    eff = ap.patch(model, batch, comps, metrics=["logit_diff"], direction=direction, copies=5)
+    naive = torch.tensor([exact_reference(model, batch, c, direction) for c in comps])
+    torch.testing.assert_close(eff.values[:, 0], naive, atol=1e-4, rtol=0)
+    assert eff.passes["forward_equivalents"] < len(comps)  # layers before the patch were reused
+
+
+def test_batched_equals_one_at_a_time_all_metrics():
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=4))
+    spec = ap.model_spec(model)
+    comps = sample_components(spec, N_POS, k=2, seed=2)
+    batched = ap.patch(model, batch, comps, metrics=METRICS, copies=7, batch_size=3)
+    single = ap.patch(model, batch, comps, metrics=METRICS, copies=1, resume=False)
+    torch.testing.assert_close(batched.values, single.values, atol=1e-5, rtol=0)
+    assert batched.receiver_metric == pytest.approx(single.receiver_metric)
+
+
+def test_per_prompt_effects_average_to_mean():
+    model = tiny_model("gpt2")
+    batch = ap.make_batch(random_pairs(n=4))
+    comps = [ap.Component("head", 1, None, 2), ap.Component("mlp_out", 0, 3)]
+    eff = ap.patch(model, batch, comps, per_prompt=True, batch_size=3)
+    assert eff.per_prompt.shape == (2, 1, 4)
+    torch.testing.assert_close(eff.per_prompt.mean(-1), eff.values)
+
+
+def test_padded_prompts_equal_separate_runs():
+    """All-position components on prompts of different lengths equal each prompt run alone."""
+    model = tiny_model("gpt2")
+    pairs = random_pairs(n=3, lengths=[7, 5, 6])
+    comps = [ap.Component("head", 1, None, 0), ap.Component("neuron", 2, None, 5), ap.Component("resid_pre", 1)]
+    together = ap.patch(model, ap.make_batch(pairs), comps, metrics=METRICS)
+    alone = torch.stack([ap.patch(model, ap.make_batch([p]), comps, metrics=METRICS).values for p in pairs])
+    torch.testing.assert_close(together.values, alone.mean(0), atol=1e-5, rtol=0)
+
+
+def test_per_position_on_unequal_lengths_is_refused():
+    model = tiny_model("gpt2")
+    batch = ap.make_batch(random_pairs(n=2, lengths=[7, 5]))
+    with pytest.raises(ValueError, match=r"one token length.*\[5, 7\]"):
+        ap.patch(model, batch, [ap.Component("resid_pre", 1, 2)])
+
+
+def test_joint_patch_of_all_qkv_equals_attn_out():
+    """Patching q, k and v of every head of a layer together is patching the attention output."""
+    for family in ("gpt2", "gpt_neox", "phi3", "llama"):
+        model = tiny_model(family)
+        batch = ap.make_batch(random_pairs())
+        spec = ap.model_spec(model)
+        qkv = tuple(c for s in "qkv" for c in components(s, spec.dims, N_POS, per_position=False) if c.layer == 1)
+        eff = ap.patch(model, batch, [qkv, ap.Component("attn_out", 1)])
+        assert eff.values[0, 0] == pytest.approx(float(eff.values[1, 0]), abs=1e-5), family
+
+
+def test_bfloat16_model_runs_with_float32_results():
+    model32 = tiny_model("llama")
+    model16 = tiny_model("llama", dtype=torch.bfloat16)
+    batch = ap.make_batch(random_pairs())
+    comps = [ap.Component("head", 2, None, 1), ap.Component("resid_pre", 1, 3)]
+    e32 = ap.patch(model32, batch, comps)
+    e16 = ap.patch(model16, batch, comps)
+    assert e16.values.dtype == torch.float32
+    torch.testing.assert_close(e16.values, e32.values, atol=0.1, rtol=0.1)
