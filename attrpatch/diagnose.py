@@ -1,0 +1,86 @@
+"""Measured causes of disagreement between AtP and exact patching (SCIENCE.md, failure modes).
+
+    attention saturation   per layer and head of the receiving run: the mean over prompts and real query
+                           rows of the largest attention probability, and of the row entropy (nats).
+                           A saturated softmax (max prob ~1, entropy ~0) has ~zero gradient: AtP misses
+                           what patching its queries/keys does.
+    activation change      per component: ||a_source - a_receiver|| / max(||a_source||, ||a_receiver||)
+                           over the component's own dimensions, mean over prompts; at most 2 (opposite
+                           vectors). Large changes leave the linear regime.
+"""
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .batch import PromptBatch
+from .capture import batch_pos, forward_last, hooked
+from .sites import Component, ModelSpec
+
+SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
+LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
+
+
+@contextmanager
+def _eager_attention(spec: ModelSpec) -> Iterator[None]:
+    model = spec.model
+    before = model.config._attn_implementation
+    switch = before != "eager" and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
+
+
+def attention_stats(spec: ModelSpec, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(max probability, entropy), each [layer, head], over prompts and real query rows of ``ids``."""
+    with torch.no_grad(), _eager_attention(spec):
+        out = spec.model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+    if not out.attentions:
+        raise RuntimeError(f"{spec.name} returned no attention patterns; cannot measure saturation")
+    rows = mask.bool()[:, None, :]  # [batch, 1, pos]
+    max_prob, entropy = [], []
+    for pattern in out.attentions:  # [batch, head, query, key]
+        p = pattern.float()
+        m = p.amax(-1)  # [batch, head, query]
+        h = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        weight = rows.float().expand_as(m)
+        max_prob.append((m * weight).sum((0, 2)) / weight.sum((0, 2)))
+        entropy.append((h * weight).sum((0, 2)) / weight.sum((0, 2)))
+    return torch.stack(max_prob).cpu(), torch.stack(entropy).cpu()
+
+
+def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
+                      comps: Sequence[Component]) -> list[float]:
+    """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts."""
+    source_ids, receiver_ids = batch.runs(direction)
+    keys = sorted({(c.site, c.layer) for c in comps})
+    points = {k: spec.hook_point(*k) for k in keys}
+    runs: list[dict] = []
+    for ids in (source_ids, receiver_ids):
+        found: dict = {}
+
+        def keep(key, found=found):
+            def callback(raw):
+                found[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).detach().float()
+            return callback
+        with torch.no_grad(), hooked([(points[k], keep(k)) for k in keys]):
+            forward_last(spec, ids, batch.mask, batch.last)
+        runs.append(found)
+    mask = batch.mask.bool()
+    out = []
+    for c in comps:
+        where = (slice(None), *c.index()[1:])
+        src, rec = runs[0][(c.site, c.layer)][where], runs[1][(c.site, c.layer)][where]
+        if c.pos is None:  # [batch, pos, ...]: pad positions out, positions into the norm
+            keep_pos = mask.view(mask.shape[0], mask.shape[1], *([1] * (src.ndim - 2)))
+            src, rec = src * keep_pos, rec * keep_pos
+        diff = (src - rec).flatten(1).norm(dim=1)
+        base = torch.maximum(src.flatten(1).norm(dim=1), rec.flatten(1).norm(dim=1)).clamp_min(1e-12)
+        out.append(float((diff / base).mean()))
+    return out

@@ -1,0 +1,56 @@
+"""One screen run end to end, as the CLI does it: task -> prompt batch -> screen -> files -> figures."""
+
+from pathlib import Path
+
+from torch import nn
+
+from .batch import make_batch
+from .report import manifest_dict, write_run
+from .screen import ScreenConfig, config_dict, screen
+from .tasks import TASKS, builtin_task, load_jsonl
+
+
+def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None):
+    """A built-in task name or a JSONL file -> list of PromptPair."""
+    if task in TASKS:
+        return builtin_task(task, tokenizer=tokenizer, n_pairs=n_prompts, seed=seed, vocab_size=vocab_size)
+    path = Path(task)
+    if not path.is_file():
+        raise ValueError(f"--task {task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
+    return load_jsonl(path, tokenizer=tokenizer)
+
+
+def token_labels(pair, tokenizer) -> list[str]:
+    """Labels for the position axis: the first clean prompt's tokens."""
+    if tokenizer is None:
+        return [str(i) for i in pair.clean_ids]
+    return [tokenizer.decode([i]) for i in pair.clean_ids]
+
+
+def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
+               n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True) -> dict:
+    """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict."""
+    vocab = getattr(model.config, "vocab_size", None)
+    pairs = load_task(task, tokenizer, n_prompts=n_prompts, seed=config.seed, vocab_size=vocab)
+    _check_ids(pairs, vocab)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    batch = make_batch(pairs, pad_id=pad or 0)
+    result = screen(model, batch, config)
+    manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
+                             options=config_dict(config), argv=argv)
+    report = write_run(Path(out), result, model_name=model_name, task=task,
+                       tokens=token_labels(pairs[0], tokenizer), manifest=manifest)
+    if figures:
+        from .plot import draw_run
+        draw_run(out)
+    return report
+
+
+def _check_ids(pairs, vocab: int | None) -> None:
+    if vocab is None:
+        return
+    for i, p in enumerate(pairs):
+        ids = [*p.clean_ids, *p.corrupt_ids, p.answer_id, p.wrong_id]
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise ValueError(f"pair {i}: token ids {bad} are out of the model's vocabulary (size {vocab})")

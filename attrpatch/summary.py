@@ -1,0 +1,102 @@
+"""report.md: the plain-words summary of a screen, rendered from the report dict alone."""
+
+import math
+
+MAX_LISTED = 12
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return out + [""]
+
+
+def render(r: dict) -> str:
+    m = r["metric"]
+    lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
+    lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
+              f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
+              f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
+    lines += _table(["metric", "clean", "corrupt", "gap"],
+                    [[k, _f(r["clean_metric"][k]), _f(r["corrupt_metric"][k]),
+                      _f(r["clean_metric"][k] - r["corrupt_metric"][k])] for k in r["metrics"]])
+    for direction in r["directions"]:
+        comps = [c for c in r["components"] if c["direction"] == direction]
+        lines += _direction_section(r, direction, comps)
+    lines += _metric_section(r)
+    t = r["timing"]
+    lines += ["## Cost", "", f"Attribution {t.get('attribution_s', 0):.2f} s, verification "
+              f"{t.get('verification_s', 0):.2f} s, diagnostics {t.get('diagnostics_s', 0):.2f} s; one plain forward "
+              f"pass {t.get('forward_s', 0):.3f} s. Forward passes spent: {t.get('forward_passes', 0):.0f} "
+              f"(patched runs count one each; their real cost was "
+              f"{t.get('forward_equivalents_verification', 0):.1f} full-forward equivalents, thanks to layer reuse).", ""]
+    return "\n".join(lines)
+
+
+def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
+    m = r["metric"]
+    word = "denoising (clean -> corrupt: is it sufficient?)" if direction == "denoise" else \
+        "noising (corrupt -> clean: is it necessary?)"
+    lines = [f"## {direction.capitalize()}: {word}", "", "### Top components by exact effect", ""]
+    top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
+    lines += _table(["component", "AtP", "exact", "exact (normalised)", "rank AtP", "rank exact", "flags"],
+                    [[c["name"], _f(c["approx"]), _f(c["exact"]), _f(c["exact_norm"][m], 2), c["rank_approx"],
+                      c["rank_exact"], ", ".join(c["flags"]) or "-"] for c in top])
+    lines += ["### How well AtP agreed with exact patching", ""]
+    rows = []
+    for site, per_metric in r["agreement"][direction].items():
+        a = per_metric[m]
+        fn = r["false_negatives"][direction][site]
+        rows.append([site, a["n"], _f(a["pearson"], 2), _f(a["spearman"], 2), _f(a["sign_agreement"], 2),
+                     f"{a['recall_at_k']:.2f} (k={a['k']})", _fn_words(fn)])
+    lines += _table(["site", "verified", "pearson", "spearman", "sign agreement", "recall@k",
+                     "false negatives (control sample)"], rows)
+    flagged = [c for c in comps if set(c["flags"]) & {"sign_flip", "large_error", "missed", "overestimated"}]
+    flagged.sort(key=lambda c: -abs(c["exact"] - c["approx"]))
+    lines += ["### Where AtP and exact patching disagree", ""]
+    if not flagged:
+        lines += ["No verified component has a sign flip, a large error or a missed rank.", ""]
+    for c in flagged[:MAX_LISTED]:
+        why = "; ".join(c["causes"]) or (f"no measured cause above threshold (activation change "
+                                          f"{c['evidence']['activation_change']:.2f} x)")
+        lines.append(f"- **{c['name']}** ({', '.join(c['flags'])}): AtP {_f(c['approx'])}, exact {_f(c['exact'])}. "
+                     f"Likely cause: {why}.")
+    if len(flagged) > MAX_LISTED:
+        lines.append(f"- ... and {len(flagged) - MAX_LISTED} more in results.csv.")
+    lines.append("")
+    both = [c for c in comps if "directions_disagree" in c["flags"]]
+    if both:
+        lines += ["### Denoising and noising disagree", ""]
+        lines += [f"- **{c['name']}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
+    return lines
+
+
+def _fn_words(fn: dict) -> str:
+    if not fn["n_control"]:
+        return "no control sample"
+    miss = f"; {fn['exceeding_top']} control(s) beat the weakest top-k" if fn["exceeding_top"] else ""
+    return (f"{fn['confidence']:.0%} conf.: <= {fn['fraction']:.0%} (~{fn['count']:.0f}) of "
+            f"{fn['n_unverified']} unverified exceed |{fn['max_control']:.3g}|{miss}")
+
+
+def _metric_section(r: dict) -> list[str]:
+    lines = ["## Where the metrics disagree", "",
+             "Normalised exact effects (0 = corrupted baseline, 1 = clean) of the same patched runs under "
+             "each metric. Probability saturates and hides negative components; KL is unsigned before "
+             "normalising; logit difference is the closest to linear.", ""]
+    flagged = [c for c in r["components"] if "metrics_disagree" in c["flags"]]
+    flagged.sort(key=lambda c: -max(abs(v or 0) for v in c["exact_norm"].values()))
+    if not flagged:
+        return lines + ["No verified component changes sign or importance across metrics.", ""]
+    lines += _table(["component", "direction", *r["metrics"]],
+                    [[c["name"], c["direction"], *(_f(c["exact_norm"][k], 2) for k in r["metrics"])]
+                     for c in flagged[:MAX_LISTED]])
+    if len(flagged) > MAX_LISTED:
+        lines += [f"... and {len(flagged) - MAX_LISTED} more (flag `metrics_disagree` in results.csv).", ""]
+    return lines

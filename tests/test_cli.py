@@ -1,0 +1,125 @@
+"""The screen end to end through the CLI, on tiny random models saved to and loaded from a folder."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import attrpatch as ap
+from attrpatch.cli import main
+from attrpatch.screen import ScreenConfig, screen
+from conftest import random_pairs, tiny_model
+
+
+def _save_model(tmp_path, family="gpt2", **overrides):
+    model = tiny_model(family, **overrides)
+    folder = tmp_path / f"model-{family}"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _write_task(path, pairs):
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
+                                "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    model, folder = _save_model(tmp)
+    pairs = random_pairs(n=4)
+    task = _write_task(tmp / "task.jsonl", pairs)
+    out = tmp / "run"
+    code = main(["screen", "--model", str(folder), "--task", str(task), "--out", str(out), "--quiet",
+                 "--no-figures", "--top-k", "4", "--random-k", "3", "--direction", "both",
+                 "--sites", "resid_pre,attn_out,head,neuron"])
+    assert code == 0
+    return model, pairs, out
+
+
+def test_cli_writes_a_valid_report(cli_run):
+    _, pairs, out = cli_run
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "task", "n_prompts", "direction", "metric", "metrics", "clean_metric", "corrupt_metric",
+                "components", "agreement", "timing"):
+        assert key in report, key
+    assert report["n_prompts"] == len(pairs)
+    assert set(report["clean_metric"]) == set(ap.METRICS)
+    c = report["components"][0]
+    for key in ("direction", "site", "layer", "head", "neuron", "pos", "approx", "exact", "exact_metrics",
+                "rank_approx", "rank_exact", "flags"):
+        assert key in c, key
+    per_site = {s: sum(1 for c in report["components"] if c["site"] == s and c["direction"] == "denoise")
+                for s in ("resid_pre", "attn_out", "head", "neuron")}
+    assert per_site == {"resid_pre": 7, "attn_out": 7, "head": 7, "neuron": 7}
+    for key in ("pearson", "spearman", "sign_agreement", "recall_at_k"):
+        assert key in report["agreement"]["denoise"]["head"]["logit_diff"]
+    for key in ("attribution_s", "verification_s", "forward_s", "forward_passes"):
+        assert report["timing"][key] > 0
+    for name in ("report.md", "results.csv", "scores.safetensors", "manifest.json"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(report["components"]) * len(ap.METRICS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weights"].startswith("sha256:") and manifest["versions"]["torch"] == torch.__version__
+
+
+def test_cli_exact_values_equal_the_engine(cli_run):
+    model, pairs, out = cli_run
+    report = json.loads((out / "report.json").read_text())
+    batch = ap.make_batch(pairs)
+    for direction in ("denoise", "noise"):
+        entries = [c for c in report["components"] if c["direction"] == direction]
+        comps = [ap.Component(c["site"], c["layer"], c["pos"], c["head"] if c["head"] is not None else c["neuron"])
+                 for c in entries]
+        eff = ap.patch(model, batch, comps, metrics=list(ap.METRICS), direction=direction, copies=1, resume=False)
+        for c, e in zip(comps, entries):
+            for m in ap.METRICS:
+                assert e["exact_metrics"][m] == pytest.approx(eff.effect(c, m), abs=1e-5)
+
+
+def test_scores_file_holds_every_component(cli_run):
+    from attrpatch.report import load_scores
+    _, pairs, out = cli_run
+    tensors, axes = load_scores(out / "scores.safetensors")
+    assert tensors["denoise/logit_diff/head"].shape == (3, len(pairs[0].clean_ids), 4)
+    assert axes["denoise/logit_diff/neuron"] == "layer pos neuron"
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    _, folder = _save_model(tmp_path)
+    task = _write_task(tmp_path / "bad.jsonl", random_pairs(n=2))
+    with open(task, "a") as f:
+        f.write('{"clean_ids": [1, 2], "corrupt_ids": [1, 2], "answer_id": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3:.*wrong_id"):
+        main(["screen", "--model", str(folder), "--task", str(task), "--out", str(tmp_path / "o"), "--quiet",
+              "--no-figures"])
+
+
+def test_bad_site_is_refused_with_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["screen", "--sites", "attn_ouput"])
+    assert "resid_pre" in capsys.readouterr().err
+
+
+def test_flags_fire_where_attention_saturates():
+    """Sharpened queries and keys saturate every layer-0 softmax: patching a key moves the pattern a lot
+    while the gradient through the saturated softmax is ~0, so AtP misses it, and the report says why."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        d = model.config.n_embd
+        model.transformer.h[0].attn.c_attn.weight[:, : 2 * d] *= 25.0  # q and k columns of every head
+    pairs = random_pairs(n=4, changed=(2,))
+    result = screen(model, ap.make_batch(pairs), ScreenConfig(sites=("k", "q"), top_k=None, random_k=0,
+                                                              progress=False))
+    layer0 = [c for c in result.components if c["layer"] == 0]
+    assert max(c["evidence"]["attn_max_prob"] for c in layer0) > 0.95
+    missed = [c for c in layer0 if {"large_error", "missed", "sign_flip"} & set(c["flags"])]
+    assert missed, "AtP should disagree with exact patching on a saturated head"
+    assert any("attention saturation" in cause for c in missed for cause in c["causes"])
+    worst = max(missed, key=lambda c: abs(c["exact"]))
+    assert abs(worst["approx"]) < 0.5 * abs(worst["exact"])
