@@ -120,6 +120,13 @@ _HOW_TO_ADD = """To describe a new family, register its module paths, e.g.:
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"))"""
 
 
+class UnsupportedModel(KeyError):
+    """A model family or module path the tables do not describe (message printed as written)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def register_arch(model_type: str, arch: Arch) -> None:
     """Add (or replace) the table entry used for models whose ``config.model_type`` is ``model_type``."""
     if not isinstance(arch, Arch):
@@ -187,7 +194,7 @@ class ModelSpec:
         mod = _get(root, path)
         if mod is None:
             where = "the model" if layer is None else f"block {layer}"
-            raise KeyError(f"{self.name}: no module {path!r} in {where}; check the Arch table entry")
+            raise UnsupportedModel(f"{self.name}: no module {path!r} in {where}; check the Arch table entry")
         return mod
 
     def final_modules(self) -> list[nn.Module]:
@@ -262,13 +269,13 @@ def model_spec(model: nn.Module) -> ModelSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         known = ", ".join(sorted(ARCHS))
-        raise KeyError(
+        raise UnsupportedModel(
             f"Unsupported model family {model_type!r} ({type(model).__name__}); supported: {known}.\n"
             + _HOW_TO_ADD)
     arch = ARCHS[model_type]
     blocks = _get(model, arch.layers)
     if blocks is None:
-        raise KeyError(f"{type(model).__name__}: no block list at {arch.layers!r}; is this a *ForCausalLM "
+        raise UnsupportedModel(f"{type(model).__name__}: no block list at {arch.layers!r}; is this a *ForCausalLM "
                        "model? attrpatch needs the model with its LM head (AutoModelForCausalLM).")
     spec = ModelSpec(model=model, arch=arch, dims=None, blocks=list(blocks))  # type: ignore[arg-type]
     n_heads = config.num_attention_heads
