@@ -27,6 +27,14 @@ from .metrics import Target, check_metric, metric, wide
 from .sites import SITES, Component, ModelSpec, check_site, model_spec, site_shape, unit_reduce
 
 
+ESTIMATORS = ("atp", "ig", "graddrop")
+
+
+def check_estimator(name: str) -> None:
+    if name not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}.")
+
+
 def as_spec(model: nn.Module | ModelSpec) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else model_spec(model)
 
@@ -44,6 +52,7 @@ class Scores:
     n_prompts: int
     per_prompt: bool = False
     passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes spent
+    estimator: str = "atp"
 
     def score(self, component: Component, metric_name: str) -> float:
         """The (mean) score of one component; all-position components sum their positions."""
@@ -55,10 +64,15 @@ class Scores:
 
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
-              batch_size: int | None = None, progress: bool = False) -> Scores:
-    """AtP scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
+              batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
+              progress: bool = False) -> Scores:
+    """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
+    estimator: ``atp`` (plain), ``ig`` (integrated gradients: the gradient averaged over ``ig_steps``
+        receiver runs whose embeddings move along the straight line to the source's, as EAP-IG), or
+        ``graddrop`` (AtP*'s GradDrop: sign(AtP) * mean over layers l of |AtP_l|, AtP_l with the gradient
+        through layer l's attention and MLP writes zeroed; one extra backward per layer).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -67,6 +81,9 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     for m in metrics:
         check_metric(m)
     check_direction(direction)
+    check_estimator(estimator)
+    if estimator == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     d, device = spec.dims, spec.device
     batch = batch.to(device)
     lead = (batch.n,) if per_prompt else ()
@@ -78,7 +95,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     with eval_mode(spec.model):
         for chunk in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
             rows = slice(start, start + chunk.n) if per_prompt else None
-            chunk_sums = _attribute_chunk(spec, chunk, sites, metrics, direction, values, rows)
+            chunk_sums = _attribute_chunk(spec, chunk, sites, metrics, direction, values, rows, estimator,
+                                          ig_steps)
             for run in sums:
                 for m in metrics:
                     sums[run][m] += chunk_sums[run][m]
@@ -88,76 +106,150 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
             for t in per_site.values():
                 t /= batch.n
     n_chunks = -(-batch.n // (batch_size or batch.n))
+    grad_runs = ig_steps if estimator == "ig" else 1
+    backward = len(metrics) * grad_runs * (1 + (d.n_layers if estimator == "graddrop" else 0))
     return Scores(
         values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
-        passes={"forward": 2 * n_chunks, "backward": len(metrics) * n_chunks},
+        passes={"forward": (2 + (ig_steps if estimator == "ig" else 0)) * n_chunks,
+                "backward": backward * n_chunks},
+        estimator=estimator,
     )
 
 
-def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str],
-                     direction: str, values: dict, rows: slice | None) -> dict[str, dict[str, float]]:
-    """Add this chunk's scores into ``values`` (summed over prompts, or into ``rows`` per prompt);
-    return the chunk's summed metric values on the clean and corrupt runs."""
-    source_ids, receiver_ids = batch.runs(direction)
-    points = {(s, layer): spec.hook_point(s, layer) for s in sites for layer in range(spec.dims.n_layers_of(s))}
-    mask = batch.mask.bool()
-
-    # 1. source run: cache every site's activation (normalised view, detached).
-    source: dict[tuple[str, int], Tensor] = {}
+def _cache(spec: ModelSpec, points: dict, ids: Tensor, batch: PromptBatch) -> tuple[dict, Tensor]:
+    """No-grad forward caching every hook point's normalised view: ({(site, layer): tensor}, last logits)."""
+    cache: dict[tuple[str, int], Tensor] = {}
 
     def keep(key):
         def callback(raw):
-            source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).detach()
+            cache[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).detach()
         return callback
     with torch.no_grad(), hooked([(p, keep(key)) for key, p in points.items()]):
-        source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
+        logits = forward_last(spec, ids, batch.mask, batch.last)
+    return cache, logits
 
-    # 2. receiver run with grad: a fresh leaf at the embeddings, so the backward computes no weight grads;
-    #    each hook point keeps delta = source - receiver and scores it when its gradient arrives.
-    current = {"metric": metrics[0]}
-    root: list[Tensor] = []
 
-    def make_root(raw):
-        leaf = raw.detach().requires_grad_(True)
-        root.append(leaf)
-        return leaf
+WRITES_IN_BLOCK = ("attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
+
+
+def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str],
+                     direction: str, values: dict, rows: slice | None, estimator: str,
+                     ig_steps: int) -> dict[str, dict[str, float]]:
+    """Add this chunk's scores into ``values`` (summed over prompts, or into ``rows`` per prompt);
+    return the chunk's summed metric values on the clean and corrupt runs."""
+    source_ids, receiver_ids = batch.runs(direction)
+    n_layers = spec.dims.n_layers
+    points = {(s, layer): spec.hook_point(s, layer) for s in sites for layer in range(spec.dims.n_layers_of(s))}
+    embed = spec.hook_point("embed", 0)
+    mask = batch.mask.bool()
+
+    # 1. source run: cache every site's activation (normalised view, detached) and the embeddings.
+    source, source_logits = _cache(spec, {**points, ("embed", 0): embed}, source_ids, batch)
+    source_embed = source[("embed", 0)]
+    deltas: dict[tuple[str, int], Tensor] = {}
+    if estimator == "ig":  # the deltas come from the plain receiver run; gradients from interpolated ones
+        receiver, receiver_logits = _cache(spec, {**points, ("embed", 0): embed}, receiver_ids, batch)
+        receiver_embed = receiver[("embed", 0)]
+        deltas = {key: _masked(source[key] - receiver[key], mask) for key in points}
+        del receiver
+        alphas = [(j + 0.5) / ig_steps for j in range(ig_steps)]  # midpoint rule on [0, 1]
+    else:
+        alphas = [0.0]
+
+    # 2. receiver runs with grad: a fresh leaf at the embeddings (interpolated towards the source for IG),
+    #    so the backward computes no weight grads; each hook point scores delta . grad as its gradient arrives.
+    state = {"metric": metrics[0], "drop": None}  # drop: the layer whose writes' gradient GradDrop zeroes
+    graddrop = estimator == "graddrop"
+    plain: dict[tuple[str, int], Tensor] = {}  # GradDrop: plain AtP per prompt/position, for the sign
+    dropped: dict[tuple[str, int], Tensor] = {}  # GradDrop: sum over passes of |AtP_l|
 
     def score_on_grad(key):
         site, layer = key
 
         def callback(raw):
             n, n_pos = batch_pos(raw, batch.n_pos)
-            delta = source.pop(key) - points[key].read(raw, n, n_pos).detach()
-            delta = delta * mask.view(n, n_pos, *([1] * (delta.ndim - 2))).to(delta.dtype)
+            if key not in deltas:
+                deltas[key] = _masked(source[key] - points[key].read(raw, n, n_pos).detach(), mask)
+            delta = deltas[key]
 
             def on_grad(grad):
-                acc = values[current["metric"]][site].dtype
-                prod = delta.to(acc) * points[key].read(grad, n, n_pos).to(acc)
-                per_prompt = unit_reduce(site, prod)  # [batch, pos, (unit)]
-                target = values[current["metric"]][site]
+                target = values[state["metric"]][site]
+                prod = unit_reduce(site, delta.to(target.dtype) * points[key].read(grad, n, n_pos).to(target.dtype))
+                if state["drop"] is not None:  # [batch, pos, (unit)]
+                    if not (site in WRITES_IN_BLOCK and state["drop"] == layer):
+                        dropped[key] = dropped.get(key, 0) + prod.abs()
+                    return
+                if graddrop:
+                    plain[key] = prod
+                    return
+                prod = prod / len(alphas)
                 if rows is None:
-                    target[layer] += per_prompt.sum(0)
+                    target[layer] += prod.sum(0)
                 else:
-                    target[rows, layer] += per_prompt
+                    target[rows, layer] += prod
             raw.register_hook(on_grad)
         return callback
 
-    embed = spec.hook_point("embed", 0)
-    hooks = [(embed, make_root)] + [(p, score_on_grad(key)) for key, p in points.items()]
-    with torch.enable_grad(), hooked(hooks):
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
-        clean_logits = source_logits if direction == "denoise" else receiver_logits.detach()
-        target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
-        totals = [metric(m, receiver_logits, target).sum() for m in metrics]
-        for i, (m, total) in enumerate(zip(metrics, totals)):
-            current["metric"] = m
-            torch.autograd.grad(total, root, retain_graph=i < len(metrics) - 1)
+    def drop_writes(layer):
+        def callback(raw):
+            raw.register_hook(lambda g: torch.zeros_like(g) if state["drop"] == layer else None)
+        return callback
+
+    drops = [(spec.hook_point(s, layer), drop_writes(layer))
+             for layer in range(n_layers) for s in ("attn_out", "mlp_out")] if graddrop else []
+    for alpha in alphas:
+        root: list[Tensor] = []
+
+        def make_root(raw, alpha=alpha):
+            start = raw if alpha == 0 else receiver_embed.to(raw.dtype)
+            moved = start + alpha * (source_embed.to(raw.dtype) - start) if alpha else start
+            leaf = moved.detach().view_as(raw).requires_grad_(True)
+            root.append(leaf)
+            return leaf
+
+        hooks = [(embed, make_root)] + [(p, score_on_grad(key)) for key, p in points.items()] + drops
+        with torch.enable_grad(), hooked(hooks):
+            logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
+            if alpha == 0:
+                receiver_logits = logits.detach()
+            clean_logits = source_logits if direction == "denoise" else receiver_logits
+            target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
+            totals = [metric(m, logits, target).sum() for m in metrics]
+            passes = [None] + (list(range(n_layers)) if graddrop else [])
+            for i, (m, total) in enumerate(zip(metrics, totals)):
+                state["metric"] = m
+                for j, drop in enumerate(passes):
+                    state["drop"] = drop
+                    last = i == len(metrics) - 1 and j == len(passes) - 1
+                    torch.autograd.grad(total, root, retain_graph=not last)
+                state["drop"] = None
+                if graddrop:
+                    _add_graddrop(values[m], plain, dropped, rows, n_layers)
 
     corrupt_logits = receiver_logits if direction == "denoise" else source_logits
     with torch.no_grad():
         return {
             "clean": {m: float(metric(m, clean_logits, target).sum()) for m in metrics},
-            "corrupt": {m: float(metric(m, corrupt_logits.detach(), target).sum()) for m in metrics},
+            "corrupt": {m: float(metric(m, corrupt_logits, target).sum()) for m in metrics},
         }
+
+
+def _masked(delta: Tensor, mask: Tensor) -> Tensor:
+    """Zero the pad positions of [batch, pos, ...]."""
+    return delta * mask.view(*mask.shape, *([1] * (delta.ndim - 2))).to(delta.dtype)
+
+
+def _add_graddrop(values: dict, plain: dict, dropped: dict, rows, n_layers: int) -> None:
+    """GradDrop score per prompt and position: sign(AtP) * mean over passes l of |AtP_l| (passes that zero
+    a component's own write are left out of its mean), added into ``values``; then the buffers clear."""
+    for (site, layer), signed in plain.items():
+        n_passes = n_layers - 1 if site in WRITES_IN_BLOCK else n_layers
+        score = torch.sign(signed) * dropped.get((site, layer), 0) / max(n_passes, 1)
+        if rows is None:
+            values[site][layer] += score.sum(0)
+        else:
+            values[site][rows, layer] += score
+    plain.clear()
+    dropped.clear()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .attribute import as_spec
 from .batch import PromptBatch, check_direction
 from .capture import call_input, batch_pos, block_calls, eval_mode, forward_last, hooked, run_blocks
-from .metrics import Target, check_metric, metric
+from .metrics import Target, check_metric, metric, wide
 from .sites import Component, ModelSpec, check_component
 
 DEFAULT_ROWS = 256  # prompt copies per patched forward pass when ``copies`` is not given
@@ -28,7 +28,7 @@ DEFAULT_ROWS = 256  # prompt copies per patched forward pass when ``copies`` is 
 
 @dataclass
 class Effects:
-    """Exact effects. ``values``: float32 [component, metric], mean over prompts; ``per_prompt``:
+    """Exact effects. ``values``: float32 (float64 for float64 models) [component, metric], mean over prompts; ``per_prompt``:
     [component, metric, batch] when asked; ``receiver_metric``: the unpatched receiving run's metric."""
 
     components: list[Component | tuple[Component, ...]]
@@ -79,8 +79,9 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                          f"{sorted(set((batch.last + 1).tolist()))}; use all-position components "
                          "(pos=None) or prompts of equal length")
     batch = batch.to(spec.device)
-    sums = torch.zeros(len(components), len(metrics), device=spec.device)
-    prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device) if per_prompt else None
+    acc = wide(next(spec.model.parameters()).dtype)  # float32, float64 for float64 models
+    sums = torch.zeros(len(components), len(metrics), device=spec.device, dtype=acc)
+    prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device, dtype=acc) if per_prompt else None
     receiver = {m: 0.0 for m in metrics}
     passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
     start = 0
@@ -125,7 +126,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
 
-    effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device)
+    effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device,
+                          dtype=wide(receiver_logits.dtype))
     order = sorted(range(len(components)), key=lambda i: (_start(components[i]), i))
     groups = [order[i:i + copies] for i in range(0, len(order), copies)]
     for group in tqdm(groups, desc="exact patching", disable=not progress):

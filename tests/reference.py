@@ -90,31 +90,71 @@ def exact_reference(model, batch, component, direction="denoise", metric_name="l
     return float((patched - base).mean())
 
 
-def atp_reference(model, batch, site, direction="denoise", metric_name="logit_diff"):
-    """Per-position AtP scores [layer, pos, (unit)] of ``site``, mean over prompts, one layer at a time."""
+def atp_reference(model, batch, site, direction="denoise", metric_name="logit_diff", *, alpha=0.0,
+                  drop_layer=None, per_prompt=False):
+    """Per-position AtP scores [layer, pos, (unit)] of ``site``, mean over prompts ([batch, layer, ...] with
+    ``per_prompt``), one layer at a time. ``alpha``: the receiver's embeddings are moved that far towards
+    the source's (passed as inputs_embeds). ``drop_layer``: that block's attention and MLP outputs are
+    detached, so no gradient flows back through them (GradDrop)."""
     spec = model_spec(model)
     source_ids, receiver_ids = _runs(batch, direction)
     target = _target(model, batch, direction)
+    embed = spec.module(spec.arch.embed)
+    with torch.no_grad():
+        start, end = embed(receiver_ids), embed(source_ids)
+        inputs = start + alpha * (end - start)
     out = []
     for layer in range(spec.dims.n_layers_of(site)):
         point = spec.hook_point(site, layer)
         source = _activation(model, point, source_ids, batch)
+        receiver = _activation(model, point, receiver_ids, batch)
         leaf = {}
 
         def swap(raw):
             leaf["t"] = raw.detach().clone().requires_grad_(True)
             return leaf["t"]
 
-        handle = _hook(point, swap)
+        embeds = inputs
+        if site == "embed":  # inputs_embeds bypass the embedding module: the inputs are the leaf
+            embeds = leaf["t"] = inputs.clone().requires_grad_(True)
+        handles = [] if site == "embed" else [_hook(point, swap)]
+        if drop_layer is not None:
+            for s in ("attn_out", "mlp_out"):
+                handles.append(_hook(spec.hook_point(s, drop_layer), lambda raw: raw.detach()))
         try:
-            value = metric(metric_name, _last_logits(model, receiver_ids, batch), target).mean()
+            logits = model(inputs_embeds=embeds, attention_mask=batch.mask).logits[torch.arange(batch.n), batch.last]
+            value = metric(metric_name, logits, target).sum()
         finally:
-            handle.remove()
-        (grad,) = torch.autograd.grad(value, leaf["t"])
+            for h in handles:
+                h.remove()
+        (grad,) = torch.autograd.grad(value, leaf["t"], allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(leaf["t"])
         rows = grad.shape[0] if grad.ndim == 3 else grad.shape[0] // batch.n_pos
         g = point.read(grad, rows, batch.n_pos)
-        a = point.read(leaf["t"].detach(), rows, batch.n_pos)
-        prod = (source - a) * g * batch.mask.view(rows, batch.n_pos, *([1] * (g.ndim - 2)))
-        prod = prod if site == "neuron" else prod.sum(-1)
-        out.append(prod.sum(0))  # grad of the mean already carries 1/batch
-    return torch.stack(out)
+        prod = (source - receiver) * g * batch.mask.view(rows, batch.n_pos, *([1] * (g.ndim - 2)))
+        out.append(prod if site == "neuron" else prod.sum(-1))  # [batch, pos, (unit)]
+    per = torch.stack(out, 1)  # [batch, layer, pos, (unit)]
+    return per if per_prompt else per.mean(0)
+
+
+def ig_reference(model, batch, site, direction="denoise", metric_name="logit_diff", steps=8):
+    """Integrated gradients: the mean of AtP over receivers at embeddings alpha = (j + 1/2) / steps."""
+    return sum(atp_reference(model, batch, site, direction, metric_name, alpha=(j + 0.5) / steps)
+               for j in range(steps)) / steps
+
+
+def graddrop_reference(model, batch, site, direction="denoise", metric_name="logit_diff"):
+    """sign(AtP) * mean over layers l (without l = own layer for in-block sites) of |AtP_l|, per prompt and
+    position, then the mean over prompts."""
+    spec = model_spec(model)
+    n_layers = spec.dims.n_layers
+    plain = atp_reference(model, batch, site, direction, metric_name, per_prompt=True)
+    total = torch.zeros_like(plain)
+    for drop in range(n_layers):
+        per = atp_reference(model, batch, site, direction, metric_name, drop_layer=drop, per_prompt=True).abs()
+        if site not in ("embed", "resid_pre"):
+            per[:, drop] = 0  # dropping a component's own write is left out
+        total += per
+    n_passes = n_layers if site in ("embed", "resid_pre") else n_layers - 1
+    return (torch.sign(plain) * total / n_passes).mean(0)
