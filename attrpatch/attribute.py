@@ -14,6 +14,7 @@ per metric that computes no parameter gradients. Scores are computed inside tens
 gradient arrives and summed over prompts at once, so no gradient outlives its hook.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -21,13 +22,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import qk
 from .batch import PromptBatch, check_direction
 from .capture import batch_pos, eval_mode, forward_last, hooked
 from .metrics import Target, check_metric, metric, wide
 from .sites import SITES, Component, ModelSpec, check_site, model_spec, site_shape, unit_reduce
 
 
-ESTIMATORS = ("atp", "ig", "graddrop")
+ESTIMATORS = ("atp", "atp_star", "ig", "graddrop")
+QK_SITES = ("q", "k")
 
 
 def check_estimator(name: str) -> None:
@@ -72,7 +75,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     estimator: ``atp`` (plain), ``ig`` (integrated gradients: the gradient averaged over ``ig_steps``
         receiver runs whose embeddings move along the straight line to the source's, as EAP-IG), or
         ``graddrop`` (AtP*'s GradDrop: sign(AtP) * mean over layers l of |AtP_l|, AtP_l with the gradient
-        through layer l's attention and MLP writes zeroed; one extra backward per layer).
+        through layer l's attention and MLP writes zeroed; one extra backward per layer), or
+        ``atp_star`` (AtP*: the QK fix of qk.py for ``q`` and ``k``, GradDrop for every other site).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -145,8 +149,16 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
     embed = spec.hook_point("embed", 0)
     mask = batch.mask.bool()
 
+    qk_fix = estimator == "atp_star"
+    qk_sites = [s for s in sites if s in QK_SITES] if qk_fix else []
+    if qk_sites:  # scored from the attention pattern, not through hooks on the projections
+        points = {key: p for key, p in points.items() if key[0] not in QK_SITES}
+
     # 1. source run: cache every site's activation (normalised view, detached) and the embeddings.
-    source, source_logits = _cache(spec, {**points, ("embed", 0): embed}, source_ids, batch)
+    source_qk: dict[int, tuple[Tensor, Tensor]] = {}
+    with (qk.recording(spec, lambda layer, q, k, *_: source_qk.__setitem__(layer, (q.detach(), k.detach())))
+          if qk_sites else nullcontext()):
+        source, source_logits = _cache(spec, {**points, ("embed", 0): embed}, source_ids, batch)
     source_embed = source[("embed", 0)]
     deltas: dict[tuple[str, int], Tensor] = {}
     if estimator == "ig":  # the deltas come from the plain receiver run; gradients from interpolated ones
@@ -161,7 +173,7 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
     # 2. receiver runs with grad: a fresh leaf at the embeddings (interpolated towards the source for IG),
     #    so the backward computes no weight grads; each hook point scores delta . grad as its gradient arrives.
     state = {"metric": metrics[0], "drop": None}  # drop: the layer whose writes' gradient GradDrop zeroes
-    graddrop = estimator == "graddrop"
+    graddrop = estimator in ("graddrop", "atp_star")
     plain: dict[tuple[str, int], Tensor] = {}  # GradDrop: plain AtP per prompt/position, for the sign
     dropped: dict[tuple[str, int], Tensor] = {}  # GradDrop: sum over passes of |AtP_l|
 
@@ -197,6 +209,27 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
             raw.register_hook(lambda g: torch.zeros_like(g) if state["drop"] == layer else None)
         return callback
 
+    def on_attention(layer, q, k, pattern, attn_mask, scaling, softcap):
+        """QK fix: once d metric / d pattern arrives, score every q and k of this layer."""
+        def on_grad(grad):
+            if state["drop"] is not None:
+                return
+            rows = mask[:, :, None].to(torch.float32)  # [batch, pos, 1]
+            found = {}
+            if "q" in qk_sites:
+                found["q"] = qk.q_scores(source_qk[layer][0], k, pattern, grad, attn_mask, scaling, softcap) * rows
+            if "k" in qk_sites:
+                found["k"] = qk.k_scores(q, k, source_qk[layer][1], grad, attn_mask, scaling, softcap) * rows
+            for site, score in found.items():
+                target = values[state["metric"]][site]
+                if rows_out is None:
+                    target[layer] += score.sum(0).to(target.dtype)
+                else:
+                    target[rows_out, layer] += score.to(target.dtype)
+        if pattern.requires_grad:
+            pattern.register_hook(on_grad)
+
+    rows_out = rows
     drops = [(spec.hook_point(s, layer), drop_writes(layer))
              for layer in range(n_layers) for s in ("attn_out", "mlp_out")] if graddrop else []
     for alpha in alphas:
@@ -210,7 +243,7 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
             return leaf
 
         hooks = [(embed, make_root)] + [(p, score_on_grad(key)) for key, p in points.items()] + drops
-        with torch.enable_grad(), hooked(hooks):
+        with torch.enable_grad(), hooked(hooks), (qk.recording(spec, on_attention) if qk_sites else nullcontext()):
             logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
             if alpha == 0:
                 receiver_logits = logits.detach()

@@ -158,3 +158,40 @@ def graddrop_reference(model, batch, site, direction="denoise", metric_name="log
         total += per
     n_passes = n_layers if site in ("embed", "resid_pre") else n_layers - 1
     return (torch.sign(plain) * total / n_passes).mean(0)
+
+
+def qk_fix_reference(model, batch, component, direction="denoise", metric_name="logit_diff"):
+    """AtP*'s QK fix for one q or k component, from HF's own eager attention: the receiver's pattern A and
+    G = d metric / d A at the component's layer (output_attentions), the pattern A' of a receiver run
+    with the component's projection output set to its source value; score = sum (A' - A) * G, mean over
+    prompts. Only the component's layer's pattern changes, so A' is the exactly recomputed softmax."""
+    spec = model_spec(model)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        point = spec.hook_point(component.site, component.layer)
+        source_ids, receiver_ids = _runs(batch, direction)
+        source = _activation(model, point, source_ids, batch)
+        target = _target(model, batch, direction)
+        out = model(input_ids=receiver_ids, attention_mask=batch.mask, output_attentions=True)
+        pattern = out.attentions[component.layer]
+        value = metric(metric_name, out.logits[torch.arange(batch.n), batch.last], target).mean()
+        (grad,) = torch.autograd.grad(value, pattern)
+        where = component.index()[1:]
+
+        def overwrite(raw):
+            new = raw.clone()
+            rows = new.shape[0] if new.ndim == 3 else new.shape[0] // batch.n_pos
+            point.read(new, rows, batch.n_pos)[(slice(None), *where)] = source[(slice(None), *where)]
+            return new
+
+        handle = _hook(point, overwrite)
+        try:
+            with torch.no_grad():
+                patched = model(input_ids=receiver_ids, attention_mask=batch.mask, output_attentions=True)
+        finally:
+            handle.remove()
+        change = patched.attentions[component.layer] - pattern.detach()
+        return float((change * grad).sum())  # grad is of the mean over prompts
+    finally:
+        model.set_attn_implementation(before)

@@ -144,3 +144,42 @@ def test_ig_converges_to_the_exact_effect():
         errors.append(abs(ig.score(ap.Component("embed", 0), "logit_diff") - exact))
     assert errors[-1] < 1e-2 * abs(exact) and errors[-1] < errors[0] / 10
     assert all(a >= b for a, b in zip(errors, errors[1:]))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_qk_fix_equals_recomputed_pattern_reference(family):
+    from reference import qk_fix_reference
+    model = tiny_model(family, dtype=torch.float64)
+    batch = ap.make_batch(random_pairs())
+    spec = ap.model_spec(model)
+    scores = ap.attribute(model, batch, sites=["q", "k"], estimator="atp_star")
+    for site in ("q", "k"):
+        for c in components(site, spec.dims, N_POS, per_position=True)[::5]:
+            ref = qk_fix_reference(model, batch, c)
+            assert scores.score(c, "logit_diff") == pytest.approx(ref, abs=1e-5), str(c)
+
+
+def _saturated_gpt2():
+    """Layer 0's queries and keys scaled 25x: every layer-0 softmax is one-hot (max probability ~1)."""
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        d = model.config.n_embd
+        model.transformer.h[0].attn.c_attn.weight[:, : 2 * d] *= 25.0
+    return model
+
+
+def test_atp_star_ranks_a_saturated_key_that_plain_atp_misses():
+    model = _saturated_gpt2()
+    batch = ap.make_batch(random_pairs(n=4, changed=(2,)))
+    spec = ap.model_spec(model)
+    keys = [c for c in components("k", spec.dims, N_POS, per_position=False) if c.layer == 0]
+    exact = ap.patch(model, batch, keys).values[:, 0]
+    plain = ap.attribute(model, batch, sites=["k"])
+    star = ap.attribute(model, batch, sites=["k"], estimator="atp_star")
+    best = int(exact.abs().argmax())
+    assert abs(exact[best]) > 0.1  # patching this key matters ...
+    assert abs(plain.score(keys[best], "logit_diff")) < 1e-3  # ... and plain AtP sees nothing
+    star_scores = torch.tensor([star.score(c, "logit_diff") for c in keys])
+    assert torch.isfinite(star_scores).all()
+    assert int(star_scores.abs().argmax()) == best  # AtP* ranks it first, with the right sign
+    assert star_scores[best] * exact[best] > 0

@@ -1,0 +1,231 @@
+"""Figures of a screen run: every figure renders, and what is plotted equals the report's numbers (read
+back from the matplotlib objects, not from pixels)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from attrpatch import plot  # noqa: E402
+from attrpatch.cli import main  # noqa: E402
+from attrpatch.pipeline import run_screen  # noqa: E402
+from attrpatch.report import load_scores  # noqa: E402
+from attrpatch.screen import ScreenConfig  # noqa: E402
+
+from conftest import tiny_model  # noqa: E402
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
+STEMS = ["positions_denoise", "heads_denoise", "scatter_denoise", "metrics_denoise", "cost_recall_denoise",
+         "positions_noise", "heads_noise", "scatter_noise", "metrics_noise", "cost_recall_noise", "directions"]
+
+
+def _screen(out, **config):
+    model = tiny_model("gpt2")
+    run_screen(model, None, task="induction", config=ScreenConfig(progress=False, **config), out=out,
+               model_name="tiny-gpt2", n_prompts=4, figures=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Both directions, every site, exhaustive: every figure applies and has a complete ground truth."""
+    return _screen(tmp_path_factory.mktemp("run"), sites=SITES, direction="both", top_k=None, random_k=0)
+
+
+@pytest.fixture(scope="module")
+def partial_dir(tmp_path_factory):
+    """One direction, the top 3 plus 2 random controls per site: most cells unverified."""
+    return _screen(tmp_path_factory.mktemp("partial"), sites=("resid_pre", "head"), direction="denoise",
+                   top_k=3, random_k=2)
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scores(run_dir):
+    return {k: v.numpy() for k, v in load_scores(run_dir / "scores.safetensors")[0].items()}
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return plot.load_run(run_dir)
+
+
+def _comps(report, direction, site=None):
+    return [c for c in report["components"] if c["direction"] == direction and site in (None, c["site"])]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=rtol, atol=atol)
+
+
+def test_draw_run_writes_every_figure(run_dir):
+    paths = plot.draw_run(run_dir, formats=("png",))
+    assert paths == [run_dir / "figures" / f"{s}.png" for s in STEMS]
+    for p in paths:
+        data = p.read_bytes()
+        assert len(data) > 1000 and data[:4] == b"\x89PNG", p
+
+
+def test_cli_figures(partial_dir, capsys):
+    assert main(["figures", str(partial_dir), "--format", "png,pdf"]) == 0
+    written = sorted((partial_dir / "figures").iterdir())
+    stems = ("positions_denoise", "heads_denoise", "scatter_denoise", "metrics_denoise", "cost_recall_denoise")
+    assert [p.name for p in written] == sorted(f"{s}.{f}" for s in stems for f in ("png", "pdf"))
+    for p in written:
+        data = p.read_bytes()
+        assert len(data) > 1000 and data[:4] == (b"\x89PNG" if p.suffix == ".png" else b"%PDF"), p
+    assert str(written[0]) in capsys.readouterr().out
+
+
+def test_same_bytes_on_redraw(run, tmp_path):
+    first = plot.save(plot.plot_directions(run), tmp_path / "a" / "directions", ("png", "pdf", "svg"))
+    second = plot.save(plot.plot_directions(run), tmp_path / "b" / "directions", ("png", "pdf", "svg"))
+    for p, q in zip(first, second):
+        assert p.read_bytes() == q.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_positions_heatmaps_show_scores_and_exact(run, report, scores, direction):
+    fig = plot.plot_positions(run, direction)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6  # (AtP, exact) x (resid_pre, attn_out, mlp_out)
+    for i, site in enumerate(("resid_pre", "attn_out", "mlp_out")):
+        atp, exact = panels[2 * i].images[0], panels[2 * i + 1].images[0]
+        _close(atp.get_array(), scores[f"{direction}/logit_diff/{site}"])
+        grid = exact.get_array()
+        comps = _comps(report, direction, site)
+        assert len(comps) == grid.size and not np.ma.getmaskarray(grid).any()
+        for c in comps:
+            _close(grid[c["layer"], c["pos"]], c["exact"])
+            _close(atp.get_array()[c["layer"], c["pos"]], c["approx"])
+        assert atp.norm.vmin == -atp.norm.vmax and exact.norm.vmax == atp.norm.vmax  # shared, centred
+    tokens = [t.get_text() for t in panels[-1].get_xticklabels()]
+    assert tokens == [t.strip() for t in report["tokens"]]
+
+
+def test_heads_heatmap_shows_atp_exact_and_difference(run, report, scores):
+    fig = plot.plot_heads(run, "denoise")
+    atp, exact, diff = (ax.images[0].get_array() for ax in fig.axes if ax.images)
+    _close(atp, scores["denoise/logit_diff/head"].sum(1))
+    comps = _comps(report, "denoise", "head")
+    assert len(comps) == exact.size
+    for c in comps:
+        _close(exact[c["layer"], c["head"]], c["exact"])
+        _close(atp[c["layer"], c["head"]], c["approx"])
+        _close(diff[c["layer"], c["head"]], c["exact"] - c["approx"])
+    labels = {ax.get_ylabel() for ax in fig.axes if not ax.images}  # the colour bars
+    assert "Δ logit diff" in labels and "error of AtP" in labels
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_scatter_plots_approx_against_exact(run, report, direction):
+    fig = plot.plot_scatter(run, direction)
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert len(panels) == len(SITES)
+    for ax, site in zip(panels, SITES):
+        comps = _comps(report, direction, site)
+        _close(ax.collections[0].get_offsets(), [(c["approx"], c["exact"]) for c in comps])
+        r = report["agreement"][direction][site]["logit_diff"]["pearson"]
+        assert ax.get_title(loc="left") == f"{site}  (n={len(comps)}, r={r:.2f})"
+        flagged = {plot._short(c) for c in comps if set(c["flags"]) & set(plot.DISAGREE)}
+        names = {t.get_text() for t in ax.texts if not t.get_text().startswith("+")}
+        assert names <= flagged and (names or not flagged)
+        assert any(abs(line.get_slope() - 1) < 1e-12 for line in ax.lines if hasattr(line, "get_slope"))
+
+
+def test_metric_comparison_plots_normalised_effects(run, report):
+    fig = plot.plot_metrics(run, "denoise")
+    ax = fig.axes[0]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    by_name = {c["name"]: c for c in _comps(report, "denoise")}
+    rows = ax.get_yticks()
+    assert len(names) == 16 and len(ax.collections) == len(report["metrics"])
+    for coll, m in zip(ax.collections, report["metrics"]):
+        offsets = coll.get_offsets()
+        _close(offsets[:, 1], rows)
+        expected = [by_name[n]["exact_norm"][m] for n in names]
+        _close(offsets[:, 0], [math.nan if v is None else v for v in expected])
+    for tick in ax.get_yticklabels():
+        disagree = "metrics_disagree" in by_name[tick.get_text()]["flags"]
+        assert (tick.get_fontweight() == "bold") == disagree
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_cost_recall_curves(run, report, scores, direction):
+    fig = plot.plot_cost_recall(run, direction)
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == len(SITES)
+    for ax, site in zip(panels, SITES):
+        comps = _comps(report, direction, site)
+        shape = scores[f"{direction}/logit_diff/{site}"].shape
+        total = shape[0] * (shape[1] if report["positions"][site] == "each" else 1) * (
+            shape[2] if len(shape) > 2 else 1)
+        assert len(comps) == total  # exhaustive
+        n = plot.top_n(run, site, direction)
+        truth = sorted(comps, key=lambda c: -abs(c["exact"]))[:n]
+        atp, rand, exhaustive = ax.lines[:3]
+        xs, ys = atp.get_xdata(), atp.get_ydata()
+        for x, y in zip(xs[:-1], ys[:-1]):
+            assert y == pytest.approx(sum(c["rank_approx"] <= x for c in truth) / n)
+        full = max(c["rank_approx"] for c in truth)
+        assert xs[np.argmax(ys >= 1)] == full
+        _close(rand.get_ydata(), rand.get_xdata() / total)
+        assert list(exhaustive.get_xdata()) == [total, total]
+
+
+def test_directions_scatter(run, report):
+    fig = plot.plot_directions(run)
+    ax = fig.axes[0]
+    assert len(ax.collections) == len(SITES)
+    for coll, site in zip(ax.collections, SITES):
+        noise = {c["name"]: c for c in _comps(report, "noise", site)}
+        pairs = [(c, noise[c["name"]]) for c in _comps(report, "denoise", site)]
+        assert coll.get_label() == site
+        _close(coll.get_offsets(), [(d["exact_norm"]["logit_diff"], -n["exact_norm"]["logit_diff"])
+                                    for d, n in pairs])
+
+
+def test_partial_run_masks_unverified_cells(partial_dir):
+    run = plot.load_run(partial_dir)
+    report = run.report
+    exact = plot.plot_positions(run).axes[1].images[0].get_array()
+    comps = _comps(report, "denoise", "resid_pre")
+    verified = np.zeros(exact.shape, bool)
+    for c in comps:
+        verified[c["layer"], c["pos"]] = True
+        _close(exact[c["layer"], c["pos"]], c["exact"])
+    assert (np.ma.getmaskarray(exact) == ~verified).all() and verified.sum() == 5
+    scatter = plot.plot_scatter(run).axes[0].collections[0]
+    colors = [tuple(np.round(fc, 3)) for fc in scatter.get_facecolors()]
+    grey = tuple(np.round(matplotlib.colors.to_rgba(plot.CONTROL_C), 3))
+    flagged = [bool(set(c["flags"]) & set(plot.DISAGREE)) for c in comps]
+    assert [col == grey for col in colors] == [c["selected"] == "control" and not f for c, f in zip(comps, flagged)]
+
+
+def test_plot_functions_draw_into_given_axes(run):
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.subplots()
+    assert plot.plot_directions(run, ax=ax) is fig and ax.collections
+    fig2 = Figure()
+    axes = fig2.subplots(1, 3)
+    assert plot.plot_heads(run, ax=axes) is fig2
+    with pytest.raises(ValueError, match="3 panel"):
+        plot.plot_heads(run, ax=axes[:2])
+
+
+def test_import_is_light():
+    code = "import sys, attrpatch.plot; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
