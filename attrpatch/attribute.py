@@ -111,7 +111,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                 t /= batch.n
     n_chunks = -(-batch.n // (batch_size or batch.n))
     grad_runs = ig_steps if estimator == "ig" else 1
-    backward = len(metrics) * grad_runs * (1 + (d.n_layers if estimator == "graddrop" else 0))
+    backward = len(metrics) * grad_runs * (1 + (d.n_layers if estimator in ("graddrop", "atp_star") else 0))
     return Scores(
         values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .attribute import ESTIMATORS
 from .compare import RESID_LIKE
 from .metrics import METRICS
 from .screen import DEFAULT_SITES, POSITIONS, ScreenConfig
@@ -64,6 +65,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--positions", choices=POSITIONS, default="default",
                    help=f"each: one component per token; all: one per layer/head/neuron; default: each for "
                         f"{', '.join(RESID_LIKE)}, all for the others")
+    p.add_argument("--estimator", choices=(*ESTIMATORS, "all"), default="atp",
+                   help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop; "
+                        "all: every one, verified on the union of their top-k, compared in the report")
+    p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -109,7 +114,8 @@ def _screen(args, argv) -> int:
 
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
-                          batch_size=args.batch_size, copies=args.copies, progress=not args.quiet)
+                          batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
+                          ig_steps=args.ig_steps, progress=not args.quiet)
     model, tokenizer = load(args.model, device=args.device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"

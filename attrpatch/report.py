@@ -67,7 +67,8 @@ def report_dict(result: ScreenResult, *, model: str, task: str, tokens: list[str
         "top_k": c.top_k, "random_k": c.random_k,
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "agreement": result.agreement,
-        "false_negatives": result.false_negatives, "attention": result.attention, "timing": result.timing,
+        "false_negatives": result.false_negatives, "attention": result.attention,
+        "estimator": c.estimator, "estimators": result.estimators, "timing": result.timing,
     }
 
 

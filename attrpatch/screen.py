@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attribute import Scores, as_spec, attribute
+from .attribute import ESTIMATORS, Scores, as_spec, attribute, check_estimator
 from .batch import DIRECTIONS, PromptBatch, check_direction
 from .capture import eval_mode, forward_last
 from .compare import (RESID_LIKE, Agreement, agreement, candidates, default_per_position, disagreement_flags,
@@ -42,6 +42,8 @@ class ScreenConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | all
+    ig_steps: int = 8
     progress: bool = True
 
     def __post_init__(self):
@@ -61,6 +63,13 @@ class ScreenConfig:
             raise ValueError(f"top_k must be >= 1 or None (all), got {self.top_k}")
         if self.random_k < 0:
             raise ValueError(f"random_k must be >= 0, got {self.random_k}")
+        if self.estimator != "all":
+            check_estimator(self.estimator)
+
+    @property
+    def estimators(self) -> tuple[str, ...]:
+        """Estimators to run; the first ranks, flags and fills ``approx``."""
+        return ESTIMATORS if self.estimator == "all" else (self.estimator,)
 
     @property
     def directions(self) -> tuple[str, ...]:
@@ -87,6 +96,7 @@ class ScreenResult:
     agreement: dict  # direction -> site -> metric -> Agreement dict
     false_negatives: dict  # direction -> site -> FalseNegatives dict
     attention: dict  # direction -> {"max_prob": [[..]], "entropy": [[..]]} per layer x head (receiver run)
+    estimators: dict  # direction -> estimator -> {"cost": .., "sites": site -> agreement + false negatives}
     timing: dict = field(default_factory=dict)
 
 
@@ -104,15 +114,20 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         forward_last(spec, batch.corrupt, batch.mask, batch.last)
         timing["forward_s"] = time.perf_counter() - start
 
-    scores, comps, rows, agree, fns, attention = {}, [], [], {}, {}, {}
+    scores, comps, rows, agree, fns, attention, by_estimator = {}, [], [], {}, {}, {}, {}
     for direction in config.directions:
-        start = time.perf_counter()
-        scores[direction] = attribute(spec, batch, sites=config.sites, metrics=config.metrics,
-                                      direction=direction, batch_size=config.batch_size, progress=config.progress)
-        timing["attribution_s"] += time.perf_counter() - start
-        timing["forward_passes"] += scores[direction].passes["forward"]
+        est_scores, est_seconds = {}, {}
+        for est in config.estimators:
+            start = time.perf_counter()
+            est_scores[est] = attribute(spec, batch, sites=config.sites, metrics=config.metrics,
+                                        direction=direction, batch_size=config.batch_size, estimator=est,
+                                        ig_steps=config.ig_steps, progress=config.progress)
+            est_seconds[est] = time.perf_counter() - start
+            timing["attribution_s"] += est_seconds[est]
+            timing["forward_passes"] += est_scores[est].passes["forward"]
+        scores[direction] = est_scores[config.estimators[0]]
 
-        plan = _plan(spec, batch, scores[direction], config)
+        plan = _plan(spec, batch, est_scores, config)
         verified = [c for site_plan in plan.values() for c in site_plan["verified"]]
         start = time.perf_counter()
         effects = patch(spec, batch, verified, metrics=config.metrics, direction=direction,
@@ -139,26 +154,65 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             comps += entries
             agree[direction][site] = site_agree
             fns[direction][site] = fn
+        by_estimator[direction] = _estimator_results(plan, exact, config, est_scores, est_seconds,
+                                                     timing["forward_s"])
     _mark_cross_flags(comps, config)
     rows = _long_table(comps, config)
     any_scores = next(iter(scores.values()))
     return ScreenResult(config=config, model=spec.name, n_prompts=batch.n, n_pos=batch.n_pos,
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=rows, agreement=agree, false_negatives=fns,
-                        attention=attention, timing=timing)
+                        attention=attention, estimators=by_estimator, timing=timing)
 
 
-def _plan(spec, batch: PromptBatch, scores: Scores, config: ScreenConfig) -> dict:
-    """Per site: every component with its approximations, and which ones to verify (top, control)."""
+def _plan(spec, batch: PromptBatch, est_scores: dict[str, Scores], config: ScreenConfig) -> dict:
+    """Per site: every component, each estimator's scores per metric, and what to verify: the union of
+    the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
+    random control sample of the rest."""
     plan = {}
+    first = config.estimators[0]
     for i, site in enumerate(config.sites):
         per_pos = config.per_position(site)
-        comps, approx = candidates(scores, site, config.metric, spec.dims, batch.n_pos, per_pos)
-        top, control = select(approx, config.top_k, config.random_k, config.seed + i)
-        others = {m: candidates(scores, site, m, spec.dims, batch.n_pos, per_pos)[1] for m in config.metrics}
-        plan[site] = {"all": comps, "approx": others, "top": top, "control": control,
-                      "rank_approx": ranks(approx), "verified": [comps[j] for j in top + control]}
+        comps = None
+        approx: dict[str, dict] = {}
+        for est, scores in est_scores.items():
+            approx[est] = {}
+            for m in config.metrics:
+                comps, approx[est][m] = candidates(scores, site, m, spec.dims, batch.n_pos, per_pos)
+        tops = {est: select(approx[est][config.metric], config.top_k, 0, 0)[0] for est in est_scores}
+        top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
+        rest = torch.tensor([j for j in range(len(comps)) if j not in set(top)], dtype=torch.long)
+        g = torch.Generator().manual_seed(config.seed + i)
+        control = sorted(rest[torch.randperm(len(rest), generator=g)[:config.random_k]].tolist())
+        plan[site] = {"all": comps, "approx": approx[first], "by_estimator": approx, "tops": tops, "top": top,
+                      "control": control, "rank_approx": ranks(approx[first][config.metric]),
+                      "verified": [comps[j] for j in top + control]}
     return plan
+
+
+def _estimator_results(plan: dict, exact: dict, config: ScreenConfig, est_scores: dict, seconds: dict,
+                       forward_s: float) -> dict:
+    """Per estimator: its cost, and per site how well its scores (primary metric) track the exact effects
+    of everything verified, the recall of the true top-k, and the controls that beat its top-k."""
+    primary = config.metrics.index(config.metric)
+    out = {}
+    for est, scores in est_scores.items():
+        sites = {}
+        for site, p in plan.items():
+            idx = p["top"] + p["control"]
+            if not idx:
+                continue
+            ex = torch.stack([exact[p["all"][j]][primary] for j in idx])
+            approx = p["by_estimator"][est][config.metric][idx]
+            k = len(p["tops"][est])
+            a = agreement(approx, ex, k=max(k, 1), tol=_tol(scores, config.metric)).to_dict()
+            in_top = torch.tensor([j in set(p["tops"][est]) for j in idx])
+            weakest = ex[in_top].abs().min() if in_top.any() else torch.tensor(float("inf"))
+            a["false_negatives"] = int((ex[~in_top].abs() > weakest).sum())  # verified, outside its top-k
+            sites[site] = a
+        out[est] = {"cost": {**scores.passes, "seconds": seconds[est],
+                             "forward_equivalents": seconds[est] / max(forward_s, 1e-9)}, "sites": sites}
+    return out
 
 
 def _tol(scores: Scores, metric: str) -> float:
@@ -187,12 +241,13 @@ def _site_results(site, plan, exact, config, scores: Scores, direction, max_prob
         flags = disagreement_flags(approx, value, _tol(scores, config.metric), int(plan["rank_approx"][j]),
                                    int(rank_exact[r]), k)
         evidence = {"activation_change": change[c]}
+        by_est = {est: float(v[config.metric][j]) for est, v in plan["by_estimator"].items()}
         if c.site in ("head", "q", "k", "v"):
             evidence["attn_max_prob"] = float(max_prob[c.layer, _query_heads(c, max_prob.shape[1], n_kv)].max())
         entries.append({
             "direction": direction, "site": c.site, "layer": c.layer, "head": c.head, "neuron": c.neuron,
             "pos": c.pos, "name": str(c), "selected": "top" if r < n_top else "control",
-            "approx": approx, "exact": value,
+            "approx": approx, "exact": value, "approx_estimators": by_est,
             "approx_metrics": {m: float(plan["approx"][m][j]) for m in config.metrics},
             "exact_metrics": {m: float(ex[r, i]) for i, m in enumerate(config.metrics)},
             "exact_norm": {m: normalise(float(ex[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],

@@ -30,6 +30,8 @@ def render(r: dict) -> str:
         comps = [c for c in r["components"] if c["direction"] == direction]
         lines += _direction_section(r, direction, comps)
     lines += _metric_section(r)
+    if len(r.get("estimators", {}).get(r["directions"][0], {})) > 1:
+        lines += _estimator_section(r)
     t = r["timing"]
     lines += ["## Cost", "", f"Attribution {t.get('attribution_s', 0):.2f} s, verification "
               f"{t.get('verification_s', 0):.2f} s, diagnostics {t.get('diagnostics_s', 0):.2f} s; one plain forward "
@@ -99,4 +101,24 @@ def _metric_section(r: dict) -> list[str]:
                      for c in flagged[:MAX_LISTED]])
     if len(flagged) > MAX_LISTED:
         lines += [f"... and {len(flagged) - MAX_LISTED} more (flag `metrics_disagree` in results.csv).", ""]
+    return lines
+
+
+def _estimator_section(r: dict) -> list[str]:
+    lines = ["## Which estimator to trust here", "",
+             "Every estimator's top-k was verified by exact patching (the union, once), so each is graded on "
+             "the same ground truth: pearson with the exact effects, recall of the true top-k, and verified "
+             "components outside its top-k that beat its weakest pick (false negatives). Cost in passes and "
+             "in plain-forward equivalents of wall time.", ""]
+    for direction in r["directions"]:
+        per = r["estimators"][direction]
+        sites = list(next(iter(per.values()))["sites"])
+        header = ["estimator", "cost"] + [f"{s}: pearson / recall / FN" for s in sites]
+        rows = []
+        for est, e in per.items():
+            c = e["cost"]
+            cost = f"{c['forward']} fwd + {c['backward']} bwd, {c['seconds']:.2f} s ({c['forward_equivalents']:.1f}x fwd)"
+            rows.append([est, cost] + [f"{_f(e['sites'][s]['pearson'], 2)} / {e['sites'][s]['recall_at_k']:.2f} / "
+                                       f"{e['sites'][s]['false_negatives']}" for s in sites])
+        lines += [f"### {direction}", ""] + _table(header, rows)
     return lines

@@ -123,3 +123,25 @@ def test_flags_fire_where_attention_saturates():
     assert any("attention saturation" in cause for c in missed for cause in c["causes"])
     worst = max(missed, key=lambda c: abs(c["exact"]))
     assert abs(worst["approx"]) < 0.5 * abs(worst["exact"])
+
+
+def test_estimator_all_verifies_the_union_and_grades_each(tmp_path):
+    model, folder = _save_model(tmp_path, "llama")
+    pairs = random_pairs(n=3)
+    task = _write_task(tmp_path / "task.jsonl", pairs)
+    out = tmp_path / "run"
+    main(["screen", "--model", str(folder), "--task", str(task), "--out", str(out), "--quiet", "--no-figures",
+          "--top-k", "3", "--random-k", "2", "--sites", "head,k", "--estimator", "all", "--ig-steps", "2"])
+    report = json.loads((out / "report.json").read_text())
+    per = report["estimators"]["denoise"]
+    assert set(per) == {"atp", "atp_star", "ig", "graddrop"}
+    assert per["ig"]["cost"]["backward"] == 2 * len(ap.METRICS)
+    verified = {c["name"] for c in report["components"] if c["site"] == "head"}
+    batch = ap.make_batch(pairs)
+    for est in per:  # every estimator's top-3 heads were verified
+        scores = ap.attribute(model, batch, sites=["head"], estimator=est, ig_steps=2)
+        per_head = scores.values["logit_diff"]["head"].sum(1).flatten()  # [layer * head]
+        top = torch.argsort(per_head.abs(), descending=True)[:3].tolist()
+        assert {f"L{i // 4}H{i % 4}" for i in top} <= verified, est
+        assert 0 <= per[est]["sites"]["head"]["recall_at_k"] <= 1
+    assert "Which estimator to trust here" in (out / "report.md").read_text()
