@@ -33,7 +33,8 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
 
 def select(approx: Tensor, top_k: int | None, random_k: int, seed: int) -> tuple[list[int], list[int]]:
     """Indices of the top-k by |approx| (all for None), and a seeded random sample of the rest."""
-    order = torch.argsort(approx.abs(), descending=True, stable=True).tolist()
+    magnitude = torch.nan_to_num(approx.abs(), nan=-1.0, posinf=-1.0)  # non-finite scores rank last
+    order = torch.argsort(magnitude, descending=True, stable=True).tolist()
     k = len(order) if top_k is None else min(top_k, len(order))
     rest = order[k:]
     g = torch.Generator().manual_seed(seed)
@@ -42,8 +43,8 @@ def select(approx: Tensor, top_k: int | None, random_k: int, seed: int) -> tuple
 
 
 def ranks(values: Tensor) -> Tensor:
-    """1 = largest |value|; ties broken by order."""
-    order = torch.argsort(values.abs(), descending=True, stable=True)
+    """1 = largest |value|; ties broken by order; non-finite values rank last."""
+    order = torch.argsort(torch.nan_to_num(values.abs(), nan=-1.0, posinf=-1.0), descending=True, stable=True)
     out = torch.empty_like(order)
     out[order] = torch.arange(1, len(values) + 1)
     return out
@@ -79,6 +80,9 @@ class Agreement:
 
 
 def agreement(approx: Tensor, exact: Tensor, k: int, tol: float) -> Agreement:
+    """Non-finite pairs are left out (they are reported separately, never ranked)."""
+    finite = torch.isfinite(approx) & torch.isfinite(exact)
+    approx, exact = approx[finite], exact[finite]
     k = min(k, len(exact))
     big = exact.abs() > tol
     signs = (torch.sign(approx[big]) == torch.sign(exact[big])).double().mean() if big.any() else torch.tensor(float("nan"))

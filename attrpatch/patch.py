@@ -10,6 +10,7 @@ compute exactly the same thing). ``resume=False, copies=1`` is the naive one-ful
 sweep, kept as the reference.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -130,7 +131,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                           dtype=wide(receiver_logits.dtype))
     order = sorted(range(len(components)), key=lambda i: (_start(components[i]), i))
     groups = [order[i:i + copies] for i in range(0, len(order), copies)]
-    for group in tqdm(groups, desc="exact patching", disable=not progress):
+    def run_group(group: list[int]) -> tuple[Tensor, int]:
+        """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
         n = len(group)
         entries: dict[tuple[str, int], list[tuple[int, Component]]] = {}
         for copy, i in enumerate(group):
@@ -141,18 +143,35 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         start = min(_start(components[i]) for i in group)
         with hooked(hooks):
             if start < 0 or not resume:
-                start = 0
-                logits = forward_last(spec, receiver_ids.repeat(n, 1), batch.mask.repeat(n, 1),
-                                      batch.last.repeat(n))
-            else:
-                hidden = call_input(*calls[start])[0]
-                logits = run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last)
+                return forward_last(spec, receiver_ids.repeat(n, 1), batch.mask.repeat(n, 1),
+                                    batch.last.repeat(n)), 0
+            hidden = call_input(*calls[start])[0]
+            return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last), start
+
+    bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
+    while groups:
+        group = groups.pop(0)
+        try:
+            logits, start = run_group(group)
+        except torch.OutOfMemoryError:
+            if len(group) == 1:
+                raise
+            half = len(group) // 2
+            groups[:0] = [group[:half], group[half:]]
+            warnings.warn(f"out of memory patching {len(group)} copies x {batch.n} prompts at once; "
+                          f"retrying with {half} copies per pass (pass copies={half} to start there)")
+            if spec.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        n = len(group)
         passes["patched_rows"] += n
         passes["forward_equivalents"] += n * (n_layers - start) / n_layers
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
             effects[group, j] = patched - base[m]
+        bar.update(n)
+    bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
 
 

@@ -68,7 +68,8 @@ def report_dict(result: ScreenResult, *, model: str, task: str, tokens: list[str
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "agreement": result.agreement,
         "false_negatives": result.false_negatives, "attention": result.attention,
-        "estimator": c.estimator, "estimators": result.estimators, "timing": result.timing,
+        "estimator": c.estimator, "estimators": result.estimators, "numerical": result.numerical,
+        "timing": result.timing,
     }
 
 

@@ -20,7 +20,7 @@ from .capture import eval_mode, forward_last
 from .compare import (RESID_LIKE, Agreement, agreement, candidates, default_per_position, disagreement_flags,
                       false_negatives, ranks, select)
 from .diagnose import LARGE_CHANGE, SATURATED_MAX_PROB, activation_change, attention_stats
-from .metrics import METRICS, check_metric, normalise
+from .metrics import METRICS, MIN_GAP, Target, check_metric, metric, normalise
 from .patch import patch
 from .sites import SITES, Component, check_site
 
@@ -97,6 +97,7 @@ class ScreenResult:
     false_negatives: dict  # direction -> site -> FalseNegatives dict
     attention: dict  # direction -> {"max_prob": [[..]], "entropy": [[..]]} per layer x head (receiver run)
     estimators: dict  # direction -> estimator -> {"cost": .., "sites": site -> agreement + false negatives}
+    numerical: dict  # non-finite scores and effects, named per component
     timing: dict = field(default_factory=dict)
 
 
@@ -108,13 +109,16 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         raise ValueError(f"sites {each} are scored per position, which needs prompts of one token length; "
                          f"lengths here: {sorted(set((batch.last + 1).tolist()))}. Use positions='all' "
                          "(--positions all) or prompts of equal length.")
-    timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 0.0}
+    timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 2.0}
     with eval_mode(spec.model), torch.no_grad():
+        clean_logits = forward_last(spec, batch.clean, batch.mask, batch.last)
         start = time.perf_counter()
-        forward_last(spec, batch.corrupt, batch.mask, batch.last)
+        corrupt_logits = forward_last(spec, batch.corrupt, batch.mask, batch.last)
         timing["forward_s"] = time.perf_counter() - start
+    check_baselines(clean_logits, corrupt_logits, batch, config)
 
     scores, comps, rows, agree, fns, attention, by_estimator = {}, [], [], {}, {}, {}, {}
+    by_estimator_scores: dict[str, dict[str, Scores]] = {}
     for direction in config.directions:
         est_scores, est_seconds = {}, {}
         for est in config.estimators:
@@ -126,6 +130,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             timing["attribution_s"] += est_seconds[est]
             timing["forward_passes"] += est_scores[est].passes["forward"]
         scores[direction] = est_scores[config.estimators[0]]
+        by_estimator_scores[direction] = est_scores
 
         plan = _plan(spec, batch, est_scores, config)
         verified = [c for site_plan in plan.values() for c in site_plan["verified"]]
@@ -157,12 +162,13 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         by_estimator[direction] = _estimator_results(plan, exact, config, est_scores, est_seconds,
                                                      timing["forward_s"])
     _mark_cross_flags(comps, config)
+    numerical = _non_finite(scores, by_estimator_scores, comps, config, batch.n_pos, spec)
     rows = _long_table(comps, config)
     any_scores = next(iter(scores.values()))
     return ScreenResult(config=config, model=spec.name, n_prompts=batch.n, n_pos=batch.n_pos,
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=rows, agreement=agree, false_negatives=fns,
-                        attention=attention, estimators=by_estimator, timing=timing)
+                        attention=attention, estimators=by_estimator, numerical=numerical, timing=timing)
 
 
 def _plan(spec, batch: PromptBatch, est_scores: dict[str, Scores], config: ScreenConfig) -> dict:
@@ -213,6 +219,46 @@ def _estimator_results(plan: dict, exact: dict, config: ScreenConfig, est_scores
         out[est] = {"cost": {**scores.passes, "seconds": seconds[est],
                              "forward_equivalents": seconds[est] / max(forward_s, 1e-9)}, "sites": sites}
     return out
+
+
+def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config: ScreenConfig) -> None:
+    """Refuse, before any expensive work, baselines that are not finite or that the metric cannot tell
+    apart (normalised effects would divide by ~0)."""
+    target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
+    values = {}
+    for run, logits in (("clean", clean_logits), ("corrupt", corrupt_logits)):
+        bad = (~torch.isfinite(logits.float())).any(-1)
+        if bad.any():
+            raise FloatingPointError(
+                f"the {run} run's logits are not finite for prompts {bad.nonzero().flatten().tolist()}; "
+                "fp16 overflow is the usual cause: try --dtype bfloat16 or float32")
+        values[run] = float(metric(config.metric, logits, target).mean())
+    if abs(values["clean"] - values["corrupt"]) < MIN_GAP:
+        raise ValueError(
+            f"clean and corrupt prompts give the same {config.metric} ({values['clean']:.6g} vs "
+            f"{values['corrupt']:.6g}): the corruption does not change the behaviour, so effects cannot be "
+            "normalised. Check the answer/wrong tokens and the corruption, or choose another --metric.")
+
+
+def _non_finite(scores, est_scores, comps, config: ScreenConfig, n_pos: int, spec) -> dict:
+    """Every non-finite score (per estimator, metric, site) and exact effect, named per component."""
+    found = {"scores": [], "effects": []}
+    for direction, per_est in est_scores.items():
+        for est, sc in per_est.items():
+            for m in config.metrics:
+                for site in config.sites:
+                    names, approx = candidates(sc, site, m, spec.dims, n_pos, config.per_position(site))
+                    bad = (~torch.isfinite(approx)).nonzero().flatten().tolist()
+                    if bad:
+                        found["scores"].append({"direction": direction, "estimator": est, "metric": m,
+                                                "site": site, "count": len(bad),
+                                                "components": [str(names[i]) for i in bad[:50]]})
+    for e in comps:
+        bad = [m for m, v in e["exact_metrics"].items() if v != v or abs(v) == float("inf")]
+        if bad:
+            e["flags"].append("non_finite")
+            found["effects"].append({"direction": e["direction"], "component": e["name"], "metrics": bad})
+    return found
 
 
 def _tol(scores: Scores, metric: str) -> float:

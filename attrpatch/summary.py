@@ -20,6 +20,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def render(r: dict) -> str:
     m = r["metric"]
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
+    lines += _numerical_section(r.get("numerical") or {})
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
               f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
@@ -122,3 +123,17 @@ def _estimator_section(r: dict) -> list[str]:
                                        f"{e['sites'][s]['false_negatives']}" for s in sites])
         lines += [f"### {direction}", ""] + _table(header, rows)
     return lines
+
+
+def _numerical_section(num: dict) -> list[str]:
+    if not num.get("scores") and not num.get("effects"):
+        return []
+    lines = ["## Numerical problems (read first)", "",
+             "Non-finite values were found; they are left out of every ranking and correlation below. "
+             "fp16 overflow is the usual cause: rerun with --dtype bfloat16 or float32.", ""]
+    for s in num.get("scores", [])[:MAX_LISTED]:
+        lines.append(f"- {s['count']} non-finite {s['estimator']} scores ({s['direction']}, {s['metric']}, "
+                     f"{s['site']}): {', '.join(s['components'][:10])}")
+    for e in num.get("effects", [])[:MAX_LISTED]:
+        lines.append(f"- non-finite exact effect of {e['component']} ({e['direction']}): {', '.join(e['metrics'])}")
+    return lines + [""]

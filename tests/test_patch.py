@@ -116,3 +116,22 @@ def test_bfloat16_model_runs_with_float32_results():
     e16 = ap.patch(model16, batch, comps)
     assert e16.values.dtype == torch.float32
     torch.testing.assert_close(e16.values, e32.values, atol=0.1, rtol=0.1)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_effects(monkeypatch):
+    import sys
+    patch_module = sys.modules["attrpatch.patch"]  # the module, not the function ap.patch
+    model = tiny_model("gpt2")
+    batch = ap.make_batch(random_pairs())
+    comps = sample_components(ap.model_spec(model), N_POS, k=2)
+    expected = ap.patch(model, batch, comps, copies=8)
+    real = patch_module.run_blocks
+
+    def fragile(spec, start, hidden, calls, n, n_prompts, last):
+        if n > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(spec, start, hidden, calls, n, n_prompts, last)
+    monkeypatch.setattr(patch_module, "run_blocks", fragile)
+    with pytest.warns(UserWarning, match=r"out of memory patching 8 copies.*retrying with 4"):
+        got = ap.patch(model, batch, comps, copies=8)
+    torch.testing.assert_close(got.values, expected.values)
