@@ -78,6 +78,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted run in OUT from its last completed step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -120,7 +122,7 @@ def _screen(args, argv) -> int:
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     report = run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
-                        n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures)
+                        n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
           + ("" if args.no_figures else ", figures/"))

@@ -5,6 +5,7 @@ from pathlib import Path
 from torch import nn
 
 from .batch import make_batch
+from .checkpoint import Progress
 from .report import manifest_dict, write_run
 from .screen import ScreenConfig, config_dict, screen
 from .tasks import TASKS, builtin_task, load_jsonl
@@ -28,16 +29,22 @@ def token_labels(pair, tokenizer) -> list[str]:
 
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
-               n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True) -> dict:
-    """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict."""
+               n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
+               resume: bool = False) -> dict:
+    """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
+
+    Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
+    (same model, prompts and options) and gives the same report as an uninterrupted run."""
     vocab = getattr(model.config, "vocab_size", None)
     pairs = load_task(task, tokenizer, n_prompts=n_prompts, seed=config.seed, vocab_size=vocab)
     _check_ids(pairs, vocab)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     batch = make_batch(pairs, pad_id=pad or 0)
-    result = screen(model, batch, config)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
+    identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
+                "options": {k: v for k, v in manifest["options"].items() if k != "progress"}}
+    result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     report = write_run(Path(out), result, model_name=model_name, task=task,
                        tokens=token_labels(pairs[0], tokenizer), manifest=manifest)
     if figures:

@@ -19,6 +19,7 @@ from .batch import DIRECTIONS, PromptBatch, check_direction
 from .capture import eval_mode, forward_last
 from .compare import (RESID_LIKE, Agreement, agreement, candidates, default_per_position, disagreement_flags,
                       false_negatives, ranks, select)
+from .checkpoint import Progress
 from .diagnose import LARGE_CHANGE, SATURATED_MAX_PROB, activation_change, attention_stats
 from .metrics import METRICS, MIN_GAP, Target, check_metric, metric, normalise
 from .patch import patch
@@ -101,8 +102,12 @@ class ScreenResult:
     timing: dict = field(default_factory=dict)
 
 
-def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenConfig()) -> ScreenResult:
+def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenConfig(),
+           progress: Progress | None = None) -> ScreenResult:
+    """Run the screen. ``progress`` (checkpoint.Progress) saves each completed step and, on resume, skips
+    the steps already saved."""
     spec = as_spec(model)
+    progress = progress or Progress(None)
     batch = batch.to(spec.device)
     if not batch.aligned and any(config.per_position(s) for s in config.sites):
         each = [s for s in config.sites if config.per_position(s)]
@@ -123,9 +128,13 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         est_scores, est_seconds = {}, {}
         for est in config.estimators:
             start = time.perf_counter()
-            est_scores[est] = attribute(spec, batch, sites=config.sites, metrics=config.metrics,
-                                        direction=direction, batch_size=config.batch_size, estimator=est,
-                                        ig_steps=config.ig_steps, progress=config.progress)
+            step = f"attribution-{direction}-{est}"
+            est_scores[est] = progress.scores(step, spec.device)
+            if est_scores[est] is None:
+                est_scores[est] = attribute(spec, batch, sites=config.sites, metrics=config.metrics,
+                                            direction=direction, batch_size=config.batch_size, estimator=est,
+                                            ig_steps=config.ig_steps, progress=config.progress)
+                progress.save_scores(step, est_scores[est])
             est_seconds[est] = time.perf_counter() - start
             timing["attribution_s"] += est_seconds[est]
             timing["forward_passes"] += est_scores[est].passes["forward"]
@@ -134,13 +143,20 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
 
         plan = _plan(spec, batch, est_scores, config)
         verified = [c for site_plan in plan.values() for c in site_plan["verified"]]
-        start = time.perf_counter()
-        effects = patch(spec, batch, verified, metrics=config.metrics, direction=direction,
-                        copies=config.copies, batch_size=config.batch_size, progress=config.progress)
-        timing["verification_s"] += time.perf_counter() - start
-        timing["forward_passes"] += effects.passes["patched_rows"] + 2
-        timing["forward_equivalents_verification"] = (
-            timing.get("forward_equivalents_verification", 0.0) + effects.passes["forward_equivalents"])
+        exact = {}
+        for site, site_plan in plan.items():  # one saved step per site
+            start = time.perf_counter()
+            step = f"exact-{direction}-{site}"
+            effects = progress.effects(step, site_plan["verified"])
+            if effects is None:
+                effects = patch(spec, batch, site_plan["verified"], metrics=config.metrics, direction=direction,
+                                copies=config.copies, batch_size=config.batch_size, progress=config.progress)
+                progress.save_effects(step, effects)
+            exact.update({c: effects.values[i] for i, c in enumerate(site_plan["verified"])})  # [metric]
+            timing["verification_s"] += time.perf_counter() - start
+            timing["forward_passes"] += effects.passes["patched_rows"] + 2
+            timing["forward_equivalents_verification"] = (
+                timing.get("forward_equivalents_verification", 0.0) + effects.passes["forward_equivalents"])
 
         start = time.perf_counter()
         receiver_ids = batch.runs(direction)[1]
@@ -150,7 +166,6 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         attention[direction] = {"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}
         timing["diagnostics_s"] += time.perf_counter() - start
 
-        exact = {c: effects.values[i] for i, c in enumerate(verified)}  # [metric]
         agree[direction], fns[direction] = {}, {}
         base = scores[direction]
         for site, site_plan in plan.items():

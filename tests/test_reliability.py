@@ -34,10 +34,13 @@ def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
 def test_injected_nan_effects_are_flagged(monkeypatch):
     screen_module = sys.modules["attrpatch.screen"]
     real = screen_module.patch
+    calls = []
 
     def poisoned(*args, **kwargs):
         effects = real(*args, **kwargs)
-        effects.values[0, 1] = float("inf")
+        if not calls:  # the first site's first component
+            effects.values[0, 1] = float("inf")
+        calls.append(1)
         return effects
     monkeypatch.setattr(screen_module, "patch", poisoned)
     result = screen(tiny_model("gpt2"), ap.make_batch(random_pairs()), CONFIG)
@@ -59,3 +62,47 @@ def test_zero_gap_is_refused_with_the_reason():
         p.corrupt_ids = list(p.clean_ids)
     with pytest.raises(ValueError, match=r"same logit_diff .*cannot be\s+normalised"):
         screen(tiny_model("gpt2"), ap.make_batch(pairs), CONFIG)
+
+
+def _report_without_timing(path):
+    import json
+    report = json.loads(path.read_text())
+    report.pop("timing")
+    for per_direction in report["estimators"].values():
+        for e in per_direction.values():
+            e["cost"].pop("seconds"), e["cost"].pop("forward_equivalents")
+    return report
+
+
+def test_killed_run_resumes_to_the_same_report(tmp_path):
+    """SIGKILL right after the 3rd saved step (mid-verification), then --resume: same report as a run
+    that was never interrupted, and no truncated report file in between."""
+    import json
+    import os
+    import subprocess
+    model = tiny_model("gpt2")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
+                                         "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n"
+                            for p in random_pairs(n=3)))
+
+    def run(out, *extra, env=None):
+        cmd = [sys.executable, "-m", "attrpatch.cli", "screen", "--model", str(folder), "--task", str(task),
+               "--out", str(out), "--quiet", "--no-figures", "--top-k", "3", "--random-k", "2",
+               "--direction", "both", "--sites", "resid_pre,head,neuron", *extra]
+        return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    killed = run(tmp_path / "resumed", env={"ATTRPATCH_KILL_AFTER_STEPS": "3"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "resumed" / "report.json").exists()
+    assert len(list((tmp_path / "resumed" / ".progress").glob("*.safetensors"))) == 3
+    resumed = run(tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _report_without_timing(tmp_path / "resumed" / "report.json") == \
+        _report_without_timing(tmp_path / "whole" / "report.json")
+    other = run(tmp_path / "resumed", "--resume", "--top-k", "4")
+    assert other.returncode != 0 and "different ['options']" in other.stderr

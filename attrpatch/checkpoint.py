@@ -1,0 +1,97 @@
+"""Progress of a long screen, written as it goes, so ``--resume`` continues after a kill.
+
+Each completed step (attribution of one direction and estimator, exact patching of one site) is one
+safetensors file in ``OUT/.progress/``, written atomically; ``run.json`` there holds the run's identity
+(model weights, prompts, options), and a resume with a different identity is refused. No pickle.
+
+ATTRPATCH_KILL_AFTER_STEPS=N (fault injection for tests) SIGKILLs the process right after the N-th step
+is saved.
+"""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .attribute import Scores
+from .patch import Effects
+
+
+class Progress:
+    def __init__(self, folder: Path | None, identity: dict | None = None, resume: bool = False):
+        self.folder = None if folder is None else Path(folder) / ".progress"
+        self.saved = 0
+        if self.folder is None:
+            return
+        from .report import write_json  # report writes atomically; imported late to keep the data flow
+        self._write_json = write_json
+        marker = self.folder / "run.json"
+        if resume and marker.exists():
+            before = json.loads(marker.read_text())
+            if before != json.loads(json.dumps(identity)):
+                changed = sorted(k for k in set(before) | set(identity or {}) if before.get(k) != (identity or {}).get(k))
+                raise ValueError(f"--resume: the run in {self.folder.parent} was made with different {changed}; "
+                                 "rerun with the same model, task and options, or drop --resume to start over")
+        else:
+            if self.folder.exists():
+                for f in self.folder.iterdir():
+                    f.unlink()
+            write_json(marker, identity)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def _save(self, name: str, tensors: dict, meta: dict) -> None:
+        from .report import write_atomic
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
+        write_atomic(self._path(name), lambda f: f.write(data), binary=True)
+        self.saved += 1
+        limit = os.environ.get("ATTRPATCH_KILL_AFTER_STEPS")
+        if limit is not None and self.saved >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _load(self, name: str):
+        if self.folder is None or not self._path(name).exists():
+            return None
+        from safetensors import safe_open
+        with safe_open(str(self._path(name)), "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        return load_file(str(self._path(name))), meta
+
+    def scores(self, name: str, device) -> Scores | None:
+        found = self._load(name)
+        if found is None:
+            return None
+        tensors, meta = found
+        values: dict = {}
+        for key, t in tensors.items():
+            m, site = key.split("/")
+            values.setdefault(m, {})[site] = t.to(device)
+        return Scores(values=values, **meta)
+
+    def save_scores(self, name: str, scores: Scores) -> None:
+        if self.folder is None:
+            return
+        tensors = {f"{m}/{s}": t for m, per in scores.values.items() for s, t in per.items()}
+        meta = {k: getattr(scores, k) for k in ("direction", "clean_metric", "corrupt_metric", "n_prompts",
+                                                 "per_prompt", "passes", "estimator")}
+        self._save(name, tensors, meta)
+
+    def effects(self, name: str, components: list) -> Effects | None:
+        found = self._load(name)
+        if found is None:
+            return None
+        tensors, meta = found
+        if meta.pop("names") != [str(c) for c in components]:
+            return None  # a different plan: recompute
+        return Effects(components=components, values=tensors["values"], **meta)
+
+    def save_effects(self, name: str, effects: Effects) -> None:
+        if self.folder is None:
+            return
+        meta = {"metrics": effects.metrics, "direction": effects.direction, "receiver_metric": effects.receiver_metric,
+                "passes": effects.passes, "names": [str(c) for c in effects.components]}
+        self._save(name, {"values": effects.values}, meta)
