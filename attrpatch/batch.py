@@ -52,13 +52,17 @@ class PromptBatch:
     def _tensors(self) -> tuple[Tensor, ...]:
         return self.clean, self.corrupt, self.mask, self.answer, self.wrong, self.last
 
+    def rows(self, rows: slice) -> "PromptBatch":
+        """The prompts in ``rows``, same padded length."""
+        return PromptBatch(*(t[rows] for t in self._tensors()))
+
     def chunks(self, size: int | None) -> Iterator["PromptBatch"]:
         """Consecutive slices of at most ``size`` prompts (all at once for None), same padded length."""
         size = self.n if size is None else size
         if size < 1:
             raise ValueError(f"batch size must be >= 1, got {size}")
         for start in range(0, self.n, size):
-            yield PromptBatch(*(t[start:start + size] for t in self._tensors()))
+            yield self.rows(slice(start, start + size))
 
     def runs(self, direction: str) -> tuple[Tensor, Tensor]:
         """(source ids, receiver ids): denoise patches clean into corrupt, noise corrupt into clean."""

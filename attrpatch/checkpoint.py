@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from . import distributed
 from .attribute import Scores
 from .patch import Effects
 
@@ -35,7 +36,7 @@ class Progress:
                 changed = sorted(k for k in set(before) | set(identity or {}) if before.get(k) != (identity or {}).get(k))
                 raise ValueError(f"--resume: the run in {self.folder.parent} was made with different {changed}; "
                                  "rerun with the same model, task and options, or drop --resume to start over")
-        else:
+        elif distributed.rank() == 0:
             if self.folder.exists():
                 for f in self.folder.iterdir():
                     f.unlink()
@@ -46,6 +47,8 @@ class Progress:
 
     def _save(self, name: str, tensors: dict, meta: dict) -> None:
         from .report import write_atomic
+        if distributed.rank() != 0:  # every rank holds the reduced result; rank 0 writes it
+            return
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
         write_atomic(self._path(name), lambda f: f.write(data), binary=True)
         self.saved += 1

@@ -111,22 +111,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _screen(args, argv) -> int:
+    from . import distributed
     from .load import DEFAULT_MODEL, load
     from .pipeline import run_screen
 
+    device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, progress=not args.quiet)
-    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load(args.model, device=device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     report = run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                         n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume)
+    if distributed.rank() != 0:
+        return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
           + ("" if args.no_figures else ", figures/"))
-    return 0 if report else 1
+    return 0
 
 
 if __name__ == "__main__":

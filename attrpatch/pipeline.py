@@ -4,6 +4,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import distributed
 from .batch import make_batch
 from .checkpoint import Progress
 from .report import manifest_dict, write_run
@@ -45,6 +46,8 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"}}
     result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
+    if distributed.rank() != 0:  # rank 0 writes for everyone
+        return {}
     report = write_run(Path(out), result, model_name=model_name, task=task,
                        tokens=token_labels(pairs[0], tokenizer), manifest=manifest)
     if figures:

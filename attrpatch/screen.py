@@ -19,6 +19,7 @@ from .batch import DIRECTIONS, PromptBatch, check_direction
 from .capture import eval_mode, forward_last
 from .compare import (RESID_LIKE, Agreement, agreement, candidates, default_per_position, disagreement_flags,
                       false_negatives, ranks, select)
+from . import distributed
 from .checkpoint import Progress
 from .diagnose import LARGE_CHANGE, SATURATED_MAX_PROB, activation_change, attention_stats
 from .metrics import METRICS, MIN_GAP, Target, check_metric, metric, normalise
@@ -108,7 +109,11 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
     the steps already saved."""
     spec = as_spec(model)
     progress = progress or Progress(None)
-    batch = batch.to(spec.device)
+    batch = distributed.shard(batch.to(spec.device))  # this rank's prompts; everything below is reduced
+    n_local, n_total = batch.n, distributed.total(batch.n)
+
+    def reduce(value):
+        return distributed.mean(value, n_local, n_total)
     if not batch.aligned and any(config.per_position(s) for s in config.sites):
         each = [s for s in config.sites if config.per_position(s)]
         raise ValueError(f"sites {each} are scored per position, which needs prompts of one token length; "
@@ -120,7 +125,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         start = time.perf_counter()
         corrupt_logits = forward_last(spec, batch.corrupt, batch.mask, batch.last)
         timing["forward_s"] = time.perf_counter() - start
-    check_baselines(clean_logits, corrupt_logits, batch, config)
+    check_baselines(clean_logits, corrupt_logits, batch, config, reduce)
 
     scores, comps, rows, agree, fns, attention, by_estimator = {}, [], [], {}, {}, {}, {}
     by_estimator_scores: dict[str, dict[str, Scores]] = {}
@@ -131,9 +136,10 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             step = f"attribution-{direction}-{est}"
             est_scores[est] = progress.scores(step, spec.device)
             if est_scores[est] is None:
-                est_scores[est] = attribute(spec, batch, sites=config.sites, metrics=config.metrics,
-                                            direction=direction, batch_size=config.batch_size, estimator=est,
-                                            ig_steps=config.ig_steps, progress=config.progress)
+                est_scores[est] = _reduce_scores(
+                    attribute(spec, batch, sites=config.sites, metrics=config.metrics, direction=direction,
+                              batch_size=config.batch_size, estimator=est, ig_steps=config.ig_steps,
+                              progress=config.progress), reduce, n_total)
                 progress.save_scores(step, est_scores[est])
             est_seconds[est] = time.perf_counter() - start
             timing["attribution_s"] += est_seconds[est]
@@ -151,6 +157,8 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             if effects is None:
                 effects = patch(spec, batch, site_plan["verified"], metrics=config.metrics, direction=direction,
                                 copies=config.copies, batch_size=config.batch_size, progress=config.progress)
+                effects.values = reduce(effects.values)
+                effects.receiver_metric = reduce(effects.receiver_metric)
                 progress.save_effects(step, effects)
             exact.update({c: effects.values[i] for i, c in enumerate(site_plan["verified"])})  # [metric]
             timing["verification_s"] += time.perf_counter() - start
@@ -161,8 +169,8 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         start = time.perf_counter()
         receiver_ids = batch.runs(direction)[1]
         with eval_mode(spec.model):
-            max_prob, entropy = attention_stats(spec, receiver_ids, batch.mask)
-            change = dict(zip(verified, activation_change(spec, batch, direction, verified)))
+            max_prob, entropy = map(reduce, attention_stats(spec, receiver_ids, batch.mask))
+            change = dict(zip(verified, reduce(activation_change(spec, batch, direction, verified))))
         attention[direction] = {"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}
         timing["diagnostics_s"] += time.perf_counter() - start
 
@@ -180,10 +188,18 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
     numerical = _non_finite(scores, by_estimator_scores, comps, config, batch.n_pos, spec)
     rows = _long_table(comps, config)
     any_scores = next(iter(scores.values()))
-    return ScreenResult(config=config, model=spec.name, n_prompts=batch.n, n_pos=batch.n_pos,
+    return ScreenResult(config=config, model=spec.name, n_prompts=n_total, n_pos=batch.n_pos,
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=rows, agreement=agree, false_negatives=fns,
                         attention=attention, estimators=by_estimator, numerical=numerical, timing=timing)
+
+
+def _reduce_scores(scores: Scores, reduce, n_total: int) -> Scores:
+    """The all-rank mean of a rank's scores (identity in a single process)."""
+    scores.values = {m: {s: reduce(t) for s, t in per.items()} for m, per in scores.values.items()}
+    scores.clean_metric, scores.corrupt_metric = reduce(scores.clean_metric), reduce(scores.corrupt_metric)
+    scores.n_prompts = n_total
+    return scores
 
 
 def _plan(spec, batch: PromptBatch, est_scores: dict[str, Scores], config: ScreenConfig) -> dict:
@@ -236,18 +252,21 @@ def _estimator_results(plan: dict, exact: dict, config: ScreenConfig, est_scores
     return out
 
 
-def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config: ScreenConfig) -> None:
+def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config: ScreenConfig,
+                    reduce=lambda v: v) -> None:
     """Refuse, before any expensive work, baselines that are not finite or that the metric cannot tell
-    apart (normalised effects would divide by ~0)."""
+    apart (normalised effects would divide by ~0). ``reduce``: the cross-rank mean (every rank decides
+    alike)."""
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     values = {}
     for run, logits in (("clean", clean_logits), ("corrupt", corrupt_logits)):
         bad = (~torch.isfinite(logits.float())).any(-1)
-        if bad.any():
+        if reduce(float(bad.any())) > 0:
             raise FloatingPointError(
-                f"the {run} run's logits are not finite for prompts {bad.nonzero().flatten().tolist()}; "
+                f"the {run} run's logits are not finite for prompts {bad.nonzero().flatten().tolist()}"
+                f"{' (of this rank)' if distributed.active() else ''}; "
                 "fp16 overflow is the usual cause: try --dtype bfloat16 or float32")
-        values[run] = float(metric(config.metric, logits, target).mean())
+        values[run] = reduce(float(metric(config.metric, logits, target).mean()))
     if abs(values["clean"] - values["corrupt"]) < MIN_GAP:
         raise ValueError(
             f"clean and corrupt prompts give the same {config.metric} ({values['clean']:.6g} vs "
