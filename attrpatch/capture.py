@@ -5,6 +5,7 @@ A callback sees a hook point's raw tensor (the tensor the model itself uses) and
 order, so q, k and v of one fused projection can be hooked together.
 """
 
+import inspect
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -68,12 +69,16 @@ def batch_pos(raw: Tensor, n_pos: int) -> tuple[int, int]:
     return (raw.shape[0], raw.shape[1]) if raw.ndim >= 3 else (raw.shape[0] // n_pos, n_pos)
 
 
-def forward_last(spec: ModelSpec, ids: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+def forward_last(spec: ModelSpec, ids: Tensor, mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
     """Full forward; logits at each prompt's last real token. ids, mask: [batch, pos] -> [batch, vocab].
 
     Runs the base model and unembeds only the last positions, so no [batch, pos, vocab] tensor is made.
+    keep: if given, ``keep["cache"]`` receives the run's key/value cache.
     """
-    hidden = spec.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    out = spec.model.base_model(input_ids=ids, attention_mask=mask, use_cache=keep is not None)
+    if keep is not None:
+        keep["cache"] = out.past_key_values
+    hidden = out.last_hidden_state
     hidden = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [batch, d_model]
     logits = spec.module(spec.arch.unembed)(hidden)
     cap = getattr(spec.model.config, "final_logit_softcapping", None)
@@ -88,7 +93,7 @@ def block_calls(spec: ModelSpec, start: int = 0) -> Iterator[dict[int, tuple[tup
 
     def make(layer: int):
         def pre_hook(module, args, kwargs):
-            calls[layer] = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), dict(kwargs))
+            calls[layer] = (tuple(_recordable(a) for a in args), {k: _recordable(v) for k, v in kwargs.items()})
         return pre_hook
     try:
         for layer in range(start, spec.dims.n_layers):
@@ -97,6 +102,13 @@ def block_calls(spec: ModelSpec, start: int = 0) -> Iterator[dict[int, tuple[tup
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _recordable(x):
+    """Detach tensors; drop key/value caches (a replayed call must not append to the recorded run's)."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    return None if type(x).__name__.endswith("Cache") else x
 
 
 def expand(x, n: int, batch: int):
@@ -114,16 +126,66 @@ def expand(x, n: int, batch: int):
 
 
 def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int,
-               last: Tensor) -> Tensor:
-    """Resume the forward pass at block ``start`` with ``hidden`` [n*batch, pos, d_model], replaying each
-    block's recorded call expanded to ``n`` copies; returns last-token logits [n*batch, vocab]."""
+               last: Tensor, first_pos: int = 0, cache=None) -> Tensor:
+    """Resume the forward pass at block ``start`` with ``hidden`` [n*batch, pos - first_pos, d_model],
+    replaying each block's recorded call expanded to ``n`` copies; returns last-token logits [n*batch, vocab].
+
+    first_pos > 0: only positions from ``first_pos`` on are computed; the earlier ones, unchanged by any
+    patch at or after them in a causal model, are read as keys and values from the receiver's ``cache``."""
+    past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
     for layer in range(start, spec.dims.n_layers):
         _, rebuild = call_input(*calls[layer])
-        args, kwargs = expand(rebuild(hidden), n, batch)  # hidden has n*batch rows: left as it is
+        args, kwargs = rebuild(hidden)
+        if first_pos:
+            args, kwargs = _from_position(spec.blocks[layer], args, kwargs, first_pos, past, hidden)
+        args, kwargs = expand((args, kwargs), n, batch)  # hidden has n*batch rows: left as it is
         out = spec.blocks[layer](*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.repeat(n)]  # [n*batch, d_model]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
     return unembed(spec, hidden)
+
+
+def _past(cache, first_pos: int, n: int, start: int, n_layers: int):
+    """A fresh key/value cache holding the receiver's first ``first_pos`` positions, n copies (copy-major)."""
+    from transformers import DynamicCache
+
+    past = DynamicCache()
+    for layer in range(n_layers):
+        src = cache.layers[layer]
+        keys, values = src.keys[:, :, :first_pos], src.values[:, :, :first_pos]  # [batch, kv_head, pos, d_head]
+        if layer >= start:  # every copy needs its own rows, even for a batch of one prompt
+            keys, values = keys.repeat(n, 1, 1, 1), values.repeat(n, 1, 1, 1)
+        past.update(keys, values, layer)
+    return past
+
+
+def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, past, hidden: Tensor):
+    """Rewrite a recorded block call for queries from ``first_pos`` on, with ``past`` keys and values."""
+    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    named = bound.arguments
+    extra = named.pop("kwargs", {})
+    named.update(extra)
+    n_query = hidden.shape[1]
+    mask = named.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 4:
+        named["attention_mask"] = mask[:, :, first_pos:, :]
+    else:  # causal: query i (absolute first_pos + i) sees keys 0..first_pos + i
+        q = torch.arange(first_pos, first_pos + n_query, device=hidden.device)[:, None]
+        k = torch.arange(first_pos + n_query, device=hidden.device)[None, :]
+        allowed = (k <= q)[None, None]
+        named["attention_mask"] = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~allowed, torch.finfo(hidden.dtype).min)
+    if isinstance(named.get("position_embeddings"), tuple):
+        named["position_embeddings"] = tuple(t[:, first_pos:] for t in named["position_embeddings"])
+    if isinstance(named.get("position_ids"), Tensor):
+        named["position_ids"] = named["position_ids"][:, first_pos:]
+    for key in ("past_key_values", "layer_past"):
+        if key in inspect.signature(block.forward).parameters:
+            named[key] = past
+    named["cache_position"] = torch.arange(first_pos, first_pos + n_query, device=hidden.device)
+    named["hidden_states"] = hidden
+    return (), named
 
 
 @contextmanager

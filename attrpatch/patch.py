@@ -56,6 +56,11 @@ def _start(item: Item) -> int:
     return min(-1 if c.site == "embed" else c.layer for c in _members(item))
 
 
+def _first_pos(item: Item) -> int:
+    """First position a patched run must compute: positions before it are unchanged (causal model)."""
+    return min(0 if c.pos is None else c.pos for c in _members(item))
+
+
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
           metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
           resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
@@ -121,15 +126,18 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
+    # reuse positions only where every prompt has every position (no padding: causal reuse is exact)
+    reuse_pos = resume and batch.aligned and any(_first_pos(item) > 0 for item in components)
+    kept: dict = {}
     with block_calls(spec, first) as calls:
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
+        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, keep=kept if reuse_pos else None)
     clean_logits = source_logits if direction == "denoise" else receiver_logits
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
 
     effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device,
                           dtype=wide(receiver_logits.dtype))
-    order = sorted(range(len(components)), key=lambda i: (_start(components[i]), i))
+    order = sorted(range(len(components)), key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
     groups = [order[i:i + copies] for i in range(0, len(order), copies)]
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
@@ -138,21 +146,23 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         for copy, i in enumerate(group):
             for c in _members(components[i]):
                 entries.setdefault((c.site, c.layer), []).append((copy, c))
-        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, n_pos))
-                 for key, found in entries.items()]
         start = min(_start(components[i]) for i in group)
+        first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
+        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, n_pos - first_pos, first_pos))
+                 for key, found in entries.items()]
         with hooked(hooks):
             if start < 0 or not resume:
                 return forward_last(spec, receiver_ids.repeat(n, 1), batch.mask.repeat(n, 1),
-                                    batch.last.repeat(n)), 0
-            hidden = call_input(*calls[start])[0]
-            return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last), start
+                                    batch.last.repeat(n)), 0, 0
+            hidden = call_input(*calls[start])[0][:, first_pos:]
+            return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
+                              kept.get("cache")), start, first_pos
 
     bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
     while groups:
         group = groups.pop(0)
         try:
-            logits, start = run_group(group)
+            logits, start, first_pos = run_group(group)
         except torch.OutOfMemoryError:
             if len(group) == 1:
                 raise
@@ -165,7 +175,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
             continue
         n = len(group)
         passes["patched_rows"] += n
-        passes["forward_equivalents"] += n * (n_layers - start) / n_layers
+        passes["forward_equivalents"] += n * (n_layers - start) / n_layers * (n_pos - first_pos) / n_pos
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
@@ -175,16 +185,19 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     return effects, {m: float(base[m].sum()) for m in metrics}
 
 
-def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int):
+def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
+             first_pos: int = 0):
     """Callback writing each entry's source value into its copy of the batch.
 
-    source: [batch, pos, ...] normalised view of the source run at this hook point."""
+    source: [batch, pos, ...] normalised view of the source run at this hook point; the patched run
+    holds positions ``first_pos`` on only (n_pos of them)."""
     def callback(raw: Tensor) -> Tensor:
         new = raw.clone()
         rows, n_p = batch_pos(new, n_pos)
         view = point.read(new, rows, n_p).unflatten(0, (rows // n_prompts, n_prompts))  # [copy, batch, pos, ..]
         for copy, c in entries:
             where = c.index()[1:]  # (pos, [unit])
-            view[(copy, slice(None), *where)] = source[(slice(None), *where)].to(view.dtype)
+            here = where if c.pos is None else (c.pos - first_pos, *where[1:])
+            view[(copy, slice(None), *here)] = source[(slice(None), *where)].to(view.dtype)
         return new
     return callback

@@ -127,10 +127,10 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_effects(monkeypatch):
     expected = ap.patch(model, batch, comps, copies=8)
     real = patch_module.run_blocks
 
-    def fragile(spec, start, hidden, calls, n, n_prompts, last):
+    def fragile(spec, start, hidden, calls, n, *args):
         if n > 3:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return real(spec, start, hidden, calls, n, n_prompts, last)
+        return real(spec, start, hidden, calls, n, *args)
     monkeypatch.setattr(patch_module, "run_blocks", fragile)
     with pytest.warns(UserWarning, match=r"out of memory patching 8 copies.*retrying with 4"):
         got = ap.patch(model, batch, comps, copies=8)
