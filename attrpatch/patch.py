@@ -138,7 +138,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device,
                           dtype=wide(receiver_logits.dtype))
     order = sorted(range(len(components)), key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
-    groups = [order[i:i + copies] for i in range(0, len(order), copies)]
+    groups = _groups(components, order, copies, n_pos if reuse_pos else None)
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
         n = len(group)
@@ -183,6 +183,26 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
+
+
+MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs
+
+
+def _groups(components: list, order: list[int], copies: int, n_pos: int | None) -> list[list[int]]:
+    """Split ``order`` (sorted by layer, then position) into patched passes of at most ``copies``: a pass
+    never spans layers (each resumes at its own), and with position reuse (``n_pos`` given) a member
+    computes at most MAX_WASTE times the positions its own patch needs."""
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            head = components[groups[-1][0]]
+            same_layer = _start(head) == _start(components[i]) and len(groups[-1]) < copies
+            near = n_pos is None or (n_pos - _first_pos(head)) <= MAX_WASTE * (n_pos - _first_pos(components[i]))
+            if same_layer and near:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
