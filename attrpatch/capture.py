@@ -75,7 +75,11 @@ def forward_last(spec: ModelSpec, ids: Tensor, mask: Tensor, last: Tensor, keep:
     Runs the base model and unembeds only the last positions, so no [batch, pos, vocab] tensor is made.
     keep: if given, ``keep["cache"]`` receives the run's key/value cache.
     """
-    out = spec.model.base_model(input_ids=ids, attention_mask=mask, use_cache=keep is not None)
+    kwargs = {}
+    if keep is not None:  # a plain cache keeps every position, also of sliding-window layers
+        from transformers import DynamicCache
+        kwargs = {"use_cache": True, "past_key_values": DynamicCache()}
+    out = spec.model.base_model(input_ids=ids, attention_mask=mask, **({"use_cache": False} | kwargs))
     if keep is not None:
         keep["cache"] = out.past_key_values
     hidden = out.last_hidden_state
