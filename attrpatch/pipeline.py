@@ -22,6 +22,16 @@ def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, 
     return load_jsonl(path, tokenizer=tokenizer)
 
 
+def one_length(pairs: list) -> list:
+    """The pairs of the most common token length (ties: the shortest), so that positions align across
+    prompts and per-position components mean the same token everywhere."""
+    counts: dict[int, int] = {}
+    for p in pairs:
+        counts[len(p.clean_ids)] = counts.get(len(p.clean_ids), 0) + 1
+    length = max(sorted(counts), key=lambda n: counts[n])
+    return [p for p in pairs if len(p.clean_ids) == length]
+
+
 def token_labels(pair, tokenizer) -> list[str]:
     """Labels for the position axis: the first clean prompt's tokens."""
     if tokenizer is None:
@@ -37,8 +47,12 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
     (same model, prompts and options) and gives the same report as an uninterrupted run."""
     vocab = getattr(model.config, "vocab_size", None)
-    pairs = load_task(task, tokenizer, n_prompts=n_prompts, seed=config.seed, vocab_size=vocab)
+    aligned = task in TASKS and any(config.per_position(s) for s in config.sites)
+    draw = 4 * n_prompts if aligned else n_prompts  # draw more, keep n_prompts of one token length
+    pairs = load_task(task, tokenizer, n_prompts=draw, seed=config.seed, vocab_size=vocab)
     _check_ids(pairs, vocab)
+    if aligned:
+        pairs = one_length(pairs)[:n_prompts]
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     batch = make_batch(pairs, pad_id=pad or 0)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
