@@ -68,6 +68,21 @@ def random_pairs(n: int = 3, n_pos: int = N_POS, seed: int = 0, lengths=None, ch
     return pairs
 
 
+def write_task(path, pairs):
+    """A token-id JSONL task file of ``pairs``."""
+    import json
+    path.write_text("".join(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
+                                        "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n" for p in pairs))
+    return path
+
+
+def saved_model(folder, family="gpt2", **overrides):
+    """A tiny model of ``family`` saved to ``folder`` (safetensors); returns (model, folder)."""
+    model = tiny_model(family, **overrides)
+    model.save_pretrained(folder)
+    return model, folder
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -9,22 +9,14 @@ import torch
 import attrpatch as ap
 from attrpatch.cli import main
 from attrpatch.screen import ScreenConfig, screen
-from conftest import random_pairs, tiny_model
+from conftest import random_pairs, saved_model, tiny_model, write_task
 
 
-def _save_model(tmp_path, family="gpt2", **overrides):
-    model = tiny_model(family, **overrides)
-    folder = tmp_path / f"model-{family}"
-    model.save_pretrained(folder)
-    return model, folder
+def _save_model(tmp_path, family="gpt2"):
+    return saved_model(tmp_path / f"model-{family}", family)
 
 
-def _write_task(path, pairs):
-    with open(path, "w") as f:
-        for p in pairs:
-            f.write(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
-                                "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n")
-    return path
+_write_task = write_task
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ import sys
 
 import pytest
 
-from conftest import random_pairs, tiny_model
+from conftest import random_pairs, saved_model, write_task
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    model = tiny_model("llama")
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
-                                         "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n"
-                            for p in random_pairs(n=5)))
+    _, folder = saved_model(tmp_path / "model", "llama")
+    task = write_task(tmp_path / "task.jsonl", random_pairs(n=5))
     args = ["screen", "--model", str(folder), "--task", str(task), "--quiet", "--no-figures", "--top-k", "3",
             "--random-k", "2", "--sites", "resid_pre,head,neuron,k", "--estimator", "atp_star"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

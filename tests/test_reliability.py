@@ -8,7 +8,7 @@ import torch
 
 import attrpatch as ap
 from attrpatch.screen import ScreenConfig, screen
-from conftest import random_pairs, tiny_model
+from conftest import random_pairs, saved_model, tiny_model, write_task
 
 CONFIG = ScreenConfig(sites=("head", "resid_pre"), top_k=3, random_k=2, progress=False)
 
@@ -77,16 +77,10 @@ def _report_without_timing(path):
 def test_killed_run_resumes_to_the_same_report(tmp_path):
     """SIGKILL right after the 3rd saved step (mid-verification), then --resume: same report as a run
     that was never interrupted, and no truncated report file in between."""
-    import json
     import os
     import subprocess
-    model = tiny_model("gpt2")
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"clean_ids": p.clean_ids, "corrupt_ids": p.corrupt_ids,
-                                         "answer_id": p.answer_id, "wrong_id": p.wrong_id}) + "\n"
-                            for p in random_pairs(n=3)))
+    _, folder = saved_model(tmp_path / "model")
+    task = write_task(tmp_path / "task.jsonl", random_pairs(n=3))
 
     def run(out, *extra, env=None):
         cmd = [sys.executable, "-m", "attrpatch.cli", "screen", "--model", str(folder), "--task", str(task),
