@@ -197,10 +197,10 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
                     plain[key] = prod
                     return
                 prod = prod / len(alphas)
-                if rows is None:
-                    target[layer] += prod.sum(0)
+                if rows is None:  # .to: with device_map the layer may live on another device
+                    target[layer] += prod.sum(0).to(target.device)
                 else:
-                    target[rows, layer] += prod
+                    target[rows, layer] += prod.to(target.device)
             raw.register_hook(on_grad)
         return callback
 

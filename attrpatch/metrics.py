@@ -57,12 +57,12 @@ def metric(name: str, logits: Tensor, target: Target) -> Tensor:
         return _pick(logprobs, target.answer)
     if name == "prob":
         return _pick(logprobs, target.answer).exp()
-    ref = target.clean_logprobs.to(logits.dtype)
+    ref = target.clean_logprobs.to(device=logits.device, dtype=logits.dtype)  # device_map: logits may be elsewhere
     return (ref.exp() * (ref - logprobs)).sum(-1)
 
 
 def _pick(values: Tensor, index: Tensor) -> Tensor:
-    return values.gather(-1, index[:, None]).squeeze(-1)
+    return values.gather(-1, index.to(values.device)[:, None]).squeeze(-1)
 
 
 def last_logits(logits: Tensor, last: Tensor) -> Tensor:

@@ -179,7 +179,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
-            effects[group, j] = patched - base[m]
+            effects[group, j] = (patched - base[m].to(patched.device)).to(effects.device)
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
