@@ -133,8 +133,8 @@ def disagreement_flags(approx: float, exact: float, tol: float, rank_approx: int
 
     sign_flip       opposite signs, |exact| > tol and |approx| > tol
     large_error     |approx - exact| > 50% of max(|approx|, |exact|), and > tol
-    missed          exact ranks in the top-k of the verified, approx ranks outside its top-k
-    overestimated   approx ranks in the top-k, exact ranks outside it
+    missed          exact ranks in the top-k of the verified, approx outside its top-k; |exact| > tol
+    overestimated   approx ranks in the top-k, exact outside it; |approx| > tol
     """
     flags = []
     if abs(exact) > tol and abs(approx) > tol and approx * exact < 0:
@@ -142,8 +142,8 @@ def disagreement_flags(approx: float, exact: float, tol: float, rank_approx: int
     err = abs(approx - exact)
     if err > tol and err > 0.5 * max(abs(approx), abs(exact)):
         flags.append("large_error")
-    if rank_exact <= k < rank_approx:
+    if rank_exact <= k < rank_approx and abs(exact) > tol:
         flags.append("missed")
-    if rank_approx <= k < rank_exact:
+    if rank_approx <= k < rank_exact and abs(approx) > tol:
         flags.append("overestimated")
     return flags
