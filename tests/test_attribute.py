@@ -95,8 +95,9 @@ def test_backward_computes_no_parameter_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bfloat16_scores_accumulate_in_float32():
-    model16 = tiny_model("llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_accumulate_in_float32(dtype):
+    model16 = tiny_model("llama", dtype=dtype)
     model32 = tiny_model("llama")
     batch = ap.make_batch(random_pairs())
     s16 = ap.attribute(model16, batch, sites=["head", "resid_pre"])
