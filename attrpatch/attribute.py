@@ -183,7 +183,7 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
         def callback(raw):
             n, n_pos = batch_pos(raw, batch.n_pos)
             if key not in deltas:
-                deltas[key] = _masked(source[key] - points[key].read(raw, n, n_pos).detach(), mask)
+                deltas[key] = _masked(source.pop(key) - points[key].read(raw, n, n_pos).detach(), mask)
             delta = deltas[key]
 
             def on_grad(grad):
@@ -270,7 +270,9 @@ def _attribute_chunk(spec: ModelSpec, batch: PromptBatch, sites: list[str], metr
 
 
 def _masked(delta: Tensor, mask: Tensor) -> Tensor:
-    """Zero the pad positions of [batch, pos, ...]."""
+    """Zero the pad positions of [batch, pos, ...] (no copy when nothing is padded)."""
+    if bool(mask.all()):
+        return delta
     return delta * mask.view(*mask.shape, *([1] * (delta.ndim - 2))).to(delta.dtype)
 
 

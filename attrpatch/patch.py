@@ -24,7 +24,9 @@ from .capture import call_input, batch_pos, block_calls, eval_mode, forward_last
 from .metrics import Target, check_metric, metric, wide
 from .sites import Component, ModelSpec, check_component
 
-DEFAULT_ROWS = 256  # prompt copies per patched forward pass when ``copies`` is not given
+# prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
+# (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide
+DEFAULT_ROWS = {"cpu": 32, "cuda": 256}
 
 
 @dataclass
@@ -56,6 +58,11 @@ def _start(item: Item) -> int:
     return min(-1 if c.site == "embed" else c.layer for c in _members(item))
 
 
+def _whole_stream(item: Item) -> bool:
+    """A patch of the entire residual stream at some layer (every position): the run becomes the source's."""
+    return any(c.site in ("embed", "resid_pre") and c.pos is None for c in _members(item))
+
+
 def _first_pos(item: Item) -> int:
     """First position a patched run must compute: positions before it are unchanged (causal model)."""
     return min(0 if c.pos is None else c.pos for c in _members(item))
@@ -69,7 +76,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
 
-    copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS // chunk size).
+    copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS[device] // chunk size).
     resume: start each pass at the earliest patched block instead of the embeddings.
     """
     spec = as_spec(model)
@@ -93,7 +100,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     start = 0
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            n_copies = copies or max(1, DEFAULT_ROWS // chunk.n)
+            n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
                                          passes, progress)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
@@ -137,7 +144,14 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
 
     effects = torch.zeros(len(components), len(metrics), batch.n, device=batch.clean.device,
                           dtype=wide(receiver_logits.dtype))
-    order = sorted(range(len(components)), key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
+    # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
+    # source run: its effect is read off the source's logits, with no pass at all.
+    whole = [i for i, item in enumerate(components) if _whole_stream(item)]
+    for j, m in enumerate(metrics):
+        if whole:
+            effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
+    order = sorted((i for i in range(len(components)) if not _whole_stream(components[i])),
+                   key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
     groups = _groups(components, order, copies, n_pos if reuse_pos else None)
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""

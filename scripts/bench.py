@@ -1,0 +1,601 @@
+#!/usr/bin/env python
+"""Benchmark attrpatch: AtP over every site, and exact patching naive vs batched/layer-resumed.
+
+Every time is reported as a RATIO to one plain no-grad forward pass, ``model(input_ids, attention_mask)``
+(full-vocab logits at every position), measured in the same run, interleaved with the other
+measurements; ratios use the median of those forwards. Two clocks: wall (perf_counter) and cpu
+(process_time, all threads of this process), which is far less sensitive to other users of a shared
+machine. Models are random-weight, built from configs (no hub access needed).
+
+    python scripts/bench.py                      # GPT-2-small shape, batch 8 x 64, float32, CPU (2.5-6 min on 2 shared cores)
+    python scripts/bench.py --preset tiny        # 2-layer d_model 64 smoke run (~10 s)
+    python scripts/bench.py --preset llama3-8b   # Llama-3-8B shape, batch 16 x 128, bf16, CUDA
+
+Measured:
+  atp         ap.attribute over resid_pre, attn_out, mlp_out, head, neuron (per position), one metric.
+  patch_pos   exact patching of per-position ``head`` components (the layer x head x position sweep), on two
+              whole passes of that sweep (see per_position_sample: representative of the full sweep's
+              average pass). Naive (copies=1, resume=False) on the first --naive of them.
+  patch_all   top-k verification: --topk random all-position ``head``/``neuron``/``resid_pre`` components,
+              batched (copies default) vs naive (on the first --naive of them).
+Patching costs are per component, marginal: (time of patch(...) - time of patch(..., components=[])) / n,
+i.e. without the source and receiver runs every patch call pays once (reported separately). The naive
+cost per component does not depend on the component (one full forward each), so a subset suffices.
+Both patching modes' effects are compared (max |naive - batched|) as a sanity check.
+
+Memory: on CUDA, peak allocated growth (torch.cuda.max_memory_allocated); on CPU, peak RSS growth over the
+RSS just before the call (psutil, sampling thread, after malloc_trim), next to the analytic size of the
+site activations the call caches (batch * pos * width * itemsize summed over its hook points).
+
+CPU threads default to 1 (--threads): on a shared 2-core machine two threads mostly add spin-waiting and
+noise (a forward took 5.4-7.5 s wall with 2 threads vs 2.4-3.0 s with 1 under the same load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import attrpatch as ap  # noqa: E402
+from attrpatch.patch import DEFAULT_ROWS  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
+TOPK_SITES = ("head", "neuron", "resid_pre")
+TARGETS = {"atp": ("<=", 3.5), "patch_pos": (">=", 4.0), "patch_all": (">=", 1.8)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PRESETS = {
+    "gpt2-small": dict(
+        config=lambda: tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257),
+        batch=8, seq=64, dtype="float32", device="cpu"),
+    "llama3-8b": dict(
+        config=lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      max_position_embeddings=8192, rope_theta=500000.0),
+        batch=16, seq=128, dtype="bfloat16", device="cuda"),
+    "tiny": dict(
+        config=lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256,
+                                      bos_token_id=0, eos_token_id=0),
+        batch=8, seq=64, dtype="float32", device="cpu"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+class Pair:
+    def __init__(self, clean, corrupt, answer, wrong):
+        self.clean_ids, self.corrupt_ids, self.answer_id, self.wrong_id = clean, corrupt, answer, wrong
+
+
+def make_pairs(n: int, n_pos: int, vocab: int, seed: int = 0, n_changed: int = 3) -> list[Pair]:
+    """Random prompts of n_pos tokens; corrupt differs from clean at n_changed random positions."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        clean = torch.randint(0, vocab, (n_pos,), generator=g).tolist()
+        corrupt = list(clean)
+        for p in torch.randperm(n_pos, generator=g)[:n_changed].tolist():
+            corrupt[p] = (clean[p] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=g))) % vocab
+        answer, wrong = torch.randperm(vocab, generator=g)[:2].tolist()
+        pairs.append(Pair(clean, corrupt, answer, wrong))
+    return pairs
+
+
+def build_model(preset: dict, device: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(preset["config"](), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def _malloc_trim():
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory growth of one measured call: CUDA allocator stats, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.cuda = device.type == "cuda"
+        self.interval = interval
+        self._peak = self._base = 0
+        self._stop = threading.Event()
+        self._proc = None
+        if not self.cuda:
+            try:
+                import psutil
+                self._proc = psutil.Process()
+            except ImportError:
+                print("psutil not installed: CPU peak memory not measured", file=sys.stderr)
+                return
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            rss = self._rss()
+            if rss > self._peak:
+                self._peak = rss
+
+    def reset(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        elif self._proc is not None:
+            _malloc_trim()
+            self._base = self._peak = self._rss()
+
+    def growth(self) -> float | None:
+        """Peak growth since reset(), in bytes (None where not measurable)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return float(torch.cuda.max_memory_allocated() - self._base)
+        if self._proc is None:
+            return None
+        self._peak = max(self._peak, self._rss())
+        return float(self._peak - self._base)
+
+    def close(self):
+        self._stop.set()
+
+
+CLOCKS = ("wall", "cpu")  # wall: time.perf_counter; cpu: time.process_time (this process, all threads)
+
+
+def med(samples: list[dict], clock: str) -> float:
+    return statistics.median(x[clock] for x in samples)
+
+
+class Bench:
+    def __init__(self, model, batch, device: torch.device, verbose: bool):
+        self.model, self.batch, self.device, self.verbose = model, batch, device, verbose
+        self.mem = PeakMemory(device)
+        self.fwd: list[dict] = []  # {"wall": s, "cpu": s} per plain forward
+        self.fwd_peaks: list[float] = []
+        self.ids = batch.clean.to(device)
+        self.mask = batch.mask.to(device)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, fn):
+        """({"wall": s, "cpu": s}, peak memory growth in bytes, result) of one call."""
+        self.mem.reset()
+        self.sync()
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        self.sync()
+        t = {"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}
+        return t, self.mem.growth(), out
+
+    def plain_forward(self):
+        with torch.no_grad():
+            return self.model(input_ids=self.ids, attention_mask=self.mask)
+
+    def forward(self) -> dict:
+        """Time one plain forward (the unit of every ratio); interleaved between measurements."""
+        t, peak, _ = self.timed(lambda: self.plain_forward().logits.sum().item())
+        self.fwd.append(t)
+        self.fwd_peaks.append(peak)
+        self.log(f"  plain forward {fmt(t)}")
+        return t
+
+    def unit(self, clock: str) -> float:
+        return med(self.fwd, clock)
+
+    def log(self, msg: str):
+        if self.verbose:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def fmt(t: dict) -> str:
+    return f"{t['wall']:.2f} s wall, {t['cpu']:.2f} s cpu"
+
+
+def _max(xs):
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+def site_bytes(site: str, dims, n: int, n_pos: int, itemsize: int) -> int:
+    width = {"head": dims.n_heads * dims.d_head, "q": dims.n_heads * dims.d_head, "neuron": dims.d_mlp,
+             "k": dims.n_kv_heads * dims.d_head, "v": dims.n_kv_heads * dims.d_head}.get(site, dims.d_model)
+    return n * n_pos * width * itemsize
+
+
+def bench_atp(b: Bench, dims, repeats: int, itemsize: int) -> dict:
+    times, peaks = [], []
+    for _ in range(repeats):
+        b.forward()
+        t, peak, _ = b.timed(lambda: ap.attribute(b.model, b.batch, sites=ATP_SITES, metrics=["logit_diff"]))
+        times.append(t)
+        peaks.append(peak)
+        b.log(f"  AtP {fmt(t)}")
+    n, n_pos = b.batch.n, b.batch.n_pos
+    cache = sum(site_bytes(s, dims, n, n_pos, itemsize) * dims.n_layers for s in ATP_SITES)
+    return dict(seconds=times, peak_bytes=_max(peaks), cache_bytes=cache)
+
+
+def bench_patch(b: Bench, comps: list, n_naive: int, repeats: int, overhead: list[dict], label: str,
+                dims, itemsize: int) -> dict:
+    """Batched (copies default, resumed) on all of ``comps``; naive on the first ``n_naive``."""
+    naive_comps = comps[:n_naive]
+    res = {"n_batched": len(comps), "n_naive": len(naive_comps), "batched_seconds": [], "naive_seconds": []}
+    peaks = {"batched": [], "naive": []}
+    effects = {}
+    for _ in range(repeats):
+        b.forward()
+        t, peak, eff = b.timed(lambda: ap.patch(b.model, b.batch, comps, metrics=["logit_diff"]))
+        res["batched_seconds"].append(t)
+        peaks["batched"].append(peak)
+        effects["batched"] = eff
+        b.log(f"  {label} batched ({len(comps)} components): {fmt(t)}")
+        b.forward()
+        t, peak, eff = b.timed(lambda: ap.patch(b.model, b.batch, naive_comps, metrics=["logit_diff"],
+                                                copies=1, resume=False))
+        res["naive_seconds"].append(t)
+        peaks["naive"].append(peak)
+        effects["naive"] = eff
+        b.log(f"  {label} naive ({len(naive_comps)} components): {fmt(t)}")
+    batched = effects["batched"].values[:len(naive_comps)]
+    res["max_abs_diff_naive_vs_batched"] = float((batched - effects["naive"].values).abs().max())
+    res["forward_equivalents_per_component"] = effects["batched"].passes["forward_equivalents"] / len(comps)
+    for clock in CLOCKS:
+        per = {}
+        for mode, n in (("batched", len(comps)), ("naive", len(naive_comps))):
+            per[mode] = max(med(res[f"{mode}_seconds"], clock) - med(overhead, clock), 0.0) / n
+            res[f"{mode}_per_component_fwd_{clock}"] = per[mode] / b.unit(clock)
+        res[f"speedup_own_naive_{clock}"] = per["naive"] / per["batched"] if per["batched"] > 0 else float("inf")
+    for mode in peaks:
+        res[f"{mode}_peak_bytes"] = _max(peaks[mode])
+    n, n_pos = b.batch.n, b.batch.n_pos
+    keys = sorted({(c.site, c.layer) for c in comps})
+    first = min(c.layer for c in comps)
+    res["cache_bytes"] = (sum(site_bytes(s, dims, n, n_pos, itemsize) for s, _ in keys)  # source values
+                          + (dims.n_layers - first) * n * n_pos * dims.d_model * itemsize)  # block inputs
+    return res
+
+
+def pool_naive(b: Bench, overhead: list[dict], *cases: dict) -> None:
+    """Speed-ups against the naive cost per component pooled over all cases: naive patching is one full
+    forward per component whatever the component, so pooling only averages out noise."""
+    for clock in CLOCKS:
+        fixed = med(overhead, clock)
+        total = sum(max(med(p["naive_seconds"], clock) - fixed, 0.0) for p in cases)
+        naive = total / sum(p["n_naive"] for p in cases) / b.unit(clock)
+        for p in cases:
+            p[f"pooled_naive_per_component_fwd_{clock}"] = naive
+            batched = p[f"batched_per_component_fwd_{clock}"]
+            p[f"speedup_{clock}"] = naive / batched if batched > 0 else float("inf")
+
+
+def per_position_sample(dims, n_pos: int, copies: int) -> list:
+    """Two whole patched passes of the per-position ``head`` sweep: ``copies`` consecutive components in
+    (layer, position, head) order, at layers a = L//4 and L-1-a, starting at the same position p.
+
+    A resumed pass costs ~ f(layer) * g(first position), f = (L - l)/L and, where positions before the
+    patch are reused, g = (P - p)/P, both affine. The two layers average f over all layers exactly, and p
+    is the chunk start with g(p) closest to the mean of g over every component's own position, so the pair
+    costs about what the average component of the full sweep does (however attrpatch groups it, as long as
+    it never mixes layers and its passes start at their earliest position)."""
+    sweep = ap.components("head", dims, n_pos, per_position=True)  # layer, pos, head order
+    per_layer = len(sweep) // dims.n_layers
+    starts = range(0, per_layer - copies + 1, copies) if per_layer >= copies else [0]
+    mean_g = statistics.mean((n_pos - c.pos) / n_pos for c in sweep[:per_layer])
+    k = min(starts, key=lambda i: abs((n_pos - sweep[i].pos) / n_pos - mean_g))
+    a = dims.n_layers // 4
+    return [sweep[layer * per_layer + i] for layer in sorted({a, dims.n_layers - 1 - a})
+            for i in range(k, min(k + copies, per_layer))]
+
+
+def topk_sample(dims, n_pos: int, k: int, rng: random.Random) -> list:
+    """k random all-position components, as even a mix of TOPK_SITES as k allows (uniform over the pooled
+    components would be almost all neurons), at uniformly random layers."""
+    pools = {s: ap.components(s, dims, n_pos, per_position=False) for s in TOPK_SITES}
+    out, i = [], 0
+    while len(out) < k and any(pools.values()):
+        pool = pools[TOPK_SITES[i % len(TOPK_SITES)]]
+        i += 1
+        if pool:  # a small model runs out of resid_pre (one per layer) first
+            out.append(pool.pop(rng.randrange(len(pool))))
+    rng.shuffle(out)
+    return out
+
+
+def git_state() -> str:
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "attrpatch"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" + uncommitted attrpatch changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------ TransformerLens
+
+def bench_transformer_lens(b: Bench, pos_comps: list, n_naive: int, repeats: int) -> dict | None:
+    """TransformerLens on the same weights (GPT-2 family only): naive hook patching of the per-position head
+    subset, and hook-based AtP (cache fwd + bwd). Optional: never a dependency of attrpatch."""
+    try:
+        import transformer_lens as tl
+    except ImportError:
+        b.log("TransformerLens not installed: skipped")
+        return None
+    if b.model.config.model_type != "gpt2":
+        print("TransformerLens comparison only wired for the GPT-2 family: skipped", file=sys.stderr)
+        return None
+    try:
+        return _tl_run(tl, b, pos_comps[:n_naive], repeats)
+    except Exception as e:  # an optional comparison must never sink the benchmark
+        print(f"TransformerLens comparison failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _tl_run(tl, b: Bench, comps: list, repeats: int) -> dict:
+    try:
+        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    except ImportError:
+        from transformer_lens.loading_from_pretrained import convert_gpt2_weights
+    c = b.model.config
+    cfg = tl.HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+        normalization_type="LN", eps=c.layer_norm_epsilon, device=str(b.device),
+        dtype=next(b.model.parameters()).dtype, default_prepend_bos=False)
+    htm = tl.HookedTransformer(cfg)
+    htm.load_state_dict(convert_gpt2_weights(b.model, cfg), strict=False)
+    htm.eval()
+    batch = b.batch.to(b.device)
+    rows = torch.arange(batch.n, device=b.device)
+
+    def logit_diff(logits):
+        last = logits[rows, batch.last]
+        return last[rows, batch.answer] - last[rows, batch.wrong]
+
+    z = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+
+    def patch_sweep():
+        with torch.no_grad():
+            _, clean = htm.run_with_cache(batch.clean, names_filter=lambda n: n.endswith("hook_z"))
+            base = logit_diff(htm(batch.corrupt)).mean()
+            out = []
+            for comp in comps:
+                def hook(act, hook, comp=comp):
+                    act[:, comp.pos, comp.unit] = clean[hook.name][:, comp.pos, comp.unit]
+                    return act
+                out.append(float(logit_diff(htm.run_with_hooks(
+                    batch.corrupt, fwd_hooks=[(z[comp.layer], hook)])).mean() - base))
+        return out
+
+    names = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_z", "mlp.hook_post")
+    filt = lambda n: n.endswith(names)  # noqa: E731
+
+    def attribution():  # the usual TransformerLens AtP recipe: clean cache, corrupt cache + grad cache
+        with torch.no_grad():
+            _, clean = htm.run_with_cache(batch.clean, names_filter=filt)
+        acts, grads = {}, {}
+        htm.reset_hooks()
+        htm.add_hook(filt, lambda t, hook: acts.__setitem__(hook.name, t.detach()), "fwd")
+        htm.add_hook(filt, lambda g, hook: grads.__setitem__(hook.name, g.detach()), "bwd")
+        htm.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                logit_diff(htm(batch.corrupt)).sum().backward()
+        finally:
+            htm.reset_hooks()
+            htm.requires_grad_(False)
+            htm.zero_grad(set_to_none=True)
+        return {k: ((clean[k] - acts[k]) * grads[k]).sum(0) for k in grads}
+
+    res = {"n_patch": len(comps), "patch_seconds": [], "atp_seconds": []}
+    for _ in range(repeats):
+        b.forward()
+        res["patch_seconds"].append(b.timed(patch_sweep)[0])
+        b.forward()
+        res["atp_seconds"].append(b.timed(attribution)[0])
+        b.log(f"  TransformerLens: patch {fmt(res['patch_seconds'][-1])}; AtP {fmt(res['atp_seconds'][-1])}")
+    for clock in CLOCKS:
+        res[f"patch_per_component_fwd_{clock}"] = med(res["patch_seconds"], clock) / len(comps) / b.unit(clock)
+        res[f"atp_fwd_{clock}"] = med(res["atp_seconds"], clock) / b.unit(clock)
+    return res
+
+
+# -------------------------------------------------------------------------------------------- report
+
+def verdict(key: str, value: float) -> str:
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return "PASS" if ok else "MISS"
+
+
+def mb(x):
+    if x is None:
+        return "n/a"
+    x /= 2**20
+    return f"{x:.0f} MB" if x >= 10 else f"{x:.1f} MB"
+
+
+def table(r: dict) -> str:
+    fw = r["forward_seconds"]
+    walls, cpus = [x["wall"] for x in fw], [x["cpu"] for x in fw]
+    w = 110
+    lines = [
+        f"attrpatch benchmark: {r['preset']} ({r['model']}, {r['n_layers']} layers, d_model {r['d_model']}), "
+        f"batch {r['batch']} x {r['seq']} tokens, {r['dtype']}, {r['device']}, copies={r['copies']}",
+        f"attrpatch {r['attrpatch']}, torch {r['torch']}, transformers {r['transformers']}, {r['threads']} torch threads, {r['machine']}",
+        f"unit = 1 plain no-grad forward model(input_ids, attention_mask), median of {len(fw)}: "
+        f"wall {statistics.median(walls):.3f} s (range {min(walls):.3f}-{max(walls):.3f}), "
+        f"cpu {statistics.median(cpus):.3f} s (range {min(cpus):.3f}-{max(cpus):.3f}); peak {mb(r['forward_peak_bytes'])}",
+        f"patch(...) fixed cost per call (source + receiver runs; subtracted below): "
+        f"{r['patch_overhead_fwd']['wall']:.2f} fwd wall, {r['patch_overhead_fwd']['cpu']:.2f} fwd cpu",
+        "",
+        f"{'measurement (ratios to the unit)':<44}{'wall':>8}{'speed-up':>10}{'target':>9}  {'result':<7}"
+        f"{'cpu':>7}{'speed-up':>9}  {'result':<6}{'peak mem':>9}{'cache':>8}",
+        "-" * w,
+    ]
+    a = r["atp"]
+    lines.append(f"{'AtP, 5 sites, all layers x pos, 1 metric':<44}{a['fwd_wall']:>7.2f}x{'':>10}{'<= 3.5x':>9}  "
+                 f"{verdict('atp', a['fwd_wall']):<7}{a['fwd_cpu']:>6.2f}x{'':>9}  {verdict('atp', a['fwd_cpu']):<6}"
+                 f"{mb(a['peak_bytes']):>9}{mb(a['cache_bytes']):>8}")
+    for key, title in (("patch_pos", "head x pos sweep"), ("patch_all", "top-k all-position")):
+        p = r[key]
+        target = f">= {TARGETS[key][1]}x"
+        lines.append(f"{'patch ' + title + ': naive, per comp':<44}{p['naive_per_component_fwd_wall']:>7.3f}x"
+                     f"{'':>10}{'':>9}  {'':<7}{p['naive_per_component_fwd_cpu']:>6.3f}x{'':>9}  {'':<6}"
+                     f"{mb(p['naive_peak_bytes']):>9}")
+        lines.append(f"{'patch ' + title + ': batched, per comp':<44}{p['batched_per_component_fwd_wall']:>7.3f}x"
+                     f"{p['speedup_wall']:>9.2f}x{target:>9}  {verdict(key, p['speedup_wall']):<7}"
+                     f"{p['batched_per_component_fwd_cpu']:>6.3f}x{p['speedup_cpu']:>8.2f}x  "
+                     f"{verdict(key, p['speedup_cpu']):<6}{mb(p['batched_peak_bytes']):>9}{mb(p['cache_bytes']):>8}")
+    lines.append(f"{'patch naive, per comp, pooled (= 1x base)':<44}"
+                 f"{r['patch_pos']['pooled_naive_per_component_fwd_wall']:>7.3f}x{'':>10}{'':>9}  {'':<7}"
+                 f"{r['patch_pos']['pooled_naive_per_component_fwd_cpu']:>6.3f}x")
+    lines.append("-" * w)
+    for key, title in (("patch_pos", "head x pos"), ("patch_all", "top-k all-pos")):
+        p = r[key]
+        lines.append(f"{title}: batched on {p['n_batched']} components ({p['forward_equivalents_per_component']:.2f}"
+                     f" forward-equivalents each, attrpatch's count), naive on {p['n_naive']}; "
+                     f"max |naive - batched| = {p['max_abs_diff_naive_vs_batched']:.1e}")
+    t = r.get("transformer_lens")
+    if t is None:
+        lines.append("TransformerLens not installed: skipped")
+    elif "error" in t:
+        lines.append(f"TransformerLens: failed ({t['error']})")
+    else:
+        lines.append(f"TransformerLens, same weights: naive hook patching {t['patch_per_component_fwd_wall']:.3f}x "
+                     f"per comp (cpu {t['patch_per_component_fwd_cpu']:.3f}x; {t['n_patch']} comps, its 2 setup runs "
+                     f"included); "
+                     f"hook AtP (cache fwd+bwd) {t['atp_fwd_wall']:.2f}x (cpu {t['atp_fwd_cpu']:.2f}x)")
+    lines.append("wall = perf_counter, cpu = process_time; patching per comp = (time - fixed cost) / components; "
+                 "speed-up = pooled naive / batched")
+    lines.append(f"peak mem = peak {'allocated' if r['device'] == 'cuda' else 'RSS'} growth during the call; "
+                 "cache = analytic bytes of the site activations it caches from one run")
+    lines.append(f"total benchmark time {r['total_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap_ = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap_.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
+    ap_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's")
+    ap_.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the preset's")
+    ap_.add_argument("--batch", type=int, default=None)
+    ap_.add_argument("--seq", type=int, default=None)
+    ap_.add_argument("--repeats", type=int, default=3, help="AtP repeats (default 3)")
+    ap_.add_argument("--patch-repeats", type=int, default=1,
+                     help="patching repeats (default 1: each patching run is tens of forwards long)")
+    ap_.add_argument("--topk", type=int, default=30, help="all-position components to verify")
+    ap_.add_argument("--naive", type=int, default=12, help="components run naively in each patching case")
+    ap_.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: on a shared machine, more threads mostly add "
+                          "spin-waiting and noise; 0 = torch's default)")
+    ap_.add_argument("--seed", type=int, default=0)
+    ap_.add_argument("--out", default="bench_results.json", help="JSON results path")
+    ap_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = ap_.parse_args(argv)
+
+    t_start = time.perf_counter()
+    code = git_state()  # at start: the code this process imported
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available (use --device cpu)")
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype or preset["dtype"]]
+    n, n_pos = args.batch or preset["batch"], args.seq or preset["seq"]
+    verbose = not args.quiet
+
+    model = build_model(preset, str(device), dtype)
+    spec = ap.model_spec(model)
+    dims = spec.dims
+    batch = ap.make_batch(make_pairs(n, n_pos, model.config.vocab_size, seed=args.seed))
+    b = Bench(model, batch, device, verbose)
+    itemsize = torch.finfo(dtype).bits // 8
+    copies = max(1, DEFAULT_ROWS.get(device.type, 256) // n)  # attrpatch's default rows per pass
+    rng = random.Random(args.seed)
+    b.log(f"model built in {time.perf_counter() - t_start:.1f} s; warm-up")
+
+    # warm-up (first-call costs: allocator, kernels, hook machinery); the patch call resumes at the last block
+    b.plain_forward()
+    ap.patch(model, batch, ap.components("head", dims, n_pos, per_position=False)[-1:])
+    b.forward()
+
+    atp = bench_atp(b, dims, args.repeats, itemsize)
+
+    overhead = []
+    for _ in range(2):
+        b.forward()
+        overhead.append(b.timed(lambda: ap.patch(model, batch, [], metrics=["logit_diff"]))[0])
+        b.log(f"  patch fixed cost (no components): {fmt(overhead[-1])}")
+
+    pos_comps = per_position_sample(dims, n_pos, max(copies, 2 * dims.n_heads))  # a sample of >= 2 positions
+    patch_pos = bench_patch(b, pos_comps, args.naive, args.patch_repeats, overhead, "head x pos", dims, itemsize)
+    top_comps = topk_sample(dims, n_pos, args.topk, rng)
+    patch_all = bench_patch(b, top_comps, args.naive, args.patch_repeats, overhead, "top-k all-pos",
+                            dims, itemsize)
+    tl_res = bench_transformer_lens(b, pos_comps, args.naive, args.patch_repeats)
+    b.forward()
+    b.mem.close()
+    pool_naive(b, overhead, patch_pos, patch_all)
+
+    for clock in CLOCKS:
+        atp[f"fwd_{clock}"] = med(atp["seconds"], clock) / b.unit(clock)
+    result = dict(
+        preset=args.preset, model=type(model).__name__, n_layers=dims.n_layers, d_model=dims.d_model,
+        n_heads=dims.n_heads, d_mlp=dims.d_mlp, vocab=model.config.vocab_size, batch=n, seq=n_pos,
+        dtype=str(dtype).removeprefix("torch."), device=device.type, copies=copies,
+        attrpatch=code, torch=torch.__version__, transformers=tf.__version__, threads=torch.get_num_threads(),
+        machine=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"{platform.machine()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}"),
+        forward_seconds=b.fwd, forward_peak_bytes=_max(b.fwd_peaks),
+        unit_seconds={c: b.unit(c) for c in CLOCKS},
+        patch_overhead_seconds=overhead,
+        patch_overhead_fwd={c: med(overhead, c) / b.unit(c) for c in CLOCKS},
+        atp=atp, patch_pos=patch_pos, patch_all=patch_all, transformer_lens=tl_res,
+        targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+        verdicts={c: {"atp": verdict("atp", atp[f"fwd_{c}"]),
+                      "patch_pos": verdict("patch_pos", patch_pos[f"speedup_{c}"]),
+                      "patch_all": verdict("patch_all", patch_all[f"speedup_{c}"])} for c in CLOCKS},
+        components={"patch_pos": [str(c) for c in pos_comps], "patch_all": [str(c) for c in top_comps]},
+    )
+    result["total_seconds"] = time.perf_counter() - t_start
+    print(table(result))
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    b.log(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
