@@ -6,7 +6,7 @@ last real token (``last``).
 """
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -22,9 +22,22 @@ class PairLike(Protocol):
     wrong_id: int
 
 
+class Run(NamedTuple):
+    """The input of one run: ids [batch, pos], and ``noise`` [batch, pos, d_model] added to the token
+    embeddings (Gaussian-noise corruption, "causal tracing"), or None."""
+
+    ids: Tensor
+    noise: Tensor | None = None
+
+    def repeat(self, n: int) -> "Run":
+        """n copies of the batch, copy-major."""
+        return Run(self.ids.repeat(n, 1), None if self.noise is None else self.noise.repeat(n, 1, 1))
+
+
 @dataclass(frozen=True)
 class PromptBatch:
-    """clean, corrupt, mask: [batch, pos]; answer, wrong, last: [batch] (long)."""
+    """clean, corrupt, mask: [batch, pos]; answer, wrong, last: [batch] (long); noise: None, or
+    [batch, pos, d_model] added to the corrupt run's token embeddings (then corrupt == clean ids)."""
 
     clean: Tensor
     corrupt: Tensor
@@ -32,6 +45,7 @@ class PromptBatch:
     answer: Tensor
     wrong: Tensor
     last: Tensor
+    noise: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -47,14 +61,18 @@ class PromptBatch:
         return bool(self.mask.all())
 
     def to(self, device: torch.device | str) -> "PromptBatch":
-        return PromptBatch(*(t.to(device) for t in self._tensors()))
+        return PromptBatch(*(None if t is None else t.to(device) for t in self._tensors()))
 
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return self.clean, self.corrupt, self.mask, self.answer, self.wrong, self.last
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        return self.clean, self.corrupt, self.mask, self.answer, self.wrong, self.last, self.noise
 
     def rows(self, rows: slice) -> "PromptBatch":
         """The prompts in ``rows``, same padded length."""
-        return PromptBatch(*(t[rows] for t in self._tensors()))
+        return PromptBatch(*(None if t is None else t[rows] for t in self._tensors()))
+
+    def run(self, which: str) -> Run:
+        """The clean or the corrupt run's input."""
+        return Run(self.clean) if which == "clean" else Run(self.corrupt, self.noise)
 
     def chunks(self, size: int | None) -> Iterator["PromptBatch"]:
         """Consecutive slices of at most ``size`` prompts (all at once for None), same padded length."""
@@ -64,10 +82,11 @@ class PromptBatch:
         for start in range(0, self.n, size):
             yield self.rows(slice(start, start + size))
 
-    def runs(self, direction: str) -> tuple[Tensor, Tensor]:
-        """(source ids, receiver ids): denoise patches clean into corrupt, noise corrupt into clean."""
+    def runs(self, direction: str) -> tuple[Run, Run]:
+        """(source, receiver): denoise patches clean into corrupt, noise corrupt into clean."""
         check_direction(direction)
-        return (self.clean, self.corrupt) if direction == "denoise" else (self.corrupt, self.clean)
+        clean, corrupt = self.run("clean"), self.run("corrupt")
+        return (clean, corrupt) if direction == "denoise" else (corrupt, clean)
 
 
 def check_direction(direction: str) -> None:
@@ -102,3 +121,19 @@ def make_batch(pairs: Sequence[PairLike], pad_id: int = 0) -> PromptBatch:
         wrong=torch.tensor([int(p.wrong_id) for p in pairs]),
         last=mask.sum(1) - 1,
     )
+
+
+def with_embedding_noise(batch: PromptBatch, embedding: Tensor, std_factor: float = 3.0, seed: int = 0) -> PromptBatch:
+    """Gaussian-noise corruption (causal tracing): the corrupt run is the clean prompt with noise of std
+    ``std_factor`` x the embeddings' std added at the positions where clean and corrupt differ (the key
+    tokens of a symmetric-replacement pair). Out of distribution; offered, not the default.
+
+    embedding: the token embedding matrix [vocab, d_model]."""
+    key = (batch.clean != batch.corrupt) & batch.mask.bool()  # [batch, pos]
+    if not key.any():
+        raise ValueError("no positions to noise: clean and corrupt prompts are identical everywhere")
+    g = torch.Generator().manual_seed(seed)
+    std = float(embedding.float().std()) * std_factor
+    noise = torch.randn(*batch.clean.shape, embedding.shape[1], generator=g) * std * key[..., None]
+    return PromptBatch(batch.clean, batch.clean.clone(), batch.mask, batch.answer, batch.wrong, batch.last,
+                       noise.to(embedding.dtype))

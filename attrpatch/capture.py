@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .batch import Run
 from .sites import HookPoint, ModelSpec, unembed
 
 Callback = Callable[[Tensor], Tensor | None]
@@ -69,12 +70,31 @@ def batch_pos(raw: Tensor, n_pos: int) -> tuple[int, int]:
     return (raw.shape[0], raw.shape[1]) if raw.ndim >= 3 else (raw.shape[0] // n_pos, n_pos)
 
 
-def forward_last(spec: ModelSpec, ids: Tensor, mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
+@contextmanager
+def noised(spec: ModelSpec, noise: Tensor | None) -> Iterator[None]:
+    """Add ``noise`` [batch, pos, d_model] to the token embeddings for the block (before any other hook)."""
+    if noise is None:
+        yield
+        return
+    def hook(module, args, output):
+        return output + noise.to(device=output.device, dtype=output.dtype)
+    handle = spec.module(spec.arch.embed).register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_last(spec: ModelSpec, ids: "Tensor | Run", mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
     """Full forward; logits at each prompt's last real token. ids, mask: [batch, pos] -> [batch, vocab].
 
     Runs the base model and unembeds only the last positions, so no [batch, pos, vocab] tensor is made.
-    keep: if given, ``keep["cache"]`` receives the run's key/value cache.
+    ids may be a Run (ids plus embedding noise). keep: if given, ``keep["cache"]`` receives the run's
+    key/value cache.
     """
+    if isinstance(ids, Run):
+        with noised(spec, ids.noise):
+            return forward_last(spec, ids.ids, mask, last, keep)
     kwargs = {}
     if keep is not None:  # a plain cache keeps every position, also of sliding-window layers
         from transformers import DynamicCache

@@ -69,6 +69,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop; "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
+    p.add_argument("--corruption", choices=("str", "noise"), default="str",
+                   help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
+                        "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
+    p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -124,7 +128,8 @@ def _screen(args, argv) -> int:
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     report = run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
-                        n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume)
+                        n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
+                        corruption=args.corruption, noise_std=args.noise_std)
     if distributed.rank() != 0:
         return 0
     print((args.out / "report.md").read_text())

@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .batch import PromptBatch
-from .capture import batch_pos, forward_last, hooked
+from .batch import PromptBatch, Run
+from .capture import batch_pos, forward_last, hooked, noised
 from .sites import Component, ModelSpec
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
@@ -37,10 +37,10 @@ def _eager_attention(spec: ModelSpec) -> Iterator[None]:
             model.set_attn_implementation(before)
 
 
-def attention_stats(spec: ModelSpec, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(max probability, entropy), each [layer, head], over prompts and real query rows of ``ids``."""
-    with torch.no_grad(), _eager_attention(spec):
-        out = spec.model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+def attention_stats(spec: ModelSpec, run: Run, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(max probability, entropy), each [layer, head], over prompts and real query rows of ``run``."""
+    with torch.no_grad(), _eager_attention(spec), noised(spec, run.noise):
+        out = spec.model(input_ids=run.ids, attention_mask=mask, output_attentions=True, use_cache=False)
     if not out.attentions:
         raise RuntimeError(f"{spec.name} returned no attention patterns; cannot measure saturation")
     rows = mask.bool()[:, None, :]  # [batch, 1, pos]

@@ -166,7 +166,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                  for key, found in entries.items()]
         with hooked(hooks):
             if start < 0 or not resume:
-                return forward_last(spec, receiver_ids.repeat(n, 1), batch.mask.repeat(n, 1),
+                return forward_last(spec, receiver_ids.repeat(n), batch.mask.repeat(n, 1),
                                     batch.last.repeat(n)), 0, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
             return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,

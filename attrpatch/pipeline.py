@@ -5,7 +5,7 @@ from pathlib import Path
 from torch import nn
 
 from . import distributed
-from .batch import make_batch
+from .batch import make_batch, with_embedding_noise
 from .checkpoint import Progress
 from .report import manifest_dict, write_run
 from .screen import ScreenConfig, config_dict, screen
@@ -41,11 +41,13 @@ def token_labels(pair, tokenizer) -> list[str]:
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
                n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
-               resume: bool = False) -> dict:
+               resume: bool = False, corruption: str = "str", noise_std: float = 3.0) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
-    (same model, prompts and options) and gives the same report as an uninterrupted run."""
+    (same model, prompts and options) and gives the same report as an uninterrupted run.
+    corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
+    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing)."""
     vocab = getattr(model.config, "vocab_size", None)
     aligned = task in TASKS and any(config.per_position(s) for s in config.sites)
     draw = 4 * n_prompts if aligned else n_prompts  # draw more, keep n_prompts of one token length
@@ -55,10 +57,17 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         pairs = one_length(pairs)[:n_prompts]
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     batch = make_batch(pairs, pad_id=pad or 0)
+    if corruption == "noise":
+        embedding = model.get_input_embeddings().weight.detach().cpu()
+        batch = with_embedding_noise(batch, embedding, noise_std, seed=config.seed)
+    elif corruption != "str":
+        raise ValueError(f"Unknown corruption {corruption!r}; known: str (token replacement), noise (Gaussian)")
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
+    manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
-                "options": {k: v for k, v in manifest["options"].items() if k != "progress"}}
+                "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
+                "corruption": manifest["corruption"]}
     result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     if distributed.rank() != 0:  # rank 0 writes for everyone
         return {}

@@ -121,9 +121,9 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
                          "(--positions all) or prompts of equal length.")
     timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 2.0}
     with eval_mode(spec.model), torch.no_grad():
-        clean_logits = forward_last(spec, batch.clean, batch.mask, batch.last)
+        clean_logits = forward_last(spec, batch.run("clean"), batch.mask, batch.last)
         start = time.perf_counter()
-        corrupt_logits = forward_last(spec, batch.corrupt, batch.mask, batch.last)
+        corrupt_logits = forward_last(spec, batch.run("corrupt"), batch.mask, batch.last)
         timing["forward_s"] = time.perf_counter() - start
     check_baselines(clean_logits, corrupt_logits, batch, config, reduce)
 

@@ -137,3 +137,15 @@ def test_estimator_all_verifies_the_union_and_grades_each(tmp_path):
         assert {f"L{i // 4}H{i % 4}" for i in top} <= verified, est
         assert 0 <= per[est]["sites"]["head"]["recall_at_k"] <= 1
     assert "Which estimator to trust here" in (out / "report.md").read_text()
+
+
+def test_cli_gaussian_noise_corruption(tmp_path):
+    _, folder = _save_model(tmp_path)
+    task = _write_task(tmp_path / "task.jsonl", random_pairs(n=3))
+    out = tmp_path / "run"
+    main(["screen", "--model", str(folder), "--task", str(task), "--out", str(out), "--quiet", "--no-figures",
+          "--top-k", "2", "--random-k", "1", "--sites", "resid_pre,head", "--corruption", "noise"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["corruption"] == {"method": "noise", "noise_std": 3.0}
+    report = json.loads((out / "report.json").read_text())
+    assert report["corrupt_metric"]["logit_diff"] != report["clean_metric"]["logit_diff"]

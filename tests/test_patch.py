@@ -135,3 +135,27 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_effects(monkeypatch):
     with pytest.warns(UserWarning, match=r"out of memory patching 8 copies.*retrying with 4"):
         got = ap.patch(model, batch, comps, copies=8)
     torch.testing.assert_close(got.values, expected.values)
+
+
+def test_gaussian_noise_corruption_is_applied_everywhere_the_corrupt_run_is():
+    """The noised corrupt run equals the model on inputs_embeds = embeddings + noise; restoring the whole
+    stream at layer 0 gives back the clean run; and batched/resumed patching of the noised run still
+    equals the naive loop."""
+    from attrpatch.batch import with_embedding_noise
+    model = tiny_model("gpt2")
+    batch = with_embedding_noise(ap.make_batch(random_pairs()), model.transformer.wte.weight.detach(), seed=1)
+    assert torch.equal(batch.clean, batch.corrupt) and batch.noise.abs().sum() > 0
+    assert (batch.noise[:, [0, 2, 4, 5, 6]] == 0).all()  # only the replaced (key) positions are noised
+    scores = ap.attribute(model, batch, sites=["resid_pre"], metrics=["logit_diff"])
+    with torch.no_grad():
+        embeds = model.transformer.wte(batch.clean) + batch.noise
+        logits = model(inputs_embeds=embeds, attention_mask=batch.mask).logits[torch.arange(batch.n), batch.last]
+    expected = (logits.gather(1, batch.answer[:, None]) - logits.gather(1, batch.wrong[:, None])).mean()
+    assert scores.corrupt_metric["logit_diff"] == pytest.approx(float(expected), abs=1e-5)
+    comps = [ap.Component("resid_pre", 0), ap.Component("head", 1, 3, 2), ap.Component("mlp_out", 2, 6)]
+    for direction in ap.DIRECTIONS:
+        eff = ap.patch(model, batch, comps, direction=direction, copies=3)
+        naive = ap.patch(model, batch, comps, direction=direction, copies=1, resume=False)
+        torch.testing.assert_close(eff.values, naive.values, atol=1e-5, rtol=0)
+    restored = ap.patch(model, batch, comps[:1]).values[0, 0] + scores.corrupt_metric["logit_diff"]
+    assert float(restored) == pytest.approx(scores.clean_metric["logit_diff"], abs=1e-5)
