@@ -72,11 +72,12 @@ def test_ioi_pairs_swap_the_repeated_name():
 
 
 def test_facts_pairs_use_the_knowledge_base():
-    city = dict(tasks.FACTS)
+    prompts = {template.format(s=s): (s, city) for template in tasks.FACT_TEMPLATES
+               for s, city in tasks.FACTS}
     for clean, corrupt, answer, wrong in tasks.facts_texts(30, seed=3):
-        subject = next(s for s in city if f" {s} in" in clean and city[s] == answer.strip())
-        other = next(s for s in city if f" {s} in" in corrupt and city[s] == wrong.strip())
-        assert len(subject.split()) == len(other.split()) and answer != wrong
+        (subject, city), (other, other_city) = prompts[clean], prompts[corrupt]
+        assert (" " + city, " " + other_city) == (answer, wrong) and answer != wrong
+        assert len(subject.split()) == len(other.split())
 
 
 def test_induction_pairs_follow_the_construction():
@@ -131,9 +132,9 @@ def test_splits_are_disjoint():
 
 
 def test_every_fact_is_trained_in_some_template():
-    trained = {c for c, *_ in tasks.facts_texts(3000, seed=0, split="train")}
+    trained = {text for pair in tasks.facts_texts(3000, seed=0, split="train") for text in pair[:2]}
     for subject, _ in tasks.FACTS:
-        assert any(f" {subject} in" in c for c in trained), subject
+        assert any(f" {subject} in" in text for text in trained), subject
 
 
 def test_builtin_task_skips_pairs_that_tokenise_badly():
@@ -182,11 +183,11 @@ def test_multi_token_answer_error_shows_the_split(tok):
 
 
 def test_unequal_lengths_error_shows_both_tokenisations(tok):
-    pattern = (r"same token length, got 5 vs 6:\n"
-               r"  clean   'The Louvre is in' -> \['The', ' Louvre', ' is', ' in'.*\n"
+    pattern = (r"same token length, got 4 vs 5:\n"
+               r"  clean   'The Louvre is in' -> \['The', ' Louvre', ' is', ' in'\]\n"
                r"  corrupt 'The Eiffel Tower is in' -> \['The', ' Eiffel', ' Tower', ' is'")
     with pytest.raises(ValueError, match=pattern):
-        tasks.tokenize_pair("The Louvre is in.", "The Eiffel Tower is in.", " Paris", " Rome", tok)
+        tasks.tokenize_pair("The Louvre is in", "The Eiffel Tower is in", " Paris", " Rome", tok)
 
 
 # ---------------------------------------------------------------------------- JSONL
