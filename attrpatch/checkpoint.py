@@ -13,7 +13,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save
 
 from . import distributed

@@ -127,9 +127,9 @@ def _screen(args, argv) -> int:
     model, tokenizer = load(args.model, device=device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
-    report = run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
-                        n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-                        corruption=args.corruption, noise_std=args.noise_std)
+    run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
+               n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
+               corruption=args.corruption, noise_std=args.noise_std)
     if distributed.rank() != 0:
         return 0
     print((args.out / "report.md").read_text())

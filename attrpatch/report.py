@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -159,7 +158,3 @@ def write_run(out: Path, result: ScreenResult, *, model_name: str, task: str, to
 def markdown(report: dict) -> str:
     """The human summary a researcher reads first (see summary.py)."""
     return summary.render(report)
-
-
-def config_options(result: ScreenResult) -> dict:
-    return asdict(result.config)

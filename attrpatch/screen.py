@@ -8,16 +8,14 @@ what AtP missed). Every metric is read from the same patched forward passes.
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attribute import ESTIMATORS, Scores, as_spec, attribute, check_estimator
 from .batch import DIRECTIONS, PromptBatch, check_direction
 from .capture import eval_mode, forward_last
-from .compare import (RESID_LIKE, Agreement, agreement, candidates, default_per_position, disagreement_flags,
+from .compare import (RESID_LIKE, agreement, candidates, default_per_position, disagreement_flags,
                       false_negatives, ranks, select)
 from . import distributed
 from .checkpoint import Progress

@@ -7,7 +7,7 @@ import torch
 
 import attrpatch as ap
 from attrpatch.sites import components
-from conftest import FAMILIES, N_POS, random_pairs, tiny_model
+from conftest import N_POS, random_pairs, tiny_model
 from reference import exact_reference
 
 METRICS = list(ap.METRICS)
