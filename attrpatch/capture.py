@@ -150,21 +150,32 @@ def expand(x, n: int, batch: int):
 
 
 def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int,
-               last: Tensor, first_pos: int = 0, cache=None) -> Tensor:
+               last: Tensor, first_pos: int = 0, cache=None, first_rows: int | None = None) -> Tensor:
     """Resume the forward pass at block ``start`` with ``hidden`` [n*batch, pos - first_pos, d_model],
     replaying each block's recorded call expanded to ``n`` copies; returns last-token logits [n*batch, vocab].
 
     first_pos > 0: only positions from ``first_pos`` on are computed; the earlier ones, unchanged by any
-    patch at or after them in a causal model, are read as keys and values from the receiver's ``cache``."""
+    patch at or after them in a causal model, are read as keys and values from the receiver's ``cache``.
+    first_rows: block ``start`` computes only its first ``first_rows`` positions (patches after its
+    attention change no other row of it); the rest of its output is the receiver's, recorded as the next
+    block's input."""
     past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
     for layer in range(start, spec.dims.n_layers):
+        rows_only = first_rows is not None and layer == start
+        step = hidden[:, :first_rows] if rows_only else hidden
         _, rebuild = call_input(*calls[layer])
-        args, kwargs = rebuild(hidden)
+        args, kwargs = rebuild(step)
         if first_pos:
-            args, kwargs = _from_position(spec.blocks[layer], args, kwargs, first_pos, past, hidden)
+            args, kwargs = _from_position(spec.blocks[layer], args, kwargs, first_pos, past, step)
         args, kwargs = expand((args, kwargs), n, batch)  # hidden has n*batch rows: left as it is
         out = spec.blocks[layer](*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
+        if rows_only:  # splice the computed rows into the receiver's unchanged output
+            after = expand(call_input(*calls[layer + 1])[0][:, first_pos:], n, batch).clone()
+            if after.shape[0] != hidden.shape[0]:  # a batch of one prompt: expand leaves it
+                after = after.repeat(n, 1, 1)
+            after[:, :first_rows] = hidden
+            hidden = after
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
     return unembed(spec, hidden)
@@ -192,8 +203,9 @@ def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, 
     named.update(extra)
     n_query = hidden.shape[1]
     mask = named.get("attention_mask")
+    end = first_pos + n_query
     if isinstance(mask, Tensor) and mask.ndim == 4:
-        named["attention_mask"] = mask[:, :, first_pos:, :]
+        named["attention_mask"] = mask[:, :, first_pos:end, :end]
     else:  # causal: query i (absolute first_pos + i) sees keys 0..first_pos + i
         q = torch.arange(first_pos, first_pos + n_query, device=hidden.device)[:, None]
         k = torch.arange(first_pos + n_query, device=hidden.device)[None, :]
@@ -201,9 +213,9 @@ def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, 
         named["attention_mask"] = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~allowed, torch.finfo(hidden.dtype).min)
     if isinstance(named.get("position_embeddings"), tuple):
-        named["position_embeddings"] = tuple(t[:, first_pos:] for t in named["position_embeddings"])
+        named["position_embeddings"] = tuple(t[:, first_pos:end] for t in named["position_embeddings"])
     if isinstance(named.get("position_ids"), Tensor):
-        named["position_ids"] = named["position_ids"][:, first_pos:]
+        named["position_ids"] = named["position_ids"][:, first_pos:end]
     for key in ("past_key_values", "layer_past"):
         if key in inspect.signature(block.forward).parameters:
             named[key] = past

@@ -63,6 +63,19 @@ def _whole_stream(item: Item) -> bool:
     return any(c.site in ("embed", "resid_pre") and c.pos is None for c in _members(item))
 
 
+AFTER_ATTENTION = ("head", "attn_out", "mlp_out", "neuron")  # patched after the block's attention
+
+
+def _rows_in_first_block(components: list, group: list[int], first_pos: int, start: int, n_layers: int):
+    """Rows block ``start`` must compute when every patch in the group sits after its attention at one
+    position: the other positions' outputs of that block are the receiver's. None: all rows."""
+    members = [c for i in group for c in _members(components[i])]
+    if first_pos == 0 or start >= n_layers - 1 or any(
+            c.site not in AFTER_ATTENTION or c.pos is None or c.layer != start for c in members):
+        return None
+    return max(c.pos for c in members) - first_pos + 1
+
+
 def _first_pos(item: Item) -> int:
     """First position a patched run must compute: positions before it are unchanged (causal model)."""
     return min(0 if c.pos is None else c.pos for c in _members(item))
@@ -162,7 +175,9 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 entries.setdefault((c.site, c.layer), []).append((copy, c))
         start = min(_start(components[i]) for i in group)
         first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
-        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, n_pos - first_pos, first_pos))
+        rows = _rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
+        seen = rows or n_pos - first_pos  # positions the patched modules see in this pass
+        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, seen, first_pos))
                  for key, found in entries.items()]
         with hooked(hooks):
             if start < 0 or not resume:
@@ -170,7 +185,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                                     batch.last.repeat(n)), 0, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
             return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
-                              kept.get("cache")), start, first_pos
+                              kept.get("cache"), rows), start, first_pos
 
     bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
     while groups:

@@ -159,3 +159,18 @@ def test_gaussian_noise_corruption_is_applied_everywhere_the_corrupt_run_is():
         torch.testing.assert_close(eff.values, naive.values, atol=1e-5, rtol=0)
     restored = ap.patch(model, batch, comps[:1]).values[0, 0] + scores.corrupt_metric["logit_diff"]
     assert float(restored) == pytest.approx(scores.clean_metric["logit_diff"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma2", "phi"])
+def test_per_position_sweep_of_after_attention_sites_equals_naive(family):
+    """Head/neuron/attn_out/mlp_out patches at one position change only that row of their block, so the
+    block computes only those rows; every layer but the last (where the trick does not apply)."""
+    model = tiny_model(family)
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=2))
+    comps = [c for s in ("head", "attn_out", "mlp_out") for c in components(s, spec.dims, N_POS, per_position=True)
+             if c.layer < spec.dims.n_layers - 1 and c.pos > 0]
+    comps += [c for c in components("neuron", spec.dims, N_POS, per_position=True)[::17] if c.pos > 0]
+    fast = ap.patch(model, batch, comps, copies=6)
+    naive = ap.patch(model, batch, comps, copies=1, resume=False)
+    torch.testing.assert_close(fast.values, naive.values, atol=1e-4, rtol=0)
