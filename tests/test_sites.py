@@ -106,6 +106,8 @@ def test_bad_metric_direction_and_site_list_the_valid_ones():
         ap.patch(model, batch, [ap.Component("resid_pre", 0)], direction="denoising")
     with pytest.raises(ValueError, match=r"Unknown site 'neurons'.*known: embed"):
         ap.attribute(model, batch, sites=["neurons"])
+    with pytest.raises(ValueError, match=r"Unknown estimator 'atp\*'; known: atp, atp_star, ig, graddrop"):
+        ap.attribute(model, batch, estimator="atp*")
 
 
 def test_clean_and_corrupt_of_different_lengths_show_both():
