@@ -160,6 +160,37 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
     attention change no other row of it); the rest of its output is the receiver's, recorded as the next
     block's input."""
     past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
+    with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos):
+        hidden = _run(spec, start, hidden, calls, n, batch, first_pos, past, first_rows)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
+    return unembed(spec, hidden)
+
+
+@contextmanager
+def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int) -> Iterator[None]:
+    """The final block's MLP runs on the last position only, when every prompt ends there and nothing is
+    patched in that block: its output [rows, 1, d] broadcasts into the residual add, whose other rows are
+    never read. Skipped for families without an MLP module (OPT)."""
+    parent = spec.arch.neuron.rpartition(".")[0]
+    final = spec.dims.n_layers - 1
+    if not parent or start >= final or not bool((last == n_pos - 1).all()):
+        yield
+        return
+
+    def pre_hook(module, args, kwargs):
+        x, rebuild = call_input(args, kwargs)
+        return rebuild(x[:, -1:])
+    handle = spec.module(parent, final).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int, first_pos: int, past,
+         first_rows: int | None) -> Tensor:
+    """The blocks from ``start`` on (see run_blocks): [n*batch, pos - first_pos, d_model] out."""
     for layer in range(start, spec.dims.n_layers):
         rows_only = first_rows is not None and layer == start
         step = hidden[:, :first_rows] if rows_only else hidden
@@ -176,9 +207,7 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
                 after = after.repeat(n, 1, 1)
             after[:, :first_rows] = hidden
             hidden = after
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
-    return unembed(spec, hidden)
+    return hidden
 
 
 def _past(cache, first_pos: int, n: int, start: int, n_layers: int):

@@ -159,11 +159,12 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                           dtype=wide(receiver_logits.dtype))
     # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
     # source run: its effect is read off the source's logits, with no pass at all.
-    whole = [i for i, item in enumerate(components) if _whole_stream(item)]
+    whole = [i for i, item in enumerate(components) if resume and _whole_stream(item)]  # naive: a pass each
     for j, m in enumerate(metrics):
         if whole:
             effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
-    order = sorted((i for i in range(len(components)) if not _whole_stream(components[i])),
+    skipped = set(whole)
+    order = sorted((i for i in range(len(components)) if i not in skipped),
                    key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
     groups = _groups(components, order, copies, n_pos if reuse_pos else None)
     def run_group(group: list[int]) -> tuple[Tensor, int]:
