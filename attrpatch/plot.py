@@ -215,6 +215,13 @@ def _panels(n: int, ax, fig, figsize, ncols: int | None = None, **kw):
     return fig, axes[:n]
 
 
+def _site_panels(n: int, ax, fig, row_height: float, pad: float, **kw):
+    """One panel per site, three to a row, at a paper's width: (figure, list of n axes)."""
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    return _panels(n, ax, fig, (DOUBLE if ncols > 1 else SINGLE, row_height * nrows + pad), ncols, **kw)
+
+
 def _symmetric(*arrays) -> float:
     vals = [np.abs(np.ma.masked_invalid(np.asarray(a, dtype=float))).max() for a in arrays if np.size(a)]
     v = max([float(x) for x in vals if x is not np.ma.masked] or [0.0])
@@ -545,11 +552,8 @@ def plot_scatter(run, direction: str | None = None, metric: str | None = None,
     run = _as_run(run)
     direction, metric = _default(run, direction, metric)
     sites = [s for s in (sites or run.sites) if run.components(direction, s)]
-    n = len(sites)
-    ncols = min(n, 3)
-    nrows = -(-n // ncols)
     with _style():
-        fig, axes = _panels(n, ax, fig, (DOUBLE if ncols > 1 else SINGLE, 2.15 * nrows + 0.45), ncols)
+        fig, axes = _site_panels(len(sites), ax, fig, 2.15, 0.45)
         for a, site in zip(axes, sites):
             scatter_panel(a, run, site, direction, metric, max_labels, label=False)
         if ax is None:
@@ -716,11 +720,8 @@ def plot_cost_recall(run, direction: str | None = None, sites: Sequence[str] | N
     run = _as_run(run)
     direction, _ = _default(run, direction, None)
     sites = [s for s in (sites or run.sites) if run.components(direction, s)]
-    n = len(sites)
-    ncols = min(n, 3)
-    nrows = -(-n // ncols)
     with _style():
-        fig, axes = _panels(n, ax, fig, (DOUBLE if ncols > 1 else SINGLE, 1.55 * nrows + 0.5), ncols, sharey=True)
+        fig, axes = _site_panels(len(sites), ax, fig, 1.55, 0.5, sharey=True)
         for a, site in zip(axes, sites):
             cost_recall_panel(a, run, site, direction, n_top)
         if ax is None:
