@@ -125,7 +125,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         timing["forward_s"] = time.perf_counter() - start
     check_baselines(clean_logits, corrupt_logits, batch, config, reduce)
 
-    scores, comps, rows, agree, fns, attention, by_estimator = {}, [], [], {}, {}, {}, {}
+    scores, comps, agree, fns, attention, by_estimator = {}, [], {}, {}, {}, {}
     by_estimator_scores: dict[str, dict[str, Scores]] = {}
     for direction in config.directions:
         est_scores, est_seconds = {}, {}
@@ -373,7 +373,7 @@ def _mark_cross_flags(comps: list[dict], config: ScreenConfig) -> None:
                                ", ".join(f"{m} {v:+.2f}" for m, v in norms.items()))
     by_key: dict = {}
     for e in comps:
-        by_key.setdefault((e["name"]), {})[e["direction"]] = e
+        by_key.setdefault(e["name"], {})[e["direction"]] = e
     for pair in by_key.values():
         if len(pair) < 2:
             continue
