@@ -1,13 +1,19 @@
 """attrpatch: attribution patching for every component of a HuggingFace causal LM, verified by exact
-activation patching. Data flows sites -> capture -> attribute -> patch -> compare -> report/plot."""
+activation patching.
 
-from .attribute import ESTIMATORS, Scores, attribute
-from .batch import DIRECTIONS, PromptBatch, make_batch
-from .metrics import METRICS, Target, metric
-from .patch import Effects, patch
-from .screen import ScreenConfig, ScreenResult, screen
-from .sites import ARCHS, SITES, Arch, Component, components, model_spec, register_arch
-from .tasks import TASKS, PromptPair, builtin_task, load_jsonl
+Data flows through the stages in this order (each imports only from itself and earlier ones):
+inputs -> model -> engine -> methods -> analysis -> output -> plot -> screening -> pipeline -> cli."""
+
+from .engine.metrics import METRICS, Target, metric
+from .inputs.batch import PromptBatch, make_batch
+from .inputs.directions import DIRECTIONS
+from .inputs.pairs import PromptPair, load_jsonl
+from .inputs.tasks import TASKS, builtin_task
+from .methods.attribution import ESTIMATORS, Scores, attribute
+from .methods.patching import Effects, patch
+from .model.archs import ARCHS, Arch, register_arch
+from .model.sites import SITES, Component, components, model_spec
+from .screening import ScreenConfig, ScreenResult, screen
 
 __version__ = "0.1.0"
 

@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .attribute import ESTIMATORS
-from .compare import RESID_LIKE
-from .metrics import METRICS
-from .screen import DEFAULT_SITES, POSITIONS, ScreenConfig
-from .sites import SITES
+from .engine.metrics import METRICS
+from .inputs.corruption import CORRUPTIONS
+from .methods.attribution import ESTIMATORS
+from .model.sites import RESID_LIKE, SITES
+from .screening import DEFAULT_SITES, POSITIONS, ScreenConfig
 
 EPILOG = """examples:
   attrpatch demo                                   # embedded toy model, IOI task, report in runs/demo
@@ -49,7 +49,7 @@ def _top_k(text: str):
 
 
 def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    from .tasks import TASKS
+    from .inputs.tasks import TASKS
 
     if not demo:
         p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
@@ -69,7 +69,7 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop; "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
-    p.add_argument("--corruption", choices=("str", "noise"), default="str",
+    p.add_argument("--corruption", choices=CORRUPTIONS, default="str",
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _screen(args, argv) -> int:
-    from . import distributed
-    from .load import DEFAULT_MODEL, load
+    from .engine import distributed
+    from .model.loading import DEFAULT_MODEL, load
     from .pipeline import run_screen
 
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank

@@ -4,12 +4,15 @@ from pathlib import Path
 
 from torch import nn
 
-from . import distributed
-from .batch import make_batch, with_embedding_noise
-from .checkpoint import Progress
-from .report import manifest_dict, write_run
-from .screen import ScreenConfig, config_dict, screen
-from .tasks import TASKS, builtin_task, load_jsonl
+from .engine import distributed
+from .inputs.batch import make_batch
+from .inputs.corruption import check_corruption, with_embedding_noise
+from .inputs.pairs import load_jsonl
+from .inputs.tasks import TASKS, builtin_task
+from .output.checkpoint import Progress
+from .output.provenance import manifest_dict
+from .output.report import write_run
+from .screening import ScreenConfig, config_dict, screen
 
 
 def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None):
@@ -57,11 +60,10 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         pairs = one_length(pairs)[:n_prompts]
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     batch = make_batch(pairs, pad_id=pad or 0)
+    check_corruption(corruption)
     if corruption == "noise":
         embedding = model.get_input_embeddings().weight.detach().cpu()
         batch = with_embedding_noise(batch, embedding, noise_std, seed=config.seed)
-    elif corruption != "str":
-        raise ValueError(f"Unknown corruption {corruption!r}; known: str (token replacement), noise (Gaussian)")
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}

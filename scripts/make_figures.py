@@ -27,11 +27,13 @@ matplotlib.use("Agg")
 
 import torch  # noqa: E402
 
-from attrpatch import plot, tasks  # noqa: E402
-from attrpatch.load import DEFAULT_MODEL, load  # noqa: E402
+from attrpatch import plot  # noqa: E402
+from attrpatch.inputs import tasks  # noqa: E402
+from attrpatch.inputs.pairs import save_jsonl, tokenize_pair  # noqa: E402
+from attrpatch.model.loading import DEFAULT_MODEL, load  # noqa: E402
 from attrpatch.pipeline import run_screen  # noqa: E402
-from attrpatch.screen import DEFAULT_SITES, ScreenConfig  # noqa: E402
-from attrpatch.sites import SITES  # noqa: E402
+from attrpatch.screening import DEFAULT_SITES, ScreenConfig  # noqa: E402
+from attrpatch.model.sites import SITES  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -66,7 +68,7 @@ def ioi_pairs(tokenizer, template: int, n: int, seed: int) -> tuple[list, list[s
         if not m:
             continue
         try:
-            pair = tasks.tokenize_pair(clean, corrupt, answer, wrong, tokenizer)
+            pair = tokenize_pair(clean, corrupt, answer, wrong, tokenizer)
         except ValueError:
             continue
         if pairs and len(pair.clean_ids) != len(pairs[0].clean_ids):
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "figures", help="where the figures go")
     p.add_argument("--format", type=_csv(FORMATS), default=("png", "pdf"))
     p.add_argument("--n-prompts", type=int, default=16)
-    p.add_argument("--template", type=int, default=0, help="index into attrpatch.tasks.IOI_TEMPLATES")
+    p.add_argument("--template", type=int, default=0, help="index into attrpatch.inputs.tasks.IOI_TEMPLATES")
     p.add_argument("--sites", type=_csv(SITES), default=DEFAULT_SITES)
     p.add_argument("--top-k", type=_top_k, default=None, help="'all' (default) or a number per site")
     p.add_argument("--random-k", type=int, default=20)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     try:
         task_file = run_dir / f"ioi-template{args.template}.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        tasks.save_jsonl(pairs, task_file)
+        save_jsonl(pairs, task_file)
         start = time.perf_counter()
         run_screen(model, tokenizer, task=str(task_file), config=config, out=run_dir,
                    model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", n_prompts=args.n_prompts,

@@ -27,7 +27,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attrpatch import tasks  # noqa: E402
+from attrpatch.inputs import tasks  # noqa: E402
+from attrpatch.inputs.pairs import tokenize_pair  # noqa: E402
 
 EOS, PAD, UNK = "<|endoftext|>", "<pad>", "<unk>"
 # GPT-2-like pre-tokenisation: a word with its leading space, one punctuation mark, whitespace.
@@ -100,7 +101,7 @@ class Sampler:
         self.word_ids = tasks.word_token_ids(tokenizer)
 
     def text_pair(self, name: str) -> list[tuple[list[int], list[float]]]:
-        pair = tasks.tokenize_pair(*next(self.streams[name]), self.tokenizer)
+        pair = tokenize_pair(*next(self.streams[name]), self.tokenizer)
         out = []
         for prompt, answer in ((pair.clean_ids, pair.answer_id), (pair.corrupt_ids, pair.wrong_id)):
             weights = [1.0] * (len(prompt) - 1) + [self.answer_weight]

@@ -8,8 +8,8 @@ They share only the module table (which module, input or output, which slice) wi
 
 import torch
 
-from attrpatch.metrics import Target, metric
-from attrpatch.sites import model_spec
+from attrpatch.engine.metrics import Target, metric
+from attrpatch.model.sites import model_spec
 
 
 def _runs(batch, direction):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import attrpatch as ap
-from attrpatch.sites import components
+from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 from reference import atp_reference
 

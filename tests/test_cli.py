@@ -8,7 +8,7 @@ import torch
 
 import attrpatch as ap
 from attrpatch.cli import main
-from attrpatch.screen import ScreenConfig, screen
+from attrpatch.screening import ScreenConfig, screen
 from conftest import random_pairs, saved_model, tiny_model, write_task
 
 
@@ -75,7 +75,7 @@ def test_cli_exact_values_equal_the_engine(cli_run):
 
 
 def test_scores_file_holds_every_component(cli_run):
-    from attrpatch.report import load_scores
+    from attrpatch.output.report import load_scores
     _, pairs, out = cli_run
     tensors, axes = load_scores(out / "scores.safetensors")
     assert tensors["denoise/logit_diff/head"].shape == (3, len(pairs[0].clean_ids), 4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attrpatch.metrics import METRICS, Target, metric, normalise
+from attrpatch.engine.metrics import METRICS, Target, metric, normalise
 
 
 def _setup():

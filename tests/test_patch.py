@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.sites import components
+from attrpatch.methods import patching
+from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 from reference import exact_reference
 
@@ -119,8 +120,7 @@ def test_bfloat16_model_runs_with_float32_results():
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_effects(monkeypatch):
-    import sys
-    patch_module = sys.modules["attrpatch.patch"]  # the module, not the function ap.patch
+    patch_module = patching
     model = tiny_model("gpt2")
     batch = ap.make_batch(random_pairs())
     comps = sample_components(ap.model_spec(model), N_POS, k=2)
@@ -141,7 +141,7 @@ def test_gaussian_noise_corruption_is_applied_everywhere_the_corrupt_run_is():
     """The noised corrupt run equals the model on inputs_embeds = embeddings + noise; restoring the whole
     stream at layer 0 gives back the clean run; and batched/resumed patching of the noised run still
     equals the naive loop."""
-    from attrpatch.batch import with_embedding_noise
+    from attrpatch.inputs.corruption import with_embedding_noise
     model = tiny_model("gpt2")
     batch = with_embedding_noise(ap.make_batch(random_pairs()), model.transformer.wte.weight.detach(), seed=1)
     assert torch.equal(batch.clean, batch.corrupt) and batch.noise.abs().sum() > 0

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attrpatch as ap
-from attrpatch.sites import components
+from attrpatch.model.sites import components
 from conftest import Pair
 
 FAMILIES = {

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.screen import ScreenConfig, screen
+from attrpatch import screening
+from attrpatch.screening import ScreenConfig, screen
 from conftest import random_pairs, saved_model, tiny_model, write_task
 
 CONFIG = ScreenConfig(sites=("head", "resid_pre"), top_k=3, random_k=2, progress=False)
 
 
 def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
-    screen_module = sys.modules["attrpatch.screen"]
+    screen_module = screening
     real = screen_module.attribute
 
     def poisoned(*args, **kwargs):
@@ -32,7 +33,7 @@ def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
 
 
 def test_injected_nan_effects_are_flagged(monkeypatch):
-    screen_module = sys.modules["attrpatch.screen"]
+    screen_module = screening
     real = screen_module.patch
     calls = []
 

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 import attrpatch as ap
-from attrpatch.capture import hooked
+from attrpatch.engine.hooks import hooked
 from conftest import N_POS, random_pairs, tiny_model
 
 

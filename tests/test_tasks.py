@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from attrpatch import tasks
-from attrpatch.tasks import PromptPair, TOY_MODEL_DIR
+from attrpatch.inputs import pairs as pair_io
+from attrpatch.inputs import tasks
+from attrpatch.inputs.pairs import PromptPair
+from attrpatch.model.loading import DEFAULT_MODEL as TOY_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,7 @@ def test_prompt_pair_validation():
 
 
 def test_tokenize_pair(tok):
-    pair = tasks.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Madrid", tok)
+    pair = pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Madrid", tok)
     assert tok.convert_ids_to_tokens([pair.answer_id, pair.wrong_id]) == [" Paris", " Madrid"]
     assert tok.decode(pair.clean_ids) == "The Louvre is in"
 
@@ -177,9 +179,9 @@ def test_tokenize_pair(tok):
 def test_multi_token_answer_error_shows_the_split(tok):
     with pytest.raises(ValueError, match=r"answer ' Big Ben' tokenises into 2 tokens "
                                          r"\[' Big', ' Ben'\]; use a single-token answer"):
-        tasks.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Madrid", tok)
+        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Madrid", tok)
     with pytest.raises(ValueError, match=r"wrong ' Big Ben' tokenises into 2 tokens"):
-        tasks.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Big Ben", tok)
+        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Big Ben", tok)
 
 
 def test_unequal_lengths_error_shows_both_tokenisations(tok):
@@ -187,7 +189,7 @@ def test_unequal_lengths_error_shows_both_tokenisations(tok):
                r"  clean   'The Louvre is in' -> \['The', ' Louvre', ' is', ' in'\]\n"
                r"  corrupt 'The Eiffel Tower is in' -> \['The', ' Eiffel', ' Tower', ' is'")
     with pytest.raises(ValueError, match=pattern):
-        tasks.tokenize_pair("The Louvre is in", "The Eiffel Tower is in", " Paris", " Rome", tok)
+        pair_io.tokenize_pair("The Louvre is in", "The Eiffel Tower is in", " Paris", " Rome", tok)
 
 
 # ---------------------------------------------------------------------------- JSONL
@@ -195,10 +197,10 @@ def test_unequal_lengths_error_shows_both_tokenisations(tok):
 def test_jsonl_round_trip_id_form(tmp_path, tok):
     pairs = tasks.builtin_task("facts", tokenizer=tok, n_pairs=5) + tasks.induction_pairs(range(30), 3)
     path = tmp_path / "pairs.jsonl"
-    tasks.save_jsonl(pairs, path)
-    assert tasks.load_jsonl(path) == pairs
+    pair_io.save_jsonl(pairs, path)
+    assert pair_io.load_jsonl(path) == pairs
     path.write_text('\n{"clean_ids": [1, 2], "corrupt_ids": [1, 3], "answer_id": 4, "wrong_id": 5}\n\n')
-    assert tasks.load_jsonl(path) == [PromptPair((1, 2), (1, 3), 4, 5)]
+    assert pair_io.load_jsonl(path) == [PromptPair((1, 2), (1, 3), 4, 5)]
 
 
 def test_jsonl_text_form(tmp_path, tok):
@@ -206,9 +208,9 @@ def test_jsonl_text_form(tmp_path, tok):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(dict(zip(("clean", "corrupt", "answer", "wrong"), t))) + "\n"
                             for t in texts))
-    assert tasks.load_jsonl(path, tokenizer=tok) == [tasks.tokenize_pair(*t, tok) for t in texts]
+    assert pair_io.load_jsonl(path, tokenizer=tok) == [pair_io.tokenize_pair(*t, tok) for t in texts]
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: a text-form pair needs a tokenizer"):
-        tasks.load_jsonl(path)
+        pair_io.load_jsonl(path)
 
 
 GOOD = '{"clean": "The Louvre is in", "corrupt": "The Prado is in", "answer": " Paris", "wrong": " Madrid"}'
@@ -237,14 +239,14 @@ def test_malformed_line_names_path_line_and_field(tmp_path, tok, line, match):
     path = tmp_path / "bad.jsonl"
     path.write_text(f"{GOOD}\n\n{line}\n{GOOD}\n")
     with pytest.raises(ValueError, match=match):
-        tasks.load_jsonl(path, tokenizer=tok)
+        pair_io.load_jsonl(path, tokenizer=tok)
 
 
 def test_empty_file_has_no_pairs(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
     with pytest.raises(ValueError, match="empty.jsonl: the file has no pairs"):
-        tasks.load_jsonl(path)
+        pair_io.load_jsonl(path)
 
 
 # ---------------------------------------------------------------------------- the shipped toy model

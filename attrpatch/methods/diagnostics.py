@@ -15,9 +15,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .batch import PromptBatch, Run
-from .capture import batch_pos, forward_last, hooked, noised
-from .sites import Component, ModelSpec
+from ..engine.forward import forward_last
+from ..engine.hooks import batch_pos, hooked, noised
+from ..inputs.batch import PromptBatch, Run
+from ..model.sites import Component, ModelSpec
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful

@@ -65,11 +65,6 @@ def _pick(values: Tensor, index: Tensor) -> Tensor:
     return values.gather(-1, index.to(values.device)[:, None]).squeeze(-1)
 
 
-def last_logits(logits: Tensor, last: Tensor) -> Tensor:
-    """[batch, pos, vocab] (or hidden [batch, pos, d]) -> [batch, vocab] at each prompt's last real token."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), last]
-
-
 def normalise(value: float, clean: float, corrupt: float, *, offset: bool) -> float:
     """Map a metric value (offset=True) or a difference of metric values (offset=False) to the 0=corrupt,
     1=clean scale; NaN when the clean/corrupt gap is below MIN_GAP (the scale is undefined)."""

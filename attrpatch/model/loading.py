@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_MODEL = Path(__file__).parent / "data" / "toy-gpt2"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "toy-gpt2"  # the embedded toy model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 

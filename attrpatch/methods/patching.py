@@ -1,7 +1,7 @@
 """Exact activation patching: the ground truth AtP approximates.
 
 effect(c) = metric(receiver run with c set to its source value) - metric(receiver run), mean over prompts;
-denoise: source = clean, receiver = corrupt; noise: the reverse (see attribute.py).
+denoise: source = clean, receiver = corrupt; noise: the reverse (inputs/directions.py).
 
 Batched and layer-resumed: components are sorted by layer and patched ``copies`` at a time, each copy of
 the prompt batch carrying a different patch, in one forward pass that starts at the block of the
@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attribute import as_spec
-from .batch import PromptBatch, check_direction
-from .capture import call_input, batch_pos, block_calls, eval_mode, forward_last, hooked, run_blocks
-from .metrics import Target, check_metric, metric, wide
-from .sites import Component, ModelSpec, check_component
+from ..engine.forward import block_calls, forward_last
+from ..engine.hooks import batch_pos, call_input, eval_mode, hooked
+from ..engine.metrics import Target, check_metric, metric, wide
+from ..engine.resume import run_blocks
+from ..inputs.batch import PromptBatch
+from ..inputs.directions import check_direction, clean_and_corrupt
+from ..model.sites import AFTER_ATTENTION, Component, ModelSpec, as_spec, check_component
 
 # prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
 # (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide
@@ -61,9 +63,6 @@ def _start(item: Item) -> int:
 def _whole_stream(item: Item) -> bool:
     """A patch of the entire residual stream at some layer (every position): the run becomes the source's."""
     return any(c.site in ("embed", "resid_pre") and c.pos is None for c in _members(item))
-
-
-AFTER_ATTENTION = ("head", "attn_out", "mlp_out", "neuron")  # patched after the block's attention
 
 
 def _rows_in_first_block(components: list, group: list[int], first_pos: int, start: int, n_layers: int):
@@ -127,22 +126,27 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                    per_prompt=None if prompts is None else prompts.cpu(), passes=passes)
 
 
-def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
-                 direction: str, copies: int, resume: bool, passes: dict, progress: bool):
-    source_ids, receiver_ids = batch.runs(direction)
-    n_pos, n_layers = batch.n_pos, spec.dims.n_layers
-    keys = sorted({(c.site, c.layer) for item in components for c in _members(item)})
-    points = {key: spec.hook_point(*key) for key in keys}
-
-    # Source run: the values to patch in, per needed hook point: normalised views [batch, pos, ...].
+def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tuple[dict, Tensor]:
+    """The source run: the values to patch in at each hook point (normalised views [batch, pos, ...],
+    copied) and its last-token logits [batch, vocab]."""
     source: dict[tuple[str, int], Tensor] = {}
 
     def keep(key):
         def callback(raw):
-            source[key] = points[key].read(raw, *batch_pos(raw, n_pos)).clone()
+            source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
         return callback
-    with hooked([(points[k], keep(k)) for k in keys]):
-        source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
+    with hooked([(p, keep(key)) for key, p in points.items()]):
+        logits = forward_last(spec, ids, batch.mask, batch.last)
+    return source, logits
+
+
+def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
+                 direction: str, copies: int, resume: bool, passes: dict, progress: bool):
+    source_ids, receiver_ids = batch.runs(direction)
+    n_pos, n_layers = batch.n_pos, spec.dims.n_layers
+    points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
+                                                            for c in _members(item)})}
+    source, source_logits = _source_values(spec, batch, source_ids, points)
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
@@ -151,7 +155,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     kept: dict = {}
     with block_calls(spec, first) as calls:
         receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, keep=kept if reuse_pos else None)
-    clean_logits = source_logits if direction == "denoise" else receiver_logits
+    clean_logits, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
 
@@ -167,6 +171,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     order = sorted((i for i in range(len(components)) if i not in skipped),
                    key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
     groups = _groups(components, order, copies, n_pos if reuse_pos else None)
+
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
         n = len(group)

@@ -6,13 +6,12 @@ last real token (``last``).
 """
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-DIRECTIONS = ("denoise", "noise")
-Direction = Literal["denoise", "noise"]
+from .directions import source_and_receiver
 
 
 class PairLike(Protocol):
@@ -83,16 +82,9 @@ class PromptBatch:
             yield self.rows(slice(start, start + size))
 
     def runs(self, direction: str) -> tuple[Run, Run]:
-        """(source, receiver): denoise patches clean into corrupt, noise corrupt into clean."""
-        check_direction(direction)
-        clean, corrupt = self.run("clean"), self.run("corrupt")
-        return (clean, corrupt) if direction == "denoise" else (corrupt, clean)
-
-
-def check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"Unknown direction {direction!r}; known: {', '.join(DIRECTIONS)} "
-                         "(denoise: clean -> corrupt, noise: corrupt -> clean).")
+        """(source, receiver) inputs of ``direction`` (directions.RUNS)."""
+        source, receiver = source_and_receiver(direction)
+        return self.run(source), self.run(receiver)
 
 
 def make_batch(pairs: Sequence[PairLike], pad_id: int = 0) -> PromptBatch:
@@ -121,19 +113,3 @@ def make_batch(pairs: Sequence[PairLike], pad_id: int = 0) -> PromptBatch:
         wrong=torch.tensor([int(p.wrong_id) for p in pairs]),
         last=mask.sum(1) - 1,
     )
-
-
-def with_embedding_noise(batch: PromptBatch, embedding: Tensor, std_factor: float = 3.0, seed: int = 0) -> PromptBatch:
-    """Gaussian-noise corruption (causal tracing): the corrupt run is the clean prompt with noise of std
-    ``std_factor`` x the embeddings' std added at the positions where clean and corrupt differ (the key
-    tokens of a symmetric-replacement pair). Out of distribution; offered, not the default.
-
-    embedding: the token embedding matrix [vocab, d_model]."""
-    key = (batch.clean != batch.corrupt) & batch.mask.bool()  # [batch, pos]
-    if not key.any():
-        raise ValueError("no positions to noise: clean and corrupt prompts are identical everywhere")
-    g = torch.Generator().manual_seed(seed)
-    std = float(embedding.float().std()) * std_factor
-    noise = torch.randn(*batch.clean.shape, embedding.shape[1], generator=g) * std * key[..., None]
-    return PromptBatch(batch.clean, batch.clean.clone(), batch.mask, batch.answer, batch.wrong, batch.last,
-                       noise.to(embedding.dtype))

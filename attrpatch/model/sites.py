@@ -18,7 +18,7 @@ reads its raw tensor into a normalised view:
     neuron                                [batch, pos, d_mlp]
 
 Views share storage with the raw tensor, so writing into the view of a clone patches it.
-The per-family tables (``ARCHS``) are the only architecture-specific code in attrpatch.
+The per-family tables (``archs.ARCHS``) are the only architecture-specific code in attrpatch.
 """
 
 from dataclasses import dataclass, field
@@ -27,111 +27,15 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from .archs import ARCHS, HOW_TO_ADD, Arch, UnsupportedModel
+
 SITES = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
-UNIT_SITES = ("head", "neuron", "q", "k", "v")  # sites with one component per head or neuron
-QKV_LAYOUTS = ("separate", "gpt2", "neox", "phi3")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Arch:
-    """Where one model family keeps its activations; paths are relative to the ``*ForCausalLM`` model,
-    and the block-level ones relative to one block.
-
-    qkv_layout says how q, k, v sit in ``q``/``k``/``v`` module outputs:
-      separate  three modules, outputs [.., n_heads*d_head], [.., n_kv*d_head], [.., n_kv*d_head]
-      gpt2      one module (``q`` path), output [.., 3*n_heads*d_head] = [q | k | v]
-      neox      one module, output [.., n_heads, 3*d_head], each head [q | k | v]
-      phi3      one module, output [.., n_heads*d_head + 2*n_kv*d_head] = [q | k | v]
-    """
-
-    layers: str
-    embed: str
-    final: tuple[str, ...]  # modules applied after the last block, before lm_head (None ones skipped)
-    attn_out: str
-    mlp_out: str
-    head: str  # input is [.., n_heads*d_head]
-    neuron: str  # input is [.., d_mlp]
-    q: str
-    k: str | None = None
-    v: str | None = None
-    qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
-    unembed: str = "lm_head"
-    notes: str = ""
-
-    def __post_init__(self):
-        if self.qkv_layout not in QKV_LAYOUTS:
-            raise ValueError(f"qkv_layout={self.qkv_layout!r}; expected one of {QKV_LAYOUTS}")
-        if self.qkv_layout == "separate" and (self.k is None or self.v is None):
-            raise ValueError("qkv_layout='separate' needs the k= and v= module paths too")
-
-
-_LLAMA_LIKE = Arch(
-    layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-    attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-)
-
-ARCHS: dict[str, Arch] = {
-    "gpt2": Arch(
-        layers="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
-        attn_out="attn", mlp_out="mlp", head="attn.c_proj", neuron="mlp.c_proj",
-        q="attn.c_attn", qkv_layout="gpt2",
-    ),
-    "gpt_neox": Arch(
-        layers="gpt_neox.layers", embed="gpt_neox.embed_in", final=("gpt_neox.final_layer_norm",),
-        attn_out="attention", mlp_out="mlp", head="attention.dense", neuron="mlp.dense_4h_to_h",
-        q="attention.query_key_value", qkv_layout="neox",
-    ),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "gemma2": Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-        head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        notes="post-attention/post-feedforward norms: attn_out/mlp_out are their outputs",
-    ),
-    "phi": Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.final_layernorm",),
-        attn_out="self_attn", mlp_out="mlp", head="self_attn.dense", neuron="mlp.fc2",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-    ),
-    "phi3": Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.qkv_proj", qkv_layout="phi3",
-    ),
-    "opt": Arch(
-        layers="model.decoder.layers", embed="model.decoder.embed_tokens",
-        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-        attn_out="self_attn", mlp_out="fc2", head="self_attn.out_proj", neuron="fc2",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        notes="fc2 sees [batch*pos, d] flattened; no MLP submodule",
-    ),
-}
-
-_HOW_TO_ADD = """To describe a new family, register its module paths, e.g.:
-
-    import attrpatch
-    attrpatch.register_arch("my_model_type", attrpatch.Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"))"""
-
-
-class UnsupportedModel(KeyError):
-    """A model family or module path the tables do not describe (message printed as written)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def register_arch(model_type: str, arch: Arch) -> None:
-    """Add (or replace) the table entry used for models whose ``config.model_type`` is ``model_type``."""
-    if not isinstance(arch, Arch):
-        raise TypeError(f"register_arch needs an attrpatch.Arch, got {type(arch).__name__}")
-    ARCHS[model_type] = arch
+# Site groups: the one home of every grouping of sites used elsewhere.
+RESID_LIKE = ("embed", "resid_pre", "attn_out", "mlp_out")  # [batch, pos, d_model]; per position by default
+HEAD_LIKE = ("head", "q", "k", "v")  # one component per (query or key-value) head
+QK_SITES = ("q", "k")  # shape the attention pattern (AtP*'s QK fix)
+WRITES_IN_BLOCK = ("attn_out", "mlp_out", "head", "neuron", "q", "k", "v")  # computed inside a block
+AFTER_ATTENTION = ("head", "attn_out", "mlp_out", "neuron")  # after the block's attention pattern
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -271,7 +175,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         known = ", ".join(sorted(ARCHS))
         raise UnsupportedModel(
             f"Unsupported model family {model_type!r} ({type(model).__name__}); supported: {known}.\n"
-            + _HOW_TO_ADD)
+            + HOW_TO_ADD)
     arch = ARCHS[model_type]
     blocks = _get(model, arch.layers)
     if blocks is None:
@@ -316,17 +220,6 @@ def unit_reduce(site: str, prod: Tensor) -> Tensor:
     return prod if site == "neuron" else prod.sum(-1)
 
 
-def unembed(spec: ModelSpec, hidden: Tensor) -> Tensor:
-    """Final norm(s), LM head and logit soft-capping: [.., d_model] -> [.., vocab]."""
-    for mod in spec.final_modules():
-        hidden = mod(hidden)
-    logits = spec.module(spec.arch.unembed)(hidden)
-    cap = getattr(spec.model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 @dataclass(frozen=True, order=True)
 class Component:
     """One scored unit: a site at a layer, at one position (``pos``) or all (None), and for head-like and
@@ -339,7 +232,7 @@ class Component:
 
     @property
     def head(self) -> int | None:
-        return self.unit if self.site in ("head", "q", "k", "v") else None
+        return self.unit if self.site in HEAD_LIKE else None
 
     @property
     def neuron(self) -> int | None:
@@ -348,7 +241,7 @@ class Component:
     def __str__(self) -> str:
         if self.site == "embed":
             name = "embed"
-        elif self.site in ("head", "q", "k", "v"):
+        elif self.site in HEAD_LIKE:
             name = f"L{self.layer}H{self.unit}" + ("" if self.site == "head" else f".{self.site}")
         elif self.site == "neuron":
             name = f"L{self.layer}N{self.unit}"
@@ -384,3 +277,8 @@ def components(site: str, dims: Dims, n_pos: int, *, per_position: bool) -> list
             for layer in range(dims.n_layers_of(site))
             for pos in positions
             for unit in ([None] if units is None else range(units))]
+
+
+def as_spec(model: nn.Module | ModelSpec) -> ModelSpec:
+    """A ModelSpec, from a model or as it is."""
+    return model if isinstance(model, ModelSpec) else model_spec(model)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .batch import PromptBatch
+from ..inputs.batch import PromptBatch
 
 
 def active() -> bool:

@@ -26,7 +26,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .sites import ModelSpec
+from ..engine.forward import softcap as _softcap
+from ..model.sites import ModelSpec
+from .gradients import Chunk
 
 NAME = "attrpatch_eager"
 _recording: ContextVar[dict | None] = ContextVar("attrpatch_attention", default=None)
@@ -35,10 +37,6 @@ _recording: ContextVar[dict | None] = ContextVar("attrpatch_attention", default=
 def _w(x: Tensor) -> Tensor:
     """At least float32 (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _softcap(x: Tensor, cap: float | None) -> Tensor:
-    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -85,6 +83,24 @@ def recording(spec: ModelSpec, on_call) -> Iterator[None]:
     finally:
         _recording.reset(token)
         model.set_attn_implementation(before)
+
+
+def scorer(chunk: Chunk, source_qk: dict, sites: list[str]):
+    """An ``on_call`` for :func:`recording` during the receiving run: once d metric / d pattern arrives in
+    the plain backward pass, add the QK-fix score of every q and k of the layer into the chunk's values.
+    source_qk: {layer: (q, k)} recorded on the source run."""
+    def on_attention(layer, q, k, pattern, attn_mask, scaling, softcap):
+        def on_grad(grad):
+            if chunk.label is not None:  # GradDrop's extra passes
+                return
+            rows = chunk.mask[:, :, None].to(torch.float32)  # [batch, pos, 1]
+            if "q" in sites:
+                chunk.add("q", layer, q_scores(source_qk[layer][0], k, pattern, grad, attn_mask, scaling, softcap) * rows)
+            if "k" in sites:
+                chunk.add("k", layer, k_scores(q, k, source_qk[layer][1], grad, attn_mask, scaling, softcap) * rows)
+        if pattern.requires_grad:
+            pattern.register_hook(on_grad)
+    return on_attention
 
 
 def q_scores(q_source: Tensor, k: Tensor, pattern: Tensor, grad: Tensor, mask: Tensor | None, scaling: float,

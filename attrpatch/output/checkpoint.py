@@ -15,9 +15,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save
 
-from . import distributed
-from .attribute import Scores
-from .patch import Effects
+from ..engine import distributed
+from ..methods.attribution import Scores
+from ..methods.patching import Effects
+from .files import write_atomic, write_json
 
 
 class Progress:
@@ -26,8 +27,6 @@ class Progress:
         self.saved = 0
         if self.folder is None:
             return
-        from .report import write_json  # report writes atomically; imported late to keep the data flow
-        self._write_json = write_json
         marker = self.folder / "run.json"
         if resume and marker.exists():
             before = json.loads(marker.read_text())
@@ -45,7 +44,6 @@ class Progress:
         return self.folder / f"{name}.safetensors"
 
     def _save(self, name: str, tensors: dict, meta: dict) -> None:
-        from .report import write_atomic
         if distributed.rank() != 0:  # every rank holds the reduced result; rank 0 writes it
             return
         data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})

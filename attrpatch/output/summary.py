@@ -2,6 +2,9 @@
 
 import math
 
+from ..analysis.flags import APPROX_FLAGS
+from ..inputs.directions import QUESTION
+
 MAX_LISTED = 12
 
 
@@ -44,8 +47,7 @@ def render(r: dict) -> str:
 
 def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     m = r["metric"]
-    word = "denoising (clean -> corrupt: is it sufficient?)" if direction == "denoise" else \
-        "noising (corrupt -> clean: is it necessary?)"
+    word = QUESTION[direction]
     lines = [f"## {direction.capitalize()}: {word}", "", "### Top components by exact effect", ""]
     top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
     lines += _table(["component", "AtP", "exact", "exact (normalised)", "rank AtP", "rank exact", "flags"],
@@ -60,7 +62,7 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
                      f"{a['recall_at_k']:.2f} (k={a['k']})", _fn_words(fn)])
     lines += _table(["site", "verified", "pearson", "spearman", "sign agreement", "recall@k",
                      "false negatives (control sample)"], rows)
-    flagged = [c for c in comps if set(c["flags"]) & {"sign_flip", "large_error", "missed", "overestimated"}]
+    flagged = [c for c in comps if set(c["flags"]) & set(APPROX_FLAGS)]
     flagged.sort(key=lambda c: -abs(c["exact"] - c["approx"]))
     lines += ["### Where AtP and exact patching disagree", ""]
     if not flagged:

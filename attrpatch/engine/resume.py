@@ -1,138 +1,18 @@
-"""Hooks on hook points, removed in ``finally``; forward passes that read the last-token logits.
-
-A callback sees a hook point's raw tensor (the tensor the model itself uses) and returns either None
-(leave it) or a replacement of the same shape. Several callbacks on one module chain in registration
-order, so q, k and v of one fused projection can be hooked together.
+"""Resuming a forward pass at a block: the patched passes of exact patching start at the earliest patched
+block (earlier blocks compute exactly what the receiving run computed) and, in a causal model, at the
+earliest patched position (earlier positions' keys and values come from the receiving run's cache).
 """
 
 import inspect
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .batch import Run
-from .sites import HookPoint, ModelSpec, unembed
-
-Callback = Callable[[Tensor], Tensor | None]
-
-
-def call_input(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
-    """The hidden-states input of a module call, and how to rebuild the call with it replaced."""
-    if args and isinstance(args[0], Tensor):
-        return args[0], lambda t: ((t, *args[1:]), kwargs)
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return kwargs["hidden_states"], lambda t: (args, {**kwargs, "hidden_states": t})
-    raise TypeError(f"cannot find the input tensor among args {[type(a).__name__ for a in args]} "
-                    f"and kwargs {sorted(kwargs)}")
-
-
-def _output_tensor(output) -> tuple[Tensor, Callable[[Tensor], object]]:
-    """Normalise a module output (tensor or tuple whose first item is the tensor)."""
-    if isinstance(output, Tensor):
-        return output, lambda t: t
-    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-        return output[0], lambda t: (t, *output[1:])
-    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}")
-
-
-def add_hook(point: HookPoint, callback: Callback) -> torch.utils.hooks.RemovableHandle:
-    if point.io == "input":
-        def pre_hook(module, args, kwargs):
-            raw, rebuild = call_input(args, kwargs)
-            new = callback(raw)
-            return None if new is None else rebuild(new)
-        return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(module, args, output):
-        raw, rebuild = _output_tensor(output)
-        new = callback(raw)
-        return None if new is None else rebuild(new)
-    return point.module.register_forward_hook(hook)
-
-
-@contextmanager
-def hooked(hooks: list[tuple[HookPoint, Callback]]) -> Iterator[None]:
-    """Install (point, callback) hooks for the duration of the block; always removed, even on error."""
-    handles = []
-    try:
-        for point, callback in hooks:
-            handles.append(add_hook(point, callback))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def batch_pos(raw: Tensor, n_pos: int) -> tuple[int, int]:
-    """(batch, pos) of a raw activation, [batch, pos, ..] or flattened [batch*pos, ..]."""
-    return (raw.shape[0], raw.shape[1]) if raw.ndim >= 3 else (raw.shape[0] // n_pos, n_pos)
-
-
-@contextmanager
-def noised(spec: ModelSpec, noise: Tensor | None) -> Iterator[None]:
-    """Add ``noise`` [batch, pos, d_model] to the token embeddings for the block (before any other hook)."""
-    if noise is None:
-        yield
-        return
-    def hook(module, args, output):
-        return output + noise.to(device=output.device, dtype=output.dtype)
-    handle = spec.module(spec.arch.embed).register_forward_hook(hook, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def forward_last(spec: ModelSpec, ids: "Tensor | Run", mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
-    """Full forward; logits at each prompt's last real token. ids, mask: [batch, pos] -> [batch, vocab].
-
-    Runs the base model and unembeds only the last positions, so no [batch, pos, vocab] tensor is made.
-    ids may be a Run (ids plus embedding noise). keep: if given, ``keep["cache"]`` receives the run's
-    key/value cache.
-    """
-    if isinstance(ids, Run):
-        with noised(spec, ids.noise):
-            return forward_last(spec, ids.ids, mask, last, keep)
-    kwargs = {}
-    if keep is not None:  # a plain cache keeps every position, also of sliding-window layers
-        from transformers import DynamicCache
-        kwargs = {"use_cache": True, "past_key_values": DynamicCache()}
-    out = spec.model.base_model(input_ids=ids, attention_mask=mask, **({"use_cache": False} | kwargs))
-    if keep is not None:
-        keep["cache"] = out.past_key_values
-    hidden = out.last_hidden_state
-    hidden = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [batch, d_model]
-    logits = spec.module(spec.arch.unembed)(hidden)
-    cap = getattr(spec.model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap is not None else logits
-
-
-@contextmanager
-def block_calls(spec: ModelSpec, start: int = 0) -> Iterator[dict[int, tuple[tuple, dict]]]:
-    """Record every block call from ``start`` on during the block: yields {layer: (args, kwargs)}."""
-    calls: dict[int, tuple[tuple, dict]] = {}
-    handles = []
-
-    def make(layer: int):
-        def pre_hook(module, args, kwargs):
-            calls[layer] = (tuple(_recordable(a) for a in args), {k: _recordable(v) for k, v in kwargs.items()})
-        return pre_hook
-    try:
-        for layer in range(start, spec.dims.n_layers):
-            handles.append(spec.blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True))
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _recordable(x):
-    """Detach tensors; drop key/value caches (a replayed call must not append to the recorded run's)."""
-    if isinstance(x, Tensor):
-        return x.detach()
-    return None if type(x).__name__.endswith("Cache") else x
+from ..model.sites import ModelSpec
+from .forward import unembed
+from .hooks import call_input, installed
 
 
 def expand(x, n: int, batch: int):
@@ -181,11 +61,8 @@ def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int)
     def pre_hook(module, args, kwargs):
         x, rebuild = call_input(args, kwargs)
         return rebuild(x[:, -1:])
-    handle = spec.module(parent, final).register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
+    with installed([lambda: spec.module(parent, final).register_forward_pre_hook(pre_hook, with_kwargs=True)]):
         yield
-    finally:
-        handle.remove()
 
 
 def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int, first_pos: int, past,
@@ -251,14 +128,3 @@ def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, 
     named["cache_position"] = torch.arange(first_pos, first_pos + n_query, device=hidden.device)
     named["hidden_states"] = hidden
     return (), named
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off for the block; the model's own training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -1,0 +1,86 @@
+"""Flags: where the approximation and the exact effect disagree, where metrics or directions disagree, and
+the measured cause behind each (SCIENCE.md, failure modes). The one home of flag names and thresholds.
+
+    sign_flip           opposite signs, both above the tolerance
+    large_error         |approx - exact| > 50% of max(|approx|, |exact|), and above the tolerance
+    missed              exact ranks in the top-k of the verified, approx outside its top-k
+    overestimated       approx ranks in the top-k, exact outside it
+    metrics_disagree    normalised effects change sign or importance across metrics
+    directions_disagree denoising restores a different share of the gap than noising removes
+    non_finite          an exact effect is NaN or infinite
+"""
+
+from ..inputs.directions import restored_share
+from ..model.sites import RESID_LIKE, Component
+
+APPROX_FLAGS = ("sign_flip", "large_error", "missed", "overestimated")  # approximation vs exact
+LABELLED_FLAGS = ("sign_flip", "large_error", "missed")  # the ones figures name their points by
+CROSS_FLAGS = ("metrics_disagree", "directions_disagree")
+NON_FINITE = "non_finite"
+FLAGS = (*APPROX_FLAGS, *CROSS_FLAGS, NON_FINITE)
+
+SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
+LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
+METRIC_TOL = 0.1  # normalised effect below which a component "does nothing" under a metric
+DIRECTION_TOL = 0.3  # normalised denoise/noise difference called a disagreement
+
+
+def disagreement_flags(approx: float, exact: float, tol: float, rank_approx: int, rank_exact: int,
+                       k: int) -> list[str]:
+    """The APPROX_FLAGS that apply (see the module docstring); ``tol``: the size below which an effect
+    counts as zero."""
+    flags = []
+    if abs(exact) > tol and abs(approx) > tol and approx * exact < 0:
+        flags.append("sign_flip")
+    err = abs(approx - exact)
+    if err > tol and err > 0.5 * max(abs(approx), abs(exact)):
+        flags.append("large_error")
+    if rank_exact <= k < rank_approx and abs(exact) > tol:
+        flags.append("missed")
+    if rank_approx <= k < rank_exact and abs(approx) > tol:
+        flags.append("overestimated")
+    return flags
+
+
+def causes(flags: list[str], c: Component, evidence: dict) -> list[str]:
+    """Likely causes of an AtP/exact disagreement, each with the number that backs it."""
+    if not flags:
+        return []
+    causes = []
+    p = evidence.get("attn_max_prob")
+    if p is not None and p > SATURATED_MAX_PROB:
+        causes.append(f"attention saturation: mean max attention probability {p:.3f} in L{c.layer}")
+    ch = evidence["activation_change"]
+    if ch > LARGE_CHANGE:
+        causes.append(f"large activation change: |a_src - a_recv| = {ch:.2f} x max(|a_src|, |a_recv|)")
+    if c.site == "embed" or (c.site in RESID_LIKE and c.layer == 0):
+        causes.append("early-layer non-linearity (embeddings, layer 0)")
+    return causes
+
+
+def mark_cross_flags(comps: list[dict], metric: str) -> None:
+    """Flags that compare metrics with one another, and denoising with noising, for the same component."""
+    for e in comps:
+        norms = {m: v for m, v in e["exact_norm"].items() if v == v}  # drop NaN
+        big = [m for m, v in norms.items() if abs(v) >= METRIC_TOL]
+        small = [m for m, v in norms.items() if abs(v) < METRIC_TOL / 2]
+        opposite = any(norms[a] * norms[b] < 0 for a in big for b in big)
+        if opposite or (big and small):
+            e["flags"].append("metrics_disagree")
+            e["causes"].append("metric non-linearity: normalised effects " +
+                               ", ".join(f"{m} {v:+.2f}" for m, v in norms.items()))
+    by_key: dict = {}
+    for e in comps:
+        by_key.setdefault(e["name"], {})[e["direction"]] = e
+    for pair in by_key.values():
+        if len(pair) < 2:
+            continue
+        d = restored_share("denoise", pair["denoise"]["exact_norm"][metric])
+        n = restored_share("noise", pair["noise"]["exact_norm"][metric])
+        if d == d and n == n and abs(d - n) > DIRECTION_TOL:
+            kind = "sufficient but not necessary (backup/OR-like)" if abs(d) > abs(n) else \
+                "necessary but not sufficient (AND-like)"
+            for e in pair.values():
+                e["flags"].append("directions_disagree")
+                e["causes"].append(f"backup behaviour: denoising restores {d:+.2f}, noising removes {n:+.2f} "
+                                   f"of the clean-corrupt gap: {kind}")

@@ -1,0 +1,111 @@
+"""Attribution: the score of every component of every requested site, by one of the estimators.
+
+For a component c with activation a_c, in a run that *receives* a patch from a *source* run
+(``inputs.directions``: denoise patches clean into corrupt, noise corrupt into clean):
+
+    score(c) = (a_c(source) - a_c(receiver)) . d metric / d a_c  evaluated on the receiver      (AtP)
+
+The dot product runs over the component's own dimensions (d_model, d_head, or none for a neuron). Scores
+are kept per position; a component at all positions scores the sum over positions. Each estimator is one
+module with its formula and cost (``ESTIMATORS``); gradients.py is the machinery they share. A new
+estimator is a new module with ``score(chunk, ...)`` and ``passes(n_layers, n_metrics, ...)``, registered
+in ``ESTIMATORS``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..engine.hooks import eval_mode
+from ..engine.metrics import check_metric, wide
+from ..inputs.batch import PromptBatch
+from ..inputs.directions import check_direction
+from ..model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
+from . import atp, atp_star, graddrop, ig
+from .gradients import Chunk
+
+ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop}  # name -> module
+
+
+def check_estimator(name: str) -> None:
+    if name not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}.")
+
+
+@dataclass
+class Scores:
+    """AtP scores. ``values[metric][site]``: float32 (float64 for float64 models) [layer, pos, (head | d_mlp)], mean over prompts, or
+    [batch, layer, pos, (head | d_mlp)] with ``per_prompt``. ``clean_metric``/``corrupt_metric``: the
+    metric's mean over prompts on each run."""
+
+    values: dict[str, dict[str, Tensor]]
+    direction: str
+    clean_metric: dict[str, float]
+    corrupt_metric: dict[str, float]
+    n_prompts: int
+    per_prompt: bool = False
+    passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes spent
+    estimator: str = "atp"
+
+    def score(self, component: Component, metric_name: str) -> float:
+        """The (mean) score of one component; all-position components sum their positions."""
+        values = self.values[metric_name][component.site]
+        if self.per_prompt:
+            values = values.mean(0)
+        return float(values[component.index()].sum())
+
+
+def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
+              metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
+              batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
+              progress: bool = False) -> Scores:
+    """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
+
+    batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
+    estimator: a key of ``ESTIMATORS``: ``atp`` (atp.py), ``ig`` (integrated gradients over ``ig_steps``
+        points, ig.py), ``graddrop`` (graddrop.py) or ``atp_star`` (QK fix + GradDrop, atp_star.py).
+    """
+    spec = as_spec(model)
+    sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
+    for s in sites:
+        check_site(s, spec)
+    for m in metrics:
+        check_metric(m)
+    check_direction(direction)
+    check_estimator(estimator)
+    if estimator == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    d, device = spec.dims, spec.device
+    batch = batch.to(device)
+    lead = (batch.n,) if per_prompt else ()
+    acc = wide(next(spec.model.parameters()).dtype)  # >= float32
+    values = {m: {s: torch.zeros(*lead, *site_shape(s, d, batch.n_pos), device=device, dtype=acc)
+                  for s in sites} for m in metrics}
+    sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
+    start = 0
+    options = {"steps": ig_steps} if estimator == "ig" else {}
+    with eval_mode(spec.model):
+        for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
+            rows = slice(start, start + part.n) if per_prompt else None
+            chunk = Chunk(spec, part, sites, metrics, direction, values, rows)
+            ESTIMATORS[estimator].score(chunk, **options)
+            for run, per_metric in chunk.metric_sums().items():
+                for m in metrics:
+                    sums[run][m] += per_metric[m]
+            start += part.n
+    if not per_prompt:
+        for per_site in values.values():
+            for t in per_site.values():
+                t /= batch.n
+    n_chunks = -(-batch.n // (batch_size or batch.n))
+    cost = ESTIMATORS[estimator].passes(d.n_layers, len(metrics), **options)
+    return Scores(
+        values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
+        clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
+        corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
+        passes={k: v * n_chunks for k, v in cost.items()},
+        estimator=estimator,
+    )

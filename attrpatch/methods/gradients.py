@@ -1,0 +1,146 @@
+"""The core every gradient-based estimator shares: cache the source run, run the receiving run with grad,
+and hand each hook point's delta . gradient product to the estimator as its gradient arrives.
+
+    delta(c)    = a_c(source) - a_c(receiver)                    [batch, pos, ...]  (pad positions zeroed)
+    product(c)  = sum over c's own dims of delta(c) * d metric / d a_c     [batch, pos, (head | d_mlp)]
+
+Source and receiver follow ``inputs.directions``. The receiving run starts from a fresh leaf at the
+embeddings, so the backward computes no weight gradients, and each product is formed inside a tensor hook
+so no gradient outlives it. An estimator (atp.py, ig.py, graddrop.py, atp_star.py) decides what to do
+with the products: add them (AtP), average them over interpolated runs (IG), combine several backward
+passes (GradDrop).
+"""
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..engine.forward import forward_last
+from ..engine.hooks import batch_pos, hooked
+from ..engine.metrics import Target, metric
+from ..inputs.batch import PromptBatch, Run
+from ..inputs.directions import clean_and_corrupt
+from ..model.sites import ModelSpec, unit_reduce
+
+Key = tuple[str, int]  # (site, layer)
+
+
+def product(site: str, delta: Tensor, grad: Tensor) -> Tensor:
+    """delta . grad over the component's own dimensions: [batch, pos, ..] -> [batch, pos, (unit)]."""
+    return unit_reduce(site, delta * grad)
+
+
+def masked(delta: Tensor, mask: Tensor) -> Tensor:
+    """Zero the pad positions of [batch, pos, ...] (no copy when nothing is padded)."""
+    if bool(mask.all()):
+        return delta
+    return delta * mask.view(*mask.shape, *([1] * (delta.ndim - 2))).to(delta.dtype)
+
+
+class Chunk:
+    """One chunk of prompts being scored: its hook points, source cache, deltas, and the score tensors
+    (``values[metric][site]``, [layer, pos, (unit)] summed over prompts, or [batch, layer, pos, (unit)]
+    written at ``rows`` when scores are kept per prompt).
+
+    ``metric`` and ``label`` say which backward pass is running: the metric differentiated, and the
+    estimator's label of the pass (None for the plain one; GradDrop labels a pass by its dropped layer).
+    """
+
+    def __init__(self, spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str], direction: str,
+                 values: dict, rows: slice | None):
+        self.spec, self.batch, self.sites, self.metrics, self.direction = spec, batch, sites, metrics, direction
+        self.values, self.rows = values, rows
+        self.points = {(s, layer): spec.hook_point(s, layer) for s in sites
+                       for layer in range(spec.dims.n_layers_of(s))}
+        self.embed = spec.hook_point("embed", 0)
+        self.mask = batch.mask.bool()
+        self.source_run, self.receiver_run = batch.runs(direction)
+        self.source: dict[Key, Tensor] = {}
+        self.deltas: dict[Key, Tensor] = {}
+        self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
+        self.metric, self.label = metrics[0], None
+
+    def cache(self, run: Run, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
+        """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
+        found: dict[Key, Tensor] = {}
+
+        def keep(key):
+            def callback(raw):
+                found[key] = points[key].read(raw, *batch_pos(raw, self.batch.n_pos)).detach()
+            return callback
+        with torch.no_grad(), hooked([(p, keep(key)) for key, p in points.items()]):
+            logits = forward_last(self.spec, run, self.batch.mask, self.batch.last)
+        return found, logits
+
+    def cache_source(self) -> None:
+        """The source run: every point's activation and the embeddings."""
+        self.source, self.logits["source"] = self.cache(self.source_run, {**self.points, ("embed", 0): self.embed})
+
+    def add(self, site: str, layer: int, score: Tensor) -> None:
+        """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""
+        target = self.values[self.metric][site]
+        if self.rows is None:  # .to: with device_map the layer may live on another device
+            target[layer] += score.sum(0).to(target.device, target.dtype)
+        else:
+            target[self.rows, layer] += score.to(target.device, target.dtype)
+
+    def target(self) -> Target:
+        clean, _ = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
+        return Target.from_clean(self.batch.answer, self.batch.wrong, clean)
+
+    def backward(self, on_product: Callable[[Key, Tensor], None], *, embed: Callable[[Tensor], Tensor] | None = None,
+                 hooks: list = (), context=nullcontext, labels: list = (None,),
+                 after_metric: Callable[[str], None] | None = None) -> None:
+        """One receiving forward with grad, then per metric one backward per label in ``labels``.
+
+        embed(raw) -> the embeddings the receiving run starts from (default: its own); hooks: extra
+        (point, callback) hooks; context: a context manager factory active during the forward;
+        on_product(key, product) receives each point's product as its gradient arrives;
+        after_metric(metric) runs after the last backward of each metric."""
+        root: list[Tensor] = []
+
+        def make_root(raw):
+            leaf = (raw if embed is None else embed(raw)).detach().view_as(raw).requires_grad_(True)
+            root.append(leaf)
+            return leaf
+        all_hooks = [(self.embed, make_root)] + [(p, self._scorer(key, on_product)) for key, p in self.points.items()]
+        with torch.enable_grad(), hooked(all_hooks + list(hooks)), context():
+            logits = forward_last(self.spec, self.receiver_run, self.batch.mask, self.batch.last)
+            self.logits.setdefault("receiver", logits.detach())
+            target = self.target()
+            totals = [metric(m, logits, target).sum() for m in self.metrics]
+            for i, (m, total) in enumerate(zip(self.metrics, totals)):
+                self.metric = m
+                for j, label in enumerate(labels):
+                    self.label = label
+                    last = i == len(self.metrics) - 1 and j == len(labels) - 1
+                    torch.autograd.grad(total, root, retain_graph=not last)
+                self.label = None
+                if after_metric is not None:
+                    after_metric(m)
+
+    def _scorer(self, key: Key, on_product):
+        site = key[0]
+        point = self.points[key]
+
+        def callback(raw):
+            n, n_pos = batch_pos(raw, self.batch.n_pos)
+            if key not in self.deltas:
+                self.deltas[key] = masked(self.source.pop(key) - point.read(raw, n, n_pos).detach(), self.mask)
+            delta = self.deltas[key]
+
+            def on_grad(grad):
+                dtype = self.values[self.metric][site].dtype
+                on_product(key, product(site, delta.to(dtype), point.read(grad, n, n_pos).to(dtype)))
+            raw.register_hook(on_grad)
+        return callback
+
+    def metric_sums(self) -> dict[str, dict[str, float]]:
+        """The chunk's summed metric values on the clean and the corrupt run."""
+        target = self.target()
+        clean, corrupt = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
+        with torch.no_grad():
+            return {"clean": {m: float(metric(m, clean, target).sum()) for m in self.metrics},
+                    "corrupt": {m: float(metric(m, corrupt, target).sum()) for m in self.metrics}}
