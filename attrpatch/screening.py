@@ -7,6 +7,7 @@ what AtP missed). Every metric is read from the same patched forward passes.
 """
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from .analysis.agreement import grade_estimators
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import mark_cross_flags
 from .analysis.ranking import plan_verification
+from .analysis.sanity import clean_run_check
 from .engine import distributed
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
@@ -103,6 +105,7 @@ class ScreenResult:
     estimators: dict  # direction -> estimator -> {"cost": .., "sites": site -> agreement + false negatives}
     numerical: dict  # non-finite scores and effects, named per component
     timing: dict = field(default_factory=dict)
+    sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity)
 
 
 def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenConfig(),
@@ -136,7 +139,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=long_table(comps, config.metrics, config.metric),
                         agreement=agree, false_negatives=fns, attention=attention, estimators=by_estimator,
-                        numerical=numerical, timing=run.timing)
+                        numerical=numerical, timing=run.timing, sanity=run.sanity)
 
 
 class _Steps:
@@ -165,6 +168,10 @@ class _Steps:
             start = time.perf_counter()
             corrupt_logits = forward_last(self.spec, batch.run("corrupt"), batch.mask, batch.last)
             self.timing["forward_s"] = time.perf_counter() - start
+        self.sanity = clean_run_check(*(distributed.gather(logit_diff(batch, logits))
+                                        for logits in (clean_logits, corrupt_logits)))
+        for message in self.sanity["warnings"]:
+            warnings.warn(message, stacklevel=3)
         check_baselines(clean_logits, corrupt_logits, batch, config, self.reduce)
 
     def attribute(self, direction: str) -> tuple[dict[str, Scores], dict[str, float]]:
@@ -216,6 +223,22 @@ class _Steps:
             change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
+
+
+def logit_diff(batch: PromptBatch, logits) -> "torch.Tensor":
+    """logit[answer] - logit[wrong] per pair: [batch, vocab] -> [batch]."""
+    return metric("logit_diff", logits, Target(batch.answer, batch.wrong, logits[:, :0]))
+
+
+def solved(model: nn.Module, batch: PromptBatch, batch_size: int | None = None) -> "torch.Tensor":
+    """Which pairs the model solves on the clean prompt (answer logit above the wrong one): [batch] bool."""
+    spec = as_spec(model)
+    out = []
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.to(spec.device).chunks(batch_size):
+            logits = forward_last(spec, chunk.run("clean"), chunk.mask, chunk.last)
+            out.append(logit_diff(chunk, logits).cpu() > 0)
+    return torch.cat(out)
 
 
 def _reduce_scores(scores: Scores, reduce, n_total: int) -> Scores:

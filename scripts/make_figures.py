@@ -68,7 +68,7 @@ def ioi_pairs(tokenizer, template: int, n: int, seed: int) -> tuple[list, list[s
         if not m:
             continue
         try:
-            pair = tokenize_pair(clean, corrupt, answer, wrong, tokenizer)
+            pair = tokenize_pair(clean, corrupt, answer, wrong, tokenizer, multi_token="refuse")
         except ValueError:
             continue
         if pairs and len(pair.clean_ids) != len(pairs[0].clean_ids):

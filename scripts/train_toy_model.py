@@ -101,7 +101,7 @@ class Sampler:
         self.word_ids = tasks.word_token_ids(tokenizer)
 
     def text_pair(self, name: str) -> list[tuple[list[int], list[float]]]:
-        pair = tokenize_pair(*next(self.streams[name]), self.tokenizer)
+        pair = tokenize_pair(*next(self.streams[name]).text, self.tokenizer, multi_token="refuse")
         out = []
         for prompt, answer in ((pair.clean_ids, pair.answer_id), (pair.corrupt_ids, pair.wrong_id)):
             weights = [1.0] * (len(prompt) - 1) + [self.answer_weight]

@@ -1,6 +1,7 @@
 """The screen end to end through the CLI, on tiny random models saved to and loaded from a folder."""
 
 import csv
+import re
 import json
 
 import pytest
@@ -82,14 +83,18 @@ def test_scores_file_holds_every_component(cli_run):
     assert axes["denoise/logit_diff/neuron"] == "layer pos neuron"
 
 
-def test_malformed_jsonl_line_is_named(tmp_path):
+def test_malformed_jsonl_line_is_named(tmp_path, capsys):
     _, folder = _save_model(tmp_path)
     task = _write_task(tmp_path / "bad.jsonl", random_pairs(n=2))
     with open(task, "a") as f:
         f.write('{"clean_ids": [1, 2], "corrupt_ids": [1, 2], "answer_id": 3}\n')
+    argv = ["screen", "--model", str(folder), "--task", str(task), "--out", str(tmp_path / "o"), "--quiet",
+            "--no-figures"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^attrpatch: error: .*bad\.jsonl:3:.*wrong_id", err) and "Traceback" not in err
     with pytest.raises(ValueError, match=r"bad\.jsonl:3:.*wrong_id"):
-        main(["screen", "--model", str(folder), "--task", str(task), "--out", str(tmp_path / "o"), "--quiet",
-              "--no-figures"])
+        main([*argv, "--debug"])
 
 
 def test_bad_site_is_refused_with_the_valid_ones(capsys):

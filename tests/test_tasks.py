@@ -179,9 +179,23 @@ def test_tokenize_pair(tok):
 def test_multi_token_answer_error_shows_the_split(tok):
     with pytest.raises(ValueError, match=r"answer ' Big Ben' tokenises into 2 tokens "
                                          r"\[' Big', ' Ben'\]; use a single-token answer"):
-        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Madrid", tok)
+        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Madrid", tok, multi_token="refuse")
     with pytest.raises(ValueError, match=r"wrong ' Big Ben' tokenises into 2 tokens"):
-        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Big Ben", tok)
+        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Paris", " Big Ben", tok, multi_token="refuse")
+
+
+def test_multi_token_answers_compare_the_first_tokens_that_differ(tok):
+    """' Big Ben' vs ' Big Mosque'... : the shared ' Big' is appended to both prompts and the metric
+    compares ' Ben' with the wrong answer's next token; answers that differ at once use their first."""
+    pair = pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Big Tower", tok)
+    assert tok.decode(pair.clean_ids) == "The Louvre is in Big"
+    assert tok.decode(pair.corrupt_ids) == "The Prado is in Big"
+    assert tok.convert_ids_to_tokens([pair.answer_id, pair.wrong_id]) == [" Ben", " Tower"]
+    first = pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big Ben", " Madrid", tok)
+    assert tok.convert_ids_to_tokens([first.answer_id, first.wrong_id]) == [" Big", " Madrid"]
+    assert tok.decode(first.clean_ids) == "The Louvre is in"
+    with pytest.raises(ValueError, match="one is a prefix of the other"):
+        pair_io.tokenize_pair("The Louvre is in", "The Prado is in", " Big", " Big Ben", tok)
 
 
 def test_unequal_lengths_error_shows_both_tokenisations(tok):
@@ -230,8 +244,10 @@ GOOD = '{"clean": "The Louvre is in", "corrupt": "The Prado is in", "answer": " 
      r"bad\.jsonl:3: clean and corrupt prompts must have the same token length, got 2 vs 1"),
     ('{"clean": "The Louvre is in", "corrupt": "The Big Ben is in", "answer": " Paris", "wrong": " London"}',
      r"bad\.jsonl:3: clean and corrupt .* got 4 vs 5"),
-    ('{"clean": "The Louvre is in", "corrupt": "The Prado is in", "answer": " Big Ben", "wrong": " Madrid"}',
-     r"bad\.jsonl:3: answer ' Big Ben' tokenises into 2 tokens"),
+    ('{"clean": "The Louvre is in", "corrupt": "The Prado is in", "answer": " Big", "wrong": " Big Ben"}',
+     r"bad\.jsonl:3: answer tokens .* one is a prefix of the other"),
+    ('{"clean_ids": [1, 2], "corrupt_ids": [1, 3], "answer_id": 4, "wrong_id": 5, "roles": {"S2": 7}}',
+     r"bad\.jsonl:3: roles \{'S2': 7\} are not token positions of the 2-token prompt"),
     ('["The Louvre is in"]', r"bad\.jsonl:3: expected a JSON object"),
     ('{"prompt": "The Louvre is in"}', r"bad\.jsonl:3: missing field 'clean' .* or 'clean_ids'"),
 ])

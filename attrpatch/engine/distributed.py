@@ -70,3 +70,13 @@ def mean(value, n_local: int, n_total: int):
     t = torch.tensor([float(value) * n_local], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item() / n_total)
+
+
+def gather(value: Tensor) -> Tensor:
+    """Every rank's [n_local, ...] rows concatenated in rank order (the global prompt order, as shards are
+    contiguous); identity in a single process."""
+    if not active():
+        return value
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value.detach().cpu())
+    return torch.cat(parts).to(value.device)

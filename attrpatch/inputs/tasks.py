@@ -16,9 +16,13 @@ disjoint random streams.
 
 import random
 import re
+import string
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .pairs import PromptPair, tokenize_pair
 
@@ -27,6 +31,33 @@ SPLITS = ("train", "test")
 
 # A text pair: (clean, corrupt, answer, wrong).
 TextPair = tuple[str, str, str, str]
+
+
+class TaskText(NamedTuple):
+    """One generated pair as text, with its template's index and the character spans of its roles in
+    the clean text ({role: (start, end)}); ``text`` is the plain (clean, corrupt, answer, wrong)."""
+
+    clean: str
+    corrupt: str
+    answer: str
+    wrong: str
+    template: int
+    spans: dict
+
+    @property
+    def text(self) -> TextPair:
+        return self.clean, self.corrupt, self.answer, self.wrong
+
+
+def _fill(template: str, values: dict) -> tuple[str, dict[str, tuple[int, int]]]:
+    """template.format(**values), and the character span of each field in the result."""
+    out, spans = "", {}
+    for literal, name, _, _ in string.Formatter().parse(template):
+        out += literal
+        if name is not None:
+            spans.setdefault(name, (len(out), len(out) + len(values[name])))
+            out += values[name]
+    return out, spans
 
 IOI_NAMES = (
     "Mary", "John", "Tom", "James", "Dan", "Sarah", "Paul", "Anna", "Mark", "Kate", "Peter",
@@ -95,7 +126,9 @@ def _in_split(key: str, split: str, test_every: int) -> bool:
     return (zlib.crc32(key.encode()) % test_every == 0) == (split == "test")
 
 
-def _ioi_stream(seed: int, split: str) -> Iterator[TextPair]:
+def _ioi_stream(seed: int, split: str) -> Iterator[TaskText]:
+    """Roles: IO (the clean answer's first mention), S1 (the subject's first mention), S2 (the repeated
+    subject, the corrupted token), END (added on tokenization)."""
     _check_split(split)
     rng = random.Random(f"ioi|{split}|{seed}")
     while True:
@@ -106,18 +139,21 @@ def _ioi_stream(seed: int, split: str) -> Iterator[TextPair]:
         place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
         io, s = (n1, n2) if rng.random() < 0.5 else (n2, n1)  # io: the clean answer
         fill = dict(A=n1, B=n2, place=place, object=obj)
-        clean = IOI_TEMPLATES[t].format(S=s, **fill)
+        clean, spans = _fill(IOI_TEMPLATES[t], {"S": s, **fill})
         corrupt = IOI_TEMPLATES[t].format(S=io, **fill)
-        yield clean, corrupt, " " + io, " " + s
+        first_io, first_s = ("A", "B") if io == n1 else ("B", "A")
+        yield TaskText(clean, corrupt, " " + io, " " + s, t,
+                       {"IO": spans[first_io], "S1": spans[first_s], "S2": spans["S"]})
 
 
 def ioi_texts(n: int, seed: int = 0, split: str = "test") -> list[TextPair]:
     """n IOI text pairs (clean, corrupt, answer, wrong); corrupt repeats the other name."""
     stream = _ioi_stream(seed, split)
-    return [next(stream) for _ in range(n)]
+    return [next(stream).text for _ in range(n)]
 
 
-def _facts_stream(seed: int, split: str) -> Iterator[TextPair]:
+def _facts_stream(seed: int, split: str) -> Iterator[TaskText]:
+    """Roles: subject (its last token, where factual recall is read: Meng et al.), END."""
     _check_split(split)
     rng = random.Random(f"facts|{split}|{seed}")
     by_template = [[(s, a) for s, a in FACTS if _in_split(f"{t}|{s}", split, test_every=4)]
@@ -130,14 +166,15 @@ def _facts_stream(seed: int, split: str) -> Iterator[TextPair]:
         if not others:
             continue
         other, wrong = rng.choice(others)
-        yield (FACT_TEMPLATES[t].format(s=subject), FACT_TEMPLATES[t].format(s=other),
-               " " + answer, " " + wrong)
+        clean, spans = _fill(FACT_TEMPLATES[t], {"s": subject})
+        yield TaskText(clean, FACT_TEMPLATES[t].format(s=other), " " + answer, " " + wrong, t,
+                       {"subject": spans["s"]})
 
 
 def facts_texts(n: int, seed: int = 0, split: str = "test") -> list[TextPair]:
     """n factual-recall text pairs; corrupt uses a subject with as many words, another city."""
     stream = _facts_stream(seed, split)
-    return [next(stream) for _ in range(n)]
+    return [next(stream).text for _ in range(n)]
 
 
 def induction_pairs(vocab_ids: Sequence[int], n_pairs: int, seq_len: int = 10, seed: int = 0,
@@ -158,7 +195,8 @@ def induction_pairs(vocab_ids: Sequence[int], n_pairs: int, seq_len: int = 10, s
     for _ in range(n_pairs):
         *r, w = rng.sample(ids, seq_len + 1)
         corrupt_r = r[:k] + [w] + r[k + 1:]
-        pairs.append(PromptPair(tuple(r + r[:k]), tuple(corrupt_r + r[:k]), r[k], w))
+        pairs.append(PromptPair(tuple(r + r[:k]), tuple(corrupt_r + r[:k]), r[k], w, template="induction",
+                                roles={"copied": k, "END": seq_len + k - 1}))
     return pairs
 
 
@@ -172,52 +210,105 @@ def word_token_ids(tokenizer) -> list[int]:
 
 # ---------------------------------------------------------------------------- built-in tasks
 
-def _tokenized(stream: Iterator[TextPair], tokenizer, n_pairs: int, name: str) -> list[PromptPair]:
-    """First n_pairs of stream that tokenise validly; the others are skipped."""
-    pairs, tries, max_tries = [], 0, max(2000, 50 * n_pairs)
+TEMPLATES = {"ioi": IOI_TEMPLATES, "facts": FACT_TEMPLATES, "induction": ("induction",)}
+
+
+@dataclass
+class TaskDraw:
+    """The pairs drawn from a built-in task, and what was skipped on the way: {reason: count}."""
+
+    pairs: list[PromptPair]
+    skipped: Counter = field(default_factory=Counter)
+
+    def skipped_words(self, most: int = 5) -> str:
+        """'3 of 23 candidates skipped: answer ' Agra' splits into 2 tokens (2), ...' or ''."""
+        if not self.skipped:
+            return ""
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{r} ({n})" for r, n in self.skipped.most_common(most))
+        return f"{total} of {total + len(self.pairs)} candidate pairs skipped: {reasons}"
+
+
+def _skip_reason(err: ValueError, texts: TaskText) -> str:
+    message = str(err)
+    for name, text in (("answer", texts.answer), ("wrong", texts.wrong)):
+        if message.startswith(f"{name} "):
+            return f"{text!r} splits into several tokens"
+    return "clean and corrupt token lengths differ"
+
+
+def _tokenized(stream: Iterator[TaskText], tokenizer, n_pairs: int, name: str, bos: int | None,
+               template: int | None) -> TaskDraw:
+    """The first n_pairs of ``stream`` (of ``template`` only, if given) that tokenise validly; the others
+    are skipped and counted by reason."""
+    draw, tries, max_tries = TaskDraw([]), 0, max(2000, 50 * n_pairs)
     last_error = None
-    while len(pairs) < n_pairs and tries < max_tries:
+    while len(draw.pairs) < n_pairs and tries < max_tries:
+        texts = next(stream)
+        if template is not None and texts.template != template:
+            continue
         tries += 1
         try:
-            pairs.append(tokenize_pair(*next(stream), tokenizer))
+            draw.pairs.append(tokenize_pair(*texts.text, tokenizer, bos=bos, spans=texts.spans,
+                                            template=TEMPLATES[name][texts.template], multi_token="refuse"))
         except ValueError as err:
             last_error = err
-    if not pairs:
+            draw.skipped[_skip_reason(err, texts)] += 1
+    if not draw.pairs:
         raise ValueError(f"task {name!r}: none of {tries} candidate pairs tokenises into equal "
                          f"lengths with single-token answers; last error: {last_error}")
-    if len(pairs) < n_pairs:
-        warnings.warn(f"task {name!r}: only {len(pairs)} of {n_pairs} pairs tokenise validly",
+    if len(draw.pairs) < n_pairs:
+        warnings.warn(f"task {name!r}: only {len(draw.pairs)} of {n_pairs} pairs tokenise validly",
                       stacklevel=3)
-    return pairs
+    return draw
+
+
+def check_template(name: str, template: int | None) -> None:
+    if template is not None and not 0 <= template < len(TEMPLATES.get(name, ())):
+        known = "\n".join(f"  {i}: {t}" for i, t in enumerate(TEMPLATES.get(name, ())))
+        raise ValueError(f"template {template} out of range for task {name!r}; its templates are:\n{known}")
+
+
+def draw_task(name: str, tokenizer=None, n_pairs: int = 64, seed: int = 0, vocab_size: int | None = None,
+              split: str = "test", *, bos: int | None = None, template: int | None = None) -> TaskDraw:
+    """Pairs of a built-in task (see :data:`TASKS`), deterministic given seed and split, each with its
+    template and roles; ``bos`` (a token id) is put first in every prompt; ``template`` (an index into
+    the task's templates, :data:`TEMPLATES`) keeps one template only.
+
+    Text tasks need a tokenizer; pairs whose tokenisation is unequal in length or has a multi-token
+    answer are skipped and counted. ``induction`` draws from the tokenizer's word tokens, or from
+    ``range(vocab_size)`` without a tokenizer.
+    """
+    _check_split(split)
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; known: {', '.join(TASKS)}")
+    check_template(name, template)
+    if name == "induction":
+        return TaskDraw(_induction(tokenizer, n_pairs, seed, vocab_size, split, bos))
+    if tokenizer is None:
+        raise ValueError(f"task {name!r} is a text task and needs a tokenizer")
+    streams = {"ioi": _ioi_stream, "facts": _facts_stream}
+    return _tokenized(streams[name](seed, split), tokenizer, n_pairs, name, bos, template)
+
+
+def _induction(tokenizer, n_pairs: int, seed: int, vocab_size: int | None, split: str, bos: int | None):
+    if tokenizer is not None:
+        vocab_ids = word_token_ids(tokenizer)
+    elif vocab_size is not None:
+        vocab_ids = range(vocab_size)
+    else:
+        raise ValueError("task 'induction' needs a tokenizer or vocab_size")
+    pairs = induction_pairs(vocab_ids, n_pairs, seed=seed, split=split)
+    lead = () if bos is None else (bos,)
+    decode = (lambda ids: tokenizer.decode(list(ids))) if tokenizer is not None else (lambda ids: None)
+    return [PromptPair(lead + p.clean_ids, lead + p.corrupt_ids, p.answer_id, p.wrong_id,
+                       clean=decode(p.clean_ids), corrupt=decode(p.corrupt_ids), answer=decode([p.answer_id]),
+                       wrong=decode([p.wrong_id]), template=p.template,
+                       roles={r: q + len(lead) for r, q in p.role_positions.items()}) for p in pairs]
 
 
 def builtin_task(name: str, tokenizer=None, n_pairs: int = 64, seed: int = 0,
-                 vocab_size: int | None = None, split: str = "test") -> list[PromptPair]:
-    """Pairs of a built-in task (see :data:`TASKS`), deterministic given seed and split.
-
-    Text tasks need a tokenizer; pairs whose tokenisation is unequal in length or has a
-    multi-token answer are skipped. ``induction`` draws from the tokenizer's word tokens, or
-    from ``range(vocab_size)`` without a tokenizer.
-    """
-    _check_split(split)
-    if name == "induction":
-        if tokenizer is not None:
-            vocab_ids = word_token_ids(tokenizer)
-        elif vocab_size is not None:
-            vocab_ids = range(vocab_size)
-        else:
-            raise ValueError("task 'induction' needs a tokenizer or vocab_size")
-        pairs = induction_pairs(vocab_ids, n_pairs, seed=seed, split=split)
-        if tokenizer is None:
-            return pairs
-        return [PromptPair(p.clean_ids, p.corrupt_ids, p.answer_id, p.wrong_id,
-                           clean=tokenizer.decode(p.clean_ids),
-                           corrupt=tokenizer.decode(p.corrupt_ids),
-                           answer=tokenizer.decode([p.answer_id]),
-                           wrong=tokenizer.decode([p.wrong_id])) for p in pairs]
-    streams = {"ioi": _ioi_stream, "facts": _facts_stream}
-    if name not in streams:
-        raise ValueError(f"Unknown task {name!r}; known: {', '.join(TASKS)}")
-    if tokenizer is None:
-        raise ValueError(f"task {name!r} is a text task and needs a tokenizer")
-    return _tokenized(streams[name](seed, split), tokenizer, n_pairs, name)
+                 vocab_size: int | None = None, split: str = "test", *, bos: int | None = None,
+                 template: int | None = None) -> list[PromptPair]:
+    """The pairs of :func:`draw_task`."""
+    return draw_task(name, tokenizer, n_pairs, seed, vocab_size, split, bos=bos, template=template).pairs

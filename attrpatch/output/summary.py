@@ -23,6 +23,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def render(r: dict) -> str:
     m = r["metric"]
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
+    lines += _sanity_section(r.get("sanity") or {})
     lines += _numerical_section(r.get("numerical") or {})
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
@@ -139,3 +140,38 @@ def _numerical_section(num: dict) -> list[str]:
     for e in num.get("effects", [])[:MAX_LISTED]:
         lines.append(f"- non-finite exact effect of {e['component']} ({e['direction']}): {', '.join(e['metrics'])}")
     return lines + [""]
+
+
+def _sanity_section(check: dict) -> list[str]:
+    """Does the model do the task? Accuracy and logit-difference spread, per template; warnings first."""
+    if not check:
+        return []
+    lines = ["## Clean-run check" + (" (read first)" if check.get("warnings") else ""), ""]
+    lines += [f"> **Warning:** {w}" for w in check.get("warnings", [])]
+    lines += [""] if check.get("warnings") else []
+    ld = check["logit_diff"]
+    lines.append(f"The model puts the answer above the wrong token on {check['accuracy']:.0%} of {check['n']} clean "
+                 f"prompts (and the wrong token above the answer on {check['corrupt_accuracy']:.0%} of the corrupt "
+                 f"ones). Clean logit difference: mean {_f(ld['mean'], 2)}, median {_f(ld['median'], 2)}, range "
+                 f"{_f(ld['min'], 2)} to {_f(ld['max'], 2)}.")
+    sel = check.get("prompt_selection") or {}
+    bos = sel.get("bos_token")
+    if sel:
+        adds = sel.get("tokenizer_adds_bos")
+        lines.append(f"Tokenization: --prepend-bos {sel['prepend_bos']}; "
+                     + (f"every prompt starts with {bos!r} (position 0)" if bos is not None else "no BOS token")
+                     + ("" if adds is None else f"; the tokenizer {'adds' if adds else 'adds no'} BOS by itself") + ".")
+        notes = [sel.get("skipped")] if sel.get("skipped") else []
+        if sel.get("template"):
+            notes.append(f"one template, so that positions align: {sel['template']!r}")
+        if sel.get("dropped_other_layout"):
+            notes.append(f"{sel['dropped_other_layout']} pairs of another token layout dropped")
+        if sel.get("dropped_unsolved"):
+            notes.append(f"--keep-correct dropped {sel['dropped_unsolved']} pairs the model does not solve")
+        lines += [f"Prompts: {'; '.join(notes)}."] if notes else []
+    groups = check.get("per_template") or {}
+    if len(groups) > 1:
+        lines += ["", *_table(["template", "pairs", "accuracy", "mean logit diff"],
+                              [[g, v["n"], f"{v['accuracy']:.0%}", _f(v["mean"], 2)] for g, v in groups.items()])]
+    return lines + [""]
+
