@@ -3,7 +3,7 @@
 Everything about a family lives in its ``Arch`` row; :func:`register_arch` adds a row for a new family.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 QKV_LAYOUTS = ("separate", "gpt2", "neox", "phi3")
@@ -47,6 +47,8 @@ _LLAMA_LIKE = Arch(
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
 )
+# Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
+_POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
@@ -59,16 +61,28 @@ ARCHS: dict[str, Arch] = {
         attn_out="attention", mlp_out="mlp", head="attention.dense", neuron="mlp.dense_4h_to_h",
         q="attention.query_key_value", qkv_layout="neox",
     ),
-    "llama": _LLAMA_LIKE,
+    "llama": replace(_LLAMA_LIKE, notes=(
+        "Llama 1-3.x: Llama 3.x is model_type llama with rope_scaling {'rope_type': 'llama3'}, which only "
+        "changes the rotary frequencies (read by transformers, nothing here)")),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma2": Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-        head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        notes="post-attention/post-feedforward norms: attn_out/mlp_out are their outputs",
-    ),
+    "qwen3": replace(_LLAMA_LIKE, notes=(
+        "q_norm/k_norm: RMSNorm over each head's d_head after q_proj/k_proj, before rotary; q/k are the "
+        "projection outputs (pre-norm), so one head's q or k changes that head alone")),
+    "gemma2": replace(_POST_NORM, notes=(
+        "post-attention/post-feedforward norms: attn_out/mlp_out are their outputs, what the residual "
+        "stream adds; refuses sdpa (runs eager); attention and final logit soft-capping")),
+    "gemma3_text": replace(_POST_NORM, notes=(
+        "as Gemma 2 (attn_out/mlp_out = post-norm outputs), plus per-head q_norm/k_norm before rotary (q/k "
+        "are the pre-norm projection outputs); layer_types alternate sliding_attention and full_attention, "
+        "each kind with its own rope base (10k local, 1M global); one KV head (MQA) in the 1B size; "
+        "embed_tokens multiplies by sqrt(d_model) inside the module, so embed is the scaled embedding")),
+    "olmo2": replace(_POST_NORM, notes=(
+        "no pre-norms: attention and MLP read the residual stream, their outputs are normalised before "
+        "the add (attn_out/mlp_out = post_attention_layernorm/post_feedforward_layernorm outputs); "
+        "q_norm/k_norm are ONE RMSNorm over all heads' q_proj/k_proj output (n_heads*d_head), so patching "
+        "one head's q or k rescales every head's query or key of that position, which AtP*'s per-head "
+        "QK fix does not model")),
     "phi": Arch(
         layers="model.layers", embed="model.embed_tokens", final=("model.final_layernorm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.dense", neuron="mlp.fc2",
