@@ -11,7 +11,7 @@ from .inputs.pairs import PromptPair, load_jsonl
 from .inputs.tasks import TASKS, builtin_task
 from .methods.attribution import ESTIMATORS, Scores, attribute
 from .methods.patching import Effects, patch
-from .model.archs import ARCHS, Arch, register_arch
+from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.sites import SITES, Component, components, model_spec
 from .screening import ScreenConfig, ScreenResult, screen
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Effects", "METRICS", "PromptBatch", "PromptPair",
-    "SITES", "ScreenConfig", "ScreenResult", "Scores", "TASKS", "Target", "attribute", "builtin_task",
-    "components", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "register_arch", "screen",
+    "SITES", "ScreenConfig", "ScreenResult", "Scores", "TASKS", "Target", "arch_from_json", "attribute",
+    "builtin_task", "components", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "register_arch",
+    "screen", "use_arch",
 ]

@@ -19,22 +19,39 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attenti
               intermediate_size=48, max_position_embeddings=64, initializer_range=0.3,
               bos_token_id=0, eos_token_id=1, pad_token_id=0)
 GQA = dict(num_key_value_heads=2)
+# Llama 3.x: model_type llama with "rope_scaling" {"rope_type": "llama3"}; a short original context (16)
+# makes the scaling move the frequencies of an 8-wide head (the real value is 8192).
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16, rope_theta=500_000.0)
+# Gemma 3: one KV head (as in its 1B size), sliding and full layers with a rope base per kind.
+GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+GEMMA3_ROPE = {"sliding_attention": dict(rope_type="default", rope_theta=10_000.0),
+               "full_attention": dict(rope_type="default", rope_theta=1_000_000.0)}
 
 CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_inner=48,
                                   n_positions=64, initializer_range=0.3, bos_token_id=0, eos_token_id=1),
     "gpt_neox": lambda: tf.GPTNeoXConfig(**COMMON),
     "llama": lambda: tf.LlamaConfig(**COMMON, **GQA),
+    "llama3": lambda: tf.LlamaConfig(**COMMON, **GQA, rope_scaling=LLAMA3_ROPE),
     "mistral": lambda: tf.MistralConfig(**COMMON, **GQA),
     "qwen2": lambda: tf.Qwen2Config(**COMMON, **GQA),
     "gemma2": lambda: tf.Gemma2Config(**COMMON, **GQA, head_dim=8, sliding_window=4),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**COMMON, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                                               sliding_window=4, layer_types=GEMMA3_LAYERS,
+                                               rope_parameters=GEMMA3_ROPE),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, **GQA, head_dim=8),
+    "olmo2": lambda: tf.Olmo2Config(**COMMON, **GQA),
     "phi": lambda: tf.PhiConfig(**COMMON),
     "phi3": lambda: tf.Phi3Config(**COMMON, **GQA),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                 ffn_dim=48, max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.3,
                                 bos_token_id=0, eos_token_id=1, pad_token_id=0),
 }
-FAMILIES = tuple(CONFIGS)
+FAMILIES = tuple(CONFIGS)  # test names: "llama3" is model_type llama with Llama 3 rope scaling
+KV_HEADS = {"llama": 2, "llama3": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "olmo2": 2, "gemma2": 2, "phi3": 2,
+            "gemma3_text": 1}  # the others: one per query head (4)
+POST_NORM = ("gemma2", "gemma3_text", "olmo2")  # attn_out/mlp_out are norms of the attention/MLP outputs
 
 
 def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):

@@ -99,7 +99,7 @@ def test_per_position_on_unequal_lengths_is_refused():
 
 def test_joint_patch_of_all_qkv_equals_attn_out():
     """Patching q, k and v of every head of a layer together is patching the attention output."""
-    for family in ("gpt2", "gpt_neox", "phi3", "llama"):
+    for family in ("gpt2", "gpt_neox", "phi3", "llama", "gemma3_text", "qwen3", "olmo2"):
         model = tiny_model(family)
         batch = ap.make_batch(random_pairs())
         spec = ap.model_spec(model)
@@ -161,7 +161,7 @@ def test_gaussian_noise_corruption_is_applied_everywhere_the_corrupt_run_is():
     assert float(restored) == pytest.approx(scores.clean_metric["logit_diff"], abs=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma2", "phi"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma2", "phi", "gemma3_text", "olmo2"])
 def test_per_position_sweep_of_after_attention_sites_equals_naive(family):
     """Head/neuron/attn_out/mlp_out patches at one position change only that row of their block, so the
     block computes only those rows; every layer but the last (where the trick does not apply)."""

@@ -6,14 +6,13 @@ import transformers as tf
 
 import attrpatch as ap
 from attrpatch.engine.hooks import hooked
-from conftest import N_POS, random_pairs, tiny_model
+from conftest import KV_HEADS, N_POS, random_pairs, tiny_model
 
 
 def test_dims_of_every_family(family):
     spec = ap.model_spec(tiny_model(family))
-    gqa = family in ("llama", "mistral", "qwen2", "gemma2", "phi3")
     assert (spec.dims.n_layers, spec.dims.n_heads, spec.dims.d_head, spec.dims.d_model, spec.dims.d_mlp) == (3, 4, 8, 32, 48)
-    assert spec.dims.n_kv_heads == (2 if gqa else 4)
+    assert spec.dims.n_kv_heads == KV_HEADS.get(family, 4)
 
 
 def test_views_have_the_documented_shapes(family):
@@ -52,8 +51,8 @@ def test_head_view_is_the_output_projection_input():
 def test_queries_and_keys_are_told_apart_by_causality(family):
     """In the last layer, a query at position 0 only shapes position 0's output, which the metric never
     reads; a key at position 0 is read by the last query. If q and k were swapped, this would fail."""
-    # Gemma 2's sliding-window layers would hide position 0 from the last query: widen the window.
-    model = tiny_model(family, **({"sliding_window": 64} if family == "gemma2" else {}))
+    # Gemma's sliding-window layers would hide position 0 from the last query: widen the window.
+    model = tiny_model(family, **({"sliding_window": 64} if family.startswith("gemma") else {}))
     spec = ap.model_spec(model)
     last = spec.dims.n_layers - 1
     batch = ap.make_batch(random_pairs(changed=(0, 2)))
@@ -61,6 +60,22 @@ def test_queries_and_keys_are_told_apart_by_causality(family):
     eff = ap.patch(model, batch, comps, metrics=["logit_diff"])
     assert abs(eff.values[0, 0]) < 1e-6
     assert abs(eff.values[1, 0]) > 1e-4 and abs(eff.values[2, 0]) > 1e-4
+
+
+def test_gemma3_sliding_layer_hides_keys_outside_its_window_from_every_method():
+    """Gemma 3's last tiny layer is sliding (window 4): the last query (position 6) sees keys 3..6 only, so
+    keys at 0..2 have no effect, and neither exact patching (resumed from the cache, with the layer's own
+    mask) nor AtP nor AtP*'s recomputed pattern may score them; key 3 inside the window does matter."""
+    model = tiny_model("gemma3_text")
+    assert model.config.layer_types[2] == "sliding_attention" and model.config.sliding_window == 4
+    batch = ap.make_batch(random_pairs(changed=(0, 2)))
+    comps = [ap.Component("k", 2, pos, 0) for pos in (0, 2, 3)]
+    exact = ap.patch(model, batch, comps).values[:, 0]
+    for estimator in ("atp", "atp_star"):
+        scores = ap.attribute(model, batch, sites=["k"], estimator=estimator)
+        assert [scores.score(c, "logit_diff") for c in comps[:2]] == [0.0, 0.0], estimator
+        assert abs(scores.score(comps[2], "logit_diff")) > 1e-4, estimator
+    assert exact[:2].abs().max() == 0 and abs(exact[2]) > 1e-4
 
 
 def test_unknown_family_names_the_supported_ones_and_how_to_add_one():

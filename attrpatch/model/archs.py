@@ -1,9 +1,13 @@
 """Architecture tables: where each model family keeps its activations, one row per family.
 
-Everything about a family lives in its ``Arch`` row; :func:`register_arch` adds a row for a new family.
+Everything about a family lives in its ``Arch`` row. A model whose ``config.model_type`` has no row is bound
+to one at run time: :func:`use_arch` to a known family's row (a fine-tune or a renamed copy of one), or a
+row read by :func:`arch_from_json` from a file whose keys are Arch's fields (a new family).
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
 from typing import Literal
 
 QKV_LAYOUTS = ("separate", "gpt2", "neox", "phi3")
@@ -47,6 +51,8 @@ _LLAMA_LIKE = Arch(
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
 )
+# Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
+_POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
@@ -59,16 +65,28 @@ ARCHS: dict[str, Arch] = {
         attn_out="attention", mlp_out="mlp", head="attention.dense", neuron="mlp.dense_4h_to_h",
         q="attention.query_key_value", qkv_layout="neox",
     ),
-    "llama": _LLAMA_LIKE,
+    "llama": replace(_LLAMA_LIKE, notes=(
+        "Llama 1-3.x: Llama 3.x is model_type llama with rope_scaling {'rope_type': 'llama3'}, which only "
+        "changes the rotary frequencies (read by transformers, nothing here)")),
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma2": Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-        head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        notes="post-attention/post-feedforward norms: attn_out/mlp_out are their outputs",
-    ),
+    "qwen3": replace(_LLAMA_LIKE, notes=(
+        "q_norm/k_norm: RMSNorm over each head's d_head after q_proj/k_proj, before rotary; q/k are the "
+        "projection outputs (pre-norm), so one head's q or k changes that head alone")),
+    "gemma2": replace(_POST_NORM, notes=(
+        "post-attention/post-feedforward norms: attn_out/mlp_out are their outputs, what the residual "
+        "stream adds; refuses sdpa (runs eager); attention and final logit soft-capping")),
+    "gemma3_text": replace(_POST_NORM, notes=(
+        "as Gemma 2 (attn_out/mlp_out = post-norm outputs), plus per-head q_norm/k_norm before rotary (q/k "
+        "are the pre-norm projection outputs); layer_types alternate sliding_attention and full_attention, "
+        "each kind with its own rope base (10k local, 1M global); one KV head (MQA) in the 1B size; "
+        "embed_tokens multiplies by sqrt(d_model) inside the module, so embed is the scaled embedding")),
+    "olmo2": replace(_POST_NORM, notes=(
+        "no pre-norms: attention and MLP read the residual stream, their outputs are normalised before "
+        "the add (attn_out/mlp_out = post_attention_layernorm/post_feedforward_layernorm outputs); "
+        "q_norm/k_norm are ONE RMSNorm over all heads' q_proj/k_proj output (n_heads*d_head), so patching "
+        "one head's q or k rescales every head's query or key of that position, which AtP*'s per-head "
+        "QK fix does not model")),
     "phi": Arch(
         layers="model.layers", embed="model.embed_tokens", final=("model.final_layernorm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.dense", neuron="mlp.fc2",
@@ -88,13 +106,22 @@ ARCHS: dict[str, Arch] = {
     ),
 }
 
-HOW_TO_ADD = """To describe a new family, register its module paths, e.g.:
+ARCH_JSON_EXAMPLE = """{"layers": "model.layers", "embed": "model.embed_tokens", "final": ["model.norm"],
+ "attn_out": "self_attn", "mlp_out": "mlp", "head": "self_attn.o_proj", "neuron": "mlp.down_proj",
+ "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}"""
 
-    import attrpatch
-    attrpatch.register_arch("my_model_type", attrpatch.Arch(
-        layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
-        attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"))"""
+_HOW_TO_ADD = f"""To run it, say where its modules are:
+  - it is named like a known family (a fine-tune or renamed copy): --arch KNOWN_FAMILY (e.g. --arch llama),
+    in Python attrpatch.use_arch("my_model_type", "llama");
+  - otherwise: --arch-file arch.json, a JSON object whose keys are attrpatch.Arch's fields, e.g.
+{ARCH_JSON_EXAMPLE}
+    in Python attrpatch.use_arch("my_model_type", attrpatch.arch_from_json("arch.json"))
+    (or attrpatch.register_arch("my_model_type", attrpatch.Arch(...)))."""
+
+
+def how_to_add(model_type: str) -> str:
+    """What to do about a model whose ``config.model_type`` has no row: the CLI flags and the Python calls."""
+    return _HOW_TO_ADD.replace('"my_model_type"', repr(model_type).replace("'", '"'))
 
 
 class UnsupportedModel(KeyError):
@@ -109,3 +136,55 @@ def register_arch(model_type: str, arch: Arch) -> None:
     if not isinstance(arch, Arch):
         raise TypeError(f"register_arch needs an attrpatch.Arch, got {type(arch).__name__}")
     ARCHS[model_type] = arch
+
+
+def _fields() -> tuple[list[str], list[str]]:
+    """Arch's (required, optional) field names."""
+    required = [f.name for f in fields(Arch) if f.default is MISSING]
+    return required, [f.name for f in fields(Arch) if f.default is not MISSING]
+
+
+def arch_from_json(source: "str | Path | dict") -> Arch:
+    """An Arch from a JSON file (path) or its parsed object, whose keys are Arch's fields; ``final`` is a
+    list of module paths. Unknown, missing or mistyped keys raise a ValueError that lists the valid ones."""
+    where = "arch JSON" if isinstance(source, dict) else str(source)
+    if isinstance(source, dict):
+        data = source
+    else:
+        try:
+            data = json.loads(Path(source).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err}); expected an object like\n{ARCH_JSON_EXAMPLE}") from err
+    required, optional = _fields()
+    valid = f"required: {', '.join(required)}; optional: {', '.join(optional)}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object of Arch fields, got {type(data).__name__}; {valid}")
+    unknown = sorted(set(data) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {valid}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; {valid}")
+    final = data["final"]
+    if not isinstance(final, list) or not all(isinstance(p, str) for p in final):
+        raise ValueError(f"{where}: 'final' must be a list of module paths, e.g. [\"model.norm\"], got {final!r}")
+    for key, value in data.items():
+        if key != "final" and not (isinstance(value, str) or (value is None and key in ("k", "v"))):
+            raise ValueError(f"{where}: {key!r} must be a string, got {value!r}")
+    try:
+        return Arch(**{**data, "final": tuple(final)})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def use_arch(model_type: str, family_or_arch: "str | Arch") -> Arch:
+    """Bind models whose ``config.model_type`` is ``model_type`` to a known family's row (by name, a key
+    of ``ARCHS``) or to an Arch (e.g. from :func:`arch_from_json`); returns the row bound."""
+    if isinstance(family_or_arch, str):
+        if family_or_arch not in ARCHS:
+            raise ValueError(f"Unknown family {family_or_arch!r} for model_type {model_type!r}; known: "
+                             f"{', '.join(sorted(ARCHS))}. For a family none of them describes, use "
+                             "--arch-file arch.json (attrpatch.arch_from_json).")
+        family_or_arch = ARCHS[family_or_arch]
+    register_arch(model_type, family_or_arch)
+    return family_or_arch

@@ -27,7 +27,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from .archs import ARCHS, HOW_TO_ADD, Arch, UnsupportedModel
+from .archs import ARCHS, Arch, UnsupportedModel, how_to_add
 
 SITES = ("embed", "resid_pre", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
 # Site groups: the one home of every grouping of sites used elsewhere.
@@ -175,7 +175,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         known = ", ".join(sorted(ARCHS))
         raise UnsupportedModel(
             f"Unsupported model family {model_type!r} ({type(model).__name__}); supported: {known}.\n"
-            + HOW_TO_ADD)
+            + how_to_add(str(model_type)))
     arch = ARCHS[model_type]
     blocks = _get(model, arch.layers)
     if blocks is None:
