@@ -86,6 +86,11 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "position, so that positions align), or a JSONL file's \"template\" label")
     p.add_argument("--keep-correct", action="store_true",
                    help="keep only the pairs the model solves (answer above the wrong token on the clean prompt)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--arch", default=None, metavar="FAMILY",
+                      help="treat an unknown model type as this known family (e.g. llama, gpt2, gemma2)")
+    arch.add_argument("--arch-file", type=Path, default=None,
+                      help="a JSON file of module paths describing the model's family (see README)")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -166,6 +171,7 @@ def _run(args, argv) -> int:
 def _screen(args, argv) -> int:
     from .engine import distributed
     from .model.loading import DEFAULT_MODEL, load
+    from .model.archs import arch_from_json, use_arch
     from .pipeline import check_task, run_screen
 
     check_task(args.task)
@@ -177,8 +183,11 @@ def _screen(args, argv) -> int:
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, progress=not args.quiet)
+    arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
     model, tokenizer = load(args.model, device=device, dtype=args.dtype,
                             trust_remote_code=args.trust_remote_code, device_map=args.device_map)
+    if arch is not None:
+        use_arch(model.config.model_type, arch)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,

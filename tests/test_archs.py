@@ -125,3 +125,29 @@ def test_llama3_rope_scaling_from_a_config_json_moves_the_rotary_frequencies(tmp
     assert model.config.rope_parameters["rope_type"] == "llama3"
     assert not torch.allclose(model.model.rotary_emb.inv_freq, tf.LlamaForCausalLM(plain).model.rotary_emb.inv_freq)
     assert ap.model_spec(model).arch is ap.ARCHS["llama"]
+
+
+def test_cli_arch_flags_describe_an_unknown_family(archs, tmp_path, capsys):
+    """A family transformers loads but attrpatch has no row for (Mistral, its row removed): refused with the
+    flags named, then screened with --arch or --arch-file."""
+    from attrpatch.cli import main
+    from conftest import write_task
+    folder = tmp_path / "mistral"
+    tiny_model("mistral").save_pretrained(folder)
+    llama = archs["llama"]
+    del archs["mistral"]
+    task = write_task(tmp_path / "t.jsonl", random_pairs(n=2))
+    base = ["screen", "--model", str(folder), "--task", str(task), "--sites", "head", "--top-k", "2",
+            "--random-k", "1", "--quiet", "--no-figures"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "Unsupported model family 'mistral'" in err and "--arch KNOWN_FAMILY" in err and "Traceback" not in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--arch", "llama"]) == 0
+    del archs["mistral"]
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(_as_json(llama)))
+    assert main([*base, "--out", str(tmp_path / "c"), "--arch-file", str(path)]) == 0
+    report = lambda d: json.loads((tmp_path / d / "report.json").read_text())["components"]  # noqa: E731
+    assert [c["exact"] for c in report("b")] == [c["exact"] for c in report("c")]
+    assert main([*base, "--out", str(tmp_path / "d"), "--arch", "nope"]) == 2
+    assert "Unknown family 'nope'" in capsys.readouterr().err
