@@ -33,6 +33,9 @@ class Arch:
     v: str | None = None
     qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
     unembed: str = "lm_head"
+    # the norms whose inputs are the edge receivers' inputs (methods/edges.py); None: no edges for the family
+    attn_norm: str | None = None  # read by q, k, v (block-relative)
+    mlp_norm: str | None = None  # read by the MLP, after the attention's write (sequential blocks)
     notes: str = ""
 
     def __post_init__(self):
@@ -46,13 +49,14 @@ _LLAMA_LIKE = Arch(
     layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
 )
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
         layers="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
         attn_out="attn", mlp_out="mlp", head="attn.c_proj", neuron="mlp.c_proj",
-        q="attn.c_attn", qkv_layout="gpt2",
+        q="attn.c_attn", qkv_layout="gpt2", attn_norm="ln_1", mlp_norm="ln_2",
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers", embed="gpt_neox.embed_in", final=("gpt_neox.final_layer_norm",),
@@ -78,6 +82,7 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
         q="self_attn.qkv_proj", qkv_layout="phi3",
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
     ),
     "opt": Arch(
         layers="model.decoder.layers", embed="model.decoder.embed_tokens",
