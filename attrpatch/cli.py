@@ -5,6 +5,7 @@ Examples:
   attrpatch screen --task ioi --sites resid_pre,attn_out,mlp_out,head --direction both --out runs/ioi
   attrpatch screen --model path/to/model --task pairs.jsonl --top-k all --metrics logit_diff,prob
   attrpatch figures runs/ioi --format png,pdf
+  attrpatch edges --task ioi --top-k 50 --random-k 30 --direction both --out runs/edges
 """
 
 import argparse
@@ -87,6 +88,45 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EDGES_EPILOG = """examples:
+  attrpatch edges --task ioi --out runs/edges                      # embedded toy model, both directions
+  attrpatch edges --model ./my-llama --task pairs.jsonl --top-k 100 --estimator ig
+edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits.
+supported families: gpt2, llama, mistral, qwen2, phi3."""
+
+
+def _add_edge_args(p: argparse.ArgumentParser) -> None:
+    from .inputs.tasks import TASKS
+    from .methods.edges import EDGE_ESTIMATORS
+
+    p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
+    p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
+    p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
+    p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
+    p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both")
+    p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
+    p.add_argument("--random-k", type=int, default=30, help="random control edges")
+    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP) or ig (EAP-IG)")
+    p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
+    p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
+    p.add_argument("--out", type=Path, default=Path("runs/edges"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
+    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+
+
+def _top_k_int(text: str) -> int:
+    value = _top_k(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("edges --top-k takes a positive integer ('all' would patch every edge)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attrpatch", description=__doc__.split("\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_screen_args(screen)
     demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline")
     _add_screen_args(demo, demo=True)
+    edges = sub.add_parser("edges", help="EAP for every edge, exact edge patching of the top, circuit curve",
+                           epilog=EDGES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_edge_args(edges)
     figures = sub.add_parser("figures", help="draw the figures of a screen run")
     figures.add_argument("run_dir", type=Path)
     figures.add_argument("--format", default="png,pdf", type=_csv(("png", "pdf", "svg")))
@@ -109,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in draw_run(args.run_dir, formats=args.format):
             print(path)
         return 0
+    if args.command == "edges":
+        return _edges(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
     return _screen(args, argv if argv is not None else sys.argv[1:])
@@ -134,6 +179,31 @@ def _screen(args, argv) -> int:
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
+          + ("" if args.no_figures else ", figures/"))
+    return 0
+
+
+def _edges(args) -> int:
+    from .edge_screening import EdgeConfig
+    from .model.loading import DEFAULT_MODEL, load
+    from .pipeline import run_edges
+
+    config = EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
+                        random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
+                        circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
+                        copies=args.copies)
+    model, tokenizer = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
+                       model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures)
+    for d in report["directions"]:
+        a = report["agreement"][d][report["metric"]]
+        print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "
+              f"Pearson {a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign {a['sign_agreement']:.2f}, "
+              f"recall@{a['k']} {a['recall_at_k']:.2f}")
+    c = report["circuit"]
+    print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
+          f"{c['smallest_faithful']} edges")
+    print(f"wrote {args.out}/report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0
 

@@ -89,3 +89,22 @@ def _check_ids(pairs, vocab: int | None) -> None:
         bad = [t for t in ids if t >= vocab]
         if bad:
             raise ValueError(f"pair {i}: token ids {bad} are out of the model's vocabulary (size {vocab})")
+
+
+def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, model_name: str, n_prompts: int = 16,
+              figures: bool = True) -> dict:
+    """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
+    report dict. ``config``: an EdgeConfig."""
+    from .edge_screening import screen_edges
+    from .output.edge_report import write_edges
+
+    pairs = load_task(task, tokenizer, n_prompts=n_prompts, seed=config.seed,
+                      vocab_size=getattr(model.config, "vocab_size", None))
+    _check_ids(pairs, getattr(model.config, "vocab_size", None))
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    result = screen_edges(model, make_batch(pairs, pad_id=pad or 0), config)
+    report = write_edges(Path(out), result, model_name=model_name, task=task)
+    if figures:
+        from .plot.circuit import draw_edges
+        draw_edges(out)
+    return report

@@ -131,3 +131,49 @@ def test_edge_names_follow_the_convention():
     assert graph.receivers[-1].name == "logits"
     # into L1.mlp: embed, layer 0 (4 heads + mlp) and layer 1's heads
     assert graph.n_before[graph.receiver_index["L1.mlp"]] == 1 + 5 + 4
+
+
+def test_faithfulness_is_zero_for_the_empty_circuit_and_one_for_the_full_graph():
+    from attrpatch.edge_screening import EdgeConfig, faithfulness_curve
+
+    model, batch = tiny_model("llama"), ap.make_batch(random_pairs(3))
+    scores = attribute_edges(model, batch)
+    curve = faithfulness_curve(model, batch, scores, EdgeConfig(circuit_points=5))
+    assert curve["sizes"][0] == 0 and curve["sizes"][-1] == scores.graph.n_edges
+    assert curve["faithfulness"][0] == pytest.approx(0.0, abs=1e-5)
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert 0 < len(curve["edges"]) < scores.graph.n_edges
+
+
+def test_circuit_area_and_distance_follow_mib():
+    from attrpatch.analysis.circuits import area, circuit_sizes, summary
+
+    assert circuit_sizes(100, 5) == [0, 1, 3, 10, 32, 100]
+    assert area([0, 50, 100], [1.0, 1.0, 1.0], 100) == pytest.approx(1.0)
+    s = summary([0, 50, 100], [0.0, 0.9, 1.0], 100)
+    assert s["cpr"] == pytest.approx(0.25 * 0.9 + 0.25 * 1.9)
+    assert s["cmd"] == pytest.approx(0.25 * 1.1 + 0.25 * 0.1)
+    assert s["smallest_faithful"] == 50
+
+
+def test_cli_edges_writes_the_report_circuit_table_and_figures(tmp_path):
+    import json
+
+    from attrpatch.cli import main
+    from conftest import saved_model, write_task
+
+    _, folder = saved_model(tmp_path / "model", "gpt2")
+    task = write_task(tmp_path / "task.jsonl", random_pairs(3))
+    out = tmp_path / "run"
+    assert main(["edges", "--model", str(folder), "--task", str(task), "--top-k", "5", "--random-k", "3",
+                 "--direction", "both", "--circuit-points", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["edges"]) == 2 * 8
+    entry = report["edges"][0]
+    assert {"sender", "receiver", "direction", "approx", "exact", "rank_approx", "rank_exact", "flags"} <= set(entry)
+    assert Edge(entry["sender"], entry["receiver"]) in Graph(3, 4, 4).edges()
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert (out / "results.csv").read_text().count("\n") == 2 * 8 * 4 + 1  # edges x directions x metrics + header
+    for stem in ("circuit_graph", "faithfulness", "edges_scatter_denoise", "edges_scatter_noise"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000

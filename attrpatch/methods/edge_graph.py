@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..model.archs import ARCHS, UnsupportedModel
+from ..model.archs import UnsupportedModel
 from ..model.sites import HookPoint, ModelSpec, _plain
 
 EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "phi3")  # pre-norm, sequential blocks, linear head writes
