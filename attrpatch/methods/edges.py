@@ -129,7 +129,7 @@ class _Scorer:
         """Products of every earlier sender's delta with the gradients [unit, batch, pos, d_model] of the
         receivers j0, j0 + 1, ...: into values[metric][:, j0:j0 + unit]."""
         n = self.em.graph.n_before[j0]
-        prod = torch.einsum("sbpd,ubpd->su", self.delta[:n], grad.to(self.acc))
+        prod = self.delta[:n].flatten(1) @ grad.to(self.acc).flatten(1).T  # [sender, unit]: one matmul
         self.values[self.metric][:n, j0:j0 + grad.shape[0]] += prod * self.weight
 
     def grad_hooks(self) -> list:
@@ -163,7 +163,8 @@ class _Scorer:
 
             def on_grad(grad):
                 g_out = point.read(grad, n, n_pos)  # [batch, pos, unit, d_head]
-                g_norm = torch.einsum("bpue,due->ubpd", g_out, w.to(g_out.dtype))  # through each head alone
+                g_norm = torch.bmm(g_out.movedim(2, 0).flatten(1, 2), w.to(g_out.dtype).permute(1, 2, 0))
+                g_norm = g_norm.unflatten(1, (n, n_pos))  # [unit, batch, pos, d_model]: through each head alone
                 self.add(j0, norm_vjp(norm, self.norm_in[("q", layer)], g_norm))
             raw.register_hook(on_grad)
         return callback
