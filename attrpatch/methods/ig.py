@@ -9,9 +9,22 @@ the exact effect of patching the embeddings, and is usually closer to the exact 
 than AtP (SCIENCE.md). Cost per chunk: 2 + k forwards, k backwards per metric.
 """
 
+from torch import Tensor
+
 from .gradients import Chunk, masked
 
 EMBED = ("embed", 0)
+
+
+def alphas(steps: int) -> list[float]:
+    """The midpoints (j + 1/2) / steps, j < steps: where on the line from receiver to source the gradient is taken."""
+    return [(j + 0.5) / steps for j in range(steps)]
+
+
+def along(receiver: Tensor, source: Tensor, alpha: float, like: Tensor) -> Tensor:
+    """receiver + alpha (source - receiver), in ``like``'s dtype: the embeddings of one interpolated run."""
+    start = receiver.to(like.dtype)
+    return start + alpha * (source.to(like.dtype) - start)
 
 
 def score(chunk: Chunk, *, steps: int = 8) -> None:
@@ -20,12 +33,9 @@ def score(chunk: Chunk, *, steps: int = 8) -> None:
     source_embed, receiver_embed = chunk.source[EMBED], receiver[EMBED]
     chunk.deltas = {key: masked(chunk.source[key] - receiver[key], chunk.mask) for key in chunk.points}
     del receiver
-    for j in range(steps):
-        alpha = (j + 0.5) / steps
-
+    for alpha in alphas(steps):
         def embed(raw, alpha=alpha):
-            start = receiver_embed.to(raw.dtype)
-            return start + alpha * (source_embed.to(raw.dtype) - start)
+            return along(receiver_embed, source_embed, alpha, raw)
         chunk.backward(lambda key, prod: chunk.add(*key, prod / steps), embed=embed)
 
 

@@ -37,6 +37,9 @@ class Arch:
     v: str | None = None
     qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
     unembed: str = "lm_head"
+    # the norms whose inputs are the edge receivers' inputs (methods/edges.py); None: no edges for the family
+    attn_norm: str | None = None  # read by q, k, v (block-relative)
+    mlp_norm: str | None = None  # read by the MLP, after the attention's write (sequential blocks)
     notes: str = ""
 
     def __post_init__(self):
@@ -50,6 +53,7 @@ _LLAMA_LIKE = Arch(
     layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
 )
 # Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
 _POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
@@ -58,7 +62,7 @@ ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
         layers="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
         attn_out="attn", mlp_out="mlp", head="attn.c_proj", neuron="mlp.c_proj",
-        q="attn.c_attn", qkv_layout="gpt2",
+        q="attn.c_attn", qkv_layout="gpt2", attn_norm="ln_1", mlp_norm="ln_2",
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers", embed="gpt_neox.embed_in", final=("gpt_neox.final_layer_norm",),
@@ -96,6 +100,7 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
         q="self_attn.qkv_proj", qkv_layout="phi3",
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
     ),
     "opt": Arch(
         layers="model.decoder.layers", embed="model.decoder.embed_tokens",
@@ -108,7 +113,8 @@ ARCHS: dict[str, Arch] = {
 
 ARCH_JSON_EXAMPLE = """{"layers": "model.layers", "embed": "model.embed_tokens", "final": ["model.norm"],
  "attn_out": "self_attn", "mlp_out": "mlp", "head": "self_attn.o_proj", "neuron": "mlp.down_proj",
- "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}"""
+ "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+ "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}"""
 
 _HOW_TO_ADD = f"""To run it, say where its modules are:
   - it is named like a known family (a fine-tune or renamed copy): --arch KNOWN_FAMILY (e.g. --arch llama),
@@ -169,7 +175,7 @@ def arch_from_json(source: "str | Path | dict") -> Arch:
     if not isinstance(final, list) or not all(isinstance(p, str) for p in final):
         raise ValueError(f"{where}: 'final' must be a list of module paths, e.g. [\"model.norm\"], got {final!r}")
     for key, value in data.items():
-        if key != "final" and not (isinstance(value, str) or (value is None and key in ("k", "v"))):
+        if key != "final" and not (isinstance(value, str) or (value is None and key in optional)):
             raise ValueError(f"{where}: {key!r} must be a string, got {value!r}")
     try:
         return Arch(**{**data, "final": tuple(final)})

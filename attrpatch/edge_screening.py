@@ -1,0 +1,191 @@
+"""The edge screen: EAP (or EAP-IG) for every edge, exact edge patching of the top-k and a random control
+sample, their agreement, flags with measured causes, both directions, every metric from the same patched
+runs; then the circuit of the top-n edges and its faithfulness curve. The CLI's ``edges`` is a thin layer
+on this; verification reuses the node screen's analysis (ranking, agreement, flags).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .analysis import circuits
+from .analysis.agreement import agreement, false_negatives, tolerance
+from .analysis.flags import causes, disagreement_flags, mark_cross_flags
+from .analysis.findings import query_heads
+from .analysis.ranking import control_sample, ranks, top_k
+from .engine.forward import forward_last
+from .engine.hooks import eval_mode
+from .engine.metrics import METRICS, normalise
+from .inputs.batch import PromptBatch
+from .inputs.directions import DIRECTIONS
+from .methods.diagnostics import activation_change, attention_stats
+from .methods.edge_graph import Edge, Node
+from .methods.edge_patching import patch_edges
+from .methods.edges import EDGE_ESTIMATORS, EdgeScores, attribute_edges
+from .model.sites import Component, as_spec
+from .screening import check_metrics_and_direction
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig:
+    metric: str = "logit_diff"
+    metrics: tuple[str, ...] = METRICS
+    direction: str = "both"  # denoise | noise | both
+    top_k: int = 50
+    random_k: int = 30
+    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG)
+    ig_steps: int = 8
+    circuit_points: int = 12  # circuit sizes on the faithfulness curve
+    seed: int = 0
+    batch_size: int | None = None
+    copies: int | None = None
+
+    def __post_init__(self):
+        check_metrics_and_direction(self)
+        if self.estimator not in EDGE_ESTIMATORS:
+            raise ValueError(f"Unknown edge estimator {self.estimator!r}; known: {', '.join(EDGE_ESTIMATORS)}")
+        if self.top_k < 1 or self.random_k < 0 or self.circuit_points < 2:
+            raise ValueError(f"need top_k >= 1, random_k >= 0, circuit_points >= 2; got {self.top_k}, "
+                             f"{self.random_k}, {self.circuit_points}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return DIRECTIONS if self.direction == "both" else (self.direction,)
+
+
+@dataclass
+class EdgeResult:
+    """``edges``: one entry per verified edge x direction; ``circuit``: the faithfulness curve."""
+
+    config: EdgeConfig
+    model: str
+    n_prompts: int
+    n_edges: int
+    clean_metric: dict[str, float]
+    corrupt_metric: dict[str, float]
+    scores: dict[str, EdgeScores]
+    edges: list[dict]
+    agreement: dict  # direction -> metric -> Agreement dict
+    false_negatives: dict  # direction -> FalseNegatives dict
+    circuit: dict
+    timing: dict = field(default_factory=dict)
+
+
+def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:
+    """Per direction: scores -> top-k + control -> exact patching -> agreement and flags; then the circuit."""
+    spec = as_spec(model)
+    batch = batch.to(spec.device)
+    timing = {"forward_s": _forward_seconds(spec, batch)}
+    scores, entries, agree, fns = {}, [], {}, {}
+    for direction in config.directions:
+        start = time.perf_counter()
+        scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
+                                            estimator=config.estimator, ig_steps=config.ig_steps,
+                                            batch_size=config.batch_size)
+        timing[f"attribution_{direction}_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        found, agree[direction], fns[direction] = _verify(spec, batch, scores[direction], config)
+        entries += found
+        timing[f"verification_{direction}_s"] = time.perf_counter() - start
+    mark_cross_flags(entries, config.metric)
+    start = time.perf_counter()
+    ranking = scores[config.directions[0]]
+    circuit = faithfulness_curve(spec, batch, ranking, config)
+    timing["circuit_s"] = time.perf_counter() - start
+    first = next(iter(scores.values()))
+    return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
+                      clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
+                      edges=entries, agreement=agree, false_negatives=fns, circuit=circuit, timing=timing)
+
+
+def _forward_seconds(spec, batch: PromptBatch) -> float:
+    with eval_mode(spec.model), torch.no_grad():
+        start = time.perf_counter()
+        forward_last(spec, batch.run("corrupt"), batch.mask, batch.last)
+        return time.perf_counter() - start
+
+
+def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
+    """Exact effects of the top-k edges by |score| and a random control sample; their entries, agreement
+    per metric and false-negative bound."""
+    graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
+    every = graph.edges()
+    approx = {m: scores.flat(m).float() for m in config.metrics}  # [edge]
+    top = top_k(approx[config.metric], config.top_k)
+    control = control_sample(len(every), top, config.random_k, config.seed)
+    idx = top + control
+    effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
+                          copies=config.copies, batch_size=config.batch_size)
+    exact = effects.values.float()  # [verified, metric]
+    k = min(config.top_k, len(top))
+    agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
+             for i, m in enumerate(config.metrics)}
+    fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(top)).to_dict()
+    rank_approx, rank_exact = ranks(approx[config.metric]), ranks(exact[:, primary])
+    evidence = _evidence(spec, batch, direction, [every[j] for j in idx], graph)
+    tol = tolerance(scores, config.metric)
+    entries = []
+    for r, j in enumerate(idx):
+        edge, value, estimate = every[j], float(exact[r, primary]), float(approx[config.metric][j])
+        flags = disagreement_flags(estimate, value, tol, int(rank_approx[j]), int(rank_exact[r]), k)
+        where, ev = evidence[edge]
+        entries.append({
+            "sender": edge.sender, "receiver": edge.receiver, "name": str(edge), "direction": direction,
+            "selected": "top" if r < len(top) else "control", "approx": estimate, "exact": value,
+            "rank_approx": int(rank_approx[j]), "rank_exact": int(rank_exact[r]), "flags": flags,
+            "approx_metrics": {m: float(approx[m][j]) for m in config.metrics},
+            "exact_metrics": {m: float(exact[r, i]) for i, m in enumerate(config.metrics)},
+            "exact_norm": {m: normalise(float(exact[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],
+                                        offset=False) for i, m in enumerate(config.metrics)},
+            "evidence": ev, "causes": causes(flags, where, ev)})
+    return entries, agree, fn
+
+
+def _component(node: Node) -> Component:
+    """The node-patching component of a sender (embed, head, mlp_out) or a q/k receiver."""
+    if node.kind == "embed":
+        return Component("embed", 0)
+    if node.kind == "mlp":
+        return Component("mlp_out", node.layer)
+    return Component(node.kind, node.layer, None, node.unit)
+
+
+def _evidence(spec, batch, direction: str, edges: list[Edge], graph) -> dict:
+    """Per edge: (component the causes name, {activation_change of the sender's activation, attention
+    saturation of a q/k receiver's heads})."""
+    senders = {e.sender: _component(graph.senders[graph.sender_index[e.sender]]) for e in edges}
+    with eval_mode(spec.model):
+        change = dict(zip(senders, activation_change(spec, batch, direction, list(senders.values()))))
+        max_prob, _ = attention_stats(spec, batch.runs(direction)[1], batch.mask)
+    out = {}
+    for e in edges:
+        receiver = graph.receivers[graph.receiver_index[e.receiver]]
+        ev, where = {"activation_change": change[e.sender]}, senders[e.sender]
+        if receiver.kind in ("q", "k"):
+            where = _component(receiver)
+            heads = query_heads(where, spec.dims.n_heads, spec.dims.n_kv_heads)
+            ev["attn_max_prob"] = float(max_prob[receiver.layer, heads].max())
+        out[e] = (where, ev)
+    return out
+
+
+def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig) -> dict:
+    """The circuit of the top-n edges by |score| (primary metric) for n on ``circuits.circuit_sizes``: the
+    clean run with every edge outside the circuit patched to its corrupted value (noising), all sizes as
+    batch copies of the same passes; normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
+    every = scores.graph.edges()
+    order = top_k(scores.flat(config.metric).float(), None)
+    sizes = circuits.circuit_sizes(len(every), config.circuit_points)
+    items = [tuple(every[j] for j in sorted(order[n:])) for n in sizes]  # the edges outside each circuit
+    effects = patch_edges(spec, batch, items, metrics=[config.metric], direction="noise", copies=config.copies,
+                          batch_size=config.batch_size)
+    clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
+    faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
+    ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,
+               "score": float(scores.flat(config.metric)[j])} for j in order[:max(sizes[1:-1] or [1])]]
+    return {"metric": config.metric, "ranked_by": f"{scores.estimator} {scores.direction}", "n_edges": len(every),
+            "sizes": sizes, "faithfulness": faith, **circuits.summary(sizes, faith, len(every)),
+            "clean_metric": clean, "corrupt_metric": corrupt, "edges": ranked,
+            "forward_equivalents": effects.passes["forward_equivalents"]}

@@ -1,0 +1,171 @@
+"""The edge graph of a model: its senders, receivers and edges, their names, and where each lives
+(the definitions are in edges.py's docstring).
+
+    senders    embed, then per layer l: LlH0 .. LlH{n_heads-1}, Ll.mlp                S = 1 + L * (H + 1)
+    receivers  per layer l: LlHh.q (h < H), LlHk.k, LlHk.v (k < n_kv), Ll.mlp; then logits
+                                                                                    R = L * (H + 2 KV + 1) + 1
+Both lists are in the order the forward pass computes them, so the senders an edge into receiver r can
+come from are a prefix of the sender list (``n_before``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..model.archs import UnsupportedModel
+from ..model.sites import HookPoint, ModelSpec, _plain
+
+EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "phi3")  # pre-norm, sequential blocks, linear head writes
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True, order=True)
+class Edge:
+    """sender -> receiver, by name: Edge("L0H3", "L2H1.k"), Edge("embed", "logits")."""
+
+    sender: str
+    receiver: str
+
+    def __str__(self) -> str:
+        return f"{self.sender}->{self.receiver}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One sender or receiver: ``kind`` embed | head | mlp | q | k | v | logits, its layer (-1 for embed,
+    n_layers for logits) and unit (head or key-value head), and its place in the computation order."""
+
+    kind: str
+    layer: int
+    unit: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind in ("embed", "logits"):
+            return self.kind
+        if self.kind == "mlp":
+            return f"L{self.layer}.mlp"
+        suffix = "" if self.kind == "head" else f".{self.kind}"
+        return f"L{self.layer}H{self.unit}{suffix}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """(layer, stage): attention inputs 0, head writes 1, MLP input 2, MLP write 3."""
+        stage = {"q": 0, "k": 0, "v": 0, "logits": 0, "head": 1, "mlp": 3, "embed": 3}
+        return self.layer, stage[self.kind]
+
+
+class Graph:
+    """Senders and receivers of a model with ``n_layers``, ``n_heads`` query heads and ``n_kv`` key-value
+    heads; ``exists`` [sender, receiver] marks the edges (sender computed before the receiver reads)."""
+
+    def __init__(self, n_layers: int, n_heads: int, n_kv: int):
+        self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
+        self.senders = [Node("embed", -1)] + [
+            node for layer in range(n_layers)
+            for node in [*(Node("head", layer, h) for h in range(n_heads)), Node("mlp", layer)]]
+        self.receivers = [
+            node for layer in range(n_layers)
+            for node in [*(Node("q", layer, h) for h in range(n_heads)),
+                         *(Node(kind, layer, u) for kind in ("k", "v") for u in range(n_kv)), Node("mlp", layer)]
+        ] + [Node("logits", n_layers)]
+        self.sender_index = {s.name: i for i, s in enumerate(self.senders)}
+        self.receiver_index = {r.name: i for i, r in enumerate(self.receivers)}
+        self.n_before = [self._n_before(r) for r in self.receivers]
+        self.exists = torch.zeros(len(self.senders), len(self.receivers), dtype=torch.bool)
+        for j, n in enumerate(self.n_before):
+            self.exists[:n, j] = True
+
+    def _n_before(self, r: Node) -> int:
+        order = (r.layer, 2) if r.kind == "mlp" else r.order  # an MLP reads after its layer's heads write
+        return sum(1 for s in self.senders if s.order < order)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.exists.sum())
+
+    def edges(self) -> list[Edge]:
+        """Every edge, sender-major: the order of ``flat`` tables."""
+        return [Edge(self.senders[i].name, self.receivers[j].name) for i, j in self.exists.nonzero().tolist()]
+
+    def index(self, edge: Edge) -> tuple[int, int]:
+        """(sender, receiver) indices; a KeyError or ValueError naming the problem and the valid names."""
+        if edge.sender not in self.sender_index:
+            raise KeyError(f"unknown sender {edge.sender!r} in {edge}; senders are embed, L<l>H<h>, L<l>.mlp "
+                           f"(layers 0..{self.n_layers - 1}, heads 0..{self.n_heads - 1})")
+        if edge.receiver not in self.receiver_index:
+            raise KeyError(f"unknown receiver {edge.receiver!r} in {edge}; receivers are L<l>H<h>.q, L<l>H<k>.k, "
+                           f"L<l>H<k>.v (k < {self.n_kv}), L<l>.mlp, logits (layers 0..{self.n_layers - 1})")
+        i, j = self.sender_index[edge.sender], self.receiver_index[edge.receiver]
+        if not self.exists[i, j]:
+            raise ValueError(f"no edge {edge}: {edge.sender} is computed after {edge.receiver} reads the residual "
+                             "stream; a sender must come from an earlier layer (or, into L<l>.mlp, from layer l's heads)")
+        return i, j
+
+    def flat(self, table: Tensor) -> Tensor:
+        """[sender, receiver] -> [edge], in ``edges()`` order."""
+        return table[self.exists]
+
+
+def check_edge_family(spec: ModelSpec) -> None:
+    model_type = spec.model.config.model_type
+    if model_type not in EDGE_FAMILIES or spec.arch.attn_norm is None or spec.arch.mlp_norm is None:
+        raise UnsupportedModel(
+            f"edges are not supported for {model_type!r} ({spec.name}); supported: {', '.join(EDGE_FAMILIES)}. "
+            "They need pre-norm sequential blocks whose head writes are linear in z (parallel blocks such as "
+            "GPT-NeoX and Phi share one norm between attention and MLP; Gemma 2 normalises after each write). "
+            "Use node patching (attrpatch screen) for this model.")
+
+
+class EdgeModel:
+    """Where a model's senders and receivers live: hook points, norms and weight slices."""
+
+    def __init__(self, spec: ModelSpec):
+        check_edge_family(spec)
+        self.spec, d = spec, spec.dims
+        self.graph = Graph(d.n_layers, d.n_heads, d.n_kv_heads)
+        self.embed = spec.hook_point("resid_pre", 0)  # block 0's input: token (+ position) embeddings
+
+    def z(self, layer: int) -> HookPoint:
+        """The heads' z: the input of the attention output projection, read [batch, pos, head, d_head]."""
+        return self.spec.hook_point("head", layer)
+
+    def mlp(self, layer: int) -> HookPoint:
+        return self.spec.hook_point("mlp_out", layer)
+
+    def norm(self, kind: str, layer: int) -> nn.Module:
+        """The norm whose input is the receiver's input: attention (q, k, v), MLP, or the final norm."""
+        if kind == "logits":
+            return self.spec.final_modules()[0]
+        path = self.spec.arch.mlp_norm if kind == "mlp" else self.spec.arch.attn_norm
+        return self.spec.module(path, layer)
+
+    def norm_point(self, kind: str, layer: int, io: str = "input") -> HookPoint:
+        return HookPoint(self.norm(kind, layer), io, _plain)
+
+    def out_matrix(self, layer: int) -> Tensor:
+        """W_O [head * d_head, d_model]: a head's write is z_h @ W_O[h rows] (the projection's bias belongs to
+        no head). GPT-2's Conv1D keeps [in, out]; nn.Linear keeps [out, in]."""
+        mod = self.z(layer).module
+        return mod.weight if not isinstance(mod, nn.Linear) else mod.weight.T
+
+    def in_slices(self, site: str, layer: int) -> tuple[Tensor, Tensor]:
+        """(W [d_model, unit, d_head], b [unit, d_head]): the q/k/v projection columns of each head, so that
+        head u's q (k, v) = norm output @ W[:, u] + b[u], for any fused layout the site's reader knows."""
+        point = self.spec.hook_point(site, layer)
+        mod = point.module
+        weight = mod.weight if not isinstance(mod, nn.Linear) else mod.weight.T  # [d_model, out]
+        w = point.read(weight[None], 1, weight.shape[0])[0]  # [d_model, unit, d_head]
+        bias = mod.bias if mod.bias is not None else torch.zeros(weight.shape[1], dtype=weight.dtype,
+                                                                 device=weight.device)
+        return w, point.read(bias[None, None], 1, 1)[0, 0]  # [unit, d_head]
+
+    def sender_points(self, start: int = 0) -> dict:
+        """{key: hook point} of the sender activations from block ``start`` on: ("embed",) when start is 0,
+        ("z", l) and ("mlp", l) per layer."""
+        points = {("embed",): self.embed} if start <= 0 else {}
+        for layer in range(max(start, 0), self.spec.dims.n_layers):
+            points[("z", layer)] = self.z(layer)
+            points[("mlp", layer)] = self.mlp(layer)
+        return points

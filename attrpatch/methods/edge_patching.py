@@ -1,0 +1,251 @@
+"""Exact edge patching (path patching): the ground truth edge scores approximate (definitions: edges.py).
+
+    exact(E) = metric(receiving run, every receiver B of the edge set E computed from
+                      input_B + sum over A with (A -> B) in E of a_A(source) - a_A(this run))
+               - metric(receiving run), mean over prompts
+
+A sender's value "in this run" is its value in the patched run itself: for a single edge it is the
+receiving run's (nothing before B changes); for a joint set it follows the other patches, so patching every
+edge (an empty circuit) turns the receiving run into the source run exactly.
+
+How B is computed from a changed input: q, k, v of one head are that head's columns of the projection,
+applied to norm(input_B + delta) and written over the head's slice of the projection's output; an MLP and
+the logits read input_B + delta through their norm's input. Batched and resumed like node patching
+(patching.py): one edge set per copy of the prompt batch, each pass starting at the block of its earliest
+receiver from the receiver's recorded block input. ``resume=False, copies=1`` is one full forward per set.
+"""
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.forward import block_calls, forward_last
+from ..engine.hooks import batch_pos, call_input, eval_mode, hooked
+from ..engine.metrics import Target, check_metric, metric, wide
+from ..engine.resume import run_blocks
+from ..inputs.batch import PromptBatch
+from ..inputs.directions import check_direction, clean_and_corrupt
+from ..model.sites import ModelSpec, as_spec
+from .edge_graph import Edge, EdgeModel, Node
+from .edges import record
+from .patching import DEFAULT_ROWS
+
+EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
+
+
+@dataclass
+class EdgeEffects:
+    """Exact effects. ``values``: [item, metric] float32 (float64 for float64 models), mean over prompts."""
+
+    items: list[EdgeSet]
+    metrics: list[str]
+    values: Tensor
+    direction: str
+    receiver_metric: dict[str, float]
+    passes: dict[str, float] = field(default_factory=dict)
+
+    def effect(self, item: EdgeSet, metric_name: str) -> float:
+        return float(self.values[self.items.index(item), self.metrics.index(metric_name)])
+
+
+def _members(item: EdgeSet) -> tuple[Edge, ...]:
+    return item if isinstance(item, tuple) else (item,)
+
+
+def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequence[EdgeSet], *,
+                metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
+                resume: bool = True, batch_size: int | None = None) -> EdgeEffects:
+    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly)."""
+    spec = as_spec(model)
+    em = EdgeModel(spec)
+    items, metrics = list(items), list(dict.fromkeys(metrics))
+    check_direction(direction)
+    for m in metrics:
+        check_metric(m)
+    sets = [[em.graph.index(e) for e in _members(item)] for item in items]  # validates every edge
+    batch = batch.to(spec.device)
+    acc = wide(next(spec.model.parameters()).dtype)
+    sums = torch.zeros(len(items), len(metrics), dtype=acc)
+    receiver = {m: 0.0 for m in metrics}
+    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
+            effects, base = _Pass(em, chunk, metrics, direction).patch(sets, n_copies, resume, passes)
+            sums += effects.sum(-1).cpu()
+            for m in metrics:
+                receiver[m] += base[m]
+    return EdgeEffects(items=items, metrics=metrics, values=sums / batch.n, direction=direction,
+                       receiver_metric={m: v / batch.n for m, v in receiver.items()}, passes=passes)
+
+
+class _Pass:
+    """One chunk of prompts: the source and receiving runs, then the patched passes."""
+
+    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str):
+        self.em, self.batch, self.metrics = em, batch, metrics
+        spec, n_pos = em.spec, batch.n_pos
+        source_run, self.receiver_run = batch.runs(direction)
+        self.source, self.receiver = {}, {}
+        with hooked(record(em.sender_points(), self.source, n_pos)):
+            source_logits = forward_last(spec, source_run, batch.mask, batch.last)
+        with block_calls(spec) as self.calls, hooked(record(em.sender_points(), self.receiver, n_pos)):
+            receiver_logits = forward_last(spec, self.receiver_run, batch.mask, batch.last)
+        clean, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
+        self.target = Target.from_clean(batch.answer, batch.wrong, clean)
+        self.base = {m: metric(m, receiver_logits, self.target) for m in metrics}  # [batch]
+
+    def patch(self, sets: list[list[tuple[int, int]]], copies: int, resume: bool, passes: dict):
+        """Effects [item, metric, batch] of every edge set, and the receiving run's summed metrics."""
+        graph, n_layers = self.em.graph, self.em.spec.dims.n_layers
+        starts = [min((min(graph.receivers[j].layer, n_layers - 1) for _, j in s), default=n_layers - 1)
+                  for s in sets]
+        order = sorted(range(len(sets)), key=lambda i: (starts[i], i))
+        effects = torch.zeros(len(sets), len(self.metrics), self.batch.n, dtype=wide(self.base[self.metrics[0]].dtype),
+                              device=self.batch.clean.device)
+        groups: list[list[int]] = []
+        for i in order:  # a pass never spans start blocks
+            if groups and starts[groups[-1][0]] == starts[i] and len(groups[-1]) < copies:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for group in groups:
+            start = starts[group[0]] if resume else 0
+            logits = self._run([sets[i] for i in group], start, resume)
+            n = len(group)
+            passes["patched_rows"] += n
+            passes["forward_equivalents"] += n * (n_layers - start) / n_layers
+            for k, m in enumerate(self.metrics):
+                patched = metric(m, logits, self.target.repeat(n)).view(n, self.batch.n)
+                effects[group, k] = (patched - self.base[m]).to(effects.dtype)
+        return effects, {m: float(v.sum()) for m, v in self.base.items()}
+
+    def _run(self, sets: list[list[tuple[int, int]]], start: int, resume: bool) -> Tensor:
+        """Last-token logits [copy * batch, vocab] of one pass with copy c patching ``sets[c]``."""
+        n, b = len(sets), self.batch
+        graph = self.em.graph
+        masks: dict[int, Tensor] = {}  # receiver -> [copy, sender] 0/1
+        for c, s in enumerate(sets):
+            for i, j in s:
+                masks.setdefault(j, torch.zeros(n, len(graph.senders)))[c, i] = 1.0
+        live: dict = {}
+        writer = _Writer(self.em, self.source, self.receiver, live, n, b)
+        hooks = record(self.em.sender_points(start if resume else 0), live, b.n_pos) + writer.hooks(masks)
+        with hooked(hooks):
+            if not resume:
+                return forward_last(self.em.spec, self.receiver_run.repeat(n), b.mask.repeat(n, 1), b.last.repeat(n))
+            hidden = call_input(*self.calls[start])[0]
+            return run_blocks(self.em.spec, start, hidden.repeat(n, 1, 1), self.calls, n, b.n, b.last)
+
+
+class _Writer:
+    """The hooks that compute each patched receiver from its changed input, per copy."""
+
+    def __init__(self, em: EdgeModel, source: dict, receiver: dict, live: dict, n: int, batch: PromptBatch):
+        self.em, self.source, self.receiver, self.live, self.n, self.batch = em, source, receiver, live, n, batch
+
+    def current(self, key, copies: Tensor) -> Tensor:
+        """A sender activation in this pass, for ``copies``: [copy, batch, pos, ...] (broadcast over copies
+        where it is the receiving run's, i.e. computed before the pass starts)."""
+        if key not in self.live:
+            return self.receiver[key][None]
+        value = self.live[key]
+        return value.unflatten(0, (self.n, value.shape[0] // self.n))[copies]
+
+    def delta(self, mask: Tensor, copies: Tensor, last: bool = False) -> Tensor:
+        """sum over the masked senders A of a_A(source) - a_A(this pass): [copy, batch, pos, d_model] for the
+        copies in ``copies`` (mask [copy, sender]); at the last real position only ([copy, batch, 1, d_model])
+        when ``last``."""
+        graph, d = self.em.graph, self.em.spec.dims
+        m = mask[copies]
+        total = 0.0
+        for key, cols in _sender_columns(graph, d.n_layers):
+            weights = m[:, cols]  # [copy, unit]
+            if not bool(weights.any()):
+                continue
+            source, now = self.source[key][None], self.current(key, copies)
+            if last:
+                source, now = _at_last(source, self.batch.last), _at_last(now, self.batch.last)
+            diff = source - now
+            weights = weights.to(diff.device, diff.dtype)
+            if key[0] == "z":  # [copy, batch, pos, head, d_head] -> the masked heads' write
+                w_o = self.em.out_matrix(key[1]).to(diff.dtype)
+                part = (diff * weights[:, None, None, :, None]).flatten(-2) @ w_o
+            else:
+                part = diff * weights[:, :, None, None]  # [copy, 1, 1, 1]
+            total = total + part
+        return total
+
+    def hooks(self, masks: dict[int, Tensor]) -> list:
+        graph, hooks, norm_in = self.em.graph, [], {}
+        by_layer: dict = {}
+        for j, mask in masks.items():
+            r = graph.receivers[j]
+            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((r, mask))
+        for (kind, layer), entries in by_layer.items():
+            if kind == "qkv":
+                hooks.append((self.em.norm_point("q", layer), lambda raw, key=layer: norm_in.__setitem__(key, raw)))
+                for r, mask in entries:
+                    hooks.append((self.em.spec.hook_point(r.kind, layer), self._head_input(r, mask, norm_in)))
+            else:
+                hooks.append((self.em.norm_point(kind, layer), self._norm_input(entries[0][1], kind == "logits")))
+        return hooks
+
+    def _head_input(self, r: Node, mask: Tensor, norm_in: dict):
+        """q, k or v of head r.unit recomputed from norm(input + delta) in the copies that patch it."""
+        point = self.em.spec.hook_point(r.kind, r.layer)
+        w, bias = self.em.in_slices(r.kind, r.layer)
+        norm = self.em.norm("q", r.layer)
+        copies = mask.any(1).nonzero().flatten()
+
+        def callback(raw):
+            x = norm_in[r.layer]
+            x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
+            head = norm.forward(x + self.delta(mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
+            new = raw.clone()
+            rows, n_pos = batch_pos(new, self.batch.n_pos)
+            view = point.read(new, rows, n_pos).unflatten(0, (self.n, rows // self.n))  # [copy, batch, pos, unit, d_head]
+            view[copies, :, :, r.unit] = head.to(view.dtype)
+            return new
+        return callback
+
+    def _norm_input(self, mask: Tensor, last: bool):
+        """The MLP's or the final norm's input plus delta in the copies that patch it (at the last real
+        position for the logits; the final norm sees [rows, d_model] in a resumed pass)."""
+        copies = mask.any(1).nonzero().flatten()
+
+        def callback(raw):
+            delta = self.delta(mask, copies, last=last)  # [copy, batch, pos | 1, d_model]
+            new = raw.clone()
+            view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, (pos), d_model]
+            if not last:
+                view[copies] += delta.to(new.dtype)
+            elif new.ndim == 2:  # resumed: the final norm runs on the last positions only
+                view[copies] += delta[:, :, 0].to(new.dtype)
+                return new
+            else:
+                rows = torch.arange(self.batch.n, device=new.device)
+                picked = view[copies][:, rows, self.batch.last] + delta[:, :, 0].to(new.dtype)
+                view[copies[:, None], rows[None], self.batch.last[None]] = picked
+            return new
+        return callback
+
+
+def _sender_columns(graph, n_layers: int):
+    """(activation key, sender indices) of each sender group: the embeddings, each layer's heads, its MLP."""
+    yield ("embed",), [0]
+    for layer in range(n_layers):
+        heads = [graph.sender_index[f"L{layer}H{h}"] for h in range(graph.n_heads)]
+        yield ("z", layer), heads
+        yield ("mlp", layer), [graph.sender_index[f"L{layer}.mlp"]]
+
+
+def _at_last(t: Tensor, last: Tensor) -> Tensor:
+    """[copy, batch, pos, ...] -> [copy, batch, 1, ...] at each prompt's last real position; a tensor with
+    one position (the final block's MLP, computed on the last row only) is already there."""
+    if t.shape[2] == 1:
+        return t
+    rows = torch.arange(t.shape[1], device=t.device)
+    return t[:, rows, last.to(t.device)][:, :, None]

@@ -1,0 +1,265 @@
+"""Edges: attribution for every edge of a model from one backward pass (EAP, Syed et al. 2023; EAP-IG).
+
+Definitions (SCIENCE.md, "Edges and path patching"; names in edge_graph.py):
+    sender A     writes into the residual stream: ``embed`` (block 0's input: token embeddings, plus GPT-2's
+                 position embeddings), head ``LlHh`` (z_h @ W_O[h]: its slice of the output projection's
+                 input times that slice of the projection; the bias belongs to no head), ``Ll.mlp`` (the MLP
+                 module's output)
+    receiver B   reads it: ``LlHh.q`` per query head, ``LlHk.k`` and ``LlHk.v`` per key-value head (no
+                 ungrouping), ``Ll.mlp``, ``logits``. input_B is the residual stream B reads, BEFORE its norm:
+                 the input of the attention norm (q, k, v), the MLP norm (resid_mid) or the final norm
+    edge A -> B  A is computed before B reads: A in an earlier layer, or a head of B's layer into B = Ll.mlp
+    a_A(run)     A's write [batch, pos, d_model];   delta_A = a_A(source) - a_A(receiver)
+    exact(A->B)  metric of the receiving run in which B is computed from input_B + a_A(source) - a_A(run),
+                 a_A(run) being A's value in that same run; everything else (B's changed output included)
+                 runs as usual; minus the receiving run's metric. Several edges patch jointly the same way.
+                 (edge_patching.py)
+    score(A->B)  = sum over pos, d_model of delta_A * d metric / d input_B at the receiver, mean over
+                 prompts (EAP). Scores out of A sum to A's node AtP score; into B, to input_B's score.
+    EAP-IG       the gradient averaged over the runs whose token embeddings lie on the line from receiver
+                 to source (ig.py's midpoints); deltas from the plain runs.
+
+Receiver gradients come from one backward: at each q/k/v projection output and each MLP / final norm
+output, a tensor hook pulls the gradient back through the head's projection columns and the norm (its
+vector-Jacobian product at the recorded norm input, one per receiver), giving d metric / d input_B.
+
+Cost per chunk of prompts: EAP 2 forwards + 1 backward per metric, plus the products [senders x receivers x
+batch x pos x d_model] (about 0.3 of a forward on GPT-2 small). Memory: the deltas of every sender,
+(1 + L (H + 1)) x batch x pos x d_model floats (GPT-2 small, 8 x 64 tokens: 157 x 512 x 768 x 4 B = 0.25 GB;
+Llama-3-8B, 1057 senders, 4 B per float: 17 MB per token, so 16 x 128 tokens take 35 GB: chunk prompts with
+``batch_size``), plus the [senders, receivers] tables.
+"""
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.forward import forward_last
+from ..engine.hooks import batch_pos, eval_mode, hooked
+from ..engine.metrics import Target, check_metric, metric, wide
+from ..inputs.batch import PromptBatch
+from ..inputs.directions import check_direction, clean_and_corrupt
+from ..model.sites import ModelSpec, as_spec
+from .edge_graph import QKV, Edge, EdgeModel, Graph
+from .gradients import masked
+from .ig import alphas, along
+
+EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
+
+
+@dataclass
+class EdgeScores:
+    """``values[metric]``: [sender, receiver] float32 (float64 for float64 models), mean over prompts, zero
+    where no edge exists (``graph.exists``)."""
+
+    graph: Graph
+    values: dict[str, Tensor]
+    direction: str
+    clean_metric: dict[str, float]
+    corrupt_metric: dict[str, float]
+    n_prompts: int
+    estimator: str = "atp"
+    passes: dict[str, int] = field(default_factory=dict)
+
+    def score(self, edge: Edge, metric_name: str) -> float:
+        return float(self.values[metric_name][self.graph.index(edge)])
+
+    def flat(self, metric_name: str) -> Tensor:
+        """[edge] in ``graph.edges()`` order."""
+        return self.graph.flat(self.values[metric_name])
+
+
+def head_writes(em: EdgeModel, layer: int, z: Tensor) -> Tensor:
+    """Each head's write into the residual stream: z [.., head, d_head] -> [head, .., d_model]."""
+    d = em.spec.dims
+    w_o = em.out_matrix(layer).view(d.n_heads, d.d_head, d.d_model).to(z.dtype)  # [head, d_head, d_model]
+    return torch.einsum("...he,hed->h...d", z, w_o)
+
+
+def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """delta_A = a_A(source) - a_A(receiver) of every sender A, pads zeroed: [sender, batch, pos, d_model].
+
+    source, receiver: sender activations as ``EdgeModel.sender_points`` keys them."""
+    parts = [(source[("embed",)] - receiver[("embed",)])[None]]
+    for layer in range(em.spec.dims.n_layers):
+        parts.append(head_writes(em, layer, source[("z", layer)] - receiver[("z", layer)]))
+        parts.append((source[("mlp", layer)] - receiver[("mlp", layer)])[None])
+    return masked(torch.cat(parts).to(dtype).movedim(0, -1), mask).movedim(-1, 0)
+
+
+def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
+    """d metric / d norm input, one per receiver: x [batch, pos, d_model], grad [unit, batch, pos, d_model]
+    (the gradient at the norm's output through each receiver alone) -> [unit, batch, pos, d_model]."""
+    with torch.enable_grad():
+        xs = x.detach().expand(grad.shape[0], *x.shape).clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(norm.forward(xs), xs, grad.to(x.dtype))  # .forward: no hooks
+    return g
+
+
+def record(points: dict, store: dict, n_pos: int) -> list:
+    """Hooks keeping each point's normalised view, detached, in ``store`` under its key."""
+    def keep(key, point):
+        def callback(raw):
+            store[key] = point.read(raw, *batch_pos(raw, n_pos)).detach()
+        return callback
+    return [(p, keep(key, p)) for key, p in points.items()]
+
+
+class _Scorer:
+    """One chunk of prompts: the source run, then receiving runs whose backward adds every edge's product
+    delta_A . grad_B into ``values[metric]`` [sender, receiver]."""
+
+    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str, values: dict):
+        self.em, self.batch, self.metrics, self.values = em, batch, metrics, values
+        self.source_run, self.receiver_run = batch.runs(direction)
+        self.direction, self.acc = direction, next(iter(values.values())).dtype
+        self.norm_in: dict = {}
+        self.logits: dict[str, Tensor] = {}
+        self.delta: Tensor | None = None
+        self.metric, self.weight = metrics[0], 1.0
+
+    def run(self, run, store: dict, hooks: list = ()) -> Tensor:
+        hooks = record(self.em.sender_points(), store, self.batch.n_pos) + list(hooks)
+        with hooked(hooks):
+            return forward_last(self.em.spec, run, self.batch.mask, self.batch.last)
+
+    def add(self, j0: int, grad: Tensor) -> None:
+        """Products of every earlier sender's delta with the gradients [unit, batch, pos, d_model] of the
+        receivers j0, j0 + 1, ...: into values[metric][:, j0:j0 + unit]."""
+        n = self.em.graph.n_before[j0]
+        prod = self.delta[:n].flatten(1) @ grad.to(self.acc).flatten(1).T  # [sender, unit]: one matmul
+        self.values[self.metric][:n, j0:j0 + grad.shape[0]] += prod * self.weight
+
+    def grad_hooks(self) -> list:
+        """Per layer: q/k/v projection outputs and the MLP norm's output; the final norm's output; and the
+        norm inputs they pull back through."""
+        em, graph, hooks = self.em, self.em.graph, []
+        for layer in range(em.spec.dims.n_layers):
+            for kind in ("q", "mlp"):
+                hooks.append((em.norm_point(kind, layer), self._keep_input((kind, layer))))
+            for site in QKV:
+                j0 = graph.receiver_index[f"L{layer}H0.{site}"]
+                hooks.append((em.spec.hook_point(site, layer), self._qkv_grad(site, layer, j0)))
+            j = graph.receiver_index[f"L{layer}.mlp"]
+            hooks.append((em.norm_point("mlp", layer, "output"), self._norm_grad(("mlp", layer), j)))
+        hooks.append((em.norm_point("logits", 0), self._keep_input(("logits", 0))))
+        hooks.append((em.norm_point("logits", 0, "output"), self._norm_grad(("logits", 0), len(graph.receivers) - 1)))
+        return hooks
+
+    def _keep_input(self, key):
+        def callback(raw):
+            self.norm_in[key] = raw.detach()
+        return callback
+
+    def _qkv_grad(self, site: str, layer: int, j0: int):
+        point = self.em.spec.hook_point(site, layer)
+        w, _ = self.em.in_slices(site, layer)  # [d_model, unit, d_head]
+        norm = self.em.norm("q", layer)
+
+        def callback(raw):
+            n, n_pos = batch_pos(raw, self.batch.n_pos)
+
+            def on_grad(grad):
+                g_out = point.read(grad, n, n_pos)  # [batch, pos, unit, d_head]
+                g_norm = torch.bmm(g_out.movedim(2, 0).flatten(1, 2), w.to(g_out.dtype).permute(1, 2, 0))
+                g_norm = g_norm.unflatten(1, (n, n_pos))  # [unit, batch, pos, d_model]: through each head alone
+                self.add(j0, norm_vjp(norm, self.norm_in[("q", layer)], g_norm))
+            raw.register_hook(on_grad)
+        return callback
+
+    def _norm_grad(self, key, j: int):
+        norm = self.em.norm(key[0], key[1])
+
+        def callback(raw):
+            raw.register_hook(lambda grad: self.add(j, norm_vjp(norm, self.norm_in[key], grad[None])))
+        return callback
+
+    def backward(self, embed=None, receiver: dict | None = None, source: dict | None = None) -> None:
+        """A receiving forward with grad (token embeddings from ``embed(raw)`` if given), then one backward per
+        metric. Without ``receiver`` the deltas are formed from this run's sender values and ``source``."""
+        root, store = [], {}
+
+        def make_root(raw):
+            leaf = (raw if embed is None else embed(raw)).detach().requires_grad_(True)
+            root.append(leaf)
+            return leaf
+        hooks = [(self.em.spec.hook_point("embed", 0), make_root)] + self.grad_hooks()
+        with torch.enable_grad():
+            logits = self.run(self.receiver_run, store, hooks)
+            self.logits.setdefault("receiver", logits.detach())
+            if receiver is None:
+                self.delta = deltas(self.em, source, store, self.batch.mask.bool(), self.acc)
+            del store
+            target = self.target()
+            totals = [metric(m, logits, target).sum() for m in self.metrics]
+            for i, (m, total) in enumerate(zip(self.metrics, totals)):
+                self.metric = m
+                torch.autograd.grad(total, root, retain_graph=i < len(totals) - 1)
+
+    def target(self) -> Target:
+        clean, _ = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
+        return Target.from_clean(self.batch.answer, self.batch.wrong, clean)
+
+
+def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
+    """EAP: the source run, then one receiving run with grad. EAP-IG: the source and receiver runs (deltas
+    and token embeddings), then ``steps`` runs with grad on the line between their embeddings."""
+    token, n_pos = {("token",): scorer.em.spec.hook_point("embed", 0)}, scorer.batch.n_pos
+    source: dict = {}
+    with torch.no_grad():
+        scorer.logits["source"] = scorer.run(scorer.source_run, source, record(token, source, n_pos))
+    if estimator == "atp":
+        scorer.backward(source=source)
+        return
+    receiver: dict = {}
+    with torch.no_grad():
+        scorer.logits["receiver"] = scorer.run(scorer.receiver_run, receiver, record(token, receiver, n_pos))
+    scorer.delta = deltas(scorer.em, source, receiver, scorer.batch.mask.bool(), scorer.acc)
+    scorer.weight = 1.0 / steps
+    for alpha in alphas(steps):
+        scorer.backward(embed=lambda raw, a=alpha: along(receiver[("token",)], source[("token",)], a, raw),
+                        receiver=receiver)
+
+
+def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics: Sequence[str] = ("logit_diff",),
+                    direction: str = "denoise", estimator: str = "atp", ig_steps: int = 8,
+                    batch_size: int | None = None) -> EdgeScores:
+    """The score of every edge under each metric, in ``direction``: EAP (``atp``) or EAP-IG (``ig``)."""
+    spec = as_spec(model)
+    em = EdgeModel(spec)
+    metrics = list(dict.fromkeys(metrics))
+    for m in metrics:
+        check_metric(m)
+    check_direction(direction)
+    if estimator not in EDGE_ESTIMATORS:
+        raise ValueError(f"Unknown edge estimator {estimator!r}; known: {', '.join(EDGE_ESTIMATORS)} "
+                         "(atp: EAP, ig: EAP-IG)")
+    if estimator == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    graph, batch = em.graph, batch.to(spec.device)
+    acc = wide(next(spec.model.parameters()).dtype)
+    values = {m: torch.zeros(len(graph.senders), len(graph.receivers), device=spec.device, dtype=acc)
+              for m in metrics}
+    sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
+    n_chunks = 0
+    with eval_mode(spec.model):
+        for part in batch.chunks(batch_size):
+            scorer = _Scorer(em, part, metrics, direction, values)
+            _score_chunk(scorer, estimator, ig_steps)
+            clean, corrupt = clean_and_corrupt(direction, scorer.logits["source"], scorer.logits["receiver"])
+            target = scorer.target()
+            for m in metrics:
+                sums["clean"][m] += float(metric(m, clean, target).sum())
+                sums["corrupt"][m] += float(metric(m, corrupt, target).sum())
+            n_chunks += 1
+    for t in values.values():
+        t /= batch.n
+    cost = {"forward": 2, "backward": len(metrics)} if estimator == "atp" else \
+        {"forward": 2 + ig_steps, "backward": len(metrics) * ig_steps}
+    return EdgeScores(graph=graph, values={m: v.cpu() for m, v in values.items()}, direction=direction,
+                      clean_metric={m: v / batch.n for m, v in sums["clean"].items()},
+                      corrupt_metric={m: v / batch.n for m, v in sums["corrupt"].items()},
+                      n_prompts=batch.n, estimator=estimator,
+                      passes={k: v * n_chunks for k, v in cost.items()})

@@ -1,0 +1,60 @@
+"""Writing an edge screen: report.json (its "edges" list: one entry per verified edge x direction),
+circuit.json (the faithfulness curve), results.csv (one row per verified edge x direction x metric),
+edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata).
+``result`` is an edge_screening.EdgeResult (read, not imported)."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .files import write_atomic, write_csv, write_json
+
+EDGE_REPORT_VERSION = 1
+EDGE_FIELDS = ("sender", "receiver", "direction", "approx", "exact", "rank_approx", "rank_exact", "flags")
+
+
+def edge_report(result, *, model: str, task: str) -> dict:
+    c = result.config
+    return {
+        "version": EDGE_REPORT_VERSION, "kind": "edges", "model": model, "model_class": result.model, "task": task,
+        "n_prompts": result.n_prompts, "n_edges": result.n_edges, "options": asdict(c),
+        "directions": list(c.directions), "metric": c.metric, "metrics": list(c.metrics), "estimator": c.estimator,
+        "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
+        "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
+        "circuit": {k: v for k, v in result.circuit.items() if k != "edges"}, "timing": result.timing,
+    }
+
+
+def edge_rows(entries: list[dict], metrics) -> list[dict]:
+    """One row per verified edge x direction x metric."""
+    return [{"direction": e["direction"], "sender": e["sender"], "receiver": e["receiver"], "selected": e["selected"],
+             "metric": m, "approx": e["approx_metrics"][m], "exact": e["exact_metrics"][m],
+             "exact_norm": e["exact_norm"][m], "rank_approx": e["rank_approx"], "rank_exact": e["rank_exact"],
+             "flags": ";".join(e["flags"])} for e in entries for m in metrics]
+
+
+def write_edge_scores(path: Path, result) -> None:
+    from safetensors.torch import save
+
+    tensors, graph = {}, None
+    for direction, scores in result.scores.items():
+        graph = scores.graph
+        for m, t in scores.values.items():
+            tensors[f"{direction}/{m}"] = t.float().contiguous()
+    meta = {"axes": "sender receiver", "senders": json.dumps([s.name for s in graph.senders]),
+            "receivers": json.dumps([r.name for r in graph.receivers]), "note": "EAP scores, mean over prompts; "
+            "zero where no edge exists"}
+    data = save(tensors, metadata=meta)
+    write_atomic(path, lambda f: f.write(data), binary=True)
+
+
+def write_edges(out: Path, result, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
+    """Write report.json, circuit.json, results.csv and edge_scores.safetensors into ``out``;
+    prompt_selection: how the prompts were chosen (pipeline.prepare_pairs), recorded in the report."""
+    out = Path(out)
+    report = {**edge_report(result, model=model_name, task=task), "prompt_selection": prompt_selection}
+    write_json(out / "report.json", report)
+    write_json(out / "circuit.json", result.circuit)
+    write_csv(out / "results.csv", edge_rows(result.edges, result.config.metrics))
+    write_edge_scores(out / "edge_scores.safetensors", result)
+    return report
