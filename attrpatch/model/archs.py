@@ -33,6 +33,7 @@ class Arch:
     v: str | None = None
     qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
     unembed: str = "lm_head"
+    gated: bool = False  # the ``neuron`` module's input is a product act(gate) * up (RelP's half rule)
     notes: str = ""
 
     def __post_init__(self):
@@ -45,7 +46,7 @@ class Arch:
 _LLAMA_LIKE = Arch(
     layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", gated=True,
 )
 
 ARCHS: dict[str, Arch] = {
@@ -66,7 +67,7 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
         head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", gated=True,
         notes="post-attention/post-feedforward norms: attn_out/mlp_out are their outputs",
     ),
     "phi": Arch(
@@ -77,7 +78,7 @@ ARCHS: dict[str, Arch] = {
     "phi3": Arch(
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
-        q="self_attn.qkv_proj", qkv_layout="phi3",
+        q="self_attn.qkv_proj", qkv_layout="phi3", gated=True,
     ),
     "opt": Arch(
         layers="model.decoder.layers", embed="model.decoder.embed_tokens",
