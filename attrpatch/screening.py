@@ -58,7 +58,7 @@ class ScreenConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
-    estimator: str = "atp"  # atp | atp_star | ig | graddrop | all
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
     ig_steps: int = 8
     progress: bool = True
 

@@ -51,7 +51,7 @@ def test_the_examples_in_the_error_and_the_readme_are_the_plain_llama_like_row()
 
 @pytest.mark.parametrize("change, message", [
     ({"attn_output": "self_attn"}, r"unknown key\(s\) 'attn_output'; valid keys: required: layers, embed, final, "
-                                   r"attn_out, .*optional: k, v, qkv_layout, unembed, attn_norm, mlp_norm, notes"),
+                                   r"attn_out, .*optional: k, v, qkv_layout, unembed, attn_norm, mlp_norm, gated, notes"),
     ({"head": None}, r"'head' must be a string, got None"),
     ({"final": "model.norm"}, r"'final' must be a list of module paths, e.g. \[\"model.norm\"\], got 'model.norm'"),
     ({"qkv_layout": "fused"}, r"qkv_layout='fused'; expected one of \('separate', 'gpt2', 'neox', 'phi3'\)"),

@@ -24,10 +24,10 @@ from ..engine.metrics import check_metric, wide
 from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction
 from ..model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
-from . import atp, atp_star, graddrop, ig
+from . import atp, atp_star, graddrop, ig, relp
 from .gradients import Chunk
 
-ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop}  # name -> module
+ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp}  # name -> module
 
 
 def check_estimator(name: str) -> None:
@@ -61,12 +61,13 @@ class Scores:
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
               batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
-              progress: bool = False) -> Scores:
+              relp_rules: Sequence[str] = relp.DEFAULT_RULES, progress: bool = False) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
     estimator: a key of ``ESTIMATORS``: ``atp`` (atp.py), ``ig`` (integrated gradients over ``ig_steps``
-        points, ig.py), ``graddrop`` (graddrop.py) or ``atp_star`` (QK fix + GradDrop, atp_star.py).
+        points, ig.py), ``graddrop`` (graddrop.py), ``atp_star`` (QK fix + GradDrop, atp_star.py) or ``relp``
+        (LRP rules ``relp_rules`` in the backward pass, relp.py).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -86,7 +87,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                   for s in sites} for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
     start = 0
-    options = {"steps": ig_steps} if estimator == "ig" else {}
+    options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}}.get(estimator, {})
     with eval_mode(spec.model):
         for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
             rows = slice(start, start + part.n) if per_prompt else None

@@ -83,13 +83,14 @@ def _first_pos(item: Item) -> int:
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
           metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
           resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
-          progress: bool = False) -> Effects:
+          alpha: float = 1.0, progress: bool = False) -> Effects:
     """Exact effect of patching each of ``components`` alone, under every metric, in ``direction``.
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
 
     copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS[device] // chunk size).
     resume: start each pass at the earliest patched block instead of the embeddings.
+    alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
     """
     spec = as_spec(model)
     components, metrics = list(components), list(dict.fromkeys(metrics))
@@ -114,7 +115,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
         for chunk in batch.chunks(batch_size):
             n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
-                                         passes, progress)  # effects: [component, metric, chunk]
+                                         passes, progress, alpha)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
             if prompts is not None:
                 prompts[..., start:start + chunk.n] = effects
@@ -141,7 +142,7 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tu
 
 
 def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
-                 direction: str, copies: int, resume: bool, passes: dict, progress: bool):
+                 direction: str, copies: int, resume: bool, passes: dict, progress: bool, alpha: float):
     source_ids, receiver_ids = batch.runs(direction)
     n_pos, n_layers = batch.n_pos, spec.dims.n_layers
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
@@ -163,7 +164,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                           dtype=wide(receiver_logits.dtype))
     # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
     # source run: its effect is read off the source's logits, with no pass at all.
-    whole = [i for i, item in enumerate(components) if resume and _whole_stream(item)]  # naive: a pass each
+    whole = [i for i, item in enumerate(components) if resume and alpha == 1 and _whole_stream(item)]
     for j, m in enumerate(metrics):
         if whole:
             effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
@@ -183,7 +184,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
         rows = _rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
         seen = rows or n_pos - first_pos  # positions the patched modules see in this pass
-        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, seen, first_pos))
+        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, seen, first_pos, alpha))
                  for key, found in entries.items()]
         with hooked(hooks):
             if start < 0 or not resume:
@@ -241,8 +242,9 @@ def _groups(components: list, order: list[int], copies: int, n_pos: int | None) 
 
 
 def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
-             first_pos: int = 0):
-    """Callback writing each entry's source value into its copy of the batch.
+             first_pos: int = 0, alpha: float = 1.0):
+    """Callback writing each entry's source value (or the receiver's moved alpha of the way to it) into its
+    copy of the batch.
 
     source: [batch, pos, ...] normalised view of the source run at this hook point; the patched run
     holds positions ``first_pos`` on only (n_pos of them)."""
@@ -253,6 +255,7 @@ def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prom
         for copy, c in entries:
             where = c.index()[1:]  # (pos, [unit])
             here = where if c.pos is None else (c.pos - first_pos, *where[1:])
-            view[(copy, slice(None), *here)] = source[(slice(None), *where)].to(view.dtype)
+            at, value = (copy, slice(None), *here), source[(slice(None), *where)].to(view.dtype)
+            view[at] = value if alpha == 1 else view[at] + alpha * (value - view[at])
         return new
     return callback

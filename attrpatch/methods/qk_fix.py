@@ -54,6 +54,8 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
     record = _recording.get()
     if record is not None:
+        if record["fixed"]:  # RelP's attention rule: no gradient through the pattern
+            pattern = pattern.detach()
         record["on_call"](module, query, key, pattern, attention_mask, scaling, softcap)
     return (pattern @ values).transpose(1, 2), pattern
 
@@ -67,17 +69,18 @@ def _register() -> None:
 
 
 @contextmanager
-def recording(spec: ModelSpec, on_call) -> Iterator[None]:
+def recording(spec: ModelSpec, on_call, *, fixed_pattern: bool = False) -> Iterator[None]:
     """Route every attention layer through ``_attention`` for the block, calling
     ``on_call(layer, query, key, pattern, mask, scaling, softcap)``; the model's own implementation is
-    restored afterwards."""
+    restored afterwards. fixed_pattern: detach the pattern (values unchanged, no gradient through it)."""
     _register()
     layer_of = {id(spec.module(spec.arch.head.rpartition(".")[0], layer)): layer
                 for layer in range(spec.dims.n_layers)}
     model = spec.model
     before = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    token = _recording.set({"on_call": lambda module, *args: on_call(layer_of[id(module)], *args)})
+    token = _recording.set({"on_call": lambda module, *args: on_call(layer_of[id(module)], *args),
+                            "fixed": fixed_pattern})
     try:
         yield
     finally:

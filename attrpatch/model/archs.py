@@ -40,6 +40,7 @@ class Arch:
     # the norms whose inputs are the edge receivers' inputs (methods/edges.py); None: no edges for the family
     attn_norm: str | None = None  # read by q, k, v (block-relative)
     mlp_norm: str | None = None  # read by the MLP, after the attention's write (sequential blocks)
+    gated: bool = False  # the ``neuron`` module's input is a product act(gate) * up (RelP's half rule)
     notes: str = ""
 
     def __post_init__(self):
@@ -53,10 +54,12 @@ _LLAMA_LIKE = Arch(
     layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True,
 )
 # Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
-_POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+# No edges for them yet (attn_norm=None): a sender's write is normalised before the add (methods/edge_graph.py).
+_POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+                     attn_norm=None, mlp_norm=None)
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
@@ -100,7 +103,7 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
         q="self_attn.qkv_proj", qkv_layout="phi3",
-        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True,
     ),
     "opt": Arch(
         layers="model.decoder.layers", embed="model.decoder.embed_tokens",
@@ -114,7 +117,7 @@ ARCHS: dict[str, Arch] = {
 ARCH_JSON_EXAMPLE = """{"layers": "model.layers", "embed": "model.embed_tokens", "final": ["model.norm"],
  "attn_out": "self_attn", "mlp_out": "mlp", "head": "self_attn.o_proj", "neuron": "mlp.down_proj",
  "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
- "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}"""
+ "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "gated": true}"""
 
 _HOW_TO_ADD = f"""To run it, say where its modules are:
   - it is named like a known family (a fine-tune or renamed copy): --arch KNOWN_FAMILY (e.g. --arch llama),
@@ -174,8 +177,12 @@ def arch_from_json(source: "str | Path | dict") -> Arch:
     final = data["final"]
     if not isinstance(final, list) or not all(isinstance(p, str) for p in final):
         raise ValueError(f"{where}: 'final' must be a list of module paths, e.g. [\"model.norm\"], got {final!r}")
+    flags = {f.name for f in fields(Arch) if isinstance(f.default, bool)}
     for key, value in data.items():
-        if key != "final" and not (isinstance(value, str) or (value is None and key in optional)):
+        if key in flags:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {key!r} must be true or false, got {value!r}")
+        elif key != "final" and not (isinstance(value, str) or (value is None and key in optional)):
             raise ValueError(f"{where}: {key!r} must be a string, got {value!r}")
     try:
         return Arch(**{**data, "final": tuple(final)})

@@ -12,7 +12,7 @@ from ..inputs.directions import GERUND
 
 SINGLE, DOUBLE = 3.3, 6.75  # column widths, inches
 CMAP = "RdBu_r"  # red positive, blue negative, white zero
-ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "graddrop": "GradDrop"}
+ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "graddrop": "GradDrop", "relp": "RelP"}
 METRIC_LABELS = {"logit_diff": "logit diff", "logprob": "log prob", "prob": "prob", "kl": "KL"}
 METRIC_UNITS = {"logit_diff": "Δ logit diff", "logprob": "Δ log p(answer)", "prob": "Δ p(answer)",
                 "kl": "Δ KL(clean ‖ run)"}
