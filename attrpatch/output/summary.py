@@ -14,6 +14,13 @@ def _f(x, digits: int = 3) -> str:
     return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _name(c: dict, tokens: list | None) -> str:
+    """A component's name, with the token (or role) of its position: 'L0.resid_pre@9 (S2)'."""
+    if c.get("pos") is None or not tokens or c["pos"] >= len(tokens):
+        return c["name"]
+    return f"{c['name']} ({tokens[c['pos']].strip() or repr(tokens[c['pos']])})"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
@@ -52,7 +59,7 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     lines = [f"## {direction.capitalize()}: {word}", "", "### Top components by exact effect", ""]
     top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
     lines += _table(["component", "AtP", "exact", "exact (normalised)", "rank AtP", "rank exact", "flags"],
-                    [[c["name"], _f(c["approx"]), _f(c["exact"]), _f(c["exact_norm"][m], 2), c["rank_approx"],
+                    [[_name(c, r.get("tokens")), _f(c["approx"]), _f(c["exact"]), _f(c["exact_norm"][m], 2), c["rank_approx"],
                       c["rank_exact"], ", ".join(c["flags"]) or "-"] for c in top])
     lines += ["### How well AtP agreed with exact patching", ""]
     rows = []
@@ -71,7 +78,7 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     for c in flagged[:MAX_LISTED]:
         why = "; ".join(c["causes"]) or (f"no measured cause above threshold (activation change "
                                           f"{c['evidence']['activation_change']:.2f} x)")
-        lines.append(f"- **{c['name']}** ({', '.join(c['flags'])}): AtP {_f(c['approx'])}, exact {_f(c['exact'])}. "
+        lines.append(f"- **{_name(c, r.get('tokens'))}** ({', '.join(c['flags'])}): AtP {_f(c['approx'])}, exact {_f(c['exact'])}. "
                      f"Likely cause: {why}.")
     if len(flagged) > MAX_LISTED:
         lines.append(f"- ... and {len(flagged) - MAX_LISTED} more in results.csv.")
@@ -79,7 +86,7 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     both = [c for c in comps if "directions_disagree" in c["flags"]]
     if both:
         lines += ["### Denoising and noising disagree", ""]
-        lines += [f"- **{c['name']}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
+        lines += [f"- **{_name(c, r.get('tokens'))}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
     return lines
 
 
@@ -101,7 +108,7 @@ def _metric_section(r: dict) -> list[str]:
     if not flagged:
         return lines + ["No verified component changes sign or importance across metrics.", ""]
     lines += _table(["component", "direction", *r["metrics"]],
-                    [[c["name"], c["direction"], *(_f(c["exact_norm"][k], 2) for k in r["metrics"])]
+                    [[_name(c, r.get("tokens")), c["direction"], *(_f(c["exact_norm"][k], 2) for k in r["metrics"])]
                      for c in flagged[:MAX_LISTED]])
     if len(flagged) > MAX_LISTED:
         lines += [f"... and {len(flagged) - MAX_LISTED} more (flag `metrics_disagree` in results.csv).", ""]
