@@ -87,9 +87,9 @@ def _statistics(a: Tensor, e: Tensor, k: int, tol: float) -> Tensor:
         return torch.zeros_like(v, dtype=torch.bool).scatter_(1, order, True)
     k = min(k, a.shape[1])
     big = e.abs() > tol
-    signs = ((torch.sign(a) == torch.sign(e)) & big).sum(1) / big.sum(1)  # NaN where nothing is big
-    recall = (top(a) & top(e)).sum(1) / max(k, 1)
-    return torch.stack([corr(a, e), corr(rank(a), rank(e)), signs.double(), recall.double()])
+    signs = ((torch.sign(a) == torch.sign(e)) & big).sum(1).double() / big.sum(1)  # NaN where nothing is big
+    recall = (top(a) & top(e)).sum(1).double() / max(k, 1)
+    return torch.stack([corr(a, e), corr(rank(a), rank(e)), signs, recall])
 
 
 def with_intervals(found: dict, approx: Tensor, exact: Tensor, tol: float, confidence: float = 0.95) -> dict:
