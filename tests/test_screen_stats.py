@@ -4,6 +4,7 @@ measured causes of every flagged component, the joint-subset false-negative boun
 import math
 
 import pytest
+import torch
 
 import attrpatch as ap
 from attrpatch.analysis.causes import NO_CAUSE, measured_causes
@@ -104,3 +105,14 @@ def test_subset_bound_does_not_call_a_missed_component_absent():
 def test_fn_subsets_needs_four_or_more():
     with pytest.raises(ValueError, match=r"fn_subsets must be 0 \(off\) or >= 4 .* got 2"):
         ScreenConfig(fn_subsets=2)
+
+
+def test_a_joint_patch_reaching_the_final_layer_matches_the_naive_one():
+    """The final block's MLP runs on the last row only when nothing in it is patched; a joint patch that
+    starts earlier and reaches it (the subset bound's patches) must run it on every row."""
+    from attrpatch.model.sites import Component
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs(n=3))
+    joint = [(Component("mlp_out", 1), Component("mlp_out", 2)), (Component("mlp_out", 1),)]
+    fast = ap.patch(model, batch, joint).values
+    naive = ap.patch(model, batch, joint, resume=False, copies=1).values
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-5)
