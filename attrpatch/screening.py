@@ -4,6 +4,12 @@ comparison of the two, per site, direction and metric. The CLI's ``screen`` is a
 Verification is per site: the top-k of each site by |AtP score| under the primary metric, plus
 ``random_k`` components drawn uniformly from the rest of that site (the control sample that estimates
 what AtP missed). Every metric is read from the same patched forward passes.
+
+Per prompt pair, scores and exact effects of the verified components are kept (all ranks gathered, and
+checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
+flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
+(analysis/causes.py); ``fn_subsets`` adds joint patches of random subsets of each site's unverified
+components (analysis/subsets.py).
 """
 
 import time
