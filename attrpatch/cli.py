@@ -76,6 +76,9 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "rules in the backward pass, the cost of atp); "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
+    p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
+                   help="also bound what verification left out: N joint patches of random halves of each site's "
+                        "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
     p.add_argument("--corruption", choices=CORRUPTIONS, default="str",
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
@@ -231,7 +234,7 @@ def _screen(args, argv) -> int:
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
-                          ig_steps=args.ig_steps, progress=not args.quiet)
+                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet)
     model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,

@@ -4,6 +4,12 @@ comparison of the two, per site, direction and metric. The CLI's ``screen`` is a
 Verification is per site: the top-k of each site by |AtP score| under the primary metric, plus
 ``random_k`` components drawn uniformly from the rest of that site (the control sample that estimates
 what AtP missed). Every metric is read from the same patched forward passes.
+
+Per prompt pair, scores and exact effects of the verified components are kept (all ranks gathered, and
+checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
+flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
+(analysis/causes.py); ``fn_subsets`` adds joint patches of random subsets of each site's unverified
+components (analysis/subsets.py).
 """
 
 import time
@@ -13,11 +19,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .analysis.agreement import grade_estimators
+from .analysis.causes import explain
 from .analysis.findings import non_finite, site_results
-from .analysis.flags import mark_cross_flags
-from .analysis.ranking import plan_verification
+from .analysis.flags import APPROX_FLAGS, mark_cross_flags
+from .analysis.grading import grade_estimators
+from .analysis.ranking import plan_verification, prompt_candidates
 from .analysis.sanity import clean_run_check
+from .analysis.subsets import draw_subsets, subset_bound
 from .engine import distributed
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
@@ -60,6 +68,7 @@ class ScreenConfig:
     copies: int | None = None
     estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
     ig_steps: int = 8
+    fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
     progress: bool = True
 
     def __post_init__(self):
@@ -76,6 +85,9 @@ class ScreenConfig:
             raise ValueError(f"random_k must be >= 0, got {self.random_k}")
         if self.estimator != "all":
             check_estimator(self.estimator)
+        if self.fn_subsets != 0 and self.fn_subsets < 4:
+            raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
+                             f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")
 
     @property
     def estimators(self) -> tuple[str, ...]:
@@ -126,18 +138,22 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         est_scores, est_seconds = run.attribute(direction)
         scores[direction], all_scores[direction] = est_scores[config.estimators[0]], est_scores
         plan = plan_verification(run.spec.dims, run.batch.n_pos, est_scores, config)
-        exact = run.verify(direction, plan)
+        exact, prompts = run.verify(direction, plan)
         verified = [c for site_plan in plan.values() for c in site_plan["verified"]]
         max_prob, entropy, change = run.diagnose(direction, verified)
         attention[direction] = {"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}
-        agree[direction], fns[direction] = {}, {}
+        agree[direction], fns[direction], first = {}, {}, len(comps)
         for site, site_plan in plan.items():
             entries, agree[direction][site], fns[direction][site] = site_results(
                 site, site_plan, exact, config, scores[direction], direction, max_prob, change,
-                run.spec.dims.n_kv_heads)
+                run.spec.dims.n_kv_heads, prompts)
             comps += entries
+            if config.fn_subsets:
+                fns[direction][site]["subsets"] = run.subsets(direction, site, site_plan)
+        flagged = [e for e in comps[first:] if set(e["flags"]) & set(APPROX_FLAGS)]
+        explain(flagged, run.half(direction, [c for c in verified if str(c) in {e["name"] for e in flagged}]))
         by_estimator[direction] = grade_estimators(plan, exact, config, est_scores, est_seconds,
-                                                   run.timing["forward_s"])
+                                                   run.timing["forward_s"], prompts)
     mark_cross_flags(comps, config.metric)
     numerical = non_finite(scores, all_scores, comps, config, run.batch.n_pos, run.spec)
     any_scores = next(iter(scores.values()))
@@ -157,6 +173,11 @@ class _Steps:
         self.batch = distributed.shard(batch.to(spec.device))  # this rank's prompts
         self.n_local, self.n_total = self.batch.n, distributed.total(self.batch.n)
         self.timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 2.0}
+        self.prompts: dict = {}  # direction -> estimator -> metric -> site -> [component, batch] (all ranks)
+
+    def gather(self, value):
+        """All ranks' per-prompt values of [.., batch] (the last axis) concatenated in prompt order."""
+        return distributed.gather(value.movedim(-1, 0)).movedim(0, -1)
 
     def reduce(self, value):
         return distributed.mean(value, self.n_local, self.n_total)
@@ -183,41 +204,79 @@ class _Steps:
     def attribute(self, direction: str) -> tuple[dict[str, Scores], dict[str, float]]:
         """Every estimator's scores in ``direction``, and the seconds each took."""
         config, est_scores, est_seconds = self.config, {}, {}
+        self.prompts[direction] = {}
         for est in config.estimators:
             start = time.perf_counter()
             step = f"attribution-{direction}-{est}"
-            est_scores[est] = self.progress.scores(step, self.spec.device)
-            if est_scores[est] is None:
-                est_scores[est] = _reduce_scores(
-                    attribute(self.spec, self.batch, sites=config.sites, metrics=config.metrics, direction=direction,
-                              batch_size=config.batch_size, estimator=est, ig_steps=config.ig_steps,
-                              progress=config.progress), self.reduce, self.n_total)
-                self.progress.save_scores(step, est_scores[est])
+            found = self.progress.scores(step, self.spec.device)
+            if found is None:
+                scores = attribute(self.spec, self.batch, sites=config.sites, metrics=config.metrics,
+                                   direction=direction, per_prompt=True, batch_size=config.batch_size,
+                                   estimator=est, ig_steps=config.ig_steps, progress=config.progress)
+                found = self.condense(scores)
+                self.progress.save_scores(step, *found)
+            est_scores[est], self.prompts[direction][est] = found
             est_seconds[est] = time.perf_counter() - start
             self.timing["attribution_s"] += est_seconds[est]
             self.timing["forward_passes"] += est_scores[est].passes["forward"]
         return est_scores, est_seconds
 
-    def verify(self, direction: str, plan: dict) -> dict:
-        """Exact effects of every planned component: {component: [metric]}; one saved step per site."""
-        config, exact, timing = self.config, {}, self.timing
+    def verify(self, direction: str, plan: dict) -> tuple[dict, dict]:
+        """Exact effects of every planned component, {component: [metric]}, and the per-prompt inputs of the
+        intervals: {"scores": self.prompts[direction], "exact": {component: [metric, batch]}}; one saved step
+        per site."""
+        exact, per_prompt = {}, {}
         for site, site_plan in plan.items():
-            start = time.perf_counter()
-            step = f"exact-{direction}-{site}"
-            effects = self.progress.effects(step, site_plan["verified"])
-            if effects is None:
-                effects = patch(self.spec, self.batch, site_plan["verified"], metrics=config.metrics,
-                                direction=direction, copies=config.copies, batch_size=config.batch_size,
-                                progress=config.progress)
-                effects.values = self.reduce(effects.values)
-                effects.receiver_metric = self.reduce(effects.receiver_metric)
-                self.progress.save_effects(step, effects)
+            effects = self.patched(f"exact-{direction}-{site}", direction, site_plan["verified"], self.config.metrics)
             exact.update({c: effects.values[i] for i, c in enumerate(site_plan["verified"])})  # [metric]
-            timing["verification_s"] += time.perf_counter() - start
-            timing["forward_passes"] += effects.passes["patched_rows"] + 2
-            timing["forward_equivalents_verification"] = (
-                timing.get("forward_equivalents_verification", 0.0) + effects.passes["forward_equivalents"])
-        return exact
+            per_prompt.update({c: effects.per_prompt[i] for i, c in enumerate(site_plan["verified"])})
+        return exact, {"scores": self.prompts[direction], "exact": per_prompt}
+
+    def patched(self, step: str, direction: str, items: list, metrics, alpha: float = 1.0):
+        """Exact (``alpha``: partial) effects of patching each of ``items``, with their per-prompt values of
+        all ranks, saved as ``step`` (and read back on resume)."""
+        config, timing = self.config, self.timing
+        start = time.perf_counter()
+        effects = self.progress.effects(step, items)
+        if effects is None or effects.per_prompt is None:
+            effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
+                            batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress)
+            effects.values = self.reduce(effects.values)
+            effects.receiver_metric = self.reduce(effects.receiver_metric)
+            effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
+            self.progress.save_effects(step, effects)
+        timing["verification_s"] += time.perf_counter() - start
+        timing["forward_passes"] += effects.passes["patched_rows"] + 2
+        timing["forward_equivalents_verification"] = (
+            timing.get("forward_equivalents_verification", 0.0) + effects.passes["forward_equivalents"])
+        return effects
+
+    def half(self, direction: str, flagged: list) -> dict[str, float]:
+        """e(1/2) of each flagged component under the primary metric: {name: effect} (one patched copy each,
+        grouped into passes like verification)."""
+        if not flagged:
+            return {}
+        effects = self.patched(f"half-{direction}", direction, flagged, (self.config.metric,), alpha=0.5)
+        return {str(c): float(effects.values[i, 0]) for i, c in enumerate(flagged)}
+
+    def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
+        """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
+        patches of random halves of them (analysis/subsets.py)."""
+        verified = set(site_plan["verified"])
+        rest = [c for c in site_plan["all"] if c not in verified]
+        if len(rest) < 2:
+            return None
+        included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed)
+        joint = [tuple(c for c, keep in zip(rest, row) if keep) for row in included.tolist()]
+        nonempty = [i for i, items in enumerate(joint) if items]
+        effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty],
+                               (self.config.metric,))
+        joint_effects = torch.zeros(len(joint), dtype=torch.float64)
+        joint_effects[nonempty] = effects.values[:, 0].double()
+        bound = subset_bound(included, joint_effects)
+        return {"bound": bound.bound, "confidence": bound.confidence, "n_components": bound.n_components,
+                "n_subsets": bound.n_subsets, "detected": [str(rest[i]) for i in bound.detected[:20]],
+                "statement": bound.statement()}
 
     def diagnose(self, direction: str, verified: list):
         """Attention max-prob and entropy [layer, head] of the receiving run, and each verified
@@ -229,6 +288,17 @@ class _Steps:
             change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
+
+
+    def condense(self, scores: Scores) -> tuple[Scores, dict]:
+        """Per-prompt scores -> (the all-rank mean scores, {metric: {site: [component, batch]}} of all ranks'
+        prompts in ``candidates`` order): the intervals need the latter, everything else the former."""
+        config = self.config
+        prompts = {m: {s: self.gather(prompt_candidates(scores, s, m, config.per_position(s))) for s in config.sites}
+                   for m in config.metrics}
+        scores.values = {m: {s: t.mean(0) for s, t in per.items()} for m, per in scores.values.items()}
+        scores.per_prompt = False
+        return _reduce_scores(scores, self.reduce, self.n_total), prompts
 
 
 def logit_diff(batch: PromptBatch, logits) -> "torch.Tensor":

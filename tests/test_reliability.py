@@ -20,7 +20,7 @@ def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
 
     def poisoned(*args, **kwargs):
         scores = real(*args, **kwargs)
-        scores.values["logit_diff"]["head"][1, :, 2] = float("nan")  # L1H2 at every position
+        scores.values["logit_diff"]["head"][..., 1, :, 2] = float("nan")  # L1H2 at every position (and prompt)
         return scores
     monkeypatch.setattr(screen_module, "attribute", poisoned)
     model = tiny_model("gpt2")

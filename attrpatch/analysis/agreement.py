@@ -94,28 +94,3 @@ def false_negatives(control_exact: Tensor, top_exact: Tensor, n_unverified: int,
 def tolerance(scores: Scores, metric: str) -> float:
     """Effects smaller than 1% of the clean-corrupt gap are treated as zero when comparing signs."""
     return max(0.01 * abs(scores.clean_metric[metric] - scores.corrupt_metric[metric]), 1e-6)
-
-
-def grade_estimators(plan: dict, exact: dict, config, est_scores: dict, seconds: dict,
-                       forward_s: float) -> dict:
-    """Per estimator: its cost, and per site how well its scores (primary metric) track the exact effects
-    of everything verified, the recall of the true top-k, and the controls that beat its top-k."""
-    primary = config.metrics.index(config.metric)
-    out = {}
-    for est, scores in est_scores.items():
-        sites = {}
-        for site, p in plan.items():
-            idx = p["top"] + p["control"]
-            if not idx:
-                continue
-            ex = torch.stack([exact[p["all"][j]][primary] for j in idx])
-            approx = p["by_estimator"][est][config.metric][idx]
-            k = len(p["tops"][est])
-            a = agreement(approx, ex, k=max(k, 1), tol=tolerance(scores, config.metric)).to_dict()
-            in_top = torch.tensor([j in set(p["tops"][est]) for j in idx])
-            weakest = ex[in_top].abs().min() if in_top.any() else torch.tensor(float("inf"))
-            a["false_negatives"] = int((ex[~in_top].abs() > weakest).sum())  # verified, outside its top-k
-            sites[site] = a
-        out[est] = {"cost": {**scores.passes, "seconds": seconds[est],
-                             "forward_equivalents": seconds[est] / max(forward_s, 1e-9)}, "sites": sites}
-    return out

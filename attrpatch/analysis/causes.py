@@ -12,6 +12,7 @@ Each cause carries its number; ``no cause found`` only when every measurement is
 """
 
 THRESHOLD = 0.2  # relative size above which a measurement names a cause
+NO_CAUSE = "no cause found: every measurement below its threshold"
 
 
 def _relative(a: float, b: float, scale: float) -> float:
@@ -33,4 +34,15 @@ def measured_causes(exact: float, half: float, atp: float, ig: float | None = No
             causes.append(f"non-linearity along the straight path: IG {ig:+.3g} within {off:.0%} of exact")
         else:
             causes.append(f"interaction with other components: IG {ig:+.3g} also off by {off:.0%}")
-    return causes or ["no cause found: every measurement below its threshold"]
+    return causes or [NO_CAUSE]
+
+
+def explain(entries: list[dict], half: dict[str, float]) -> None:
+    """Put the measured causes of each flagged entry (findings.site_results) first in its ``causes``:
+    ``half``: e(1/2) per component name; IG's score is read from the entry's ``approx_estimators`` when the
+    screen ran IG. The evidence-based causes stay after them; NO_CAUSE only when none is left."""
+    for e in entries:
+        e["evidence"]["half_effect"] = half[e["name"]]
+        ig = e["approx_estimators"].get("ig")
+        measured = [c for c in measured_causes(e["exact"], half[e["name"]], e["approx"], ig) if c != NO_CAUSE]
+        e["causes"] = measured + e["causes"] or [NO_CAUSE]

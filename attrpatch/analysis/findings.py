@@ -10,20 +10,28 @@ from ..methods.attribution import Scores
 from ..model.sites import HEAD_LIKE, Component
 from .agreement import agreement, false_negatives, tolerance
 from .flags import NON_FINITE, causes, disagreement_flags
+from .intervals import effect_intervals, with_intervals
 from .ranking import candidates, ranks
 
 
-def site_results(site, plan, exact, config, scores: Scores, direction, max_prob, change, n_kv):
-    """The entries of one site's verified components, its agreement per metric and its false-negative bound."""
+def site_results(site, plan, exact, config, scores: Scores, direction, max_prob, change, n_kv, prompts):
+    """The entries of one site's verified components, its agreement per metric (with 95% bootstrap intervals
+    over prompt pairs) and its false-negative bound. ``prompts``: per-prompt scores and exact effects
+    (screening._Steps.verify)."""
     idx = plan["top"] + plan["control"]
     comps = [plan["all"][j] for j in idx]
     primary = config.metrics.index(config.metric)
     ex = torch.stack([exact[c] for c in comps]) if comps else torch.zeros(0, len(config.metrics))  # [comp, metric]
     k = len(plan["top"]) if config.top_k is None else min(config.top_k, len(plan["top"]))
+    ex_prompts = torch.stack([prompts["exact"][c] for c in comps]) if comps else None  # [comp, metric, batch]
+    approx_prompts = prompts["scores"][config.estimators[0]]
     site_agree = {}
     for j, m in enumerate(config.metrics):
-        approx_m = plan["approx"][m][idx]
-        site_agree[m] = agreement(approx_m, ex[:, j], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
+        tol = tolerance(scores, m)
+        site_agree[m] = agreement(plan["approx"][m][idx], ex[:, j], k=max(k, 1), tol=tol).to_dict()
+        if comps:
+            site_agree[m] = with_intervals(site_agree[m], approx_prompts[m][site][idx], ex_prompts[:, j], tol)
+    low, high = effect_intervals(ex_prompts[:, primary]) if comps else ([], [])
     n_top = len(plan["top"])
     fn = false_negatives(ex[n_top:, primary], ex[:n_top, primary],
                          n_unverified=len(plan["all"]) - n_top).to_dict()
@@ -41,7 +49,8 @@ def site_results(site, plan, exact, config, scores: Scores, direction, max_prob,
         entries.append({
             "direction": direction, "site": c.site, "layer": c.layer, "head": c.head, "neuron": c.neuron,
             "pos": c.pos, "name": str(c), "selected": "top" if r < n_top else "control",
-            "approx": approx, "exact": value, "approx_estimators": by_est,
+            "approx": approx, "exact": value, "exact_ci": [float(low[r]), float(high[r])],
+            "approx_estimators": by_est,
             "approx_metrics": {m: float(plan["approx"][m][j]) for m in config.metrics},
             "exact_metrics": {m: float(ex[r, i]) for i, m in enumerate(config.metrics)},
             "exact_norm": {m: normalise(float(ex[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],

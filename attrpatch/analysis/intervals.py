@@ -63,12 +63,37 @@ def agreement_intervals(approx: Tensor, exact: Tensor, k: int, tol: float, confi
         raise ValueError(f"approx {tuple(approx.shape)} and exact {tuple(exact.shape)} must both be "
                          f"[component, batch] per-prompt values of the same components")
     names = ("pearson", "spearman", "sign_agreement", "recall_at_k")
-
-    def stats(a: Tensor, e: Tensor) -> Tensor:
-        found = agreement(a, e, k=k, tol=tol)
-        return torch.tensor([getattr(found, n) for n in names], dtype=torch.float64)
-    value = stats(approx.mean(1), exact.mean(1))
+    found = agreement(approx.mean(1), exact.mean(1), k=k, tol=tol)
+    value = [getattr(found, n) for n in names]
+    keep = (torch.isfinite(approx) & torch.isfinite(exact)).all(1)  # non-finite components: left out
     idx = resamples(approx.shape[1], n_boot, seed)
-    boot = torch.stack([stats(approx[:, i].mean(1), exact[:, i].mean(1)) for i in idx], -1)  # [stat, n_boot]
+    boot = _statistics(approx[keep].double()[:, idx].mean(-1).T, exact[keep].double()[:, idx].mean(-1).T,
+                       k, tol)  # [stat, n_boot]
     low, high = _percentiles(boot, confidence)
     return {n: Interval(float(value[j]), float(low[j]), float(high[j])) for j, n in enumerate(names)}
+
+
+def _statistics(a: Tensor, e: Tensor, k: int, tol: float) -> Tensor:
+    """``agreement``'s statistics for every resample at once: a, e [n_boot, component] -> [4, n_boot]."""
+    def corr(x, y):
+        x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+        return (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))  # NaN where one side is constant
+
+    def rank(v):  # the rank of each value, ties in index order (agreement.spearman)
+        return torch.argsort(torch.argsort(v, dim=1, stable=True), dim=1, stable=True).double()
+
+    def top(v):  # [n_boot, component] bool: the k largest |v| (ties in index order, ranking.magnitude_order)
+        order = torch.argsort(v.abs(), dim=1, descending=True, stable=True)[:, :k]
+        return torch.zeros_like(v, dtype=torch.bool).scatter_(1, order, True)
+    k = min(k, a.shape[1])
+    big = e.abs() > tol
+    signs = ((torch.sign(a) == torch.sign(e)) & big).sum(1).double() / big.sum(1)  # NaN where nothing is big
+    recall = (top(a) & top(e)).sum(1).double() / max(k, 1)
+    return torch.stack([corr(a, e), corr(rank(a), rank(e)), signs, recall])
+
+
+def with_intervals(found: dict, approx: Tensor, exact: Tensor, tol: float, confidence: float = 0.95) -> dict:
+    """An ``Agreement`` dict ``found`` (k from it) plus ``<statistic>_ci: [low, high]`` for each of its
+    statistics, from per-prompt approx and exact [component, batch]."""
+    intervals = agreement_intervals(approx, exact, k=max(found["k"], 1), tol=tol, confidence=confidence)
+    return {**found, **{f"{name}_ci": [i.low, i.high] for name, i in intervals.items()}}

@@ -191,8 +191,9 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 return forward_last(spec, receiver_ids.repeat(n), batch.mask.repeat(n, 1),
                                     batch.last.repeat(n)), 0, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
+            final = any(c.layer == n_layers - 1 for i in group for c in _members(components[i]))
             return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
-                              kept.get("cache"), rows), start, first_pos
+                              kept.get("cache"), rows, final), start, first_pos
 
     bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
     while groups:

@@ -61,21 +61,27 @@ class Progress:
             meta = json.loads(f.metadata()["meta"])
         return load_file(str(self._path(name))), meta
 
-    def scores(self, name: str, device) -> Scores | None:
+    def scores(self, name: str, device) -> tuple[Scores, dict] | None:
+        """The saved mean scores, and the per-prompt scores {metric: {site: [component, batch]}}."""
         found = self._load(name)
         if found is None:
             return None
         tensors, meta = found
         values: dict = {}
+        prompts: dict = {}
         for key, t in tensors.items():
-            m, site = key.split("/")
-            values.setdefault(m, {})[site] = t.to(device)
-        return Scores(values=values, **meta)
+            parts = key.split("/")
+            if parts[0] == "prompt":
+                prompts.setdefault(parts[1], {})[parts[2]] = t
+            else:
+                values.setdefault(parts[0], {})[parts[1]] = t.to(device)
+        return Scores(values=values, **meta), prompts
 
-    def save_scores(self, name: str, scores: Scores) -> None:
+    def save_scores(self, name: str, scores: Scores, prompts: dict) -> None:
         if self.folder is None:
             return
         tensors = {f"{m}/{s}": t for m, per in scores.values.items() for s, t in per.items()}
+        tensors.update({f"prompt/{m}/{s}": t for m, per in prompts.items() for s, t in per.items()})
         meta = {k: getattr(scores, k) for k in ("direction", "clean_metric", "corrupt_metric", "n_prompts",
                                                  "per_prompt", "passes", "estimator")}
         self._save(name, tensors, meta)
@@ -87,11 +93,14 @@ class Progress:
         tensors, meta = found
         if meta.pop("names") != [str(c) for c in components]:
             return None  # a different plan: recompute
-        return Effects(components=components, values=tensors["values"], **meta)
+        return Effects(components=components, values=tensors["values"], per_prompt=tensors.get("per_prompt"), **meta)
 
     def save_effects(self, name: str, effects: Effects) -> None:
         if self.folder is None:
             return
         meta = {"metrics": effects.metrics, "direction": effects.direction, "receiver_metric": effects.receiver_metric,
                 "passes": effects.passes, "names": [str(c) for c in effects.components]}
-        self._save(name, {"values": effects.values}, meta)
+        tensors = {"values": effects.values}
+        if effects.per_prompt is not None:
+            tensors["per_prompt"] = effects.per_prompt
+        self._save(name, tensors, meta)

@@ -2,6 +2,7 @@
 
 import math
 
+from ..analysis.causes import NO_CAUSE
 from ..analysis.flags import APPROX_FLAGS
 from ..inputs.directions import QUESTION
 
@@ -19,6 +20,13 @@ def _name(c: dict, tokens: list | None) -> str:
     if c.get("pos") is None or not tokens or c["pos"] >= len(tokens):
         return c["name"]
     return f"{c['name']} ({tokens[c['pos']].strip() or repr(tokens[c['pos']])})"
+
+
+def _ci(stats: dict, name: str, digits: int = 2) -> str:
+    """A statistic with its 95% bootstrap interval over prompt pairs, when the report has one."""
+    ci = stats.get(f"{name}_ci")
+    value = _f(stats[name], digits)
+    return value if not ci else f"{value} [{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -58,23 +66,27 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     word = QUESTION[direction]
     lines = [f"## {direction.capitalize()}: {word}", "", "### Top components by exact effect", ""]
     top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
-    lines += _table(["component", "AtP", "exact", "exact (normalised)", "rank AtP", "rank exact", "flags"],
-                    [[_name(c, r.get("tokens")), _f(c["approx"]), _f(c["exact"]), _f(c["exact_norm"][m], 2), c["rank_approx"],
+    lines += _table(["component", "AtP", "exact [95% CI]", "exact (normalised)", "rank AtP", "rank exact", "flags"],
+                    [[_name(c, r.get("tokens")), _f(c["approx"]), _ci(c, "exact", 3),
+                      _f(c["exact_norm"][m], 2), c["rank_approx"],
                       c["rank_exact"], ", ".join(c["flags"]) or "-"] for c in top])
-    lines += ["### How well AtP agreed with exact patching", ""]
+    lines += ["### How well AtP agreed with exact patching", "",
+              "Each statistic with its 95% bootstrap interval over prompt pairs.", ""]
     rows = []
     for site, per_metric in r["agreement"][direction].items():
         a = per_metric[m]
         fn = r["false_negatives"][direction][site]
-        rows.append([site, a["n"], _f(a["pearson"], 2), _f(a["spearman"], 2), _f(a["sign_agreement"], 2),
-                     f"{a['recall_at_k']:.2f} (k={a['k']})", _fn_words(fn)])
+        rows.append([site, a["n"], _ci(a, "pearson"), _ci(a, "spearman"), _ci(a, "sign_agreement"),
+                     f"{_ci(a, 'recall_at_k')} (k={a['k']})", _fn_words(fn)])
     lines += _table(["site", "verified", "pearson", "spearman", "sign agreement", "recall@k",
                      "false negatives (control sample)"], rows)
+    lines += _subset_words(r["false_negatives"][direction])
     flagged = [c for c in comps if set(c["flags"]) & set(APPROX_FLAGS)]
     flagged.sort(key=lambda c: -abs(c["exact"] - c["approx"]))
     lines += ["### Where AtP and exact patching disagree", ""]
     if not flagged:
         lines += ["No verified component has a sign flip, a large error or a missed rank.", ""]
+    lines += _no_cause_words(comps)
     for c in flagged[:MAX_LISTED]:
         why = "; ".join(c["causes"]) or (f"no measured cause above threshold (activation change "
                                           f"{c['evidence']['activation_change']:.2f} x)")
@@ -88,6 +100,24 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
         lines += ["### Denoising and noising disagree", ""]
         lines += [f"- **{_name(c, r.get('tokens'))}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
     return lines
+
+
+def _subset_words(fns: dict) -> list[str]:
+    """The joint-subset false-negative bound (--fn-subsets) per site, in words."""
+    found = [f"- {site}: {fn['subsets']['statement']}" + (f"; detected among them: {', '.join(fn['subsets']['detected'][:5])}"
+                                                           if fn["subsets"]["detected"] else "")
+             for site, fn in fns.items() if fn.get("subsets")]
+    return ["Joint patches of random subsets of the unverified components (--fn-subsets):", "", *found, ""] if found else []
+
+
+def _no_cause_words(comps: list[dict]) -> list[str]:
+    """The share of large errors whose measured causes (half patch, IG) and evidence name nothing."""
+    large = [c for c in comps if "large_error" in c["flags"]]
+    if not large:
+        return []
+    unexplained = sum(c["causes"][:1] == [NO_CAUSE] for c in large)
+    return [f"Measured causes (curvature from a half patch e(1/2), IG when run, the activation evidence): "
+            f"{unexplained} of {len(large)} large errors ({unexplained / len(large):.0%}) have no cause found.", ""]
 
 
 def _fn_words(fn: dict) -> str:
@@ -129,10 +159,34 @@ def _estimator_section(r: dict) -> list[str]:
         for est, e in per.items():
             c = e["cost"]
             cost = f"{c['forward']} fwd + {c['backward']} bwd, {c['seconds']:.2f} s ({c['forward_equivalents']:.1f}x fwd)"
-            rows.append([est, cost] + [f"{_f(e['sites'][s]['pearson'], 2)} / {e['sites'][s]['recall_at_k']:.2f} / "
+            rows.append([est, cost] + [f"{_ci(e['sites'][s], 'pearson')} / {_ci(e['sites'][s], 'recall_at_k')} / "
                                        f"{e['sites'][s]['false_negatives']}" for s in sites])
         lines += [f"### {direction}", ""] + _table(header, rows)
+        lines += [f"- {s}: {_recommend(per, s)}" for s in sites] + [""]
     return lines
+
+
+TRUSTED_PEARSON = 0.9  # an estimator is trusted at a site when its Pearson's lower 95% bound reaches this
+
+
+def _recommend(per: dict, site: str) -> str:
+    """The cheapest estimator whose Pearson lower bound is >= TRUSTED_PEARSON at ``site``, or the best one."""
+    def cost(est):
+        c = per[est]["cost"]
+        return (c["forward"] + c["backward"], c["seconds"])
+
+    def words(est):
+        c, a = per[est]["cost"], per[est]["sites"][site]
+        return f"**{est}** (pearson {_ci(a, 'pearson')}; cost {c['forward']} fwd + {c['backward']} bwd)"
+    graded = [est for est in per if site in per[est]["sites"]]
+    trusted = [est for est in graded if (per[est]["sites"][site].get("pearson_ci") or [math.nan])[0] >= TRUSTED_PEARSON]
+    if trusted:
+        return f"use {words(min(trusted, key=cost))}, the cheapest whose Pearson lower bound is >= {TRUSTED_PEARSON}"
+    finite = [est for est in graded if math.isfinite(per[est]["sites"][site]["pearson"])]
+    if not finite:
+        return "no estimator has a finite Pearson here"
+    best = max(finite, key=lambda est: per[est]["sites"][site]["pearson"])
+    return f"none reaches a Pearson lower bound of {TRUSTED_PEARSON}; the best is {words(best)}: verify its top-k"
 
 
 def _numerical_section(num: dict) -> list[str]:
