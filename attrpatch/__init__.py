@@ -5,7 +5,7 @@ Data flows through the stages in this order (each imports only from itself and e
 inputs -> model -> engine -> methods -> analysis -> output -> plot -> screening -> pipeline -> cli."""
 
 from .edge_screening import EdgeConfig, EdgeResult, screen_edges
-from .engine.metrics import METRICS, Target, metric
+from .engine.metrics import ALL_METRICS, DISCRETE_METRICS, METRICS, Target, metric
 from .inputs.batch import PromptBatch, make_batch
 from .inputs.directions import DIRECTIONS
 from .inputs.pairs import PromptPair, load_jsonl
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
-    "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
+    "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
     "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
     "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
     "screen_edges", "use_arch",

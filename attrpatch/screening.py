@@ -39,7 +39,7 @@ def check_metrics_and_direction(config) -> None:
     """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), adding the
     primary metric to ``metrics`` when missing (node and edge screens alike)."""
     for m in (config.metric, *config.metrics):
-        check_metric(m)
+        check_metric(m, gradient=True)  # the screen scores every metric by attribution
     if config.metric not in config.metrics:
         object.__setattr__(config, "metrics", (config.metric, *config.metrics))
     if config.direction != "both":
