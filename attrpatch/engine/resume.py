@@ -30,7 +30,8 @@ def expand(x, n: int, batch: int):
 
 
 def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int,
-               last: Tensor, first_pos: int = 0, cache=None, first_rows: int | None = None) -> Tensor:
+               last: Tensor, first_pos: int = 0, cache=None, first_rows: int | None = None,
+               last_block_patched: bool = False) -> Tensor:
     """Resume the forward pass at block ``start`` with ``hidden`` [n*batch, pos - first_pos, d_model],
     replaying each block's recorded call expanded to ``n`` copies; returns last-token logits [n*batch, vocab].
 
@@ -38,9 +39,11 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
     patch at or after them in a causal model, are read as keys and values from the receiver's ``cache``.
     first_rows: block ``start`` computes only its first ``first_rows`` positions (patches after its
     attention change no other row of it); the rest of its output is the receiver's, recorded as the next
-    block's input."""
+    block's input.
+    last_block_patched: something inside the final block is patched (a joint patch reaching it from an
+    earlier start), so its MLP must run on every position."""
     past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
-    with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos):
+    with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos, last_block_patched):
         hidden = _run(spec, start, hidden, calls, n, batch, first_pos, past, first_rows)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
@@ -48,13 +51,14 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
 
 
 @contextmanager
-def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int) -> Iterator[None]:
+def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int,
+                          last_block_patched: bool) -> Iterator[None]:
     """The final block's MLP runs on the last position only, when every prompt ends there and nothing is
     patched in that block: its output [rows, 1, d] broadcasts into the residual add, whose other rows are
     never read. Skipped for families without an MLP module (OPT)."""
     parent = spec.arch.neuron.rpartition(".")[0]
     final = spec.dims.n_layers - 1
-    if not parent or start >= final or not bool((last == n_pos - 1).all()):
+    if not parent or start >= final or last_block_patched or not bool((last == n_pos - 1).all()):
         yield
         return
 

@@ -192,7 +192,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                                     batch.last.repeat(n)), 0, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
             return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
-                              kept.get("cache"), rows), start, first_pos
+                              kept.get("cache"), rows, any(k[1] == n_layers - 1 for k in entries)), start, first_pos
 
     bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
     while groups:

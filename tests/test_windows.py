@@ -1,0 +1,65 @@
+"""Sliding-window patching: windows of 1 are single layers, a window's exact effect is a naive joint patch,
+its AtP the sum of its layers' scores."""
+
+import pytest
+import torch
+
+import attrpatch as ap
+from attrpatch.methods.windows import sweep_windows, window, windows
+from conftest import random_pairs, tiny_model
+from reference import patched_logits_reference
+
+METRICS = ["logit_diff", "prob", "rank", "accuracy"]
+
+
+def test_windows_are_centred_and_clipped_at_the_ends():
+    layers = lambda item: [c.layer for c in item]  # noqa: E731
+    assert [layers(w) for w in windows("mlp_out", 3, 4)] == [[0, 1], [0, 1, 2], [1, 2, 3], [2, 3]]
+    assert [layers(w) for w in windows("mlp_out", 5, 3)] == [[0, 1, 2]] * 3
+    assert layers(window("resid_pre", 1, 2, 4)) == [1, 2]
+    assert window("head", 2, 1, 4, pos=3, unit=1) == (ap.Component("head", 2, 3, 1),)
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_a_window_of_one_equals_single_layer_patching_and_atp(direction):
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=3))
+    sweep = sweep_windows(model, batch, site="mlp_out", widths=[1], pos=3, metrics=METRICS, direction=direction)
+    single = [ap.Component("mlp_out", layer, 3) for layer in range(3)]
+    eff = ap.patch(model, batch, single, metrics=METRICS, direction=direction)
+    torch.testing.assert_close(sweep.exact[1], eff.values, atol=1e-6, rtol=0)
+    scores = ap.attribute(model, batch, sites=["mlp_out"], metrics=METRICS[:2], direction=direction)
+    for layer, c in enumerate(single):
+        for j, m in enumerate(METRICS[:2]):
+            assert float(sweep.atp[1][layer, j]) == pytest.approx(scores.score(c, m), abs=1e-6)
+    assert torch.isnan(sweep.atp[1][:, 2:]).all()  # rank, accuracy: no AtP
+
+
+@pytest.mark.parametrize("family,site,unit", [("gpt2", "resid_pre", None), ("llama", "mlp_out", None),
+                                              ("qwen2", "head", 1), ("gpt2", "neuron", 5)])
+def test_a_window_exact_effect_equals_a_naive_joint_patch(family, site, unit):
+    model = tiny_model(family)
+    batch = ap.make_batch(random_pairs(n=3))
+    target = ap.Target.from_clean(batch.answer, batch.wrong, patched_logits_reference(model, batch, ())[0])
+    pos = None if unit is not None else 3
+    sweep = sweep_windows(model, batch, site=site, widths=[3, 2], pos=pos, unit=unit, metrics=METRICS)
+    for w in (3, 2):
+        for centre, item in enumerate(windows(site, w, 3, pos, unit)):
+            receiver, patched = patched_logits_reference(model, batch, item)
+            for j, m in enumerate(METRICS):
+                naive = float((ap.metric(m, patched, target) - ap.metric(m, receiver, target)).mean())
+                assert float(sweep.exact[w][centre, j]) == pytest.approx(naive, abs=1e-4), (w, centre, m)
+    scores = ap.attribute(model, batch, sites=[site], metrics=["logit_diff"])
+    whole = sum(scores.score(ap.Component(site, layer, pos, unit), "logit_diff") for layer in range(3))
+    assert float(sweep.atp[3][1, 0]) == pytest.approx(whole, abs=1e-5)  # the middle window covers every layer
+    assert sweep.windows[2] == [[0, 1], [1, 2], [2]]
+
+
+def test_window_errors_name_the_value_and_the_valid_range():
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs())
+    with pytest.raises(ValueError, match=r"window width 4 out of range: valid 1\.\.3"):
+        sweep_windows(model, batch, site="mlp_out", widths=[1, 4])
+    with pytest.raises(ValueError, match="'embed' has one layer"):
+        sweep_windows(model, batch, site="embed", widths=[1])
+    with pytest.raises(ValueError, match="position 9 out of range"):
+        sweep_windows(model, batch, site="mlp_out", widths=[1], pos=9)
