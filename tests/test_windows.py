@@ -63,3 +63,27 @@ def test_window_errors_name_the_value_and_the_valid_range():
         sweep_windows(model, batch, site="embed", widths=[1])
     with pytest.raises(ValueError, match="position 9 out of range"):
         sweep_windows(model, batch, site="mlp_out", widths=[1], pos=9)
+
+
+def test_window_figure_draws_the_normalised_sweep_and_the_same_bytes_twice(tmp_path):
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from attrpatch.plot.style import save
+    from attrpatch.plot.windows import normalised, plot_windows
+    model = tiny_model("gpt2")
+    batch = ap.make_batch(random_pairs(n=3))
+    sweeps = {"STR": sweep_windows(model, batch, site="mlp_out", widths=[1, 3], pos=3, metrics=METRICS).to_dict()}
+    path = tmp_path / "sweeps.json"
+    path.write_text(json.dumps(sweeps))
+    fig = plot_windows(path)
+    lines = fig.axes[0].lines  # width 1 exact, AtP; width 3 exact, AtP; the zero line
+    sweep = sweeps["STR"]
+    gap = sweep["clean_metric"]["logit_diff"] - sweep["corrupt_metric"]["logit_diff"]
+    expected = [row[0] / gap for row in sweep["exact"]["3"]]
+    assert list(lines[2].get_ydata()) == pytest.approx(expected)
+    assert normalised(sweep, "exact", 3, "logit_diff") == pytest.approx(expected)
+    assert list(lines[1].get_ydata()) == pytest.approx([row[0] / gap for row in sweep["atp"]["1"]])
+    first, second = save(fig, tmp_path / "a"), save(plot_windows(path), tmp_path / "b")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
