@@ -71,10 +71,11 @@ def exact_reference(model, batch, component, direction="denoise", metric_name="l
     return float((metric(metric_name, patched, target) - metric(metric_name, receiver, target)).mean())
 
 
-def patched_logits_reference(model, batch, components, direction="denoise"):
+def patched_logits_reference(model, batch, components, direction="denoise", transform=None):
     """Last-token logits [batch, vocab] of the receiver run, and of the receiver run with every one of
     ``components`` (a Component or a tuple, patched jointly) set to its source value: one plain hook per
-    hook point, one full forward."""
+    hook point, one full forward. ``transform``: the source value is transform(the clean run's
+    activation [batch, pos, ...]) instead (ablations)."""
     spec = model_spec(model)
     components = components if isinstance(components, tuple) else (components,)
     source_ids, receiver_ids = _runs(batch, direction)
@@ -90,11 +91,12 @@ def patched_logits_reference(model, batch, components, direction="denoise"):
 
     with torch.no_grad():
         receiver = _last_logits(model, receiver_ids, batch)
-        for c in components:
-            point = spec.hook_point(c.site, c.layer)
-            source = _activation(model, point, source_ids, batch)
-            handles.append(_hook(point, overwrite(point, source, c.index()[1:])))
+        points = [spec.hook_point(c.site, c.layer) for c in components]
+        sources = [_activation(model, point, source_ids, batch) if transform is None  # all from unpatched runs
+                   else transform(_activation(model, point, batch.clean, batch)) for point in points]
         try:
+            for c, point, source in zip(components, points, sources):
+                handles.append(_hook(point, overwrite(point, source, c.index()[1:])))
             patched = _last_logits(model, receiver_ids, batch)
         finally:
             for h in handles:
@@ -207,3 +209,15 @@ def qk_fix_reference(model, batch, component, direction="denoise", metric_name="
         return float((change * grad).sum())  # grad is of the mean over prompts
     finally:
         model.set_attn_implementation(before)
+
+
+ABLATED = {"zero": lambda a: torch.zeros_like(a),  # the source value of each ablation, from the clean run's
+           "mean": lambda a: a.mean(0, keepdim=True).expand_as(a).clone(),
+           "resample": lambda a: torch.cat([a[1:], a[:1]])}  # prompt i takes prompt i + 1's
+
+
+def ablation_reference(model, batch, component, ablation, metric_name="logit_diff"):
+    """metric(clean run with the component ablated) - metric(clean run), mean over prompts."""
+    target = _target(model, batch, "noise")
+    receiver, patched = patched_logits_reference(model, batch, component, "noise", transform=ABLATED[ablation])
+    return float((metric(metric_name, patched, target) - metric(metric_name, receiver, target)).mean())
