@@ -76,9 +76,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "rules in the backward pass, the cost of atp); "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
-    p.add_argument("--corruption", choices=CORRUPTIONS, default="str",
+    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
-                        "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
+                        "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "
+                        "(str,noise): one run each in OUT/<corruption>/ and their comparison in OUT/corruptions.md")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
@@ -236,9 +237,14 @@ def _screen(args, argv) -> int:
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-               corruption=args.corruption, noise_std=args.noise_std, prepend_bos=args.prepend_bos,
+               corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
                template=args.template, keep_correct=args.keep_correct)
     if distributed.rank() != 0:
+        return 0
+    if len(args.corruption) > 1:
+        print((args.out / "corruptions.md").read_text())
+        print(f"wrote {args.out}/corruptions.json, corruptions.md; one run each in "
+              + ", ".join(f"{args.out}/{c}/" for c in args.corruption))
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"

@@ -93,8 +93,18 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
     (same model, prompts and options) and gives the same report as an uninterrupted run.
     corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
-    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing).
+    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several,
+    comma-separated ("str,noise"): one whole run per corruption in ``out/<corruption>/``, each the same as
+    that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
+    labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
+    for label in labels or (corruption,):
+        check_corruption(label)
+    if len(labels) > 1:
+        options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
+                       figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
+                       template=template, keep_correct=keep_correct)
+        return run_corruptions(model, tokenizer, labels, out=Path(out), **options)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    per_position=any(config.per_position(s) for s in config.sites),
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
@@ -122,6 +132,29 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         from .plot import draw_run
         draw_run(out)
     return report
+
+
+def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,
+                    **options) -> dict:
+    """One :func:`run_screen` per corruption into ``out/<corruption>/``, then their comparison in ``out``:
+    corruptions.json, corruptions.md (the ``corruptions_disagree`` flags) and figures/corruptions_*.png.
+    Returns {"corruptions": the comparison, "runs": {corruption: report}}."""
+    from .output.corruptions import write_corruptions
+
+    reports = {c: run_screen(model, tokenizer, out=out / c, corruption=c, figures=figures, **options)
+               for c in corruptions}
+    if distributed.rank() != 0:
+        return {}
+    comp = write_corruptions(out, reports)
+    if figures:
+        from .plot.corruptions import plot_corruptions
+        from .plot.style import save
+        for direction in dict.fromkeys(e["direction"] for e in comp["components"]):
+            try:
+                save(plot_corruptions(comp, direction), out / "figures" / f"corruptions_{direction}")
+            except ValueError:  # nothing verified at the key position under two corruptions: no figure
+                pass
+    return {"corruptions": comp, "runs": reports}
 
 
 def _check_ids(pairs, vocab: int | None) -> None:

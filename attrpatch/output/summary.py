@@ -25,6 +25,11 @@ def render(r: dict) -> str:
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
     lines += _sanity_section(r.get("sanity") or {})
     lines += _numerical_section(r.get("numerical") or {})
+    corruption = (r.get("corruption") or {}).get("method")
+    if corruption:
+        lines += [f"Corruption: `{corruption}`" + (" (Gaussian noise on the key tokens' embeddings, std "
+                                                   f"{r['corruption']['noise_std']}x theirs)" if corruption == "noise"
+                                                   else " (symmetric token replacement)") + ".", ""]
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
               f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
