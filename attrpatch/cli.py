@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .engine.metrics import METRICS
+from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
 from .methods.attribution import ESTIMATORS
 from .model.fetch import MODELS
@@ -63,8 +63,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     p.add_argument("--sites", type=_csv(SITES), default=DEFAULT_SITES,
                    help=f"comma-separated, from {', '.join(SITES)} (default {','.join(DEFAULT_SITES)})")
-    p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
-    p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
+    p.add_argument("--metric", choices=ALL_METRICS, default="logit_diff",
+                   help="primary metric: ranks and flags; differentiable (logit_diff, logprob, prob, kl)")
+    p.add_argument("--metrics", type=_csv(ALL_METRICS), default=METRICS,
+                   help="metrics read from every patched run; rank, accuracy, top1 are discrete: exact values only")
     p.add_argument("--direction", choices=("denoise", "noise", "both"), default="denoise" if not demo else "both")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")

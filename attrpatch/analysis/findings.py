@@ -5,7 +5,7 @@ measurements come in as numbers.
 
 import torch
 
-from ..engine.metrics import normalise
+from ..engine.metrics import graded, normalise
 from ..methods.attribution import Scores
 from ..model.sites import HEAD_LIKE, Component
 from .agreement import agreement, false_negatives, tolerance
@@ -22,6 +22,8 @@ def site_results(site, plan, exact, config, scores: Scores, direction, max_prob,
     k = len(plan["top"]) if config.top_k is None else min(config.top_k, len(plan["top"]))
     site_agree = {}
     for j, m in enumerate(config.metrics):
+        if m not in plan["approx"]:  # a discrete metric: exact values only, nothing to agree with
+            continue
         approx_m = plan["approx"][m][idx]
         site_agree[m] = agreement(approx_m, ex[:, j], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
     n_top = len(plan["top"])
@@ -42,7 +44,8 @@ def site_results(site, plan, exact, config, scores: Scores, direction, max_prob,
             "direction": direction, "site": c.site, "layer": c.layer, "head": c.head, "neuron": c.neuron,
             "pos": c.pos, "name": str(c), "selected": "top" if r < n_top else "control",
             "approx": approx, "exact": value, "approx_estimators": by_est,
-            "approx_metrics": {m: float(plan["approx"][m][j]) for m in config.metrics},
+            "approx_metrics": {m: float(plan["approx"][m][j]) if m in plan["approx"] else float("nan")
+                               for m in config.metrics},
             "exact_metrics": {m: float(ex[r, i]) for i, m in enumerate(config.metrics)},
             "exact_norm": {m: normalise(float(ex[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],
                                         offset=False) for i, m in enumerate(config.metrics)},
@@ -65,7 +68,7 @@ def non_finite(scores, est_scores, comps, config, n_pos: int, spec) -> dict:
     found = {"scores": [], "effects": []}
     for direction, per_est in est_scores.items():
         for est, sc in per_est.items():
-            for m in config.metrics:
+            for m in graded(config.metrics):
                 for site in config.sites:
                     names, approx = candidates(sc, site, m, spec.dims, n_pos, config.per_position(site))
                     bad = (~torch.isfinite(approx)).nonzero().flatten().tolist()

@@ -12,6 +12,7 @@ the measured cause behind each (SCIENCE.md, failure modes). The one home of flag
     non_finite          an exact effect is NaN or infinite
 """
 
+from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import restored_share
 from ..model.sites import RESID_LIKE, Component
 
@@ -92,7 +93,8 @@ def corruption_comparison(runs: dict[str, list[dict]], metric: str) -> list[dict
 def mark_cross_flags(comps: list[dict], metric: str) -> None:
     """Flags that compare metrics with one another, and denoising with noising, for the same component."""
     for e in comps:
-        norms = {m: v for m, v in e["exact_norm"].items() if v == v}  # drop NaN
+        norms = {m: v for m, v in e["exact_norm"].items()  # drop NaN; discrete metrics hide small effects
+                 if v == v and m not in DISCRETE_METRICS}
         if disagree(norms):
             e["flags"].append("metrics_disagree")
             e["causes"].append("metric non-linearity: normalised effects " +

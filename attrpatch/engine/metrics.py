@@ -53,6 +53,11 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def graded(metrics) -> list[str]:
+    """The metrics of ``metrics`` that have a gradient (attribution scores them), in order."""
+    return [m for m in metrics if m not in DISCRETE_METRICS]
+
+
 def check_metric(name: str, *, gradient: bool = False) -> None:
     """Refuse an unknown metric; with ``gradient``, also a discrete one (attribution needs a gradient)."""
     if name not in ALL_METRICS:

@@ -3,6 +3,7 @@
 import math
 
 from ..analysis.flags import APPROX_FLAGS
+from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import QUESTION
 
 MAX_LISTED = 12
@@ -101,6 +102,11 @@ def _metric_section(r: dict) -> list[str]:
              "Normalised exact effects (0 = corrupted baseline, 1 = clean) of the same patched runs under "
              "each metric. Probability saturates and hides negative components; KL is unsigned before "
              "normalising; logit difference is the closest to linear.", ""]
+    discrete = [m for m in r["metrics"] if m in DISCRETE_METRICS]
+    if discrete:
+        lines += [f"{', '.join(discrete)}: discrete (Zhang & Nanda's caution): they move only when a prompt crosses "
+                  "a threshold, so they hide small effects and count prompts rather than measure; they have no "
+                  "gradient, so no AtP, no ranking, and no part in `metrics_disagree`.", ""]
     flagged = [c for c in r["components"] if "metrics_disagree" in c["flags"]]
     flagged.sort(key=lambda c: -max(abs(v or 0) for v in c["exact_norm"].values()))
     if not flagged:
