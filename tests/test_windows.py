@@ -87,3 +87,29 @@ def test_window_figure_draws_the_normalised_sweep_and_the_same_bytes_twice(tmp_p
     assert list(lines[1].get_ydata()) == pytest.approx([row[0] / gap for row in sweep["atp"]["1"]])
     first, second = save(fig, tmp_path / "a"), save(plot_windows(path), tmp_path / "b")
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_cli_windows_writes_each_corruption_s_sweep_equal_to_the_library(tmp_path, capsys):
+    from attrpatch.cli import main
+    from attrpatch.pipeline import corrupted
+    from conftest import write_task
+    model = tiny_model("gpt2")
+    model.save_pretrained(tmp_path / "model")
+    pairs = random_pairs(n=3)
+    task = write_task(tmp_path / "task.jsonl", pairs)
+    args = ["windows", "--model", str(tmp_path / "model"), "--task", str(task), "--site", "mlp_out", "--window",
+            "1,2", "--corruption", "str,noise", "--metrics", "logit_diff,rank", "--quiet", "--out",
+            str(tmp_path / "run")]
+    assert main([*args, "--position", "3"]) == 0
+    assert "noise, window 2: largest exact logit_diff effect" in capsys.readouterr().out
+    import json
+    sweeps = json.loads((tmp_path / "run" / "windows.json").read_text())
+    assert list(sweeps) == ["str", "noise"] and (tmp_path / "run" / "figures" / "windows.png").exists()
+    batch = ap.make_batch(pairs)
+    for label in ("str", "noise"):
+        lib = sweep_windows(model, corrupted(model, batch, label), site="mlp_out", widths=[1, 2], pos=3,
+                            metrics=["logit_diff", "rank"])
+        for w in (1, 2):
+            torch.testing.assert_close(torch.tensor(sweeps[label]["exact"][str(w)]), lib.exact[w], atol=1e-5, rtol=0)
+    assert main(args) == 2  # token-id pairs name no roles: the key position must be given
+    assert "is neither a token index nor a role of these prompts (roles: none)" in capsys.readouterr().err
