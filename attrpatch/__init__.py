@@ -5,7 +5,7 @@ Data flows through the stages in this order (each imports only from itself and e
 inputs -> model -> engine -> methods -> analysis -> output -> plot -> screening -> pipeline -> cli."""
 
 from .edge_screening import EdgeConfig, EdgeResult, screen_edges
-from .engine.metrics import METRICS, Target, metric
+from .engine.metrics import ALL_METRICS, DISCRETE_METRICS, METRICS, Target, metric
 from .inputs.batch import PromptBatch, make_batch
 from .inputs.directions import DIRECTIONS
 from .inputs.pairs import PromptPair, load_jsonl
@@ -14,7 +14,7 @@ from .methods.attribution import ESTIMATORS, Scores, attribute
 from .methods.edge_graph import Edge
 from .methods.edge_patching import EdgeEffects, patch_edges
 from .methods.edges import EdgeScores, attribute_edges
-from .methods.patching import Effects, patch
+from .methods.patching import ABLATIONS, Effects, patch
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.sites import SITES, Component, components, model_spec
 from .screening import ScreenConfig, ScreenResult, screen
@@ -22,8 +22,8 @@ from .screening import ScreenConfig, ScreenResult, screen
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
-    "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
+    "ABLATIONS", "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
+    "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
     "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
     "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
     "screen_edges", "use_arch",

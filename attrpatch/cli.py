@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .engine.metrics import METRICS
+from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
 from .methods.attribution import ESTIMATORS
 from .model.fetch import MODELS
@@ -63,8 +63,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     p.add_argument("--sites", type=_csv(SITES), default=DEFAULT_SITES,
                    help=f"comma-separated, from {', '.join(SITES)} (default {','.join(DEFAULT_SITES)})")
-    p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
-    p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
+    p.add_argument("--metric", choices=ALL_METRICS, default="logit_diff",
+                   help="primary metric: ranks and flags; differentiable (logit_diff, logprob, prob, kl)")
+    p.add_argument("--metrics", type=_csv(ALL_METRICS), default=METRICS,
+                   help="metrics read from every patched run; rank, accuracy, top1 are discrete: exact values only")
     p.add_argument("--direction", choices=("denoise", "noise", "both"), default="denoise" if not demo else "both")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
@@ -79,9 +81,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
-    p.add_argument("--corruption", choices=CORRUPTIONS, default="str",
+    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
-                        "Gaussian noise on the clean prompt's key-token embeddings (causal tracing)")
+                        "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "
+                        "(str,noise): one run each in OUT/<corruption>/ and their comparison in OUT/corruptions.md")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
@@ -140,15 +143,75 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
     p.add_argument("--out", type=Path, default=Path("runs/edges"))
+    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
+    p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, batch size, seed, remote code, progress bars and the prompt options: shared by edges and
+    windows."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
-    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
-    p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_prompt_args(p)
+
+
+WINDOWS_EPILOG = """examples:
+  attrpatch windows --model $(attrpatch fetch smollm2) --task facts --site mlp_out --window 1,5 --corruption str,noise
+  attrpatch windows --task ioi --site resid_pre --window 1,3 --position S2 --direction noise
+each window of W layers is centred on a layer and patched jointly (exact); AtP is the sum over its layers."""
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--window takes comma-separated layer counts, e.g. 1,3,5; got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"--window widths must be >= 1, got {text!r}")
+    return widths
+
+
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    from .inputs.tasks import TASKS
+
+    p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
+    p.add_argument("--task", default="facts", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
+    p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
+    p.add_argument("--site", choices=[s for s in SITES if s != "embed"], default="mlp_out")
+    p.add_argument("--window", type=_widths, default=(1,), help="window widths in layers, e.g. 1,3,5 (default 1)")
+    p.add_argument("--position", default=None,
+                   help="a role (S2, subject, END, ...) or a token index (default: the task's key role)")
+    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",), help="str, noise, or both: str,noise")
+    p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
+    p.add_argument("--metrics", type=_csv(ALL_METRICS), default=("logit_diff",),
+                   help="read from every patched run; AtP only for the differentiable ones")
+    p.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
+    p.add_argument("--out", type=Path, default=Path("runs/windows"))
+    p.add_argument("--no-figures", action="store_true", help="skip drawing OUT/figures/windows.png")
+    _add_run_args(p)
+
+
+def _windows(args) -> int:
+    from .pipeline import run_windows
+
+    model, tokenizer = _load(args, args.device)
+    sweeps = run_windows(model, tokenizer, task=args.task, out=args.out, site=args.site, widths=args.window,
+                         position=args.position, corruptions=args.corruption, metrics=args.metrics,
+                         direction=args.direction, n_prompts=args.n_prompts, seed=args.seed,
+                         noise_std=args.noise_std, prepend_bos=args.prepend_bos, template=args.template,
+                         keep_correct=args.keep_correct, batch_size=args.batch_size, figures=not args.no_figures)
+    for label, sweep in sweeps.items():
+        for w, rows in sweep["exact"].items():
+            best = max(range(len(rows)), key=lambda i: abs(rows[i][0]))
+            print(f"{label}, window {w}: largest exact {sweep['metrics'][0]} effect {rows[best][0]:+.3f} centred on "
+                  f"layer {best} (AtP {sweep['atp'][w][best][0]:+.3f})")
+    print(f"wrote {args.out}/windows.json" + ("" if args.no_figures else f", {args.out}/figures/windows.png"))
+    return 0
 
 
 def _top_k_int(text: str) -> int:
@@ -170,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     edges = sub.add_parser("edges", help="EAP for every edge, exact edge patching of the top, circuit curve",
                            epilog=EDGES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_edge_args(edges)
+    windows = sub.add_parser("windows", help="sliding windows of layers at one position: exact and AtP, per corruption",
+                             epilog=WINDOWS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_window_args(windows)
     figures = sub.add_parser("figures", help="draw the figures of a screen run")
     figures.add_argument("run_dir", type=Path)
     figures.add_argument("--format", default="png,pdf", type=_csv(("png", "pdf", "svg")))
@@ -220,6 +286,8 @@ def _run(args, argv) -> int:
         return 0
     if args.command == "edges":
         return _edges(args)
+    if args.command == "windows":
+        return _windows(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
     return _screen(args, argv)
@@ -239,9 +307,14 @@ def _screen(args, argv) -> int:
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-               corruption=args.corruption, noise_std=args.noise_std, prepend_bos=args.prepend_bos,
+               corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
                template=args.template, keep_correct=args.keep_correct)
     if distributed.rank() != 0:
+        return 0
+    if len(args.corruption) > 1:
+        print((args.out / "corruptions.md").read_text())
+        print(f"wrote {args.out}/corruptions.json, corruptions.md; one run each in "
+              + ", ".join(f"{args.out}/{c}/" for c in args.corruption))
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"

@@ -80,6 +80,48 @@ def prepare_pairs(model: nn.Module, tokenizer, *, task: str, n_prompts: int, see
     return pairs[:n_prompts], record
 
 
+def corrupted(model: nn.Module, batch, corruption: str, noise_std: float = 3.0, seed: int = 0):
+    """``batch`` with the corrupt run of ``corruption``: str (the task's corrupt prompts, as they are) or noise
+    (Gaussian noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens)."""
+    check_corruption(corruption)
+    if corruption != "noise":
+        return batch
+    return with_embedding_noise(batch, model.get_input_embeddings().weight.detach().cpu(), noise_std, seed=seed)
+
+
+def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str = "mlp_out",
+                widths: tuple[int, ...] = (1,), position: str | None = None, corruptions: tuple[str, ...] = ("str",),
+                metrics: tuple[str, ...] = ("logit_diff",), direction: str = "denoise", n_prompts: int = 16,
+                seed: int = 0, noise_std: float = 3.0, prepend_bos: str = "auto", template: int | str | None = None,
+                keep_correct: bool = False, batch_size: int | None = None, figures: bool = True) -> dict:
+    """Sliding windows (methods/windows.py) of ``site`` at one position, per corruption: out/windows.json
+    ({corruption: sweep}) and out/figures/windows.png. position: a role (S2, subject, ...) or an index;
+    default: the task's key role (output/corruptions.KEY_ROLES)."""
+    from .methods.windows import sweep_windows
+    from .output.corruptions import KEY_ROLES
+    from .output.files import write_json
+
+    pairs, _ = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=seed, per_position=True,
+                             prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
+                             batch_size=batch_size)
+    roles = pairs[0].role_positions
+    name = position or next((r for r in KEY_ROLES if r in roles), None)
+    if name is None or not (str(name).isdigit() or name in roles):
+        raise ValueError(f"position {name!r} is neither a token index nor a role of these prompts (roles: "
+                         f"{', '.join(roles) or 'none'}); pass --position with one of them or an index")
+    pos = int(name) if str(name).isdigit() else roles[name]
+    batch = make_batch(pairs, pad_id=_pad(tokenizer))
+    sweeps = {c: sweep_windows(model, corrupted(model, batch, c, noise_std, seed), site=site, widths=widths, pos=pos,
+                               metrics=metrics, direction=direction, batch_size=batch_size).to_dict()
+              | {"pos_label": None if str(name).isdigit() else name} for c in corruptions}
+    write_json(Path(out) / "windows.json", sweeps)
+    if figures:
+        from .plot.style import save
+        from .plot.windows import plot_windows
+        save(plot_windows(sweeps), Path(out) / "figures" / "windows")
+    return sweeps
+
+
 def _pad(tokenizer) -> int:
     return (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
 
@@ -93,17 +135,23 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
     (same model, prompts and options) and gives the same report as an uninterrupted run.
     corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
-    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing).
+    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several,
+    comma-separated ("str,noise"): one whole run per corruption in ``out/<corruption>/``, each the same as
+    that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
+    labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
+    for label in labels or (corruption,):
+        check_corruption(label)
+    if len(labels) > 1:
+        options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
+                       figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
+                       template=template, keep_correct=keep_correct)
+        return run_corruptions(model, tokenizer, labels, out=Path(out), **options)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    per_position=any(config.per_position(s) for s in config.sites),
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
-    batch = make_batch(pairs, pad_id=_pad(tokenizer))
-    check_corruption(corruption)
-    if corruption == "noise":
-        embedding = model.get_input_embeddings().weight.detach().cpu()
-        batch = with_embedding_noise(batch, embedding, noise_std, seed=config.seed)
+    batch = corrupted(model, make_batch(pairs, pad_id=_pad(tokenizer)), corruption, noise_std, config.seed)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
@@ -122,6 +170,29 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         from .plot import draw_run
         draw_run(out)
     return report
+
+
+def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,
+                    **options) -> dict:
+    """One :func:`run_screen` per corruption into ``out/<corruption>/``, then their comparison in ``out``:
+    corruptions.json, corruptions.md (the ``corruptions_disagree`` flags) and figures/corruptions_*.png.
+    Returns {"corruptions": the comparison, "runs": {corruption: report}}."""
+    from .output.corruptions import write_corruptions
+
+    reports = {c: run_screen(model, tokenizer, out=out / c, corruption=c, figures=figures, **options)
+               for c in corruptions}
+    if distributed.rank() != 0:
+        return {}
+    comp = write_corruptions(out, reports)
+    if figures:
+        from .plot.corruptions import plot_corruptions
+        from .plot.style import save
+        for direction in dict.fromkeys(e["direction"] for e in comp["components"]):
+            try:
+                save(plot_corruptions(comp, direction), out / "figures" / f"corruptions_{direction}")
+            except ValueError:  # nothing verified at the key position under two corruptions: no figure
+                pass
+    return {"corruptions": comp, "runs": reports}
 
 
 def _check_ids(pairs, vocab: int | None) -> None:

@@ -29,7 +29,7 @@ from .analysis.subsets import draw_subsets, subset_bound
 from .engine import distributed
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
-from .engine.metrics import METRICS, MIN_GAP, Target, check_metric, metric
+from .engine.metrics import DISCRETE_METRICS, METRICS, MIN_GAP, Target, check_metric, graded, metric
 from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
@@ -43,11 +43,14 @@ POSITIONS = ("default", "each", "all")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
 
 
-def check_metrics_and_direction(config) -> None:
+def check_metrics_and_direction(config, discrete: bool = False) -> None:
     """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), adding the
-    primary metric to ``metrics`` when missing (node and edge screens alike)."""
-    for m in (config.metric, *config.metrics):
-        check_metric(m)
+    primary metric to ``metrics`` when missing (node and edge screens alike). The primary metric ranks by
+    attribution, so it needs a gradient; ``discrete``: ``metrics`` may hold discrete ones (read from the
+    patched runs only)."""
+    check_metric(config.metric, gradient=True)
+    for m in config.metrics:
+        check_metric(m, gradient=not discrete)
     if config.metric not in config.metrics:
         object.__setattr__(config, "metrics", (config.metric, *config.metrics))
     if config.direction != "both":
@@ -76,7 +79,7 @@ class ScreenConfig:
             check_site(s)
         if not self.sites:
             raise ValueError(f"no sites given; choose from {', '.join(SITES)}")
-        check_metrics_and_direction(self)
+        check_metrics_and_direction(self, discrete=True)
         if self.positions not in POSITIONS:
             raise ValueError(f"Unknown positions {self.positions!r}; known: {', '.join(POSITIONS)}.")
         if self.top_k is not None and self.top_k < 1:
@@ -200,6 +203,10 @@ class _Steps:
         for message in self.sanity["warnings"]:
             warnings.warn(message, stacklevel=3)
         check_baselines(clean_logits, corrupt_logits, batch, config, self.reduce)
+        target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
+        self.discrete = {run: {m: self.reduce(float(metric(m, logits, target).mean())) for m in config.metrics
+                               if m in DISCRETE_METRICS} for run, logits in (("clean", clean_logits),
+                                                                             ("corrupt", corrupt_logits))}
 
     def attribute(self, direction: str) -> tuple[dict[str, Scores], dict[str, float]]:
         """Every estimator's scores in ``direction``, and the seconds each took."""
@@ -210,12 +217,14 @@ class _Steps:
             step = f"attribution-{direction}-{est}"
             found = self.progress.scores(step, self.spec.device)
             if found is None:
-                scores = attribute(self.spec, self.batch, sites=config.sites, metrics=config.metrics,
+                scores = attribute(self.spec, self.batch, sites=config.sites, metrics=graded(config.metrics),
                                    direction=direction, per_prompt=True, batch_size=config.batch_size,
                                    estimator=est, ig_steps=config.ig_steps, progress=config.progress)
                 found = self.condense(scores)
                 self.progress.save_scores(step, *found)
             est_scores[est], self.prompts[direction][est] = found
+            for run, values in self.discrete.items():  # no scores, but baselines to normalise effects by
+                getattr(est_scores[est], f"{run}_metric").update(values)
             est_seconds[est] = time.perf_counter() - start
             self.timing["attribution_s"] += est_seconds[est]
             self.timing["forward_passes"] += est_scores[est].passes["forward"]
@@ -295,7 +304,7 @@ class _Steps:
         prompts in ``candidates`` order): the intervals need the latter, everything else the former."""
         config = self.config
         prompts = {m: {s: self.gather(prompt_candidates(scores, s, m, config.per_position(s))) for s in config.sites}
-                   for m in config.metrics}
+                   for m in graded(config.metrics)}
         scores.values = {m: {s: t.mean(0) for s, t in per.items()} for m, per in scores.values.items()}
         scores.per_prompt = False
         return _reduce_scores(scores, self.reduce, self.n_total), prompts

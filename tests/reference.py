@@ -66,28 +66,42 @@ def _target(model, batch, direction):
 
 def exact_reference(model, batch, component, direction="denoise", metric_name="logit_diff"):
     """metric(receiver with the component set to its source value) - metric(receiver), mean over prompts."""
-    spec = model_spec(model)
-    point = spec.hook_point(component.site, component.layer)
-    source_ids, receiver_ids = _runs(batch, direction)
-    source = _activation(model, point, source_ids, batch)
     target = _target(model, batch, direction)
-    where = component.index()[1:]
+    receiver, patched = patched_logits_reference(model, batch, component, direction)
+    return float((metric(metric_name, patched, target) - metric(metric_name, receiver, target)).mean())
 
-    def overwrite(raw):
-        new = raw.clone()
-        rows = new.shape[0] if new.ndim == 3 else new.shape[0] // batch.n_pos
-        view = point.read(new, rows, batch.n_pos)
-        view[(slice(None), *where)] = source[(slice(None), *where)]
-        return new
+
+def patched_logits_reference(model, batch, components, direction="denoise", transform=None):
+    """Last-token logits [batch, vocab] of the receiver run, and of the receiver run with every one of
+    ``components`` (a Component or a tuple, patched jointly) set to its source value: one plain hook per
+    hook point, one full forward. ``transform``: the source value is transform(the clean run's
+    activation [batch, pos, ...]) instead (ablations)."""
+    spec = model_spec(model)
+    components = components if isinstance(components, tuple) else (components,)
+    source_ids, receiver_ids = _runs(batch, direction)
+    handles = []
+
+    def overwrite(point, source, where):
+        def fn(raw):
+            new = raw.clone()
+            rows = new.shape[0] if new.ndim == 3 else new.shape[0] // batch.n_pos
+            point.read(new, rows, batch.n_pos)[(slice(None), *where)] = source[(slice(None), *where)]
+            return new
+        return fn
 
     with torch.no_grad():
-        base = metric(metric_name, _last_logits(model, receiver_ids, batch), target)
-        handle = _hook(point, overwrite)
+        receiver = _last_logits(model, receiver_ids, batch)
+        points = [spec.hook_point(c.site, c.layer) for c in components]
+        sources = [_activation(model, point, source_ids, batch) if transform is None  # all from unpatched runs
+                   else transform(_activation(model, point, batch.clean, batch)) for point in points]
         try:
-            patched = metric(metric_name, _last_logits(model, receiver_ids, batch), target)
+            for c, point, source in zip(components, points, sources):
+                handles.append(_hook(point, overwrite(point, source, c.index()[1:])))
+            patched = _last_logits(model, receiver_ids, batch)
         finally:
-            handle.remove()
-    return float((patched - base).mean())
+            for h in handles:
+                h.remove()
+    return receiver, patched
 
 
 def atp_reference(model, batch, site, direction="denoise", metric_name="logit_diff", *, alpha=0.0,
@@ -195,3 +209,15 @@ def qk_fix_reference(model, batch, component, direction="denoise", metric_name="
         return float((change * grad).sum())  # grad is of the mean over prompts
     finally:
         model.set_attn_implementation(before)
+
+
+ABLATED = {"zero": lambda a: torch.zeros_like(a),  # the source value of each ablation, from the clean run's
+           "mean": lambda a: a.mean(0, keepdim=True).expand_as(a).clone(),
+           "resample": lambda a: torch.cat([a[1:], a[:1]])}  # prompt i takes prompt i + 1's
+
+
+def ablation_reference(model, batch, component, ablation, metric_name="logit_diff"):
+    """metric(clean run with the component ablated) - metric(clean run), mean over prompts."""
+    target = _target(model, batch, "noise")
+    receiver, patched = patched_logits_reference(model, batch, component, "noise", transform=ABLATED[ablation])
+    return float((metric(metric_name, patched, target) - metric(metric_name, receiver, target)).mean())

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from attrpatch.engine.metrics import METRICS, Target, metric, normalise
+import attrpatch as ap
+from attrpatch.engine.metrics import DISCRETE_METRICS, METRICS, Target, metric, normalise
 
 
 def _setup():
@@ -48,3 +49,48 @@ def test_target_repeat_is_copy_major():
     rep = target.repeat(2)
     assert rep.answer.tolist() == target.answer.tolist() * 2
     torch.testing.assert_close(rep.clean_logprobs[3:], target.clean_logprobs)
+
+
+def _hand_discrete(logits, answer, wrong):
+    """rank, accuracy and top1 of one prompt's logits, by a loop over the vocabulary."""
+    row = logits.tolist()
+    above = sum(1 for v in row if v > row[answer])
+    return {"rank": 1.0 + above, "accuracy": float(row[answer] > row[wrong]), "top1": float(above == 0)}
+
+
+def test_discrete_metrics_match_hand_computation():
+    logits, _, target = _setup()
+    logits[1, 4] = logits[1].max() + 1  # prompt 1: the answer is top-1
+    for b in range(3):
+        hand = _hand_discrete(logits[b], int(target.answer[b]), int(target.wrong[b]))
+        for m in DISCRETE_METRICS:
+            assert float(metric(m, logits, target)[b]) == hand[m], (m, b)
+    assert float(metric("rank", logits, target)[1]) == 1.0
+
+
+def test_attribution_refuses_a_discrete_metric_and_says_why():
+    from conftest import random_pairs, tiny_model
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs())
+    with pytest.raises(ValueError, match="'rank' is discrete and has no gradient.*logit_diff"):
+        ap.attribute(model, batch, sites=["resid_pre"], metrics=["logit_diff", "rank"])
+    with pytest.raises(ValueError, match="'accuracy' is discrete"):
+        ap.ScreenConfig(metric="accuracy")
+    with pytest.raises(ValueError, match="Unknown metric 'ranks'; known: .*rank, accuracy, top1"):
+        ap.patch(model, batch, [ap.Component("resid_pre", 1)], metrics=["ranks"])
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_patched_rank_and_accuracy_equal_hand_values_on_a_tiny_model(direction):
+    from conftest import random_pairs, tiny_model
+    from reference import patched_logits_reference
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=4))
+    comps = [ap.Component("resid_pre", 1, pos=3), ap.Component("mlp_out", 0), ap.Component("head", 1, unit=2)]
+    eff = ap.patch(model, batch, comps, metrics=["logit_diff", *DISCRETE_METRICS], direction=direction)
+    for c in comps:
+        receiver, patched = patched_logits_reference(model, batch, c, direction)
+        for m in DISCRETE_METRICS:
+            hand = [_hand_discrete(logits[b], int(batch.answer[b]), int(batch.wrong[b]))[m]
+                    for logits in (patched, receiver) for b in range(batch.n)]
+            expected = (sum(hand[:batch.n]) - sum(hand[batch.n:])) / batch.n
+            assert eff.effect(c, m) == pytest.approx(expected, abs=1e-6), (c, m)

@@ -5,7 +5,7 @@ measurements come in as numbers.
 
 import torch
 
-from ..engine.metrics import normalise
+from ..engine.metrics import graded, normalise
 from ..methods.attribution import Scores
 from ..model.sites import HEAD_LIKE, Component
 from .agreement import agreement, false_negatives, tolerance
@@ -27,6 +27,8 @@ def site_results(site, plan, exact, config, scores: Scores, direction, max_prob,
     approx_prompts = prompts["scores"][config.estimators[0]]
     site_agree = {}
     for j, m in enumerate(config.metrics):
+        if m not in plan["approx"]:  # a discrete metric: exact values only, nothing to agree with
+            continue
         tol = tolerance(scores, m)
         site_agree[m] = agreement(plan["approx"][m][idx], ex[:, j], k=max(k, 1), tol=tol).to_dict()
         if comps:
@@ -51,7 +53,8 @@ def site_results(site, plan, exact, config, scores: Scores, direction, max_prob,
             "pos": c.pos, "name": str(c), "selected": "top" if r < n_top else "control",
             "approx": approx, "exact": value, "exact_ci": [float(low[r]), float(high[r])],
             "approx_estimators": by_est,
-            "approx_metrics": {m: float(plan["approx"][m][j]) for m in config.metrics},
+            "approx_metrics": {m: float(plan["approx"][m][j]) if m in plan["approx"] else float("nan")
+                               for m in config.metrics},
             "exact_metrics": {m: float(ex[r, i]) for i, m in enumerate(config.metrics)},
             "exact_norm": {m: normalise(float(ex[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],
                                         offset=False) for i, m in enumerate(config.metrics)},
@@ -74,7 +77,7 @@ def non_finite(scores, est_scores, comps, config, n_pos: int, spec) -> dict:
     found = {"scores": [], "effects": []}
     for direction, per_est in est_scores.items():
         for est, sc in per_est.items():
-            for m in config.metrics:
+            for m in graded(config.metrics):
                 for site in config.sites:
                     names, approx = candidates(sc, site, m, spec.dims, n_pos, config.per_position(site))
                     bad = (~torch.isfinite(approx)).nonzero().flatten().tolist()

@@ -7,15 +7,19 @@ the measured cause behind each (SCIENCE.md, failure modes). The one home of flag
     overestimated       approx ranks in the top-k, exact outside it
     metrics_disagree    normalised effects change sign or importance across metrics
     directions_disagree denoising restores a different share of the gap than noising removes
+    corruptions_disagree normalised effects change sign or importance across corruptions (several
+                        corruptions in one run: the comparison's own output, corruptions.json)
     non_finite          an exact effect is NaN or infinite
 """
 
+from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import restored_share
 from ..model.sites import RESID_LIKE, Component
 
 APPROX_FLAGS = ("sign_flip", "large_error", "missed", "overestimated")  # approximation vs exact
 LABELLED_FLAGS = ("sign_flip", "large_error", "missed")  # the ones figures name their points by
 CROSS_FLAGS = ("metrics_disagree", "directions_disagree")
+CORRUPTIONS_DISAGREE = "corruptions_disagree"
 NON_FINITE = "non_finite"
 FLAGS = (*APPROX_FLAGS, *CROSS_FLAGS, NON_FINITE)
 
@@ -58,14 +62,40 @@ def causes(flags: list[str], c: Component, evidence: dict) -> list[str]:
     return causes
 
 
+def disagree(norms: dict[str, float]) -> bool:
+    """Normalised effects (finite) that change sign between two that matter (>= METRIC_TOL), or that matter
+    under one and are about zero (< METRIC_TOL / 2) under another."""
+    big = [m for m, v in norms.items() if abs(v) >= METRIC_TOL]
+    small = [m for m, v in norms.items() if abs(v) < METRIC_TOL / 2]
+    return any(norms[a] * norms[b] < 0 for a in big for b in big) or bool(big and small)
+
+
+def corruption_comparison(runs: dict[str, list[dict]], metric: str) -> list[dict]:
+    """The components verified under two or more corruptions (``runs``: corruption label -> a report's
+    components), one entry per component x direction with its normalised exact effect under ``metric``
+    per corruption, flagged CORRUPTIONS_DISAGREE by the rule of :func:`disagree`."""
+    by_key: dict = {}
+    for label, comps in runs.items():
+        for e in comps:
+            entry = by_key.setdefault((e["name"], e["direction"]), {
+                "name": e["name"], "direction": e["direction"], "site": e["site"], "layer": e["layer"],
+                "pos": e["pos"], "exact_norm": {}, "flags": []})
+            value = e["exact_norm"].get(metric)
+            if value is not None and value == value:  # NaN (JSON: null) is left out
+                entry["exact_norm"][label] = value
+    out = [e for e in by_key.values() if len(e["exact_norm"]) > 1]
+    for e in out:
+        if disagree(e["exact_norm"]):
+            e["flags"].append(CORRUPTIONS_DISAGREE)
+    return out
+
+
 def mark_cross_flags(comps: list[dict], metric: str) -> None:
     """Flags that compare metrics with one another, and denoising with noising, for the same component."""
     for e in comps:
-        norms = {m: v for m, v in e["exact_norm"].items() if v == v}  # drop NaN
-        big = [m for m, v in norms.items() if abs(v) >= METRIC_TOL]
-        small = [m for m, v in norms.items() if abs(v) < METRIC_TOL / 2]
-        opposite = any(norms[a] * norms[b] < 0 for a in big for b in big)
-        if opposite or (big and small):
+        norms = {m: v for m, v in e["exact_norm"].items()  # drop NaN; discrete metrics hide small effects
+                 if v == v and m not in DISCRETE_METRICS}
+        if disagree(norms):
             e["flags"].append("metrics_disagree")
             e["causes"].append("metric non-linearity: normalised effects " +
                                ", ".join(f"{m} {v:+.2f}" for m, v in norms.items()))

@@ -8,6 +8,7 @@ A site's components are listed in ``model.sites.components`` order; ``approx`` i
 import torch
 from torch import Tensor
 
+from ..engine.metrics import graded
 from ..methods.attribution import Scores
 from ..model.sites import Component, Dims, components
 
@@ -71,7 +72,7 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
         approx: dict[str, dict] = {}
         for est, scores in est_scores.items():
             approx[est] = {}
-            for m in config.metrics:
+            for m in graded(config.metrics):  # discrete metrics have no scores
                 comps, approx[est][m] = candidates(scores, site, m, dims, n_pos, per_pos)
         tops = {est: top_k(approx[est][config.metric], config.top_k) for est in est_scores}
         top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))

@@ -5,6 +5,16 @@
     prob        p(answer)
     kl          KL(clean || run) = sum_v p_clean(v) (log p_clean(v) - log p_run(v))
 
+Discrete metrics (no gradient: exact patching reads them, attribution refuses them):
+
+    rank        1 + the number of vocabulary tokens whose logit beats the answer's (1: the answer is top-1)
+    accuracy    1 if logit[answer] > logit[wrong], else 0
+    top1        1 if the answer is the arg-max token, else 0
+
+A discrete metric is a step function of the logits: a patch moves it only where it crosses a threshold,
+so small effects read as 0 and its mean over prompts counts prompts, not evidence (Zhang & Nanda:
+report them beside a continuous metric, never instead of one).
+
 All are averaged over prompts. Normalised: (m - m_corrupt) / (m_clean - m_corrupt), 0 at the corrupted
 baseline and 1 at the clean one; effects and scores normalise by the same gap.
 """
@@ -14,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-METRICS = ("logit_diff", "logprob", "prob", "kl")
+METRICS = ("logit_diff", "logprob", "prob", "kl")  # differentiable: AtP can rank by them
+DISCRETE_METRICS = ("rank", "accuracy", "top1")  # exact patching only
+ALL_METRICS = METRICS + DISCRETE_METRICS
 MIN_GAP = 1e-6  # a clean/corrupt gap below this cannot be normalised
 
 
@@ -41,17 +53,31 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def check_metric(name: str) -> None:
-    if name not in METRICS:
-        raise ValueError(f"Unknown metric {name!r}; known: {', '.join(METRICS)}.")
+def graded(metrics) -> list[str]:
+    """The metrics of ``metrics`` that have a gradient (attribution scores them), in order."""
+    return [m for m in metrics if m not in DISCRETE_METRICS]
+
+
+def check_metric(name: str, *, gradient: bool = False) -> None:
+    """Refuse an unknown metric; with ``gradient``, also a discrete one (attribution needs a gradient)."""
+    if name not in ALL_METRICS:
+        raise ValueError(f"Unknown metric {name!r}; known: {', '.join(ALL_METRICS)}.")
+    if gradient and name in DISCRETE_METRICS:
+        raise ValueError(f"metric {name!r} is discrete and has no gradient, so attribution (AtP and the other "
+                         f"estimators) cannot score or rank by it; use one of {', '.join(METRICS)} to rank, and "
+                         f"read {name!r} from exact patching (ap.patch(metrics=[..., {name!r}]))")
 
 
 def metric(name: str, logits: Tensor, target: Target) -> Tensor:
     """[batch, vocab] -> [batch], computed in float32 (float64 for float64 logits)."""
     check_metric(name)
     logits = logits.to(wide(logits.dtype))
-    if name == "logit_diff":
-        return _pick(logits, target.answer) - _pick(logits, target.wrong)
+    if name in ("logit_diff", "accuracy"):
+        diff = _pick(logits, target.answer) - _pick(logits, target.wrong)
+        return diff if name == "logit_diff" else (diff > 0).to(logits.dtype)
+    if name in ("rank", "top1"):
+        above = (logits > _pick(logits, target.answer)[:, None]).sum(-1)  # tokens beating the answer
+        return (above + 1).to(logits.dtype) if name == "rank" else (above == 0).to(logits.dtype)
     logprobs = logits.log_softmax(-1)
     if name == "logprob":
         return _pick(logprobs, target.answer)

@@ -42,8 +42,7 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
     block's input. final_patched: something in the final block is patched (a joint patch spanning layers), so
     its MLP must run on every row."""
     past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
-    with _last_mlp_on_last_row(spec, last, spec.dims.n_layers - 1 if final_patched else start,
-                               hidden.shape[1] + first_pos):
+    with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos, final_patched):
         hidden = _run(spec, start, hidden, calls, n, batch, first_pos, past, first_rows)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
@@ -51,13 +50,14 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
 
 
 @contextmanager
-def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int) -> Iterator[None]:
+def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int,
+                          last_block_patched: bool) -> Iterator[None]:
     """The final block's MLP runs on the last position only, when every prompt ends there and nothing is
     patched in that block: its output [rows, 1, d] broadcasts into the residual add, whose other rows are
     never read. Skipped for families without an MLP module (OPT)."""
     parent = spec.arch.neuron.rpartition(".")[0]
     final = spec.dims.n_layers - 1
-    if not parent or start >= final or not bool((last == n_pos - 1).all()):
+    if not parent or start >= final or last_block_patched or not bool((last == n_pos - 1).all()):
         yield
         return
 

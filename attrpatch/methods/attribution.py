@@ -74,7 +74,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     for s in sites:
         check_site(s, spec)
     for m in metrics:
-        check_metric(m)
+        check_metric(m, gradient=True)
     check_direction(direction)
     check_estimator(estimator)
     if estimator == "ig" and ig_steps < 1:

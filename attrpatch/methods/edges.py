@@ -231,7 +231,7 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
     for m in metrics:
-        check_metric(m)
+        check_metric(m, gradient=True)
     check_direction(direction)
     if estimator not in EDGE_ESTIMATORS:
         raise ValueError(f"Unknown edge estimator {estimator!r}; known: {', '.join(EDGE_ESTIMATORS)} "

@@ -8,6 +8,13 @@ the prompt batch carrying a different patch, in one forward pass that starts at 
 earliest patched layer from the receiver's recorded input to that block (the blocks before it would
 compute exactly the same thing). ``resume=False, copies=1`` is the naive one-full-forward-per-component
 sweep, kept as the reference.
+
+Ablations (``ablation=``) patch a component of the clean run with a value that is no run's, always in
+the noising direction (receiver = clean; effect = metric(clean, c ablated) - metric(clean): is c
+necessary?): ``zero`` (0), ``mean`` (the clean run's mean over the batch's prompts, per position) or
+``resample`` (another prompt's clean value: prompt i takes prompt i + 1's, the last the first's). They
+answer what c contributes against a baseline, not against a corrupted prompt, and are labelled as
+ablations, not patches.
 """
 
 import warnings
@@ -29,6 +36,7 @@ from ..model.sites import AFTER_ATTENTION, Component, ModelSpec, as_spec, check_
 # prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
 # (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide
 DEFAULT_ROWS = {"cpu": 32, "cuda": 256}
+ABLATIONS = ("zero", "mean", "resample")
 
 
 @dataclass
@@ -83,7 +91,7 @@ def _first_pos(item: Item) -> int:
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
           metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
           resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
-          alpha: float = 1.0, progress: bool = False) -> Effects:
+          alpha: float = 1.0, progress: bool = False, ablation: str | None = None) -> Effects:
     """Exact effect of patching each of ``components`` alone, under every metric, in ``direction``.
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
@@ -91,6 +99,8 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS[device] // chunk size).
     resume: start each pass at the earliest patched block instead of the embeddings.
     alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
+    ablation: zero | mean | resample: the source is that ablation of the clean run (module docstring);
+        needs direction="noise".
     """
     spec = as_spec(model)
     components, metrics = list(components), list(dict.fromkeys(metrics))
@@ -105,6 +115,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                          f"{sorted(set((batch.last + 1).tolist()))}; use all-position components "
                          "(pos=None) or prompts of equal length")
     batch = batch.to(spec.device)
+    fixed = None if ablation is None else _ablated(spec, batch, members, ablation, direction, batch_size)
     acc = wide(next(spec.model.parameters()).dtype)  # float32, float64 for float64 models
     sums = torch.zeros(len(components), len(metrics), device=spec.device, dtype=acc)
     prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device, dtype=acc) if per_prompt else None
@@ -114,8 +125,9 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
             n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
+            rows = None if fixed is None else {key: t[start:start + chunk.n] for key, t in fixed.items()}
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
-                                         passes, progress, alpha)  # effects: [component, metric, chunk]
+                                         passes, progress, alpha, rows)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
             if prompts is not None:
                 prompts[..., start:start + chunk.n] = effects
@@ -142,12 +154,13 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tu
 
 
 def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
-                 direction: str, copies: int, resume: bool, passes: dict, progress: bool, alpha: float):
+                 direction: str, copies: int, resume: bool, passes: dict, progress: bool, alpha: float, fixed=None):
     source_ids, receiver_ids = batch.runs(direction)
     n_pos, n_layers = batch.n_pos, spec.dims.n_layers
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
                                                             for c in _members(item)})}
     source, source_logits = _source_values(spec, batch, source_ids, points)
+    source = source if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
@@ -164,7 +177,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                           dtype=wide(receiver_logits.dtype))
     # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
     # source run: its effect is read off the source's logits, with no pass at all.
-    whole = [i for i, item in enumerate(components) if resume and alpha == 1 and _whole_stream(item)]
+    whole = [i for i, item in enumerate(components) if resume and alpha == 1 and fixed is None and _whole_stream(item)]
     for j, m in enumerate(metrics):
         if whole:
             effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
@@ -220,6 +233,31 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
+
+
+def _ablated(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, direction: str,
+             batch_size: int | None) -> dict:
+    """The ablation's source values at each hook point of ``members``: {(site, layer): [batch, pos, ...]},
+    from the clean run of every prompt (all chunks, so mean and resample do not depend on the batch size)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
+    if direction != "noise":
+        raise ValueError(f"ablation {ablation!r} replaces a component of the clean run (is it necessary?), the "
+                         f"noising direction; got direction={direction!r}: pass direction='noise'")
+    if ablation != "zero" and not batch.aligned:
+        raise ValueError(f"ablation {ablation!r} averages or swaps positions across prompts, which needs prompts "
+                         f"of one token length; lengths here: {sorted(set((batch.last + 1).tolist()))}")
+    points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for c in members})}
+    parts = []
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            parts.append(_source_values(spec, chunk, chunk.run("clean"), points)[0])
+    clean = {key: torch.cat([part[key] for part in parts]) for key in points}  # [batch, pos, ...]
+    if ablation == "zero":
+        return {key: torch.zeros_like(t) for key, t in clean.items()}
+    if ablation == "mean":
+        return {key: t.mean(0, keepdim=True).expand_as(t) for key, t in clean.items()}
+    return {key: t.roll(-1, 0) for key, t in clean.items()}  # prompt i takes prompt i + 1's value
 
 
 MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs

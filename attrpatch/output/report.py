@@ -61,6 +61,7 @@ def write_run(out: Path, result, *, model_name: str, task: str, tokens, manifest
     """Write every output file into ``out``; returns the report dict."""
     out = Path(out)
     report = report_dict(result, model=model_name, task=task, tokens=tokens)
+    report["corruption"] = manifest.get("corruption")  # its label: several corruptions run side by side
     write_scores(out / "scores.safetensors", result)
     write_csv(out / "results.csv", result.rows)
     write_json(out / "manifest.json", manifest)

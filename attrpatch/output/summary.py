@@ -4,6 +4,7 @@ import math
 
 from ..analysis.causes import NO_CAUSE
 from ..analysis.flags import APPROX_FLAGS
+from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import QUESTION
 
 MAX_LISTED = 12
@@ -40,6 +41,11 @@ def render(r: dict) -> str:
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
     lines += _sanity_section(r.get("sanity") or {})
     lines += _numerical_section(r.get("numerical") or {})
+    corruption = (r.get("corruption") or {}).get("method")
+    if corruption:
+        lines += [f"Corruption: `{corruption}`" + (" (Gaussian noise on the key tokens' embeddings, std "
+                                                   f"{r['corruption']['noise_std']}x theirs)" if corruption == "noise"
+                                                   else " (symmetric token replacement)") + ".", ""]
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
               f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
@@ -133,6 +139,11 @@ def _metric_section(r: dict) -> list[str]:
              "Normalised exact effects (0 = corrupted baseline, 1 = clean) of the same patched runs under "
              "each metric. Probability saturates and hides negative components; KL is unsigned before "
              "normalising; logit difference is the closest to linear.", ""]
+    discrete = [m for m in r["metrics"] if m in DISCRETE_METRICS]
+    if discrete:
+        lines += [f"{', '.join(discrete)}: discrete (Zhang & Nanda's caution): they move only when a prompt crosses "
+                  "a threshold, so they hide small effects and count prompts rather than measure; they have no "
+                  "gradient, so no AtP, no ranking, and no part in `metrics_disagree`.", ""]
     flagged = [c for c in r["components"] if "metrics_disagree" in c["flags"]]
     flagged.sort(key=lambda c: -max(abs(v or 0) for v in c["exact_norm"].values()))
     if not flagged:

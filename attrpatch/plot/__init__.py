@@ -25,6 +25,7 @@ One module per figure family, on shared ones; each imports only those listed bef
     metrics     plot_metrics, metric_components
     recall      plot_cost_recall, cost_recall_panel, recall_curve, estimator_ranks, top_n
     directions  plot_directions, direction_pairs
+    windows     plot_windows (sliding-window sweeps, from their JSON file; not part of a screen run)
 
 Sizes fit a paper column (3.3 in single, 6.75 in double) with fonts of 7 pt or more. Matplotlib is
 imported lazily and no global style is changed: the style applies inside each call only. Figures are
