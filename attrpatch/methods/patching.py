@@ -109,7 +109,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     sums = torch.zeros(len(components), len(metrics), device=spec.device, dtype=acc)
     prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device, dtype=acc) if per_prompt else None
     receiver = {m: 0.0 for m in metrics}
-    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0, "runs": 0.0}
     start = 0
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -148,6 +148,9 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
                                                             for c in _members(item)})}
     source, source_logits = _source_values(spec, batch, source_ids, points)
+    passes["runs"] += 2  # the source run and the receiving run below, whole forwards each
+    passes["forward_equivalents"] += 2
+    block_share = _block_share(spec, n_pos)
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
@@ -211,7 +214,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
             continue
         n = len(group)
         passes["patched_rows"] += n
-        passes["forward_equivalents"] += n * (n_layers - start) / n_layers * (n_pos - first_pos) / n_pos
+        passes["forward_equivalents"] += n * (block_share * (n_layers - start) / n_layers * (n_pos - first_pos) / n_pos
+                                              + 1 - block_share)
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
@@ -219,6 +223,16 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
+
+
+def _block_share(spec: ModelSpec, n_pos: int) -> float:
+    """The blocks' share of one last-token forward's multiply-adds (the rest is the unembedding, which every
+    patched copy pays in full however late it resumes): n_layers * n_pos * block weights against that plus
+    the LM head's weights."""
+    block = sum(p.numel() for p in spec.blocks[0].parameters())
+    blocks = spec.dims.n_layers * n_pos * block
+    head = spec.module(spec.arch.unembed).weight.numel()
+    return blocks / (blocks + head)
 
 
 MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs
