@@ -148,8 +148,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
                                                             for c in _members(item)})}
     source, source_logits = _source_values(spec, batch, source_ids, points)
-    passes["runs"] += 2  # the source run and the receiving run below, whole forwards each
-    passes["forward_equivalents"] += 2
+    _count(passes, runs=2)  # the source run and the receiving run below, whole forwards each
     block_share = _block_share(spec, n_pos)
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
@@ -213,9 +212,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 torch.cuda.empty_cache()
             continue
         n = len(group)
-        passes["patched_rows"] += n
-        passes["forward_equivalents"] += n * (block_share * (n_layers - start) / n_layers * (n_pos - first_pos) / n_pos
-                                              + 1 - block_share)
+        _count(passes, rows=n, equivalents=n * (block_share * (n_layers - start) / n_layers * (n_pos - first_pos)
+                                                / n_pos + 1 - block_share))
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
@@ -223,6 +221,13 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
+
+
+def _count(passes: dict, *, runs: int = 0, rows: int = 0, equivalents: float = 0.0) -> None:
+    """Tally whole runs (one forward-equivalent each) and patched copies (``equivalents`` between them)."""
+    passes["runs"] += runs
+    passes["patched_rows"] += rows
+    passes["forward_equivalents"] += runs + equivalents
 
 
 def _block_share(spec: ModelSpec, n_pos: int) -> float:
