@@ -29,6 +29,15 @@ from ..model.sites import AFTER_ATTENTION, Component, ModelSpec, as_spec, check_
 # prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
 # (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide
 DEFAULT_ROWS = {"cpu": 32, "cuda": 256}
+# on a CPU, short prompts take more rows, up to this many tokens per pass (32 rows of 64 tokens): a pass's
+# fixed cost (a Python call per block, hooks, the cache) is then shared by more copies
+CPU_TOKENS = 2048
+
+
+def default_rows(device: torch.device, n_pos: int) -> int:
+    """Prompt rows per patched pass when ``copies`` is not given (DEFAULT_ROWS; more for short CPU prompts)."""
+    rows = DEFAULT_ROWS.get(device.type, 256)
+    return max(rows, CPU_TOKENS // max(n_pos, 1)) if device.type == "cpu" else rows
 
 
 @dataclass
@@ -88,7 +97,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
 
-    copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS[device] // chunk size).
+    copies: patched copies of the prompt chunk per forward pass (default: default_rows(device, pos) // chunk size).
     resume: start each pass at the earliest patched block instead of the embeddings.
     alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
     """
@@ -113,7 +122,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     start = 0
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
+            n_copies = copies or max(1, default_rows(spec.device, batch.n_pos) // chunk.n)
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
                                          passes, progress, alpha)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
