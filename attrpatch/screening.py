@@ -170,13 +170,14 @@ class _Steps:
                              f"lengths here: {sorted(set((batch.last + 1).tolist()))}. Use positions='all' "
                              "(--positions all) or prompts of equal length.")
         with eval_mode(self.spec.model), torch.no_grad():
-            seconds, logits = [], {}  # the clock's unit: median of three plain forwards (the first warms up)
+            seconds, cpu, logits = [], [], {}  # the clock's unit: median of three forwards (the first warms up)
             for run in ("clean", "corrupt", "corrupt"):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 logits[run] = forward_last(self.spec, batch.run(run), batch.mask, batch.last)
                 seconds.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
             clean_logits, corrupt_logits = logits["clean"], logits["corrupt"]
-            self.timing["forward_s"] = sorted(seconds)[1]
+            self.timing["forward_s"], self.timing["forward_cpu_s"] = sorted(seconds)[1], sorted(cpu)[1]
         self.sanity = clean_run_check(*(distributed.gather(logit_diff(batch, logits))
                                         for logits in (clean_logits, corrupt_logits)))
         for message in self.sanity["warnings"]:
@@ -206,7 +207,7 @@ class _Steps:
         sites not saved yet share one ``patch`` call (one source and one receiving run for all of them, and
         passes grouped across sites by layer)."""
         config, exact, timing = self.config, {}, self.timing
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         todo = {}
         for site, site_plan in plan.items():
             effects = self.progress.effects(f"exact-{direction}-{site}", site_plan["verified"])
@@ -231,6 +232,7 @@ class _Steps:
                 exact.update({c: part.values[j] for j, c in enumerate(comps)})  # [metric]
                 at += len(comps)
         timing["verification_s"] += time.perf_counter() - start
+        timing["verification_cpu_s"] = timing.get("verification_cpu_s", 0.0) + time.process_time() - start_cpu
         return exact
 
     def _count(self, passes: dict) -> None:

@@ -45,7 +45,8 @@ def render(r: dict) -> str:
               f"(patched runs count one each). Verification counted "
               f"{t.get('forward_equivalents_verification', 0):.1f} full-forward equivalents (blocks and positions "
               f"each pass computes, its unembedding, the source and receiving runs); by the clock it took "
-              f"{t.get('verification_s', 0) / fwd:.1f}.", ""]
+              f"{t.get('verification_s', 0) / fwd:.1f} (wall), "
+              f"{t.get('verification_cpu_s', 0) / max(t.get('forward_cpu_s', 0), 1e-9):.1f} (cpu time).", ""]
     return "\n".join(lines)
 
 
