@@ -34,7 +34,7 @@ from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
 from .methods.diagnostics import activation_change, attention_stats
-from .methods.patching import patch
+from .methods.patching import Effects, patch
 from .model.sites import RESID_LIKE, SITES, as_spec, check_site
 from .output.checkpoint import Progress
 from .output.report import long_table
@@ -194,10 +194,14 @@ class _Steps:
                              f"lengths here: {sorted(set((batch.last + 1).tolist()))}. Use positions='all' "
                              "(--positions all) or prompts of equal length.")
         with eval_mode(self.spec.model), torch.no_grad():
-            clean_logits = forward_last(self.spec, batch.run("clean"), batch.mask, batch.last)
-            start = time.perf_counter()
-            corrupt_logits = forward_last(self.spec, batch.run("corrupt"), batch.mask, batch.last)
-            self.timing["forward_s"] = time.perf_counter() - start
+            seconds, cpu, logits = [], [], {}  # the clock's unit: median of three forwards (the first warms up)
+            for run in ("clean", "corrupt", "corrupt"):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                logits[run] = forward_last(self.spec, batch.run(run), batch.mask, batch.last)
+                seconds.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+            clean_logits, corrupt_logits = logits["clean"], logits["corrupt"]
+            self.timing["forward_s"], self.timing["forward_cpu_s"] = sorted(seconds)[1], sorted(cpu)[1]
         self.sanity = clean_run_check(*(distributed.gather(logit_diff(batch, logits))
                                         for logits in (clean_logits, corrupt_logits)))
         for message in self.sanity["warnings"]:
@@ -231,33 +235,56 @@ class _Steps:
         return est_scores, est_seconds
 
     def verify(self, direction: str, plan: dict) -> tuple[dict, dict]:
-        """Exact effects of every planned component, {component: [metric]}, and the per-prompt inputs of the
-        intervals: {"scores": self.prompts[direction], "exact": {component: [metric, batch]}}; one saved step
-        per site."""
-        exact, per_prompt = {}, {}
+        """Exact effects {component: [metric]} and the intervals' per-prompt inputs {"scores": .., "exact":
+        {component: [metric, batch]}}; one saved step per site, the unsaved sites in one shared patch call."""
+        start, start_cpu = time.perf_counter(), time.process_time()
+        exact, per_prompt, todo = {}, {}, {}
         for site, site_plan in plan.items():
-            effects = self.patched(f"exact-{direction}-{site}", direction, site_plan["verified"], self.config.metrics)
-            exact.update({c: effects.values[i] for i, c in enumerate(site_plan["verified"])})  # [metric]
-            per_prompt.update({c: effects.per_prompt[i] for i, c in enumerate(site_plan["verified"])})
+            effects = self.progress.effects(f"exact-{direction}-{site}", site_plan["verified"])
+            if effects is None or effects.per_prompt is None:
+                todo[site] = site_plan["verified"]
+            else:
+                self._count(effects.passes)
+                _keep(effects, exact, per_prompt)
+        if todo:
+            effects = self._patch(direction, [c for comps in todo.values() for c in comps], self.config.metrics)
+            at = 0
+            for i, (site, comps) in enumerate(todo.items()):
+                part = Effects(components=comps, metrics=effects.metrics, values=effects.values[at:at + len(comps)],
+                               direction=direction, receiver_metric=effects.receiver_metric,
+                               per_prompt=effects.per_prompt[at:at + len(comps)],
+                               passes=effects.passes if i == 0 else {k: 0.0 for k in effects.passes})
+                self.progress.save_effects(f"exact-{direction}-{site}", part)
+                _keep(part, exact, per_prompt)
+                at += len(comps)
+        self._clock(start, start_cpu)
         return exact, {"scores": self.prompts[direction], "exact": per_prompt}
 
-    def patched(self, step: str, direction: str, items: list, metrics, alpha: float = 1.0):
-        """Exact (``alpha``: partial) effects of patching each of ``items``, with their per-prompt values of
-        all ranks, saved as ``step`` (and read back on resume)."""
-        config, timing = self.config, self.timing
-        start = time.perf_counter()
+    def _patch(self, direction: str, items: list, metrics, alpha: float = 1.0) -> Effects:
+        """One patch call, reduced over ranks, with every rank's per-prompt effects, counted."""
+        config = self.config
+        effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
+                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress)
+        effects.values = self.reduce(effects.values)
+        effects.receiver_metric = self.reduce(effects.receiver_metric)
+        effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
+        self._count(effects.passes)
+        return effects
+
+    def _clock(self, start: float, start_cpu: float) -> None:
+        self.timing["verification_s"] += time.perf_counter() - start
+        self.timing["verification_cpu_s"] = self.timing.get("verification_cpu_s", 0.0) + time.process_time() - start_cpu
+
+    def patched(self, step: str, direction: str, items: list, metrics, alpha: float = 1.0) -> Effects:
+        """Exact (``alpha``: partial) effects of each of ``items``, per prompt too, saved as ``step``."""
+        start, start_cpu = time.perf_counter(), time.process_time()
         effects = self.progress.effects(step, items)
         if effects is None or effects.per_prompt is None:
-            effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
-                            batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress)
-            effects.values = self.reduce(effects.values)
-            effects.receiver_metric = self.reduce(effects.receiver_metric)
-            effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
+            effects = self._patch(direction, items, metrics, alpha)
             self.progress.save_effects(step, effects)
-        timing["verification_s"] += time.perf_counter() - start
-        timing["forward_passes"] += effects.passes["patched_rows"] + 2
-        timing["forward_equivalents_verification"] = (
-            timing.get("forward_equivalents_verification", 0.0) + effects.passes["forward_equivalents"])
+        else:
+            self._count(effects.passes)
+        self._clock(start, start_cpu)
         return effects
 
     def half(self, direction: str, flagged: list) -> dict[str, float]:
@@ -287,6 +314,12 @@ class _Steps:
                 "n_subsets": bound.n_subsets, "detected": [str(rest[i]) for i in bound.detected[:20]],
                 "statement": bound.statement()}
 
+    def _count(self, passes: dict) -> None:
+        """Add one patch call's passes to the screen's tally (its source and receiving runs included)."""
+        self.timing["forward_passes"] += passes.get("patched_rows", 0.0) + passes.get("runs", 2.0)
+        self.timing["forward_equivalents_verification"] = (
+            self.timing.get("forward_equivalents_verification", 0.0) + passes.get("forward_equivalents", 0.0))
+
     def diagnose(self, direction: str, verified: list):
         """Attention max-prob and entropy [layer, head] of the receiving run, and each verified
         component's relative activation change."""
@@ -308,6 +341,12 @@ class _Steps:
         scores.values = {m: {s: t.mean(0) for s, t in per.items()} for m, per in scores.values.items()}
         scores.per_prompt = False
         return _reduce_scores(scores, self.reduce, self.n_total), prompts
+
+
+def _keep(effects: Effects, exact: dict, per_prompt: dict) -> None:
+    """File one patch call's effects by component: [metric] into ``exact``, [metric, batch] into ``per_prompt``."""
+    for i, c in enumerate(effects.components):
+        exact[c], per_prompt[c] = effects.values[i], effects.per_prompt[i]
 
 
 def logit_diff(batch: PromptBatch, logits) -> "torch.Tensor":

@@ -10,6 +10,7 @@ machine. Models are random-weight, built from configs (no hub access needed).
     python scripts/bench.py                      # GPT-2-small shape, batch 8 x 64, float32, CPU (2.5-6 min on 2 shared cores)
     python scripts/bench.py --preset tiny        # 2-layer d_model 64 smoke run (~10 s)
     python scripts/bench.py --preset llama3-8b   # Llama-3-8B shape, batch 16 x 128, bf16, CUDA
+    python scripts/bench.py --preset smollm2     # the real SmolLM2-135M on its IOI screen prompts, + the screen
 
 Measured:
   atp         ap.attribute over resid_pre, attn_out, mlp_out, head, neuron (per position), one metric.
@@ -54,7 +55,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import attrpatch as ap  # noqa: E402
-from attrpatch.methods.patching import DEFAULT_ROWS  # noqa: E402
+from attrpatch.methods.patching import default_rows  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,6 +74,9 @@ PRESETS = {
                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                       max_position_embeddings=8192, rope_theta=500000.0),
         batch=16, seq=128, dtype="bfloat16", device="cuda"),
+    # the real model (float32 safetensors from `attrpatch fetch smollm2`), on the IOI screen's own prompts
+    # (16 pairs, one template); adds the measurement of the default screen in both directions
+    "smollm2": dict(folder="smollm2", task="ioi", batch=16, seq=None, dtype="float32", device="cpu"),
     "tiny": dict(
         config=lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256,
                                       bos_token_id=0, eos_token_id=0),
@@ -103,9 +107,53 @@ def make_pairs(n: int, n_pos: int, vocab: int, seed: int = 0, n_changed: int = 3
 
 def build_model(preset: dict, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
+    if "folder" in preset:  # a real model: ~/.cache/attrpatch/<name>, built by attrpatch's fetch if missing
+        from attrpatch.model.fetch import fetch
+
+        folder = fetch(preset["folder"])
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        return model.eval().requires_grad_(False), tf.AutoTokenizer.from_pretrained(folder)
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(preset["config"](), dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), None
+
+
+def task_batch(model, tokenizer, task: str, n: int):
+    """The prompt batch the CLI's default screen of ``task`` runs on (pipeline.prepare_pairs)."""
+    from attrpatch.pipeline import _pad, prepare_pairs
+
+    pairs, _ = prepare_pairs(model, tokenizer, task=task, n_prompts=n, per_position=True)
+    return ap.make_batch(pairs, pad_id=_pad(tokenizer))
+
+
+def bench_screen(b: Bench) -> dict:
+    """The default screen (ap.screen, both directions, no files) on the bench batch: each phase as a ratio to
+    the unit, and verification's forward-equivalents as attrpatch counts them against its own clock."""
+    b.forward()
+    t, peak, result = b.timed(lambda: ap.screen(b.model, b.batch, ap.ScreenConfig(direction="both", progress=False)))
+    b.log(f"  screen {fmt(t)}")
+    timing = dict(result.timing)
+    counted = timing["forward_equivalents_verification"]
+    clock = {"wall": timing["verification_s"] / timing["forward_s"],
+             "cpu": timing["verification_cpu_s"] / timing["forward_cpu_s"]}
+    return dict(seconds=t, peak_bytes=peak, timing=timing, rows=len(result.rows), counted_fwd=counted,
+                clock_fwd=clock, count_over_clock={c: counted / v for c, v in clock.items()})
+
+
+def screen_lines(r: dict) -> list[str]:
+    s = r.get("screen")
+    if not s:
+        return []
+    t, unit = s["timing"], r["unit_seconds"]["wall"]
+    ratio = s["count_over_clock"]
+    return [f"default screen, both directions, {s['rows']} rows: {s['seconds']['wall'] / unit:.1f}x wall "
+            f"({s['seconds']['wall']:.1f} s), {s['seconds']['cpu'] / r['unit_seconds']['cpu']:.1f}x cpu: attribution "
+            f"{t['attribution_s'] / unit:.1f}x, verification {t['verification_s'] / unit:.1f}x, diagnostics "
+            f"{t['diagnostics_s'] / unit:.1f}x the unit (wall)",
+            f"  verification forward-equivalents: counted {s['counted_fwd']:.1f}; by the clock (verification time / "
+            f"the screen's own forward_last time) {s['clock_fwd']['wall']:.1f} wall, {s['clock_fwd']['cpu']:.1f} cpu; "
+            f"count / clock = {ratio['wall']:.2f} wall, {ratio['cpu']:.2f} cpu (target 0.8-1.2: cpu "
+            f"{'PASS' if 0.8 <= ratio['cpu'] <= 1.2 else 'MISS'})"]
 
 
 def _malloc_trim():
@@ -305,7 +353,8 @@ def bench_patch(b: Bench, comps: list, n_naive: int, repeats: int, overhead: lis
         b.log(f"  {label} naive ({len(naive_comps)} components): {fmt(t)}")
     batched = effects["batched"].values[:len(naive_comps)]
     res["max_abs_diff_naive_vs_batched"] = float((batched - effects["naive"].values).abs().max())
-    res["forward_equivalents_per_component"] = effects["batched"].passes["forward_equivalents"] / len(comps)
+    passes = effects["batched"].passes  # its count includes the source and receiving runs: left out here
+    res["forward_equivalents_per_component"] = (passes["forward_equivalents"] - passes.get("runs", 0)) / len(comps)
     for clock in CLOCKS:
         per = {}
         for mode, n in (("batched", len(comps)), ("naive", len(naive_comps))):
@@ -537,6 +586,7 @@ def table(r: dict) -> str:
                      f"per comp (cpu {t['patch_per_component_fwd_cpu']:.3f}x; {t['n_patch']} comps, its 2 setup runs "
                      f"included); "
                      f"hook AtP (cache fwd+bwd) {t['atp_fwd_wall']:.2f}x (cpu {t['atp_fwd_cpu']:.2f}x)")
+    lines += screen_lines(r)
     lines.append("wall = perf_counter, cpu = process_time; patching per comp = (time - fixed cost) / components; "
                  "speed-up = pooled naive / batched")
     lines.append(f"peak mem = peak {'allocated' if r['device'] == 'cuda' else 'RSS'} growth during the call; "
@@ -580,13 +630,17 @@ def main(argv=None) -> dict:
     n, n_pos = args.batch or preset["batch"], args.seq or preset["seq"]
     verbose = not args.quiet
 
-    model = build_model(preset, str(device), dtype)
+    model, tokenizer = build_model(preset, str(device), dtype)
     spec = ap.model_spec(model)
     dims = spec.dims
-    batch = ap.make_batch(make_pairs(n, n_pos, model.config.vocab_size, seed=args.seed))
+    if preset.get("task"):
+        batch = task_batch(model, tokenizer, preset["task"], n)
+        n_pos = batch.n_pos
+    else:
+        batch = ap.make_batch(make_pairs(n, n_pos, model.config.vocab_size, seed=args.seed))
     b = Bench(model, batch, device, verbose)
     itemsize = torch.finfo(dtype).bits // 8
-    copies = max(1, DEFAULT_ROWS.get(device.type, 256) // n)  # attrpatch's default rows per pass
+    copies = max(1, default_rows(device, n_pos) // n)  # attrpatch's default rows per pass
     rng = random.Random(args.seed)
     b.log(f"model built in {time.perf_counter() - t_start:.1f} s; warm-up")
 
@@ -615,6 +669,7 @@ def main(argv=None) -> dict:
     patch_all = bench_patch(b, top_comps, args.naive, args.patch_repeats, overhead, "top-k all-pos",
                             dims, itemsize)
     tl_res = bench_transformer_lens(b, pos_comps, args.naive, args.patch_repeats)
+    screen_res = bench_screen(b) if preset.get("task") else None
     b.forward()
     b.mem.close()
     pool_naive(b, overhead, patch_pos, patch_all)
@@ -632,7 +687,7 @@ def main(argv=None) -> dict:
         unit_seconds={c: b.unit(c) for c in CLOCKS},
         patch_overhead_seconds=overhead,
         patch_overhead_fwd={c: med(overhead, c) / b.unit(c) for c in CLOCKS},
-        atp=atp, patch_pos=patch_pos, patch_all=patch_all, transformer_lens=tl_res, edges=edges,
+        atp=atp, patch_pos=patch_pos, patch_all=patch_all, transformer_lens=tl_res, edges=edges, screen=screen_res,
         targets={k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
         verdicts={c: {"atp": verdict("atp", atp[f"fwd_{c}"]),
                       "patch_pos": verdict("patch_pos", patch_pos[f"speedup_{c}"]),

@@ -57,7 +57,7 @@ def test_batched_resumed_equals_naive_reference(family, direction):
     eff = ap.patch(model, batch, comps, metrics=["logit_diff"], direction=direction, copies=5)
     naive = torch.tensor([exact_reference(model, batch, c, direction) for c in comps])
     torch.testing.assert_close(eff.values[:, 0], naive, atol=1e-4, rtol=0)
-    assert eff.passes["forward_equivalents"] < len(comps)  # layers before the patch were reused
+    assert eff.passes["forward_equivalents"] - eff.passes["runs"] < len(comps)  # layers before the patch were reused
 
 
 def test_batched_equals_one_at_a_time_all_metrics():
@@ -174,3 +174,15 @@ def test_per_position_sweep_of_after_attention_sites_equals_naive(family):
     fast = ap.patch(model, batch, comps, copies=6)
     naive = ap.patch(model, batch, comps, copies=1, resume=False)
     torch.testing.assert_close(fast.values, naive.values, atol=1e-4, rtol=0)
+
+
+def test_forward_equivalents_count_the_runs_and_every_copys_unembedding():
+    model = tiny_model("gpt2")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=2))
+    assert ap.patch(model, batch, []).passes == {"patched_rows": 0.0, "forward_equivalents": 2.0, "runs": 2.0}
+    last = spec.dims.n_layers - 1
+    eff = ap.patch(model, batch, [ap.Component("mlp_out", last, None)], copies=1)
+    share = patching._block_share(spec, batch.n_pos)
+    assert 0 < share < 1
+    assert eff.passes["forward_equivalents"] == pytest.approx(2 + share / spec.dims.n_layers + 1 - share)

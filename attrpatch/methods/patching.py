@@ -38,6 +38,16 @@ from ..model.sites import AFTER_ATTENTION, Component, ModelSpec, as_spec, check_
 DEFAULT_ROWS = {"cpu": 32, "cuda": 256}
 ABLATIONS = ("zero", "mean", "resample")
 
+# on a CPU, short prompts take more rows, up to this many tokens per pass (32 rows of 64 tokens): a pass's
+# fixed cost (a Python call per block, hooks, the cache) is then shared by more copies
+CPU_TOKENS = 2048
+
+
+def default_rows(device: torch.device, n_pos: int) -> int:
+    """Prompt rows per patched pass when ``copies`` is not given (DEFAULT_ROWS; more for short CPU prompts)."""
+    rows = DEFAULT_ROWS.get(device.type, 256)
+    return max(rows, CPU_TOKENS // max(n_pos, 1)) if device.type == "cpu" else rows
+
 
 @dataclass
 class Effects:
@@ -96,7 +106,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
 
-    copies: patched copies of the prompt chunk per forward pass (default: DEFAULT_ROWS[device] // chunk size).
+    copies: patched copies of the prompt chunk per forward pass (default: default_rows(device, pos) // chunk size).
     resume: start each pass at the earliest patched block instead of the embeddings.
     alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
     ablation: zero | mean | resample: the source is that ablation of the clean run (module docstring);
@@ -120,11 +130,11 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     sums = torch.zeros(len(components), len(metrics), device=spec.device, dtype=acc)
     prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device, dtype=acc) if per_prompt else None
     receiver = {m: 0.0 for m in metrics}
-    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    passes = {"patched_rows": 0.0, "forward_equivalents": 0.0, "runs": 0.0}
     start = 0
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
+            n_copies = copies or max(1, default_rows(spec.device, batch.n_pos) // chunk.n)
             rows = None if fixed is None else {key: t[start:start + chunk.n] for key, t in fixed.items()}
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
                                          passes, progress, alpha, rows)  # effects: [component, metric, chunk]
@@ -161,6 +171,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                                                             for c in _members(item)})}
     source, source_logits = _source_values(spec, batch, source_ids, points)
     source = source if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
+    _count(passes, runs=2)  # the source run and the receiving run below, whole forwards each
+    block_share = _block_share(spec, n_pos)
 
     # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
@@ -178,11 +190,9 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
     # source run: its effect is read off the source's logits, with no pass at all.
     whole = [i for i, item in enumerate(components) if resume and alpha == 1 and fixed is None and _whole_stream(item)]
-    for j, m in enumerate(metrics):
-        if whole:
-            effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
-    skipped = set(whole)
-    order = sorted((i for i in range(len(components)) if i not in skipped),
+    for j, m in enumerate(metrics if whole else ()):
+        effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
+    order = sorted((i for i in range(len(components)) if i not in set(whole)),
                    key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
     groups = _groups(components, order, copies, n_pos if reuse_pos else None)
 
@@ -204,9 +214,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 return forward_last(spec, receiver_ids.repeat(n), batch.mask.repeat(n, 1),
                                     batch.last.repeat(n)), 0, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
-            final = any(c.layer == n_layers - 1 for i in group for c in _members(components[i]))
             return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
-                              kept.get("cache"), rows, final), start, first_pos
+                              kept.get("cache"), rows, any(k[1] == n_layers - 1 for k in entries)), start, first_pos
 
     bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
     while groups:
@@ -224,8 +233,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 torch.cuda.empty_cache()
             continue
         n = len(group)
-        passes["patched_rows"] += n
-        passes["forward_equivalents"] += n * (n_layers - start) / n_layers * (n_pos - first_pos) / n_pos
+        _count(passes, rows=n, equivalents=n * (block_share * (n_layers - start) / n_layers * (n_pos - first_pos)
+                                                / n_pos + 1 - block_share))
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
@@ -258,6 +267,23 @@ def _ablated(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, 
     if ablation == "mean":
         return {key: t.mean(0, keepdim=True).expand_as(t) for key, t in clean.items()}
     return {key: t.roll(-1, 0) for key, t in clean.items()}  # prompt i takes prompt i + 1's value
+
+
+def _count(passes: dict, *, runs: int = 0, rows: int = 0, equivalents: float = 0.0) -> None:
+    """Tally whole runs (one forward-equivalent each) and patched copies (``equivalents`` between them)."""
+    passes["runs"] += runs
+    passes["patched_rows"] += rows
+    passes["forward_equivalents"] += runs + equivalents
+
+
+def _block_share(spec: ModelSpec, n_pos: int) -> float:
+    """The blocks' share of one last-token forward's multiply-adds (the rest is the unembedding, which every
+    patched copy pays in full however late it resumes): n_layers * n_pos * block weights against that plus
+    the LM head's weights."""
+    block = sum(p.numel() for p in spec.blocks[0].parameters())
+    blocks = spec.dims.n_layers * n_pos * block
+    head = spec.module(spec.arch.unembed).weight.numel()
+    return blocks / (blocks + head)
 
 
 MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs

@@ -21,6 +21,7 @@ Views share storage with the raw tensor, so writing into the view of a clone pat
 The per-family tables (``archs.ARCHS``) are the only architecture-specific code in attrpatch.
 """
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -271,12 +272,17 @@ def check_component(c: Component, spec: ModelSpec, n_pos: int) -> None:
 
 def components(site: str, dims: Dims, n_pos: int, *, per_position: bool) -> list[Component]:
     """Every component of ``site``: per layer (x position if ``per_position``) (x head or neuron)."""
+    return list(_components(site, dims, n_pos, per_position))
+
+
+@functools.lru_cache(maxsize=64)  # a screen asks for each site's list many times (46k neurons in SmolLM2)
+def _components(site: str, dims: Dims, n_pos: int, per_position: bool) -> tuple[Component, ...]:
     units = dims.n_units(site)
     positions = range(n_pos) if per_position else [None]
-    return [Component(site, layer, pos, unit)
-            for layer in range(dims.n_layers_of(site))
-            for pos in positions
-            for unit in ([None] if units is None else range(units))]
+    return tuple(Component(site, layer, pos, unit)
+                 for layer in range(dims.n_layers_of(site))
+                 for pos in positions
+                 for unit in ([None] if units is None else range(units)))
 
 
 def as_spec(model: nn.Module | ModelSpec) -> ModelSpec:

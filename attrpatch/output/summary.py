@@ -59,11 +59,15 @@ def render(r: dict) -> str:
     if len(r.get("estimators", {}).get(r["directions"][0], {})) > 1:
         lines += _estimator_section(r)
     t = r["timing"]
+    fwd = max(t.get("forward_s", 0), 1e-9)
     lines += ["## Cost", "", f"Attribution {t.get('attribution_s', 0):.2f} s, verification "
               f"{t.get('verification_s', 0):.2f} s, diagnostics {t.get('diagnostics_s', 0):.2f} s; one plain forward "
               f"pass {t.get('forward_s', 0):.3f} s. Forward passes spent: {t.get('forward_passes', 0):.0f} "
-              f"(patched runs count one each; their real cost was "
-              f"{t.get('forward_equivalents_verification', 0):.1f} full-forward equivalents, thanks to layer reuse).", ""]
+              f"(patched runs count one each). Verification counted "
+              f"{t.get('forward_equivalents_verification', 0):.1f} full-forward equivalents (blocks and positions "
+              f"each pass computes, its unembedding, the source and receiving runs); by the clock it took "
+              f"{t.get('verification_s', 0) / fwd:.1f} (wall), "
+              f"{t.get('verification_cpu_s', 0) / max(t.get('forward_cpu_s', 0), 1e-9):.1f} (cpu time).", ""]
     return "\n".join(lines)
 
 
