@@ -91,6 +91,10 @@ def ioi_pairs(tokenizer, template: int, n: int, seed: int) -> tuple[list, list[s
     return pairs, labels
 
 
+# the stems of the figures this script makes; figures/ also holds others (README, figures/README.md)
+OWN_STEMS = ("positions_", "heads_", "scatter_", "metrics_", "cost_recall_", "directions")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,8 +135,8 @@ def main(argv=None) -> int:
         run = plot.load_run(run_dir)
         run.report["tokens"] = labels  # the template's words, placeholders named
         args.out.mkdir(parents=True, exist_ok=True)
-        for old in sorted(args.out.iterdir()):  # figures of an earlier version that no longer exist
-            if old.suffix.lstrip(".") in FORMATS:
+        for old in sorted(args.out.iterdir()):  # this script's figures of an earlier version (others stay)
+            if old.suffix.lstrip(".") in FORMATS and old.stem.startswith(OWN_STEMS):
                 old.unlink()
         for stem, fig in plot.figures(run):
             for path in plot.save(fig, args.out / stem, args.format):
