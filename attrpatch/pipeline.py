@@ -4,6 +4,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .analysis.baselines import solved
 from .analysis.sanity import by_group
 from .engine import distributed
 from .inputs.alignment import check_one_layout, keep_one_layout, position_labels
@@ -15,7 +16,7 @@ from .inputs.tokenization import added_bos, bos_id
 from .output.checkpoint import Progress
 from .output.provenance import manifest_dict
 from .output.report import write_run
-from .screening import ScreenConfig, config_dict, screen, solved
+from .screening import ScreenConfig, config_dict, screen
 
 
 def check_task(task: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .analysis.baselines import check_baselines, logit_diff
 from .analysis.causes import explain
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
@@ -29,7 +30,7 @@ from .analysis.subsets import draw_subsets, subset_bound
 from .engine import distributed
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
-from .engine.metrics import DISCRETE_METRICS, METRICS, MIN_GAP, Target, check_metric, graded, metric
+from .engine.metrics import DISCRETE_METRICS, METRICS, Target, check_metric, graded, metric
 from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
@@ -349,50 +350,12 @@ def _keep(effects: Effects, exact: dict, per_prompt: dict) -> None:
         exact[c], per_prompt[c] = effects.values[i], effects.per_prompt[i]
 
 
-def logit_diff(batch: PromptBatch, logits) -> "torch.Tensor":
-    """logit[answer] - logit[wrong] per pair: [batch, vocab] -> [batch]."""
-    return metric("logit_diff", logits, Target(batch.answer, batch.wrong, logits[:, :0]))
-
-
-def solved(model: nn.Module, batch: PromptBatch, batch_size: int | None = None) -> "torch.Tensor":
-    """Which pairs the model solves on the clean prompt (answer logit above the wrong one): [batch] bool."""
-    spec = as_spec(model)
-    out = []
-    with eval_mode(spec.model), torch.no_grad():
-        for chunk in batch.to(spec.device).chunks(batch_size):
-            logits = forward_last(spec, chunk.run("clean"), chunk.mask, chunk.last)
-            out.append(logit_diff(chunk, logits).cpu() > 0)
-    return torch.cat(out)
-
-
 def _reduce_scores(scores: Scores, reduce, n_total: int) -> Scores:
     """The all-rank mean of a rank's scores (identity in a single process)."""
     scores.values = {m: {s: reduce(t) for s, t in per.items()} for m, per in scores.values.items()}
     scores.clean_metric, scores.corrupt_metric = reduce(scores.clean_metric), reduce(scores.corrupt_metric)
     scores.n_prompts = n_total
     return scores
-
-
-def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config: ScreenConfig,
-                    reduce=lambda v: v) -> None:
-    """Refuse, before any expensive work, baselines that are not finite or that the metric cannot tell
-    apart (normalised effects would divide by ~0). ``reduce``: the cross-rank mean (every rank decides
-    alike)."""
-    target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
-    values = {}
-    for run, logits in (("clean", clean_logits), ("corrupt", corrupt_logits)):
-        bad = (~torch.isfinite(logits.float())).any(-1)
-        if reduce(float(bad.any())) > 0:
-            raise FloatingPointError(
-                f"the {run} run's logits are not finite for prompts {bad.nonzero().flatten().tolist()}"
-                f"{' (of this rank)' if distributed.active() else ''}; "
-                "fp16 overflow is the usual cause: try --dtype bfloat16 or float32")
-        values[run] = reduce(float(metric(config.metric, logits, target).mean()))
-    if abs(values["clean"] - values["corrupt"]) < MIN_GAP:
-        raise ValueError(
-            f"clean and corrupt prompts give the same {config.metric} ({values['clean']:.6g} vs "
-            f"{values['corrupt']:.6g}): the corruption does not change the behaviour, so effects cannot be "
-            "normalised. Check the answer/wrong tokens and the corruption, or choose another --metric.")
 
 
 def config_dict(config: ScreenConfig) -> dict:
