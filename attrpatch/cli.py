@@ -10,9 +10,11 @@ Examples:
 """
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
@@ -105,7 +107,7 @@ EDGES_EPILOG = """examples:
   attrpatch edges --task ioi --out runs/edges                      # embedded toy model, both directions
   attrpatch edges --model ./my-llama --task pairs.jsonl --top-k 100 --estimator ig
 edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits.
-supported families: gpt2, llama, mistral, qwen2, phi3."""
+supported families: gpt2, llama (Llama 2 and 3), mistral, qwen2, qwen3, phi3."""
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -333,11 +335,30 @@ def _load(args, device: str, device_map: str | None = None):
     if args.quiet:
         import transformers
         transformers.utils.logging.disable_progress_bar()
-    model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            device_map=device_map)
+    with _no_bars(args.quiet):
+        model, tokenizer = load(args.model, device=device, dtype=args.dtype,
+                                trust_remote_code=args.trust_remote_code, device_map=device_map)
     if arch is not None:
         use_arch(model.config.model_type, arch)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_bars(quiet: bool):
+    """While loading, when ``quiet``: transformers' GGUF dequantisation bar off (a plain tqdm that the library's
+    disable_progress_bar does not reach; tqdm reads TQDM_DISABLE only at import)."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support draws no such bar
+        yield
+        return
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+        yield
 
 
 def _edges(args) -> int:
@@ -361,7 +382,7 @@ def _edges(args) -> int:
     c = report["circuit"]
     print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
           f"{c['smallest_faithful']} edges")
-    print(f"wrote {args.out}/report.json, circuit.json, results.csv, edge_scores.safetensors"
+    print(f"wrote {args.out}/report.md, report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0
 

@@ -5,6 +5,7 @@ on this; verification reuses the node screen's analysis (ranking, agreement, fla
 """
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -12,9 +13,11 @@ from torch import nn
 
 from .analysis import circuits
 from .analysis.agreement import agreement, false_negatives, tolerance
+from .analysis.baselines import logit_diff
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
 from .analysis.ranking import control_sample, ranks, top_k
+from .analysis.sanity import clean_run_check
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import METRICS, normalise
@@ -71,13 +74,15 @@ class EdgeResult:
     false_negatives: dict  # direction -> FalseNegatives dict
     circuit: dict
     timing: dict = field(default_factory=dict)
+    sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
 
 
 def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:
     """Per direction: scores -> top-k + control -> exact patching -> agreement and flags; then the circuit."""
     spec = as_spec(model)
     batch = batch.to(spec.device)
-    timing = {"forward_s": _forward_seconds(spec, batch)}
+    forward_s, sanity = _baselines(spec, batch)
+    timing = {"forward_s": forward_s}
     scores, entries, agree, fns = {}, [], {}, {}
     for direction in config.directions:
         start = time.perf_counter()
@@ -97,14 +102,22 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
     first = next(iter(scores.values()))
     return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
                       clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
-                      edges=entries, agreement=agree, false_negatives=fns, circuit=circuit, timing=timing)
+                      edges=entries, agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
+                      sanity=sanity)
 
 
-def _forward_seconds(spec, batch: PromptBatch) -> float:
+def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
+    """Seconds of one plain forward (the cost unit), and the clean-run check (does the model do the task?),
+    whose warnings are raised as ``warnings.warn`` as in the node screen."""
     with eval_mode(spec.model), torch.no_grad():
+        logits = {"clean": forward_last(spec, batch.run("clean"), batch.mask, batch.last)}
         start = time.perf_counter()
-        forward_last(spec, batch.run("corrupt"), batch.mask, batch.last)
-        return time.perf_counter() - start
+        logits["corrupt"] = forward_last(spec, batch.run("corrupt"), batch.mask, batch.last)
+        seconds = time.perf_counter() - start
+    sanity = clean_run_check(logit_diff(batch, logits["clean"]), logit_diff(batch, logits["corrupt"]))
+    for message in sanity["warnings"]:
+        warnings.warn(message, stacklevel=3)
+    return seconds, sanity
 
 
 def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):

@@ -219,6 +219,8 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, mode
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
     result = screen_edges(model, make_batch(pairs, pad_id=_pad(tokenizer)), config)
+    result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
+    result.sanity["prompt_selection"] = prompts
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)
     if figures:
         from .plot.circuit import draw_edges

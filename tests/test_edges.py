@@ -13,7 +13,9 @@ from conftest import random_pairs, tiny_model
 from edge_reference import (eap_reference, edge_patch_reference, input_delta, patch_input_reference,
                             receiver_grad)
 
-EDGE_FAMILIES = ("gpt2", "llama", "phi3")  # MHA with fused c_attn, GQA with separate q/k/v, GQA fused
+EDGE_FAMILIES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")  # every family edges support:
+# MHA with fused c_attn, GQA with separate q/k/v (Llama 3 rope scaling, Mistral, Qwen2 biases, Qwen3 per-head
+# q/k norms), GQA fused
 
 
 @pytest.fixture(scope="module", params=EDGE_FAMILIES)
@@ -177,3 +179,33 @@ def test_cli_edges_writes_the_report_circuit_table_and_figures(tmp_path):
     assert (out / "results.csv").read_text().count("\n") == 2 * 8 * 4 + 1  # edges x directions x metrics + header
     for stem in ("circuit_graph", "faithfulness", "edges_scatter_denoise", "edges_scatter_noise"):
         assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+
+
+def test_the_edge_screen_checks_the_clean_run_first_as_the_node_screen_does(tmp_path, capsys):
+    """report.json's sanity equals a hand count from plain logits, report.md shows the check, and a model that
+    does not do the task is warned about (the CLI prints warnings as 'attrpatch: warning:'; a random model
+    solves about half the pairs)."""
+    import json
+    import warnings
+
+    from attrpatch.cli import main
+    from conftest import saved_model, write_task
+
+    model, folder = saved_model(tmp_path / "model", "llama")
+    pairs = random_pairs(6)
+    task = write_task(tmp_path / "task.jsonl", pairs)
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the suite's pyproject filter ignores this warning elsewhere
+        assert main(["edges", "--model", str(folder), "--task", str(task), "--top-k", "3", "--random-k", "2",
+                     "--direction", "noise", "--circuit-points", "3", "--no-figures", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    with torch.no_grad():
+        logits = model(torch.tensor([p.clean_ids for p in pairs])).logits[:, -1]
+    diff = torch.tensor([logits[i, p.answer_id] - logits[i, p.wrong_id] for i, p in enumerate(pairs)])
+    assert report["sanity"]["accuracy"] == pytest.approx(float((diff > 0).double().mean()))
+    assert report["sanity"]["per_pair"] == pytest.approx(diff.tolist(), abs=1e-4)
+    md = (out / "report.md").read_text()
+    assert "## Clean-run check" in md and "## Approximation vs exact edge patching" in md
+    warned = "attrpatch: warning: the model solves only" in capsys.readouterr().err
+    assert warned == (report["sanity"]["accuracy"] < 0.8)

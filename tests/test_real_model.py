@@ -116,3 +116,13 @@ def test_a_gguf_file_loads_to_the_same_model(smollm2):
         a, b = model(input_ids=ids).logits[0, -1], gguf_model(input_ids=ids).logits[0, -1]
     assert torch.allclose(a, b, atol=1e-4)
     assert tok.decode(int(a.argmax())) == " Paris"
+
+
+def test_quiet_silences_the_gguf_dequantisation_bar_too(tmp_path, capsys):
+    """transformers' GGUF loader draws its own tqdm bar; --quiet means no bars at all, so it is off too."""
+    from attrpatch.cli import main
+
+    args = ["screen", "--model", str(smollm2_gguf()), "--task", "ioi", "--sites", "attn_out", "--top-k", "1",
+            "--random-k", "0", "--n-prompts", "2", "--no-figures", "--out", str(tmp_path / "run")]
+    assert main([*args, "--quiet"]) == 0
+    assert "de-quantizing" not in capsys.readouterr().err

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..model.archs import UnsupportedModel
 from ..model.sites import HookPoint, ModelSpec, _plain
 
-EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "phi3")  # pre-norm, sequential blocks, linear head writes
+EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")  # pre-norm, sequential blocks, linear head writes
 QKV = ("q", "k", "v")
 
 

@@ -1,6 +1,7 @@
 """Writing an edge screen: report.json (its "edges" list: one entry per verified edge x direction),
 circuit.json (the faithfulness curve), results.csv (one row per verified edge x direction x metric),
-edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata).
+edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata), report.md (the
+clean-run check first, as in the node report, then agreement and the circuit).
 ``result`` is an edge_screening.EdgeResult (read, not imported)."""
 
 import json
@@ -8,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .files import write_atomic, write_csv, write_json
+from .summary import _sanity_section
 
 EDGE_REPORT_VERSION = 1
 EDGE_FIELDS = ("sender", "receiver", "direction", "approx", "exact", "rank_approx", "rank_exact", "flags")
@@ -22,6 +24,7 @@ def edge_report(result, *, model: str, task: str) -> dict:
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
         "circuit": {k: v for k, v in result.circuit.items() if k != "edges"}, "timing": result.timing,
+        "sanity": result.sanity,
     }
 
 
@@ -49,7 +52,7 @@ def write_edge_scores(path: Path, result) -> None:
 
 
 def write_edges(out: Path, result, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
-    """Write report.json, circuit.json, results.csv and edge_scores.safetensors into ``out``;
+    """Write report.json, report.md, circuit.json, results.csv and edge_scores.safetensors into ``out``;
     prompt_selection: how the prompts were chosen (pipeline.prepare_pairs), recorded in the report."""
     out = Path(out)
     report = {**edge_report(result, model=model_name, task=task), "prompt_selection": prompt_selection}
@@ -57,4 +60,23 @@ def write_edges(out: Path, result, *, model_name: str, task: str, prompt_selecti
     write_json(out / "circuit.json", result.circuit)
     write_csv(out / "results.csv", edge_rows(result.edges, result.config.metrics))
     write_edge_scores(out / "edge_scores.safetensors", result)
+    write_atomic(out / "report.md", lambda f: f.write("\n".join(edge_summary(report)) + "\n"))
     return report
+
+
+def edge_summary(report: dict) -> list[str]:
+    """report.md of an edge screen: the clean-run check (read first when it warns), agreement per direction,
+    the circuit."""
+    lines = [f"# Edge screen: {report['model']} on {report['task']}", "",
+             f"{report['n_prompts']} prompt pairs, {report['n_edges']} edges scored by {report['estimator']}.", ""]
+    lines += _sanity_section(report.get("sanity") or {})
+    lines += ["## Approximation vs exact edge patching", ""]
+    for d in report["directions"]:
+        a = report["agreement"][d][report["metric"]]
+        lines.append(f"- {d}: {len(report['edges']) // len(report['directions'])} edges verified; Pearson "
+                     f"{a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.2f}, "
+                     f"recall@{a['k']} {a['recall_at_k']:.2f}")
+    c = report["circuit"]
+    lines += ["", "## Circuit", "", f"CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}; the smallest circuit with faithfulness "
+              f">= {c['threshold']}: {c['smallest_faithful']} edges (circuit.json, figures/)."]
+    return lines
