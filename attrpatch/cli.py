@@ -82,9 +82,11 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
     p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
-                   help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
+                   help="str: the task's corrupt prompts (symmetric token replacement, recommended; IOI: the S2 "
+                        "swap, facts: the subject swap); abc (IOI only): S2 becomes a third name; noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "
-                        "(str,noise): one run each in OUT/<corruption>/ and their comparison in OUT/corruptions.md")
+                        "(str,abc,noise): one run each in OUT/<corruption>/ and their comparison in "
+                        "OUT/corruptions.md")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
@@ -186,7 +188,8 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_widths, default=(1,), help="window widths in layers, e.g. 1,3,5 (default 1)")
     p.add_argument("--position", default=None,
                    help="a role (S2, subject, END, ...) or a token index (default: the task's key role)")
-    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",), help="str, noise, or both: str,noise")
+    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
+                   help="str (the task's swap), abc (IOI: a third name at S2), noise, or several: str,abc,noise")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     p.add_argument("--metrics", type=_csv(ALL_METRICS), default=("logit_diff",),
                    help="read from every patched run; AtP only for the differentiable ones")
@@ -326,9 +329,12 @@ def _load(args, device: str, device_map: str | None = None):
     """Check the task and the family description, then load the model and tokenizer."""
     from .model.archs import arch_from_json, use_arch
     from .model.loading import load
+    from .inputs.corruption import check_corruption
     from .pipeline import check_task
 
     check_task(args.task)
+    for corruption in getattr(args, "corruption", ()):  # a corruption the task lacks, before loading
+        check_corruption(corruption, args.task)
     arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
     if args.quiet:
         import transformers

@@ -41,11 +41,7 @@ def render(r: dict) -> str:
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
     lines += _sanity_section(r.get("sanity") or {})
     lines += _numerical_section(r.get("numerical") or {})
-    corruption = (r.get("corruption") or {}).get("method")
-    if corruption:
-        lines += [f"Corruption: `{corruption}`" + (" (Gaussian noise on the key tokens' embeddings, std "
-                                                   f"{r['corruption']['noise_std']}x theirs)" if corruption == "noise"
-                                                   else " (symmetric token replacement)") + ".", ""]
+    lines += _corruption_words(r)
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
               f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
@@ -69,6 +65,20 @@ def render(r: dict) -> str:
               f"{t.get('verification_s', 0) / fwd:.1f} (wall), "
               f"{t.get('verification_cpu_s', 0) / max(t.get('forward_cpu_s', 0), 1e-9):.1f} (cpu time).", ""]
     return "\n".join(lines)
+
+
+CORRUPTION_WORDS = {"str": "symmetric token replacement", "abc": "symmetric token replacement: S2 becomes a third "
+                    "name, so IO, S1 and S2 are three different names (IOI's ABC prompts)"}
+
+
+def _corruption_words(r: dict) -> list[str]:
+    """The corruption line: which corrupt run the effects are measured against."""
+    c = r.get("corruption") or {}
+    if not c.get("method"):
+        return []
+    if c["method"] == "noise":
+        return [f"Corruption: `noise` (Gaussian noise on the key tokens' embeddings, std {c['noise_std']}x theirs).", ""]
+    return [f"Corruption: `{c['method']}` ({CORRUPTION_WORDS.get(c['method'], 'the task file’s corrupt prompts')}).", ""]
 
 
 def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
