@@ -17,6 +17,7 @@ from pathlib import Path
 from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
 from .methods.attribution import ESTIMATORS
+from .methods.patching import ABLATIONS
 from .model.fetch import MODELS
 from .model.sites import RESID_LIKE, SITES
 from .screening import DEFAULT_SITES, POSITIONS, ScreenConfig
@@ -67,7 +68,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="primary metric: ranks and flags; differentiable (logit_diff, logprob, prob, kl)")
     p.add_argument("--metrics", type=_csv(ALL_METRICS), default=METRICS,
                    help="metrics read from every patched run; rank, accuracy, top1 are discrete: exact values only")
-    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="denoise" if not demo else "both")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default=None,
+                   help=f"default {'both' if demo else 'denoise'}; noise with --ablation (the only direction it has)")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
     p.add_argument("--positions", choices=POSITIONS, default="default",
@@ -88,6 +90,10 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(str,abc,noise): one run each in OUT/<corruption>/ and their comparison in "
                         "OUT/corruptions.md")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
+    p.add_argument("--ablation", choices=ABLATIONS, default=None,
+                   help="measure every component against an ablation of the clean run instead of a corrupted "
+                        "prompt: zero, mean (over the prompts, per position) or resample (another prompt's value); "
+                        "noising only (docs/ablations.md)")
     _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -302,10 +308,12 @@ def _screen(args, argv) -> int:
     from .pipeline import run_screen
 
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
+    direction = args.direction or ("noise" if args.ablation else "both" if args.command == "demo" else "denoise")
+    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
-                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet)
+                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
+                          ablation=args.ablation)
     model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,

@@ -9,6 +9,7 @@ from .analysis.sanity import by_group
 from .engine import distributed
 from .inputs.alignment import check_one_layout, keep_one_layout, position_labels
 from .inputs.batch import make_batch
+from .methods.ablation import label as ablation_label
 from .inputs.corruption import check_corruption, prompts_of, with_embedding_noise
 from .inputs.pairs import load_jsonl
 from .inputs.tasks import TASKS, TEMPLATES, TaskDraw, draw_task
@@ -148,10 +149,14 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several,
     comma-separated ("str,noise"): one whole run per corruption in ``out/<corruption>/``, each the same as
     that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
+    ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
+    run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
     labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
     for label in labels or (corruption,):
         check_corruption(label, task)
+    if config.ablation is not None:
+        _check_ablation_run(config.ablation, labels)
     if len(labels) > 1:
         options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
                        figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
@@ -165,6 +170,9 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
+    if config.ablation is not None:  # labelled as the ablation; the corruption is the unit of scale only
+        manifest["corruption"] = {"method": ablation_label(config.ablation), "ablation": config.ablation,
+                                  "scale": manifest["corruption"]}
     manifest["prompt_selection"] = prompts
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
@@ -180,6 +188,18 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         from .plot import draw_run
         draw_run(out)
     return report
+
+
+def _check_ablation_run(ablation: str, corruptions: tuple[str, ...]) -> None:
+    """An ablation replaces the corrupt run: one corruption (its gap the unit of scale), and mean or resample
+    over all the prompts, so in one process."""
+    if len(corruptions) > 1:
+        raise ValueError(f"--ablation {ablation} measures every component against the {ablation} ablation, not "
+                         f"a corrupted prompt; it takes one --corruption (its clean - corrupt gap is the unit of the "
+                         f"normalised effects), got {', '.join(corruptions)}")
+    if ablation != "zero" and distributed.active():
+        raise ValueError(f"--ablation {ablation} takes values across all the prompts; run it in one process "
+                         "(the prompts are split between processes here)")
 
 
 def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,
