@@ -19,6 +19,7 @@ from unittest import mock
 from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
 from .methods.attribution import ESTIMATORS
+from .methods.patching import ABLATIONS
 from .model.fetch import MODELS
 from .model.sites import RESID_LIKE, SITES
 from .screening import DEFAULT_SITES, POSITIONS, ScreenConfig
@@ -69,7 +70,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="primary metric: ranks and flags; differentiable (logit_diff, logprob, prob, kl)")
     p.add_argument("--metrics", type=_csv(ALL_METRICS), default=METRICS,
                    help="metrics read from every patched run; rank, accuracy, top1 are discrete: exact values only")
-    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="denoise" if not demo else "both")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default=None,
+                   help=f"default {'both' if demo else 'denoise'}; noise with --ablation (the only direction it has)")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
     p.add_argument("--positions", choices=POSITIONS, default="default",
@@ -84,10 +86,16 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
     p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
-                   help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
+                   help="str: the task's corrupt prompts (symmetric token replacement, recommended; IOI: the S2 "
+                        "swap, facts: the subject swap); abc (IOI only): S2 becomes a third name; noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "
-                        "(str,noise): one run each in OUT/<corruption>/ and their comparison in OUT/corruptions.md")
+                        "(str,abc,noise): one run each in OUT/<corruption>/ and their comparison in "
+                        "OUT/corruptions.md")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
+    p.add_argument("--ablation", choices=ABLATIONS, default=None,
+                   help="measure every component against an ablation of the clean run instead of a corrupted "
+                        "prompt: zero, mean (over the prompts, per position) or resample (another prompt's value); "
+                        "noising only (docs/ablations.md)")
     _add_prompt_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -188,7 +196,8 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_widths, default=(1,), help="window widths in layers, e.g. 1,3,5 (default 1)")
     p.add_argument("--position", default=None,
                    help="a role (S2, subject, END, ...) or a token index (default: the task's key role)")
-    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",), help="str, noise, or both: str,noise")
+    p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
+                   help="str (the task's swap), abc (IOI: a third name at S2), noise, or several: str,abc,noise")
     p.add_argument("--noise-std", type=float, default=3.0, help="noise std in units of the embeddings' std")
     p.add_argument("--metrics", type=_csv(ALL_METRICS), default=("logit_diff",),
                    help="read from every patched run; AtP only for the differentiable ones")
@@ -301,10 +310,12 @@ def _screen(args, argv) -> int:
     from .pipeline import run_screen
 
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
+    direction = args.direction or ("noise" if args.ablation else "both" if args.command == "demo" else "denoise")
+    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
-                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet)
+                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
+                          ablation=args.ablation)
     model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
@@ -328,9 +339,12 @@ def _load(args, device: str, device_map: str | None = None):
     """Check the task and the family description, then load the model and tokenizer."""
     from .model.archs import arch_from_json, use_arch
     from .model.loading import load
+    from .inputs.corruption import check_corruption
     from .pipeline import check_task
 
     check_task(args.task)
+    for corruption in getattr(args, "corruption", ()):  # a corruption the task lacks, before loading
+        check_corruption(corruption, args.task)
     arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
     if args.quiet:
         import transformers

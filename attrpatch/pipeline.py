@@ -9,7 +9,8 @@ from .analysis.sanity import by_group
 from .engine import distributed
 from .inputs.alignment import check_one_layout, keep_one_layout, position_labels
 from .inputs.batch import make_batch
-from .inputs.corruption import check_corruption, with_embedding_noise
+from .methods.ablation import label as ablation_label
+from .inputs.corruption import check_corruption, prompts_of, with_embedding_noise
 from .inputs.pairs import load_jsonl
 from .inputs.tasks import TASKS, TEMPLATES, TaskDraw, draw_task
 from .inputs.tokenization import added_bos, bos_id
@@ -26,15 +27,17 @@ def check_task(task: str) -> None:
 
 
 def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None,
-              bos: int | None = None, template: int | str | None = None) -> TaskDraw:
+              bos: int | None = None, template: int | str | None = None, corruption: str = "str") -> TaskDraw:
     """A built-in task name or a JSONL file -> the pairs (and for built-in tasks, what was skipped).
-    template: a built-in task's template index, or a JSONL file's "template" label, to keep alone."""
+    template: a built-in task's template index, or a JSONL file's "template" label, to keep alone.
+    corruption: the pairs' corrupt prompts are that corruption's (inputs/corruption.prompts_of)."""
+    check_corruption(corruption, task)
     if task in TASKS:
         if template is not None and not str(template).isdigit():
             raise ValueError(f"--template {template!r}: built-in task {task!r} takes a template index; "
                              f"its templates are: " + "; ".join(f"{i}: {t}" for i, t in enumerate(TEMPLATES[task])))
-        return draw_task(task, tokenizer, n_prompts, seed, vocab_size,
-                         bos=bos, template=None if template is None else int(template))
+        return draw_task(task, tokenizer, n_prompts, seed, vocab_size, bos=bos,
+                         template=None if template is None else int(template), corruption=prompts_of(corruption))
     check_task(task)
     path = Path(task)
     pairs = load_jsonl(path, tokenizer=tokenizer, bos=bos)
@@ -49,17 +52,18 @@ def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, 
 
 def prepare_pairs(model: nn.Module, tokenizer, *, task: str, n_prompts: int, seed: int = 0,
                   per_position: bool = False, prepend_bos: str = "auto", template: int | str | None = None,
-                  keep_correct: bool = False, batch_size: int | None = None) -> tuple[list, dict]:
+                  keep_correct: bool = False, batch_size: int | None = None, corruption: str = "str") -> tuple[list, dict]:
     """The prompt pairs a screen runs on, and a record of how they were chosen (for the manifest and the
     report): the BOS rule, the template, pairs skipped, dropped for another layout or unsolved.
-    per_position: some site is scored per position, so every pair must share one layout."""
+    per_position: some site is scored per position, so every pair must share one layout. corruption: whose
+    corrupt prompts the pairs carry (``abc``: IOI's third name at S2; the others: the task's own)."""
     bos = bos_id(tokenizer, prepend_bos)
     builtin = task in TASKS
     if builtin and per_position and template is None and len(TEMPLATES[task]) > 1:
         template = 0  # one template, so that positions align
     draw = load_task(task, tokenizer, n_prompts=(4 if builtin and (per_position or keep_correct) else 1) * n_prompts,
                      seed=seed, vocab_size=getattr(model.config, "vocab_size", None), bos=bos,
-                     template=template)
+                     template=template, corruption=corruption)
     pairs = draw.pairs
     _check_ids(pairs, getattr(model.config, "vocab_size", None))
     record = {"prepend_bos": prepend_bos, "bos_id": bos,
@@ -82,8 +86,9 @@ def prepare_pairs(model: nn.Module, tokenizer, *, task: str, n_prompts: int, see
 
 
 def corrupted(model: nn.Module, batch, corruption: str, noise_std: float = 3.0, seed: int = 0):
-    """``batch`` with the corrupt run of ``corruption``: str (the task's corrupt prompts, as they are) or noise
-    (Gaussian noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens)."""
+    """``batch`` with the corrupt run of ``corruption``: str and abc (the pairs' corrupt prompts, as they are:
+    prepare_pairs drew them) or noise (Gaussian noise of ``noise_std`` x the embeddings' std on the clean
+    prompt's key tokens)."""
     check_corruption(corruption)
     if corruption != "noise":
         return batch
@@ -102,17 +107,22 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
     from .output.corruptions import KEY_ROLES
     from .output.files import write_json
 
-    pairs, _ = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=seed, per_position=True,
-                             prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
-                             batch_size=batch_size)
+    for c in corruptions:
+        check_corruption(c, task)
+    drawn = {p: prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=seed, per_position=True,
+                              prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
+                              batch_size=batch_size, corruption=p)[0]
+             for p in dict.fromkeys(prompts_of(c) for c in corruptions)}
+    pairs = next(iter(drawn.values()))
     roles = pairs[0].role_positions
     name = position or next((r for r in KEY_ROLES if r in roles), None)
     if name is None or not (str(name).isdigit() or name in roles):
         raise ValueError(f"position {name!r} is neither a token index nor a role of these prompts (roles: "
                          f"{', '.join(roles) or 'none'}); pass --position with one of them or an index")
     pos = int(name) if str(name).isdigit() else roles[name]
-    batch = make_batch(pairs, pad_id=_pad(tokenizer))
-    sweeps = {c: sweep_windows(model, corrupted(model, batch, c, noise_std, seed), site=site, widths=widths, pos=pos,
+    batches = {p: make_batch(found, pad_id=_pad(tokenizer)) for p, found in drawn.items()}
+    sweeps = {c: sweep_windows(model, corrupted(model, batches[prompts_of(c)], c, noise_std, seed), site=site,
+                               widths=widths, pos=pos,
                                metrics=metrics, direction=direction, batch_size=batch_size).to_dict()
               | {"pos_label": None if str(name).isdigit() else name} for c in corruptions}
     write_json(Path(out) / "windows.json", sweeps)
@@ -139,10 +149,14 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several,
     comma-separated ("str,noise"): one whole run per corruption in ``out/<corruption>/``, each the same as
     that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
+    ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
+    run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
     labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
     for label in labels or (corruption,):
-        check_corruption(label)
+        check_corruption(label, task)
+    if config.ablation is not None:
+        _check_ablation_run(config.ablation, labels)
     if len(labels) > 1:
         options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
                        figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
@@ -151,11 +165,14 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    per_position=any(config.per_position(s) for s in config.sites),
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
-                                   batch_size=config.batch_size)
+                                   batch_size=config.batch_size, corruption=corruption)
     batch = corrupted(model, make_batch(pairs, pad_id=_pad(tokenizer)), corruption, noise_std, config.seed)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
+    if config.ablation is not None:  # labelled as the ablation; the corruption is the unit of scale only
+        manifest["corruption"] = {"method": ablation_label(config.ablation), "ablation": config.ablation,
+                                  "scale": manifest["corruption"]}
     manifest["prompt_selection"] = prompts
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
@@ -171,6 +188,18 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         from .plot import draw_run
         draw_run(out)
     return report
+
+
+def _check_ablation_run(ablation: str, corruptions: tuple[str, ...]) -> None:
+    """An ablation replaces the corrupt run: one corruption (its gap the unit of scale), and mean or resample
+    over all the prompts, so in one process."""
+    if len(corruptions) > 1:
+        raise ValueError(f"--ablation {ablation} measures every component against the {ablation} ablation, not "
+                         f"a corrupted prompt; it takes one --corruption (its clean - corrupt gap is the unit of the "
+                         f"normalised effects), got {', '.join(corruptions)}")
+    if ablation != "zero" and distributed.active():
+        raise ValueError(f"--ablation {ablation} takes values across all the prompts; run it in one process "
+                         "(the prompts are split between processes here)")
 
 
 def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,

@@ -10,6 +10,9 @@ checkpointed), so every agreement statistic and exact effect gets a bootstrap in
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
 (analysis/causes.py); ``fn_subsets`` adds joint patches of random subsets of each site's unverified
 components (analysis/subsets.py).
+
+``ablation`` (zero | mean | resample) replaces the corrupt run as the source: every score and exact effect is
+against that ablation of the clean run, noising only (methods/ablation.py).
 """
 
 import time
@@ -33,6 +36,7 @@ from .engine.hooks import eval_mode
 from .engine.metrics import DISCRETE_METRICS, METRICS, Target, check_metric, graded, metric
 from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
+from .methods.ablation import check_ablation
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
 from .methods.diagnostics import activation_change, attention_stats
 from .methods.patching import Effects, patch
@@ -74,6 +78,7 @@ class ScreenConfig:
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
     progress: bool = True
+    ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
 
     def __post_init__(self):
         for s in self.sites:
@@ -89,6 +94,8 @@ class ScreenConfig:
             raise ValueError(f"random_k must be >= 0, got {self.random_k}")
         if self.estimator != "all":
             check_estimator(self.estimator)
+        if self.ablation is not None:
+            check_ablation(self.ablation, self.direction, self.estimator)
         if self.fn_subsets != 0 and self.fn_subsets < 4:
             raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
                              f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")
@@ -224,7 +231,8 @@ class _Steps:
             if found is None:
                 scores = attribute(self.spec, self.batch, sites=config.sites, metrics=graded(config.metrics),
                                    direction=direction, per_prompt=True, batch_size=config.batch_size,
-                                   estimator=est, ig_steps=config.ig_steps, progress=config.progress)
+                                   estimator=est, ig_steps=config.ig_steps, progress=config.progress,
+                                   ablation=config.ablation)
                 found = self.condense(scores)
                 self.progress.save_scores(step, *found)
             est_scores[est], self.prompts[direction][est] = found
@@ -265,7 +273,8 @@ class _Steps:
         """One patch call, reduced over ranks, with every rank's per-prompt effects, counted."""
         config = self.config
         effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
-                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress)
+                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress,
+                        ablation=config.ablation)
         effects.values = self.reduce(effects.values)
         effects.receiver_metric = self.reduce(effects.receiver_metric)
         effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
@@ -328,7 +337,8 @@ class _Steps:
         receiver = self.batch.runs(direction)[1]
         with eval_mode(self.spec.model):
             max_prob, entropy = map(self.reduce, attention_stats(self.spec, receiver, self.batch.mask))
-            change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified))))
+            change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified,
+                                                                      self.config.ablation))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
 

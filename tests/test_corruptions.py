@@ -70,4 +70,4 @@ def test_cli_runs_several_corruptions_and_refuses_an_unknown_one(tmp_path, capsy
     assert (tmp_path / "run" / "noise" / "report.json").exists() and (tmp_path / "run" / "str" / "results.csv").exists()
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "bad"), "--corruption", "str,gauss"])
-    assert "unknown ['gauss']; choose from str, noise" in capsys.readouterr().err
+    assert "unknown ['gauss']; choose from str, abc, noise" in capsys.readouterr().err

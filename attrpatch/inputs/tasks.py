@@ -2,9 +2,10 @@
 tokens for similar ones, keeping the length); :func:`builtin_task` gives their prompt pairs.
 
   ``ioi``        "When Mary and John went to the store, John gave a drink to" -> " Mary";
-                 corrupt repeats the other name ("..., Mary gave a drink to" -> " John").
-  ``facts``      "The Colosseum is in" -> " Rome"; corrupt uses another subject of the same
-                 length with another answer ("The Louvre is in" -> " Paris").
+                 corrupt (``str``, the S2 swap) repeats the other name ("..., Mary gave a drink to" -> " John");
+                 ``abc`` corrupts S2 to a third name ("..., Paul gave a drink to": IO, S1, S2 all distinct).
+  ``facts``      "The Colosseum is in" -> " Rome"; corrupt (``str``, the subject swap) uses another subject
+                 of the same length with another answer ("The Louvre is in" -> " Paris").
   ``induction``  random tokens R, then R[:k]; answer R[k]. Corrupt changes R[k] in the first
                  occurrence to w, so its answer is w.
 
@@ -35,7 +36,9 @@ TextPair = tuple[str, str, str, str]
 
 class TaskText(NamedTuple):
     """One generated pair as text, with its template's index and the character spans of its roles in
-    the clean text ({role: (start, end)}); ``text`` is the plain (clean, corrupt, answer, wrong)."""
+    the clean text ({role: (start, end)}); ``text`` is the plain (clean, corrupt, answer, wrong).
+    ``thirds``: IOI only, the ABC corrupt texts (S2 replaced by a third name), one per candidate name in a
+    fixed random order; tokenisation keeps the first whose name is one token in S2's place."""
 
     clean: str
     corrupt: str
@@ -43,6 +46,7 @@ class TaskText(NamedTuple):
     wrong: str
     template: int
     spans: dict
+    thirds: tuple[str, ...] = ()
 
     @property
     def text(self) -> TextPair:
@@ -142,14 +146,20 @@ def _ioi_stream(seed: int, split: str) -> Iterator[TaskText]:
         clean, spans = _fill(IOI_TEMPLATES[t], {"S": s, **fill})
         corrupt = IOI_TEMPLATES[t].format(S=io, **fill)
         first_io, first_s = ("A", "B") if io == n1 else ("B", "A")
+        # the third names come from their own generator, so the clean prompts are the same under str and abc
+        thirds = [n for n in IOI_NAMES if n not in (n1, n2)]
+        random.Random(f"ioi-abc|{split}|{seed}|{clean}").shuffle(thirds)
         yield TaskText(clean, corrupt, " " + io, " " + s, t,
-                       {"IO": spans[first_io], "S1": spans[first_s], "S2": spans["S"]})
+                       {"IO": spans[first_io], "S1": spans[first_s], "S2": spans["S"]},
+                       tuple(IOI_TEMPLATES[t].format(S=c, **fill) for c in thirds))
 
 
-def ioi_texts(n: int, seed: int = 0, split: str = "test") -> list[TextPair]:
-    """n IOI text pairs (clean, corrupt, answer, wrong); corrupt repeats the other name."""
+def ioi_texts(n: int, seed: int = 0, split: str = "test", corruption: str = "str") -> list[TextPair]:
+    """n IOI text pairs (clean, corrupt, answer, wrong); corrupt repeats the other name (``str``) or, for
+    ``abc``, puts the first candidate third name in S2's place."""
     stream = _ioi_stream(seed, split)
-    return [next(stream).text for _ in range(n)]
+    texts = [next(stream) for _ in range(n)]
+    return [t.text if corruption == "str" else (t.clean, t.thirds[0], t.answer, t.wrong) for t in texts]
 
 
 def _facts_stream(seed: int, split: str) -> Iterator[TaskText]:
@@ -234,13 +244,36 @@ def _skip_reason(err: ValueError, texts: TaskText) -> str:
     for name, text in (("answer", texts.answer), ("wrong", texts.wrong)):
         if message.startswith(f"{name} "):
             return f"{text!r} splits into several tokens"
+    if message.startswith(NO_THIRD):
+        return NO_THIRD
     return "clean and corrupt token lengths differ"
 
 
+NO_THIRD = "no third name is one token in S2's place"
+
+
+def _pair(texts: TaskText, tokenizer, bos: int | None, template: str, corruption: str) -> PromptPair:
+    """One tokenised pair; for ``abc``, with the first third name that changes S2's token and no other."""
+    options = dict(bos=bos, spans=texts.spans, template=template, multi_token="refuse")
+    if corruption != "abc":
+        return tokenize_pair(*texts.text, tokenizer, **options)
+    for corrupt in texts.thirds:
+        try:
+            pair = tokenize_pair(texts.clean, corrupt, texts.answer, texts.wrong, tokenizer, **options)
+        except ValueError as err:
+            if str(err).startswith(("answer ", "wrong ")):
+                raise
+            continue
+        changed = [i for i, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupt_ids)) if a != b]
+        if changed == [pair.role_positions["S2"]]:
+            return pair
+    raise ValueError(f"{NO_THIRD} of {texts.clean!r}")
+
+
 def _tokenized(stream: Iterator[TaskText], tokenizer, n_pairs: int, name: str, bos: int | None,
-               template: int | None) -> TaskDraw:
+               template: int | None, corruption: str = "str") -> TaskDraw:
     """The first n_pairs of ``stream`` (of ``template`` only, if given) that tokenise validly; the others
-    are skipped and counted by reason."""
+    are skipped and counted by reason. corruption: ``abc`` takes IOI's third-name corrupt prompts."""
     draw, tries, max_tries = TaskDraw([]), 0, max(2000, 50 * n_pairs)
     last_error = None
     while len(draw.pairs) < n_pairs and tries < max_tries:
@@ -249,8 +282,7 @@ def _tokenized(stream: Iterator[TaskText], tokenizer, n_pairs: int, name: str, b
             continue
         tries += 1
         try:
-            draw.pairs.append(tokenize_pair(*texts.text, tokenizer, bos=bos, spans=texts.spans,
-                                            template=TEMPLATES[name][texts.template], multi_token="refuse"))
+            draw.pairs.append(_pair(texts, tokenizer, bos, TEMPLATES[name][texts.template], corruption))
         except ValueError as err:
             last_error = err
             draw.skipped[_skip_reason(err, texts)] += 1
@@ -270,10 +302,13 @@ def check_template(name: str, template: int | None) -> None:
 
 
 def draw_task(name: str, tokenizer=None, n_pairs: int = 64, seed: int = 0, vocab_size: int | None = None,
-              split: str = "test", *, bos: int | None = None, template: int | None = None) -> TaskDraw:
+              split: str = "test", *, bos: int | None = None, template: int | None = None,
+              corruption: str = "str") -> TaskDraw:
     """Pairs of a built-in task (see :data:`TASKS`), deterministic given seed and split, each with its
     template and roles; ``bos`` (a token id) is put first in every prompt; ``template`` (an index into
-    the task's templates, :data:`TEMPLATES`) keeps one template only.
+    the task's templates, :data:`TEMPLATES`) keeps one template only. ``corruption``: the corrupt prompts,
+    ``str`` (the task's own) or, for IOI, ``abc`` (a third name at S2; same clean prompts, except that a
+    pair with no one-token third name is skipped).
 
     Text tasks need a tokenizer; pairs whose tokenisation is unequal in length or has a multi-token
     answer are skipped and counted. ``induction`` draws from the tokenizer's word tokens, or from
@@ -283,12 +318,15 @@ def draw_task(name: str, tokenizer=None, n_pairs: int = 64, seed: int = 0, vocab
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; known: {', '.join(TASKS)}")
     check_template(name, template)
+    if corruption not in ("str", "abc") or (corruption == "abc" and name != "ioi"):
+        raise ValueError(f"task {name!r} has no corrupt prompts {corruption!r}; it draws: str"
+                         + (", abc" if name == "ioi" else "") + " (noise is added to the str pairs' batch)")
     if name == "induction":
         return TaskDraw(_induction(tokenizer, n_pairs, seed, vocab_size, split, bos))
     if tokenizer is None:
         raise ValueError(f"task {name!r} is a text task and needs a tokenizer")
     streams = {"ioi": _ioi_stream, "facts": _facts_stream}
-    return _tokenized(streams[name](seed, split), tokenizer, n_pairs, name, bos, template)
+    return _tokenized(streams[name](seed, split), tokenizer, n_pairs, name, bos, template, corruption)
 
 
 def _induction(tokenizer, n_pairs: int, seed: int, vocab_size: int | None, split: str, bos: int | None):
@@ -309,6 +347,7 @@ def _induction(tokenizer, n_pairs: int, seed: int, vocab_size: int | None, split
 
 def builtin_task(name: str, tokenizer=None, n_pairs: int = 64, seed: int = 0,
                  vocab_size: int | None = None, split: str = "test", *, bos: int | None = None,
-                 template: int | None = None) -> list[PromptPair]:
+                 template: int | None = None, corruption: str = "str") -> list[PromptPair]:
     """The pairs of :func:`draw_task`."""
-    return draw_task(name, tokenizer, n_pairs, seed, vocab_size, split, bos=bos, template=template).pairs
+    return draw_task(name, tokenizer, n_pairs, seed, vocab_size, split, bos=bos, template=template,
+                     corruption=corruption).pairs

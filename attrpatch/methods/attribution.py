@@ -25,6 +25,7 @@ from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction
 from ..model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
 from . import atp, atp_star, graddrop, ig, relp
+from .ablation import check_ablation, site_values
 from .gradients import Chunk
 
 ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp}  # name -> module
@@ -61,13 +62,16 @@ class Scores:
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
               batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
-              relp_rules: Sequence[str] = relp.DEFAULT_RULES, progress: bool = False) -> Scores:
+              relp_rules: Sequence[str] = relp.DEFAULT_RULES, progress: bool = False,
+              ablation: str | None = None) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
     estimator: a key of ``ESTIMATORS``: ``atp`` (atp.py), ``ig`` (integrated gradients over ``ig_steps``
         points, ig.py), ``graddrop`` (graddrop.py), ``atp_star`` (QK fix + GradDrop, atp_star.py) or ``relp``
         (LRP rules ``relp_rules`` in the backward pass, relp.py).
+    ablation: zero | mean | resample: the source values are that ablation of the clean run (ablation.py;
+        direction "noise" and estimator "atp" only); the source run's metric stays as ``corrupt_metric``.
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -77,6 +81,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         check_metric(m, gradient=True)
     check_direction(direction)
     check_estimator(estimator)
+    if ablation is not None:
+        check_ablation(ablation, direction, estimator)
     if estimator == "ig" and ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     d, device = spec.dims, spec.device
@@ -88,10 +94,13 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
     start = 0
     options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}}.get(estimator, {})
+    fixed = None if ablation is None else site_values(spec, batch, sites, ablation, batch_size)
     with eval_mode(spec.model):
         for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
             rows = slice(start, start + part.n) if per_prompt else None
             chunk = Chunk(spec, part, sites, metrics, direction, values, rows)
+            if fixed is not None:
+                chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
             ESTIMATORS[estimator].score(chunk, **options)
             for run, per_metric in chunk.metric_sums().items():
                 for m in metrics:

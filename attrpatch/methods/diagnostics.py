@@ -19,6 +19,7 @@ from ..engine.forward import forward_last
 from ..engine.hooks import batch_pos, hooked, noised
 from ..inputs.batch import PromptBatch, Run
 from ..model.sites import Component, ModelSpec
+from .patching import _ablated
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
@@ -57,13 +58,16 @@ def attention_stats(spec: ModelSpec, run: Run, mask: Tensor) -> tuple[Tensor, Te
 
 
 def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
-                      comps: Sequence[Component]) -> list[float]:
-    """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts."""
+                      comps: Sequence[Component], ablation: str | None = None) -> list[float]:
+    """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts;
+    ``ablation``: the source is that ablation of the clean run (patching._ablated), not a run."""
     source_ids, receiver_ids = batch.runs(direction)
     keys = sorted({(c.site, c.layer) for c in comps})
     points = {k: spec.hook_point(*k) for k in keys}
     runs: list[dict] = []
-    for ids in (source_ids, receiver_ids):
+    if ablation is not None:
+        runs.append({k: t.float() for k, t in _ablated(spec, batch, list(comps), ablation, direction, None).items()})
+    for ids in (source_ids, receiver_ids)[len(runs):]:
         found: dict = {}
 
         def keep(key, found=found):

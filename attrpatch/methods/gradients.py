@@ -61,6 +61,7 @@ class Chunk:
         self.deltas: dict[Key, Tensor] = {}
         self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
         self.metric, self.label = metrics[0], None
+        self.ablated: dict[Key, Tensor] | None = None  # an ablation's source values (methods/ablation.py)
 
     def cache(self, run: Run, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
         """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
@@ -75,8 +76,10 @@ class Chunk:
         return found, logits
 
     def cache_source(self) -> None:
-        """The source run: every point's activation and the embeddings."""
+        """The source run: every point's activation and the embeddings; an ablation's values replace the
+        points' (``ablated``, [batch, pos, ...] each; the source run's logits stay, for its metric)."""
         self.source, self.logits["source"] = self.cache(self.source_run, {**self.points, ("embed", 0): self.embed})
+        self.source.update(self.ablated or {})
 
     def add(self, site: str, layer: int, score: Tensor) -> None:
         """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""

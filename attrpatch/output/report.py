@@ -63,7 +63,8 @@ def write_run(out: Path, result, *, model_name: str, task: str, tokens, manifest
     report = report_dict(result, model=model_name, task=task, tokens=tokens)
     report["corruption"] = manifest.get("corruption")  # its label: several corruptions run side by side
     write_scores(out / "scores.safetensors", result)
-    write_csv(out / "results.csv", result.rows)
+    label = (report["corruption"] or {}).get("method")  # one name a row: the csvs of several runs concatenate
+    write_csv(out / "results.csv", [{"corruption": label, **row} for row in result.rows])
     write_json(out / "manifest.json", manifest)
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", lambda f: f.write(markdown(report)))

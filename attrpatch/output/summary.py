@@ -41,15 +41,11 @@ def render(r: dict) -> str:
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
     lines += _sanity_section(r.get("sanity") or {})
     lines += _numerical_section(r.get("numerical") or {})
-    corruption = (r.get("corruption") or {}).get("method")
-    if corruption:
-        lines += [f"Corruption: `{corruption}`" + (" (Gaussian noise on the key tokens' embeddings, std "
-                                                   f"{r['corruption']['noise_std']}x theirs)" if corruption == "noise"
-                                                   else " (symmetric token replacement)") + ".", ""]
+    lines += _corruption_words(r)
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
               f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
-    lines += _table(["metric", "clean", "corrupt", "gap"],
+    lines += _table(["metric", "clean", "corrupt" + (" (unit of scale)" if _ablation(r) else ""), "gap"],
                     [[k, _f(r["clean_metric"][k]), _f(r["corrupt_metric"][k]),
                       _f(r["clean_metric"][k] - r["corrupt_metric"][k])] for k in r["metrics"]])
     for direction in r["directions"]:
@@ -71,10 +67,41 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+CORRUPTION_WORDS = {"str": "symmetric token replacement", "abc": "symmetric token replacement: S2 becomes a third "
+                    "name, so IO, S1 and S2 are three different names (IOI's ABC prompts)"}
+
+
+ABLATION_WORDS = {"zero": "replaced by zero", "mean": "replaced by its mean over the {n} prompts, per position",
+                  "resample": "replaced by its value in another prompt's clean run (prompt i takes prompt i + 1's)"}
+
+
+def _ablation(r: dict) -> str | None:
+    return (r.get("corruption") or {}).get("ablation")
+
+
+def _corruption_words(r: dict) -> list[str]:
+    """The corruption line: which corrupt run (or ablation) the effects are measured against."""
+    c = r.get("corruption") or {}
+    if c.get("ablation"):
+        scale = (c.get("scale") or {}).get("method", "str")
+        return [f"Ablation: **{c['ablation']} ablation**, not a corrupted prompt: each component of the clean run "
+                f"{ABLATION_WORDS[c['ablation']].format(n=r['n_prompts'])}. Exact effect = m(clean with c ablated) - "
+                "m(clean) (the noising direction only), AtP = grad_clean . (ablated - clean). Its baseline is no "
+                "prompt's run, so its sizes are not comparable with a corrupted-prompt patch; normalised effects "
+                f"divide by the clean - corrupt gap of the `{scale}` corrupt prompts as a unit of scale only.", ""]
+    if not c.get("method"):
+        return []
+    if c["method"] == "noise":
+        return [f"Corruption: `noise` (Gaussian noise on the key tokens' embeddings, std {c['noise_std']}x theirs).", ""]
+    return [f"Corruption: `{c['method']}` ({CORRUPTION_WORDS.get(c['method'], 'the task file’s corrupt prompts')}).", ""]
+
+
 def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     m = r["metric"]
     word = QUESTION[direction]
-    lines = [f"## {direction.capitalize()}: {word}", "", "### Top components by exact effect", ""]
+    head = (f"{_ablation(r).capitalize()} ablation: is it necessary? (the clean run with it ablated)"
+            if _ablation(r) else f"{direction.capitalize()}: {word}")
+    lines = [f"## {head}", "", "### Top components by exact effect", ""]
     top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
     lines += _table(["component", "AtP", "exact [95% CI]", "exact (normalised)", "rank AtP", "rank exact", "flags"],
                     [[_name(c, r.get("tokens")), _f(c["approx"]), _ci(c, "exact", 3),

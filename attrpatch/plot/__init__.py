@@ -67,8 +67,20 @@ def figures(run) -> Iterator[tuple[str, object]]:
     metrics_{direction}     more than one metric
     cost_recall_{direction} always
     directions              both directions
+
+    An ablation run (report "corruption" names one) says so in the title of every figure's first panel.
     """
     run = _as_run(run)
+    ablation = (run.report.get("corruption") or {}).get("ablation")
+    for stem, fig in _figures(run):
+        if ablation:  # the first panel's title says it (a suptitle would sit on the figure legends)
+            ax = fig.axes[0]
+            ax.set_title(f"{ablation} ablation, not a corrupted prompt\n" + ax.get_title(loc="left"), loc="left",
+                         fontsize=STYLE["axes.titlesize"])
+        yield stem, fig
+
+
+def _figures(run: Run) -> Iterator[tuple[str, object]]:
     for d in run.directions:
         if any(s in run.sites for s in RESID_SITES):
             yield f"positions_{d}", plot_positions(run, d)
