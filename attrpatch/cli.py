@@ -10,11 +10,9 @@ Examples:
 """
 
 import argparse
-import contextlib
 import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 from .engine.metrics import ALL_METRICS, METRICS
 from .inputs.corruption import CORRUPTIONS
@@ -346,33 +344,11 @@ def _load(args, device: str, device_map: str | None = None):
     for corruption in getattr(args, "corruption", ()):  # a corruption the task lacks, before loading
         check_corruption(corruption, args.task)
     arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
-    if args.quiet:
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
-    with _no_bars(args.quiet):
-        model, tokenizer = load(args.model, device=device, dtype=args.dtype,
-                                trust_remote_code=args.trust_remote_code, device_map=device_map)
+    model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            device_map=device_map, progress=not args.quiet)
     if arch is not None:
         use_arch(model.config.model_type, arch)
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _no_bars(quiet: bool):
-    """While loading, when ``quiet``: transformers' GGUF dequantisation bar off (a plain tqdm that the library's
-    disable_progress_bar does not reach; tqdm reads TQDM_DISABLE only at import)."""
-    if not quiet:
-        yield
-        return
-    import functools
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # a transformers without GGUF support draws no such bar
-        yield
-        return
-    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
-        yield
 
 
 def _edges(args) -> int:

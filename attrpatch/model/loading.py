@@ -2,7 +2,10 @@
 file (dequantised by transformers to the requested dtype; needs ``pip install 'attrpatch[gguf]'``); the
 embedded toy model when no name is given."""
 
+import contextlib
+import functools
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -17,11 +20,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
-         trust_remote_code: bool = False, device_map: str | None = None):
+         trust_remote_code: bool = False, device_map: str | None = None, progress: bool = True):
     """(model in eval mode, tokenizer or None). ``name``: hub name or folder; None: the embedded model.
 
     Weights load through safetensors only (no pickle); remote code runs only with ``trust_remote_code``.
     ``device_map="auto"`` (needs accelerate) spreads a model too large for one device over several.
+    ``progress=False``: no bars, transformers' weight loading and GGUF dequantisation included.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,7 +46,8 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
         _need("accelerate", "--device-map")
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise OSError(f"could not load model {source!r}: {_first_line(err)}\nGive a local folder with config.json "
                       "and *.safetensors weights, a .gguf file, or a hub name reachable from this machine "
@@ -67,3 +72,27 @@ def _need(package: str, why: str) -> None:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+@contextlib.contextmanager
+def _bars(progress: bool):
+    """transformers' progress bars on or off while loading; its GGUF dequantisation bar is a plain tqdm that
+    ``disable_progress_bar`` does not reach (and tqdm reads TQDM_DISABLE only at import), so it is replaced."""
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support draws no such bar
+        gguf_utils = None
+    try:
+        with (mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
+              if gguf_utils is not None else contextlib.nullcontext()):
+            yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
