@@ -90,6 +90,7 @@ def test_malformed_jsonl_line_is_named(tmp_path, capsys):
         f.write('{"clean_ids": [1, 2], "corrupt_ids": [1, 2], "answer_id": 3}\n')
     argv = ["screen", "--model", str(folder), "--task", str(task), "--out", str(tmp_path / "o"), "--quiet",
             "--no-figures"]
+    capsys.readouterr()  # the setup's own output (saving the model may draw a bar) is not the CLI's
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(r"^attrpatch: error: .*bad\.jsonl:3:.*wrong_id", err) and "Traceback" not in err
