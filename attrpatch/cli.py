@@ -81,6 +81,9 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="attribution's backward block by block: peak memory about the cached site activations "
+                        "instead of the whole run's autograd state, for one more forward pass (same scores)")
     p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "
@@ -302,7 +305,8 @@ def _screen(args, argv) -> int:
     config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=args.direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
-                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet)
+                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
+                          low_memory=args.low_memory)
     model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,

@@ -23,6 +23,7 @@ from ..engine.metrics import Target, metric
 from ..inputs.batch import PromptBatch, Run
 from ..inputs.directions import clean_and_corrupt
 from ..model.sites import ModelSpec, unit_reduce
+from . import blockwise
 
 Key = tuple[str, int]  # (site, layer)
 
@@ -42,16 +43,18 @@ def masked(delta: Tensor, mask: Tensor) -> Tensor:
 class Chunk:
     """One chunk of prompts being scored: its hook points, source cache, deltas, and the score tensors
     (``values[metric][site]``, [layer, pos, (unit)] summed over prompts, or [batch, layer, pos, (unit)]
-    written at ``rows`` when scores are kept per prompt).
+    written at ``rows`` when scores are kept per prompt; ``prompts[metric][site]``, if given, receives the
+    per-prompt scores at ``rows`` as [batch, layer, pos | 1, (unit)], positions summed where its pos is 1).
+    recompute: the backward block by block (blockwise.py).
 
     ``metric`` and ``label`` say which backward pass is running: the metric differentiated, and the
     estimator's label of the pass (None for the plain one; GradDrop labels a pass by its dropped layer).
     """
 
     def __init__(self, spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str], direction: str,
-                 values: dict, rows: slice | None):
+                 values: dict, rows: slice | None, *, prompts: dict | None = None, recompute: bool = False):
         self.spec, self.batch, self.sites, self.metrics, self.direction = spec, batch, sites, metrics, direction
-        self.values, self.rows = values, rows
+        self.values, self.rows, self.prompts, self.recompute = values, rows, prompts, recompute
         self.points = {(s, layer): spec.hook_point(s, layer) for s in sites
                        for layer in range(spec.dims.n_layers_of(s))}
         self.embed = spec.hook_point("embed", 0)
@@ -81,7 +84,11 @@ class Chunk:
     def add(self, site: str, layer: int, score: Tensor) -> None:
         """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""
         target = self.values[self.metric][site]
-        if self.rows is None:  # .to: with device_map the layer may live on another device
+        if self.prompts is not None:
+            kept = self.prompts[self.metric][site]  # [batch, layer, pos | 1, (unit)]
+            summed = score.sum(1, keepdim=True) if kept.shape[2] == 1 else score
+            kept[self.rows, layer] += summed.to(kept.device, kept.dtype)
+        if self.rows is None or self.prompts is not None:  # .to: with device_map the layer may live elsewhere
             target[layer] += score.sum(0).to(target.device, target.dtype)
         else:
             target[self.rows, layer] += score.to(target.device, target.dtype)
@@ -106,6 +113,9 @@ class Chunk:
             root.append(leaf)
             return leaf
         all_hooks = [(self.embed, make_root)] + [(p, self._scorer(key, on_product)) for key, p in self.points.items()]
+        if self.recompute:
+            return blockwise.backward(self, all_hooks, root, hooks=list(hooks), context=context, labels=list(labels),
+                                      after_metric=after_metric)
         with torch.enable_grad(), hooked(all_hooks + list(hooks)), context():
             logits = forward_last(self.spec, self.receiver_run, self.batch.mask, self.batch.last)
             self.logits.setdefault("receiver", logits.detach())
@@ -134,7 +144,8 @@ class Chunk:
             def on_grad(grad):
                 dtype = self.values[self.metric][site].dtype
                 on_product(key, product(site, delta.to(dtype), point.read(grad, n, n_pos).to(dtype)))
-            raw.register_hook(on_grad)
+            if torch.is_grad_enabled() and raw.requires_grad:  # not in blockwise.py's forward without grad
+                raw.register_hook(on_grad)
         return callback
 
     def metric_sums(self) -> dict[str, dict[str, float]]:

@@ -1,0 +1,93 @@
+"""The block-wise backward (``attribute(..., recompute=True)``, methods/blockwise.py): the same scores as the
+plain backward for every gradient estimator and family, with one block's autograd state alive at a time;
+and the per-prompt scores the screen keeps (``prompt_positions``)."""
+
+import weakref
+
+import pytest
+import torch
+
+import attrpatch as ap
+from attrpatch.methods.attribution import ESTIMATORS
+from conftest import random_pairs, tiny_model
+
+
+def _close(a, b):
+    for m in a.values:
+        for site in a.values[m]:
+            torch.testing.assert_close(b.values[m][site], a.values[m][site], atol=1e-5, rtol=1e-5,
+                                       msg=f"{m} {site}")
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_recompute_gives_the_plain_backwards_scores(family, estimator):
+    model = tiny_model(family)
+    batch = ap.make_batch(random_pairs(n=3, lengths=[7, 5, 6]))  # padded prompts too
+    kw = dict(sites=ap.SITES, metrics=["logit_diff", "kl"], estimator=estimator, ig_steps=2, direction="noise")
+    plain = ap.attribute(model, batch, **kw)
+    _close(plain, ap.attribute(model, batch, recompute=True, **kw))
+
+
+def test_recompute_chunks_and_per_prompt_agree_with_plain():
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=4))
+    kw = dict(metrics=["logit_diff"], per_prompt=True, batch_size=3)
+    _close(ap.attribute(model, batch, **kw), ap.attribute(model, batch, recompute=True, **kw))
+
+
+def _peak_saved_bytes(fn) -> int:
+    """The peak bytes of tensors autograd holds for backward passes at once while ``fn`` runs."""
+    live = [0, 0]  # now, peak
+
+    class Held:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        held, n = Held(t), t.numel() * t.element_size()
+        live[0] += n
+        live[1] = max(live[1], live[0])
+        weakref.finalize(held, lambda: live.__setitem__(0, live[0] - n))
+        return held
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
+        fn()
+    return live[1]
+
+
+def test_recompute_holds_one_blocks_autograd_state_at_a_time():
+    model = tiny_model("gpt2", n_layer=8).requires_grad_(False)
+    batch = ap.make_batch(random_pairs(n=4))
+    plain = _peak_saved_bytes(lambda: ap.attribute(model, batch))
+    blockwise = _peak_saved_bytes(lambda: ap.attribute(model, batch, recompute=True))
+    assert blockwise < 0.3 * plain, (blockwise, plain)
+
+
+def test_weights_keep_requires_grad_and_get_no_gradient():
+    model = tiny_model("gpt2")
+    assert all(p.requires_grad for p in model.parameters())
+    ap.attribute(model, ap.make_batch(random_pairs()), recompute=True)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_prompt_scores_equal_per_prompt_values_summed_where_asked():
+    model = tiny_model("qwen2", dtype=torch.float64)
+    batch = ap.make_batch(random_pairs(n=5))
+    metrics = ["logit_diff", "kl"]
+    full = ap.attribute(model, batch, metrics=metrics, per_prompt=True, batch_size=2)
+    positions = {"neuron": False, "head": False}
+    kept = ap.attribute(model, batch, metrics=metrics, prompt_positions=positions, batch_size=2)
+    assert not kept.per_prompt
+    for m in metrics:
+        for site in ap.SITES:
+            want = full.values[m][site]  # [batch, layer, pos, (unit)]
+            torch.testing.assert_close(kept.values[m][site], want.mean(0))
+            want = want if positions.get(site, True) else want.sum(2, keepdim=True)
+            torch.testing.assert_close(kept.prompts[m][site], want)
+    assert kept.prompts["kl"]["neuron"].shape[2] == 1
+
+
+def test_prompt_positions_and_per_prompt_together_are_refused():
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="pass one of them"):
+        ap.attribute(model, ap.make_batch(random_pairs()), per_prompt=True, prompt_positions={})
