@@ -82,8 +82,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
     p.add_argument("--low-memory", action="store_true",
-                   help="attribution's backward block by block: peak memory about the cached site activations "
-                        "instead of the whole run's autograd state, for one more forward pass (same scores)")
+                   help="attribution's backward block by block, rerunning each block when the gradient reaches "
+                        "it: a fraction of the memory, for about two more forward passes (same scores)")
     p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended); noise: "
                         "Gaussian noise on the clean prompt's key-token embeddings (causal tracing); several "

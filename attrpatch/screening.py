@@ -73,7 +73,7 @@ class ScreenConfig:
     estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
-    low_memory: bool = False  # attribution's backward block by block (methods/blockwise.py): less memory, +1 forward
+    low_memory: bool = False  # attribution's backward block by block (methods/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
 
     def __post_init__(self):

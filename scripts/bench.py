@@ -31,8 +31,8 @@ Memory: on CUDA, peak allocated growth (torch.cuda.max_memory_allocated); on CPU
 RSS just before the call (psutil, sampling thread, after malloc_trim), next to the analytic size of the
 site activations the call caches (batch * pos * width * itemsize summed over its hook points). glibc keeps
 freed tensors below its (dynamic, up to 32 MiB) mmap threshold in the heap, so RSS overstates what is alive;
-at the end of the run AtP's peak is measured once more with the threshold at 64 KiB (mallopt; nothing is
-timed after it), where freed tensors go back to the OS and RSS follows the live tensors ("live").
+AtP's peak is measured once more in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (after one
+warm-up call), where freed tensors go back to the OS and RSS follows the live tensors ("live").
 
 CPU threads default to 1 (--threads): on a shared 2-core machine two threads mostly add spin-waiting and
 noise (a forward took 5.4-7.5 s wall with 2 threads vs 2.4-3.0 s with 1 under the same load).
@@ -301,22 +301,51 @@ def bench_atp(b: Bench, dims, repeats: int, itemsize: int) -> dict:
             b.log(f"  AtP {mode} {fmt(t)}")
     n, n_pos = b.batch.n, b.batch.n_pos
     cache = sum(site_bytes(s, dims, n, n_pos, itemsize) * dims.n_layers for s in ATP_SITES)
-    return {mode: dict(seconds=r["seconds"], peak_bytes=_max(r["peaks"]), cache_bytes=cache)
-            for mode, r in res.items()}
+    return {mode: dict(seconds=r["seconds"], peak_bytes=_max(r["peaks"]), cache_bytes=cache,
+                       prompt_bytes=prompt_bytes(dims, n, n_pos)) for mode, r in res.items()}
 
 
-def atp_live_memory(b: Bench, atp: dict) -> None:
-    """AtP's peak once more per mode with glibc's mmap threshold at 64 KiB (see the module docstring):
-    ``live_peak_bytes``. Run last: it changes the allocator for the rest of the process."""
-    if b.device.type != "cpu":
+def atp_live_memory(atp: dict, args) -> None:
+    """AtP's peak per mode once more, in a fresh process whose glibc mmap threshold is 64 KiB from the start
+    (see the module docstring): ``live_peak_bytes``. CPU only."""
+    import subprocess
+    if (args.device or PRESETS[args.preset]["device"]) != "cpu":
         return
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        for mode, options in ATP_MODES.items():
-            _, peak, _ = b.timed(lambda: ap.attribute(b.model, b.batch, sites=ATP_SITES, metrics=["logit_diff"],
-                                                      **options))
-            atp[mode]["live_peak_bytes"] = peak
-            b.log(f"  AtP {mode}: live peak {mb(peak)}")
+    argv = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--memory-probe",
+            "--threads", str(args.threads), "--seed", str(args.seed)]
+    for flag in ("dtype", "batch", "seq"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"live memory probe failed: {done.stderr[-1000:]}", file=sys.stderr)
+        return
+    for mode, peak in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        atp[mode]["live_peak_bytes"] = peak
+
+
+def memory_probe(b: Bench) -> None:
+    """--memory-probe (run by atp_live_memory): each mode's peak RSS growth, after one warm-up call, as JSON."""
+    peaks = {}
+    for mode, options in ATP_MODES.items():
+        def call():
+            return ap.attribute(b.model, b.batch, sites=ATP_SITES, metrics=["logit_diff"], **options)
+        call()
+        peaks[mode] = b.timed(call)[1]
+    print(json.dumps(peaks))
+
+
+def prompt_bytes(dims, n: int, n_pos: int) -> dict[str, int]:
+    """Bytes of the per-prompt float32 scores the default screen keeps per direction and estimator (4 graded
+    metrics, the default sites): every position (attribute(per_prompt=True), before) or summed over positions
+    for the all-position head and neuron sites (prompt_positions, now)."""
+    def size(site, per_pos):
+        units = dims.n_units(site) or 1
+        return n * dims.n_layers * (n_pos if per_pos else 1) * units * 4
+    sites = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
+    return {"before": 4 * sum(size(s, True) for s in sites),
+            "now": 4 * sum(size(s, s not in ("head", "neuron")) for s in sites)}
 
 
 def atp_lines(atp: dict) -> list[str]:
@@ -335,6 +364,9 @@ def atp_lines(atp: dict) -> list[str]:
                      if live is not None else "")
         lines.append(f"  AtP {mode} memory / cached site activations (target <= 1.5x): peak RSS {rss:.2f}x "
                      f"({verdict('atp_memory', rss)}){live_text}")
+    kept = atp["plain"]["prompt_bytes"]
+    lines.append(f"  per-prompt scores the screen keeps per direction and estimator (4 metrics): {mb(kept['now'])}, "
+                 f"was {mb(kept['before'])} with every position kept")
     return lines
 
 
@@ -658,6 +690,7 @@ def main(argv=None) -> dict:
     ap_.add_argument("--only", choices=("all", "edges", "atp"), default="all",
                      help="edges: only the edge measurements (EAP, exact edge patching), ~1 min; atp: only AtP "
                           "(plain and recompute, time and memory)")
+    ap_.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # atp_live_memory's child
     args = ap_.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -691,6 +724,8 @@ def main(argv=None) -> dict:
     ap.patch(model, batch, ap.components("head", dims, n_pos, per_position=False)[-1:])
     b.forward()
 
+    if args.memory_probe:
+        return memory_probe(b)
     if args.only == "atp":
         return only_atp(b, dims, args, itemsize, t_start)
     edges = bench_edges(b, args.repeats, args.edges, rng)
@@ -716,7 +751,7 @@ def main(argv=None) -> dict:
     screen_res = bench_screen(b) if preset.get("task") else None
     b.forward()
     atp_ratios(b, atp)
-    atp_live_memory(b, atp)
+    atp_live_memory(atp, args)
     b.mem.close()
     pool_naive(b, overhead, patch_pos, patch_all)
     result = dict(
@@ -755,7 +790,7 @@ def only_atp(b: Bench, dims, args, itemsize: int, t_start: float) -> dict:
     atp = bench_atp(b, dims, args.repeats, itemsize)
     b.forward()
     atp_ratios(b, atp)
-    atp_live_memory(b, atp)
+    atp_live_memory(atp, args)
     b.mem.close()
     print(f"AtP on {args.preset}, batch {b.batch.n} x {b.batch.n_pos}; unit: 1 plain forward, median of {len(b.fwd)}: "
           f"{b.unit('wall'):.3f} s wall, {b.unit('cpu'):.3f} s cpu; attrpatch {git_state()}; load avg "

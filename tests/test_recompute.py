@@ -91,3 +91,18 @@ def test_prompt_positions_and_per_prompt_together_are_refused():
     model = tiny_model("gpt2")
     with pytest.raises(ValueError, match="pass one of them"):
         ap.attribute(model, ap.make_batch(random_pairs()), per_prompt=True, prompt_positions={})
+
+
+def test_recompute_holds_one_blocks_deltas_at_a_time(monkeypatch):
+    from attrpatch.methods import blockwise
+
+    seen = []
+    through = blockwise._through
+
+    def spy(chunk, out, x, grads, passes):
+        seen.append({key[1] for key in chunk.deltas if key != blockwise.EMBED} | {key[1] for key in chunk.source})
+        return through(chunk, out, x, grads, passes)
+    monkeypatch.setattr(blockwise, "_through", spy)
+    model = tiny_model("llama", num_hidden_layers=4)
+    ap.attribute(model, ap.make_batch(random_pairs()), sites=ap.SITES, recompute=True)
+    assert seen == [{3}, {2}, {1}, {0}, set()]  # the blocks top down, then the embeddings

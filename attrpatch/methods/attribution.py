@@ -71,8 +71,9 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     estimator: a key of ``ESTIMATORS``: ``atp`` (atp.py), ``ig`` (integrated gradients over ``ig_steps``
         points, ig.py), ``graddrop`` (graddrop.py), ``atp_star`` (QK fix + GradDrop, atp_star.py) or ``relp``
         (LRP rules ``relp_rules`` in the backward pass, relp.py).
-    recompute: the receiving run's backward block by block (blockwise.py): peak memory about the cached
-        site activations instead of the whole run's autograd state, for one more forward pass.
+    recompute: the backward block by block, each source and receiving block rerun when the gradient reaches
+        it (blockwise.py): one block's deltas and autograd state alive at a time instead of every site's
+        activations and the whole run's autograd state, for about two more forward passes.
     prompt_positions: keep per-prompt scores in ``Scores.prompts`` beside the mean ``values`` (instead of
         ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
         sites not named keep them): [batch, layer, pos | 1, (unit)].

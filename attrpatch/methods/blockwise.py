@@ -1,19 +1,22 @@
-"""The receiving run's backward pass block by block (``attribute(..., recompute=True)``): memory at the floor
-of the cached site activations, for one more forward.
+"""The backward pass block by block (``attribute(..., recompute=True)``): peak memory below the site
+activations a plain AtP caches, for about two more forwards' worth of blocks.
 
-    1. the receiving forward without grad: every hook point's delta is formed as in the plain path, and
-       each block's call (its input hidden state [batch, pos, d_model] and its other arguments) is kept;
-    2. the top: final norm, LM head and metric on the last block's output at the last tokens only, with
+    1. the source run without grad keeps only each block's call (its input hidden state [batch, pos,
+       d_model] and its other arguments) and the embeddings (Chunk.cache_source, ``lazy``);
+    2. the receiving run without grad: each block's call is kept likewise;
+    3. the top: final norm, LM head and metric on the last block's output at the last tokens only, with
        grad: g = d metric / d h_L                                                  [batch, pos, d_model]
-    3. for block l = L-1 .. 0: rerun block l with grad from its kept input x_l, hand g back through it
-       (g <- d metric / d x_l), the hook points inside it see their gradients (products as in the plain
-       path), and block l's graph is freed before block l-1 runs.
+    4. for block l = L-1 .. 0: rerun source block l without grad (its hook points' source activations),
+       rerun receiving block l with grad from its kept input x_l (its deltas, as in the plain path), hand g
+       back through it (g <- d metric / d x_l) while its hook points see their gradients, then free the
+       block's graph and deltas before block l-1.
 
-Only one block's autograd state is alive at a time, beside the deltas and the kept block inputs. Every
-backward pass the estimator asks for (metrics x labels) travels down together, one gradient each, so the
-blocks are recomputed once per call. The part before block 0 (embeddings) keeps its graph from step 1,
-so an ``embed`` site gets its gradient when g reaches it. Same products as the plain backward, up to float
-rounding (tests/test_recompute.py, every family and every gradient estimator).
+Alive at once: the two runs' block inputs, one block's deltas and one block's autograd state. Every
+backward pass the estimator asks for (metrics x labels) travels down together, one gradient each, so each
+block is rerun once per call. Estimators that need every source activation up front (ig, atp_star with q
+or k) cache the source whole (``lazy=False``) and keep every delta. The part before block 0 (embeddings)
+keeps its graph from step 2, so an ``embed`` site gets its gradient when g reaches it. Same products as
+the plain backward, up to float rounding (tests/test_recompute.py: every family, every gradient estimator).
 """
 
 from typing import Callable
@@ -62,6 +65,8 @@ def backward(chunk, points_hooks: list, root: list, *, hooks: list, context, lab
         passes = [(m, label) for m in chunk.metrics for label in labels]
         grads = _top_grads(chunk, top.pop(), labels)
         for layer in reversed(range(spec.dims.n_layers)):
+            if chunk.source_calls is not None:
+                _rerun_source(chunk, layer)
             args, kwargs = calls.pop(layer)
             hidden, rebuild = call_input(args, kwargs)
             x = hidden.detach().requires_grad_(True)  # [batch, pos, d_model]
@@ -70,12 +75,26 @@ def backward(chunk, points_hooks: list, root: list, *, hooks: list, context, lab
                 out = output_tensor(spec.blocks[layer](*args, **kwargs))[0]
                 grads = _through(chunk, out, x, grads, passes)
             del out, x
+            if chunk.source_calls is not None:  # this block's deltas are spent
+                for key in [k for k in chunk.deltas if k[1] == layer and k != EMBED]:
+                    del chunk.deltas[key]
         if EMBED in chunk.points:  # the embeddings: their graph from the forward, down to the leaf
             _through(chunk, hidden, root[0], grads, passes)
     for m in chunk.metrics:
         chunk.metric = m
         if after_metric is not None:
             after_metric(m)
+
+
+def _rerun_source(chunk, layer: int) -> None:
+    """Source block ``layer`` again, without grad, from its recorded call: its hook points fill chunk.source."""
+    args, kwargs = chunk.source_calls.pop(layer)
+    chunk.capturing = True
+    try:
+        with torch.no_grad():
+            chunk.spec.blocks[layer](*args, **kwargs)
+    finally:
+        chunk.capturing = False
 
 
 def _top_grads(chunk, h_last: Tensor, labels: list) -> list[Tensor]:

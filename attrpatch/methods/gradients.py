@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..engine.forward import forward_last
+from ..engine.forward import block_calls, forward_last
 from ..engine.hooks import batch_pos, hooked
 from ..engine.metrics import Target, metric
 from ..inputs.batch import PromptBatch, Run
@@ -61,6 +61,9 @@ class Chunk:
         self.mask = batch.mask.bool()
         self.source_run, self.receiver_run = batch.runs(direction)
         self.source: dict[Key, Tensor] = {}
+        self.own: set[Key] = set()  # source tensors no other cached tensor shares storage with
+        self.source_calls: dict[int, tuple] | None = None  # recompute: the source run's block calls (blockwise.py)
+        self.capturing = False  # blockwise.py reruns a source block: hook points fill ``source``
         self.deltas: dict[Key, Tensor] = {}
         self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
         self.metric, self.label = metrics[0], None
@@ -77,9 +80,19 @@ class Chunk:
             logits = forward_last(self.spec, run, self.batch.mask, self.batch.last)
         return found, logits
 
-    def cache_source(self) -> None:
-        """The source run: every point's activation and the embeddings."""
+    def cache_source(self, lazy: bool = True) -> None:
+        """The source run: every point's activation and the embeddings. A point whose tensor shares no storage
+        with another (``own``) becomes its delta in place. With ``recompute`` and ``lazy`` (for estimators
+        with one backward call that read the source only through the deltas), only the embeddings and each
+        block's call are kept: blockwise.py reruns each source block when the backward reaches it."""
+        if self.recompute and lazy:
+            with block_calls(self.spec) as calls:
+                self.source, self.logits["source"] = self.cache(self.source_run, {("embed", 0): self.embed})
+            self.source_calls = calls
+            return
         self.source, self.logits["source"] = self.cache(self.source_run, {**self.points, ("embed", 0): self.embed})
+        storage = [t.untyped_storage().data_ptr() for t in self.source.values()]
+        self.own = {key for key, ptr in zip(self.source, storage) if storage.count(ptr) == 1}
 
     def add(self, site: str, layer: int, score: Tensor) -> None:
         """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""
@@ -137,8 +150,15 @@ class Chunk:
 
         def callback(raw):
             n, n_pos = batch_pos(raw, self.batch.n_pos)
+            if self.capturing:
+                self.source[key] = point.read(raw, n, n_pos).detach()
+                return
             if key not in self.deltas:
-                self.deltas[key] = masked(self.source.pop(key) - point.read(raw, n, n_pos).detach(), self.mask)
+                if key not in self.source:  # lazy source (blockwise.py): formed when the backward gets here
+                    return
+                source, receiver = self.source.pop(key), point.read(raw, n, n_pos).detach()
+                delta = source.sub_(receiver) if key in self.own else source - receiver  # no new tensor if own
+                self.deltas[key] = masked(delta, self.mask)
             delta = self.deltas[key]
 
             def on_grad(grad):
