@@ -360,8 +360,8 @@ def atp_lines(atp: dict) -> list[str]:
         a = atp[mode]
         rss = a["peak_bytes"] / a["cache_bytes"] if a["peak_bytes"] is not None else float("nan")
         live = a.get("live_peak_bytes")
-        live_text = (f", live {mb(live)} = {live / a['cache_bytes']:.2f}x ({verdict('atp_memory', live / a['cache_bytes'])})"
-                     if live is not None else "")
+        live_text = "" if live is None else (f", live {mb(live)} = {live / a['cache_bytes']:.2f}x "
+                                             f"({verdict('atp_memory', live / a['cache_bytes'])})")
         lines.append(f"  AtP {mode} memory / cached site activations (target <= 1.5x): peak RSS {rss:.2f}x "
                      f"({verdict('atp_memory', rss)}){live_text}")
     kept = atp["plain"]["prompt_bytes"]

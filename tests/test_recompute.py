@@ -106,3 +106,13 @@ def test_recompute_holds_one_blocks_deltas_at_a_time(monkeypatch):
     model = tiny_model("llama", num_hidden_layers=4)
     ap.attribute(model, ap.make_batch(random_pairs()), sites=ap.SITES, recompute=True)
     assert seen == [{3}, {2}, {1}, {0}, set()]  # the blocks top down, then the embeddings
+
+
+@pytest.mark.parametrize("estimator, extra", [("atp", 2), ("ig", 2), ("graddrop", 2)])
+def test_recompute_counts_its_reruns_as_forward_passes(estimator, extra):
+    model = tiny_model("gpt2")
+    batch = ap.make_batch(random_pairs())
+    plain = ap.attribute(model, batch, estimator=estimator, ig_steps=2)
+    blockwise = ap.attribute(model, batch, estimator=estimator, ig_steps=2, recompute=True)
+    assert blockwise.passes["forward"] == plain.passes["forward"] + extra
+    assert blockwise.passes["backward"] == plain.passes["backward"]

@@ -48,7 +48,7 @@ class Scores:
     corrupt_metric: dict[str, float]
     n_prompts: int
     per_prompt: bool = False
-    passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes spent
+    passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes (recompute's reruns: forwards)
     estimator: str = "atp"
     prompts: dict[str, dict[str, Tensor]] | None = None
 
@@ -100,7 +100,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         m: {s: torch.zeros(batch.n, *site_shape(s, d, batch.n_pos if prompt_positions.get(s, True) else 1),
                            device=device, dtype=acc) for s in sites} for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
-    start = 0
+    start, reruns = 0, 0
     options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}}.get(estimator, {})
     with eval_mode(spec.model), frozen_weights(spec.model):
         for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
@@ -111,6 +111,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                 for m in metrics:
                     sums[run][m] += per_metric[m]
             start += part.n
+            reruns += chunk.reruns
     if not per_prompt:
         for per_site in values.values():
             for t in per_site.values():
@@ -121,6 +122,6 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
-        passes={k: v * n_chunks for k, v in cost.items()},
+        passes={k: v * n_chunks + (reruns if k == "forward" else 0) for k, v in cost.items()},
         estimator=estimator, prompts=prompts,
     )

@@ -63,6 +63,7 @@ def backward(chunk, points_hooks: list, root: list, *, hooks: list, context, lab
             logits = forward_last(spec, chunk.receiver_run, batch.mask, batch.last)
             chunk.logits.setdefault("receiver", logits.detach())
         passes = [(m, label) for m in chunk.metrics for label in labels]
+        chunk.reruns += 1 + (chunk.source_calls is not None)
         grads = _top_grads(chunk, top.pop(), labels)
         for layer in reversed(range(spec.dims.n_layers)):
             if chunk.source_calls is not None:

@@ -64,6 +64,7 @@ class Chunk:
         self.own: set[Key] = set()  # source tensors no other cached tensor shares storage with
         self.source_calls: dict[int, tuple] | None = None  # recompute: the source run's block calls (blockwise.py)
         self.capturing = False  # blockwise.py reruns a source block: hook points fill ``source``
+        self.reruns = 0  # blockwise.py's reruns of every block (forward passes beyond the estimator's own)
         self.deltas: dict[Key, Tensor] = {}
         self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
         self.metric, self.label = metrics[0], None
@@ -154,7 +155,7 @@ class Chunk:
                 self.source[key] = point.read(raw, n, n_pos).detach()
                 return
             if key not in self.deltas:
-                if key not in self.source:  # lazy source (blockwise.py): formed when the backward gets here
+                if self.source_calls is not None and key not in self.source:  # lazy source (blockwise.py): later
                     return
                 source, receiver = self.source.pop(key), point.read(raw, n, n_pos).detach()
                 delta = source.sub_(receiver) if key in self.own else source - receiver  # no new tensor if own
