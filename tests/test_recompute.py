@@ -116,3 +116,25 @@ def test_recompute_counts_its_reruns_as_forward_passes(estimator, extra):
     blockwise = ap.attribute(model, batch, estimator=estimator, ig_steps=2, recompute=True)
     assert blockwise.passes["forward"] == plain.passes["forward"] + extra
     assert blockwise.passes["backward"] == plain.passes["backward"]
+
+
+def test_low_memory_screen_gives_the_same_rows_and_intervals():
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=4))
+    runs = {low: ap.screen(model, batch, ap.ScreenConfig(direction="both", top_k=5, random_k=3, progress=False,
+                                                         low_memory=low)) for low in (False, True)}
+    plain, low = runs[False].rows, runs[True].rows
+    assert len(plain) == len(low) > 0
+    for a, b in zip(plain, low):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert b[key] == _approx(value), key
+    assert runs[True].agreement == _approx(runs[False].agreement)  # correlations and their bootstrap intervals
+
+
+def _approx(x):
+    if isinstance(x, dict):
+        return {k: _approx(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_approx(v) for v in x)
+    return pytest.approx(x, rel=1e-5, abs=1e-6, nan_ok=True) if isinstance(x, float) else x
