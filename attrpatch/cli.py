@@ -83,6 +83,9 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
                    help="also bound what verification left out: N joint patches of random halves of each site's "
                         "unverified components (AtP*'s diagnostic, N forwards per site; 0: off; try 32)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="attribution's backward block by block, rerunning each block when the gradient reaches "
+                        "it: a fraction of the memory, for about two more forward passes (same scores)")
     p.add_argument("--corruption", type=_csv(CORRUPTIONS), default=("str",),
                    help="str: the task's corrupt prompts (symmetric token replacement, recommended; IOI: the S2 "
                         "swap, facts: the subject swap); abc (IOI only): S2 becomes a third name; noise: "
@@ -313,7 +316,7 @@ def _screen(args, argv) -> int:
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
-                          ablation=args.ablation)
+                          ablation=args.ablation, low_memory=args.low_memory)
     model, tokenizer = _load(args, device, args.device_map)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,

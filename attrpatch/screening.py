@@ -27,7 +27,7 @@ from .analysis.causes import explain
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
-from .analysis.ranking import plan_verification, prompt_candidates
+from .analysis.ranking import plan_verification
 from .analysis.sanity import clean_run_check
 from .analysis.subsets import draw_subsets, subset_bound
 from .engine import distributed
@@ -77,6 +77,7 @@ class ScreenConfig:
     estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
+    low_memory: bool = False  # attribution's backward block by block (methods/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
     ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
 
@@ -230,8 +231,9 @@ class _Steps:
             found = self.progress.scores(step, self.spec.device)
             if found is None:
                 scores = attribute(self.spec, self.batch, sites=config.sites, metrics=graded(config.metrics),
-                                   direction=direction, per_prompt=True, batch_size=config.batch_size,
-                                   estimator=est, ig_steps=config.ig_steps, progress=config.progress,
+                                   direction=direction, batch_size=config.batch_size, estimator=est,
+                                   ig_steps=config.ig_steps, recompute=config.low_memory, progress=config.progress,
+                                   prompt_positions={s: config.per_position(s) for s in config.sites},
                                    ablation=config.ablation)
                 found = self.condense(scores)
                 self.progress.save_scores(step, *found)
@@ -344,13 +346,11 @@ class _Steps:
 
 
     def condense(self, scores: Scores) -> tuple[Scores, dict]:
-        """Per-prompt scores -> (the all-rank mean scores, {metric: {site: [component, batch]}} of all ranks'
-        prompts in ``candidates`` order): the intervals need the latter, everything else the former."""
-        config = self.config
-        prompts = {m: {s: self.gather(prompt_candidates(scores, s, m, config.per_position(s))) for s in config.sites}
-                   for m in graded(config.metrics)}
-        scores.values = {m: {s: t.mean(0) for s, t in per.items()} for m, per in scores.values.items()}
-        scores.per_prompt = False
+        """Mean scores with ``prompts`` -> (the all-rank mean scores, {metric: {site: [component, batch]}} of all
+        ranks' prompts in ``candidates`` order): the intervals need the latter, everything else the former."""
+        prompts = {m: {s: self.gather(t.flatten(1).T.float().cpu()) for s, t in per.items()}  # [component, batch]
+                   for m, per in scores.prompts.items()}
+        scores.prompts = None
         return _reduce_scores(scores, self.reduce, self.n_total), prompts
 
 

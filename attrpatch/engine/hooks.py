@@ -26,7 +26,7 @@ def call_input(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tu
                     f"and kwargs {sorted(kwargs)}")
 
 
-def _output_tensor(output) -> tuple[Tensor, Callable[[Tensor], object]]:
+def output_tensor(output) -> tuple[Tensor, Callable[[Tensor], object]]:
     """Normalise a module output (tensor or tuple whose first item is the tensor)."""
     if isinstance(output, Tensor):
         return output, lambda t: t
@@ -44,7 +44,7 @@ def add_hook(point: HookPoint, callback: Callback) -> torch.utils.hooks.Removabl
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(module, args, output):
-        raw, rebuild = _output_tensor(output)
+        raw, rebuild = output_tensor(output)
         new = callback(raw)
         return None if new is None else rebuild(new)
     return point.module.register_forward_hook(hook)
@@ -97,3 +97,17 @@ def noised(spec: ModelSpec, noise: Tensor | None) -> Iterator[None]:
         return output + noise.to(device=output.device, dtype=output.dtype)
     with installed([lambda: spec.module(spec.arch.embed).register_forward_hook(hook, prepend=True)]):
         yield
+
+
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Every parameter with requires_grad False for the block (restored afterwards): a backward pass to
+    the activations then neither computes nor keeps anything for weight gradients."""
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in thawed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)

@@ -15,7 +15,7 @@ def score(chunk: Chunk) -> None:
     chunk.points = {key: p for key, p in chunk.points.items() if key[0] not in QK_SITES}
     source_qk = {}
     with qk_fix.recording(chunk.spec, lambda layer, q, k, *_: source_qk.__setitem__(layer, (q.detach(), k.detach()))):
-        chunk.cache_source()
+        chunk.cache_source(lazy=False)  # the QK fix reads source q, k of every layer
     on_attention = qk_fix.scorer(chunk, source_qk, qk_sites)
     graddrop.score(chunk, context=lambda: qk_fix.recording(chunk.spec, on_attention), source_cached=True)
 

@@ -13,13 +13,13 @@ in ``ESTIMATORS``.
 """
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..engine.hooks import eval_mode
+from ..engine.hooks import eval_mode, frozen_weights
 from ..engine.metrics import check_metric, wide
 from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction
@@ -40,7 +40,8 @@ def check_estimator(name: str) -> None:
 class Scores:
     """AtP scores. ``values[metric][site]``: float32 (float64 for float64 models) [layer, pos, (head | d_mlp)], mean over prompts, or
     [batch, layer, pos, (head | d_mlp)] with ``per_prompt``. ``clean_metric``/``corrupt_metric``: the
-    metric's mean over prompts on each run."""
+    metric's mean over prompts on each run. ``prompts`` (with ``prompt_positions``): {metric: {site:
+    [batch, layer, pos | 1, (head | d_mlp)]}}, the per-prompt scores beside the mean ``values``."""
 
     values: dict[str, dict[str, Tensor]]
     direction: str
@@ -48,8 +49,9 @@ class Scores:
     corrupt_metric: dict[str, float]
     n_prompts: int
     per_prompt: bool = False
-    passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes spent
+    passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes (recompute's reruns: forwards)
     estimator: str = "atp"
+    prompts: dict[str, dict[str, Tensor]] | None = None
 
     def score(self, component: Component, metric_name: str) -> float:
         """The (mean) score of one component; all-position components sum their positions."""
@@ -62,7 +64,8 @@ class Scores:
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
               batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
-              relp_rules: Sequence[str] = relp.DEFAULT_RULES, progress: bool = False,
+              relp_rules: Sequence[str] = relp.DEFAULT_RULES, recompute: bool = False,
+              prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
               ablation: str | None = None) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
@@ -72,6 +75,12 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         (LRP rules ``relp_rules`` in the backward pass, relp.py).
     ablation: zero | mean | resample: the source values are that ablation of the clean run (ablation.py;
         direction "noise" and estimator "atp" only); the source run's metric stays as ``corrupt_metric``.
+    recompute: the backward block by block, each source and receiving block rerun when the gradient reaches
+        it (blockwise.py): one block's deltas and autograd state alive at a time instead of every site's
+        activations and the whole run's autograd state, for about two more forward passes.
+    prompt_positions: keep per-prompt scores in ``Scores.prompts`` beside the mean ``values`` (instead of
+        ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
+        sites not named keep them): [batch, layer, pos | 1, (unit)].
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -83,6 +92,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     check_estimator(estimator)
     if ablation is not None:
         check_ablation(ablation, direction, estimator)
+    if per_prompt and prompt_positions is not None:
+        raise ValueError("per_prompt=True and prompt_positions both keep per-prompt scores; pass one of them")
     if estimator == "ig" and ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     d, device = spec.dims, spec.device
@@ -91,14 +102,17 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     acc = wide(next(spec.model.parameters()).dtype)  # >= float32
     values = {m: {s: torch.zeros(*lead, *site_shape(s, d, batch.n_pos), device=device, dtype=acc)
                   for s in sites} for m in metrics}
+    prompts = None if prompt_positions is None else {
+        m: {s: torch.zeros(batch.n, *site_shape(s, d, batch.n_pos if prompt_positions.get(s, True) else 1),
+                           device=device, dtype=acc) for s in sites} for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
-    start = 0
+    start, reruns = 0, 0
     options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}}.get(estimator, {})
     fixed = None if ablation is None else site_values(spec, batch, sites, ablation, batch_size)
-    with eval_mode(spec.model):
+    with eval_mode(spec.model), frozen_weights(spec.model):
         for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
-            rows = slice(start, start + part.n) if per_prompt else None
-            chunk = Chunk(spec, part, sites, metrics, direction, values, rows)
+            rows = slice(start, start + part.n) if per_prompt or prompts is not None else None
+            chunk = Chunk(spec, part, sites, metrics, direction, values, rows, prompts=prompts, recompute=recompute)
             if fixed is not None:
                 chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
             ESTIMATORS[estimator].score(chunk, **options)
@@ -106,6 +120,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                 for m in metrics:
                     sums[run][m] += per_metric[m]
             start += part.n
+            reruns += chunk.reruns
     if not per_prompt:
         for per_site in values.values():
             for t in per_site.values():
@@ -116,6 +131,6 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
-        passes={k: v * n_chunks for k, v in cost.items()},
-        estimator=estimator,
+        passes={k: v * n_chunks + (reruns if k == "forward" else 0) for k, v in cost.items()},
+        estimator=estimator, prompts=prompts,
     )

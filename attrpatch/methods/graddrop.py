@@ -20,7 +20,8 @@ def drop_hooks(chunk: Chunk) -> list:
     """Hooks that zero the gradient through layer l's attention and MLP writes during pass l."""
     def drop(layer):
         def callback(raw):
-            raw.register_hook(lambda g: torch.zeros_like(g) if chunk.label == layer else None)
+            if raw.requires_grad and torch.is_grad_enabled():  # not in blockwise.py's forward without grad
+                raw.register_hook(lambda g: torch.zeros_like(g) if chunk.label == layer else None)
         return callback
     return [(chunk.spec.hook_point(s, layer), drop(layer))
             for layer in range(chunk.spec.dims.n_layers) for s in ("attn_out", "mlp_out")]
@@ -32,21 +33,24 @@ def score(chunk: Chunk, *, context=nullcontext, source_cached: bool = False) -> 
     if not source_cached:
         chunk.cache_source()
     n_layers = chunk.spec.dims.n_layers
-    plain, dropped = {}, {}  # AtP per prompt/position (for the sign); sum over passes of |AtP_l|
+    # by (metric, key): AtP per prompt/position (for the sign); sum over passes of |AtP_l| (blockwise.py
+    # runs every metric's passes before the first combine)
+    plain, dropped = {}, {}
 
     def on_product(key, prod):
         site, layer = key
         if chunk.label is None:
-            plain[key] = prod
+            plain[chunk.metric, key] = prod
         elif not (site in WRITES_IN_BLOCK and chunk.label == layer):
-            dropped[key] = dropped.get(key, 0) + prod.abs()
+            dropped[chunk.metric, key] = dropped.get((chunk.metric, key), 0) + prod.abs()
 
     def combine(metric):
-        for (site, layer), signed in plain.items():
-            n_passes = n_layers - 1 if site in WRITES_IN_BLOCK else n_layers
-            chunk.add(site, layer, torch.sign(signed) * dropped.get((site, layer), 0) / max(n_passes, 1))
-        plain.clear()
-        dropped.clear()
+        for (m, (site, layer)), signed in list(plain.items()):
+            if m == metric:
+                n_passes = n_layers - 1 if site in WRITES_IN_BLOCK else n_layers
+                dropped_sum = dropped.pop((m, (site, layer)), 0)
+                chunk.add(site, layer, torch.sign(signed) * dropped_sum / max(n_passes, 1))
+                del plain[m, (site, layer)]
     chunk.backward(on_product, hooks=drop_hooks(chunk), context=context, labels=[None, *range(n_layers)],
                    after_metric=combine)
 

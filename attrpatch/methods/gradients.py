@@ -17,12 +17,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..engine.forward import forward_last
+from ..engine.forward import block_calls, forward_last
 from ..engine.hooks import batch_pos, hooked
 from ..engine.metrics import Target, metric
 from ..inputs.batch import PromptBatch, Run
 from ..inputs.directions import clean_and_corrupt
 from ..model.sites import ModelSpec, unit_reduce
+from . import blockwise
 
 Key = tuple[str, int]  # (site, layer)
 
@@ -42,22 +43,28 @@ def masked(delta: Tensor, mask: Tensor) -> Tensor:
 class Chunk:
     """One chunk of prompts being scored: its hook points, source cache, deltas, and the score tensors
     (``values[metric][site]``, [layer, pos, (unit)] summed over prompts, or [batch, layer, pos, (unit)]
-    written at ``rows`` when scores are kept per prompt).
+    written at ``rows`` when scores are kept per prompt; ``prompts[metric][site]``, if given, receives the
+    per-prompt scores at ``rows`` as [batch, layer, pos | 1, (unit)], positions summed where its pos is 1).
+    recompute: the backward block by block (blockwise.py).
 
     ``metric`` and ``label`` say which backward pass is running: the metric differentiated, and the
     estimator's label of the pass (None for the plain one; GradDrop labels a pass by its dropped layer).
     """
 
     def __init__(self, spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str], direction: str,
-                 values: dict, rows: slice | None):
+                 values: dict, rows: slice | None, *, prompts: dict | None = None, recompute: bool = False):
         self.spec, self.batch, self.sites, self.metrics, self.direction = spec, batch, sites, metrics, direction
-        self.values, self.rows = values, rows
+        self.values, self.rows, self.prompts, self.recompute = values, rows, prompts, recompute
         self.points = {(s, layer): spec.hook_point(s, layer) for s in sites
                        for layer in range(spec.dims.n_layers_of(s))}
         self.embed = spec.hook_point("embed", 0)
         self.mask = batch.mask.bool()
         self.source_run, self.receiver_run = batch.runs(direction)
         self.source: dict[Key, Tensor] = {}
+        self.own: set[Key] = set()  # source tensors no other cached tensor shares storage with
+        self.source_calls: dict[int, tuple] | None = None  # recompute: the source run's block calls (blockwise.py)
+        self.capturing = False  # blockwise.py reruns a source block: hook points fill ``source``
+        self.reruns = 0  # blockwise.py's reruns of every block (forward passes beyond the estimator's own)
         self.deltas: dict[Key, Tensor] = {}
         self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
         self.metric, self.label = metrics[0], None
@@ -75,16 +82,32 @@ class Chunk:
             logits = forward_last(self.spec, run, self.batch.mask, self.batch.last)
         return found, logits
 
-    def cache_source(self) -> None:
+    def cache_source(self, lazy: bool = True) -> None:
         """The source run: every point's activation and the embeddings; an ablation's values replace the
-        points' (``ablated``, [batch, pos, ...] each; the source run's logits stay, for its metric)."""
+        points' (``ablated``, [batch, pos, ...] each; the source run's logits stay, for its metric). A point
+        whose tensor shares no storage with another (``own``, never an ablation's) becomes its delta in place.
+        With ``recompute`` and ``lazy`` (for estimators with one backward call that read the source only
+        through the deltas) and no ablation, only the embeddings and each block's call are kept: blockwise.py
+        reruns each source block when the backward reaches it."""
+        if self.recompute and lazy and not self.ablated:
+            with block_calls(self.spec) as calls:
+                self.source, self.logits["source"] = self.cache(self.source_run, {("embed", 0): self.embed})
+            self.source_calls = calls
+            return
         self.source, self.logits["source"] = self.cache(self.source_run, {**self.points, ("embed", 0): self.embed})
         self.source.update(self.ablated or {})
+        storage = [t.untyped_storage().data_ptr() for t in self.source.values()]
+        self.own = {key for key, ptr in zip(self.source, storage)
+                    if storage.count(ptr) == 1 and key not in (self.ablated or {})}
 
     def add(self, site: str, layer: int, score: Tensor) -> None:
         """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""
         target = self.values[self.metric][site]
-        if self.rows is None:  # .to: with device_map the layer may live on another device
+        if self.prompts is not None:
+            kept = self.prompts[self.metric][site]  # [batch, layer, pos | 1, (unit)]
+            summed = score.sum(1, keepdim=True) if kept.shape[2] == 1 else score
+            kept[self.rows, layer] += summed.to(kept.device, kept.dtype)
+        if self.rows is None or self.prompts is not None:  # .to: with device_map the layer may live elsewhere
             target[layer] += score.sum(0).to(target.device, target.dtype)
         else:
             target[self.rows, layer] += score.to(target.device, target.dtype)
@@ -109,6 +132,9 @@ class Chunk:
             root.append(leaf)
             return leaf
         all_hooks = [(self.embed, make_root)] + [(p, self._scorer(key, on_product)) for key, p in self.points.items()]
+        if self.recompute:
+            return blockwise.backward(self, all_hooks, root, hooks=list(hooks), context=context, labels=list(labels),
+                                      after_metric=after_metric)
         with torch.enable_grad(), hooked(all_hooks + list(hooks)), context():
             logits = forward_last(self.spec, self.receiver_run, self.batch.mask, self.batch.last)
             self.logits.setdefault("receiver", logits.detach())
@@ -130,14 +156,22 @@ class Chunk:
 
         def callback(raw):
             n, n_pos = batch_pos(raw, self.batch.n_pos)
+            if self.capturing:
+                self.source[key] = point.read(raw, n, n_pos).detach()
+                return
             if key not in self.deltas:
-                self.deltas[key] = masked(self.source.pop(key) - point.read(raw, n, n_pos).detach(), self.mask)
+                if self.source_calls is not None and key not in self.source:  # lazy source (blockwise.py): later
+                    return
+                source, receiver = self.source.pop(key), point.read(raw, n, n_pos).detach()
+                delta = source.sub_(receiver) if key in self.own else source - receiver  # no new tensor if own
+                self.deltas[key] = masked(delta, self.mask)
             delta = self.deltas[key]
 
             def on_grad(grad):
                 dtype = self.values[self.metric][site].dtype
                 on_product(key, product(site, delta.to(dtype), point.read(grad, n, n_pos).to(dtype)))
-            raw.register_hook(on_grad)
+            if torch.is_grad_enabled() and raw.requires_grad:  # not in blockwise.py's forward without grad
+                raw.register_hook(on_grad)
         return callback
 
     def metric_sums(self) -> dict[str, dict[str, float]]:

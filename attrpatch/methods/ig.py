@@ -28,7 +28,7 @@ def along(receiver: Tensor, source: Tensor, alpha: float, like: Tensor) -> Tenso
 
 
 def score(chunk: Chunk, *, steps: int = 8) -> None:
-    chunk.cache_source()
+    chunk.cache_source(lazy=False)  # every step reuses the deltas
     receiver, chunk.logits["receiver"] = chunk.cache(chunk.receiver_run, {**chunk.points, EMBED: chunk.embed})
     source_embed, receiver_embed = chunk.source[EMBED], receiver[EMBED]
     chunk.deltas = {key: masked(chunk.source[key] - receiver[key], chunk.mask) for key in chunk.points}
