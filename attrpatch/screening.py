@@ -35,6 +35,7 @@ from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
 from .methods.diagnostics import activation_change, attention_stats
+from .methods.frozen import frozen_measurements
 from .methods.patching import Effects, patch
 from .model.sites import RESID_LIKE, SITES, as_spec, check_site
 from .output.checkpoint import Progress
@@ -155,7 +156,11 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             if config.fn_subsets:
                 fns[direction][site]["subsets"] = run.subsets(direction, site, site_plan)
         flagged = [e for e in comps[first:] if set(e["flags"]) & set(APPROX_FLAGS)]
-        explain(flagged, run.half(direction, [c for c in verified if str(c) in {e["name"] for e in flagged}]))
+        flagged_comps = [c for c in verified if str(c) in {e["name"] for e in flagged}]
+        large = {e["name"] for e in flagged if "large_error" in e["flags"]}
+        slope = config.estimators[0] == "atp"  # AtP is f'(0): its error is the bend the causes locate
+        frozen = run.frozen(direction, [c for c in flagged_comps if str(c) in large]) if slope else {}
+        explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
         by_estimator[direction] = grade_estimators(plan, exact, config, est_scores, est_seconds,
                                                    run.timing["forward_s"], prompts)
     mark_cross_flags(comps, config.metric)
@@ -295,6 +300,22 @@ class _Steps:
             return {}
         effects = self.patched(f"half-{direction}", direction, flagged, (self.config.metric,), alpha=0.5)
         return {str(c): float(effects.values[i, 0]) for i, c in enumerate(flagged)}
+
+    def frozen(self, direction: str, large: list) -> dict[str, dict[str, tuple[float, float]]]:
+        """Which non-linearity carries each large AtP error: per component name, {freeze: (g'(0), g(1) -
+        g(0))} with the attention patterns / norm scales frozen at the receiver's (methods/frozen.py: one
+        RelP attribution per freeze over their sites, one resumed patched copy per component and freeze)."""
+        large = [c for c in large if c.site != "embed"]  # frozen runs resume at a block
+        if not large:
+            return {}
+        start, start_cpu = time.perf_counter(), time.process_time()
+        found, passes = frozen_measurements(self.spec, self.batch, large, direction=direction,
+                                            metric_name=self.config.metric)
+        self._count(passes)
+        self.timing["forward_passes"] += passes["forward"]
+        self._clock(start, start_cpu)
+        found = {f: (self.reduce(slopes), self.reduce(effects)) for f, (slopes, effects) in found.items()}
+        return {str(c): {f: (float(s[i]), float(e[i])) for f, (s, e) in found.items()} for i, c in enumerate(large)}
 
     def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
         """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
