@@ -8,8 +8,9 @@ what AtP missed). Every metric is read from the same patched forward passes.
 Per prompt pair, scores and exact effects of the verified components are kept (all ranks gathered, and
 checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
-(analysis/causes.py); ``fn_subsets`` adds joint patches of random subsets of each site's unverified
-components (analysis/subsets.py).
+(analysis/causes.py), and each large AtP error two more, with the attention patterns or the norm scales
+frozen at the receiver's (methods/frozen.py); ``fn_subsets`` adds joint patches of random subsets of each
+site's unverified components, read with the estimator's scores as a control variate (analysis/subsets.py).
 """
 
 import time
@@ -313,15 +314,19 @@ class _Steps:
                                             metric_name=self.config.metric)
         self._count(passes)
         self.timing["forward_passes"] += passes["forward"]
+        self.timing["frozen_forward_equivalents"] = self.timing.get("frozen_forward_equivalents", 0.0) + \
+            passes["forward_equivalents"] + passes["forward"] + passes["backward"]  # a backward ~ a forward here
         self._clock(start, start_cpu)
         found = {f: (self.reduce(slopes), self.reduce(effects)) for f, (slopes, effects) in found.items()}
         return {str(c): {f: (float(s[i]), float(e[i])) for f, (s, e) in found.items()} for i, c in enumerate(large)}
 
     def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
         """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
-        patches of random halves of them (analysis/subsets.py)."""
+        patches of random halves of them, the estimator's scores as a control variate (analysis/subsets.py;
+        ``plain_bound``: without it)."""
         verified = set(site_plan["verified"])
-        rest = [c for c in site_plan["all"] if c not in verified]
+        at = [j for j, c in enumerate(site_plan["all"]) if c not in verified]
+        rest = [site_plan["all"][j] for j in at]
         if len(rest) < 2:
             return None
         included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed)
@@ -331,8 +336,9 @@ class _Steps:
                                (self.config.metric,))
         joint_effects = torch.zeros(len(joint), dtype=torch.float64)
         joint_effects[nonempty] = effects.values[:, 0].double()
-        bound = subset_bound(included, joint_effects)
-        return {"bound": bound.bound, "confidence": bound.confidence, "n_components": bound.n_components,
+        bound = subset_bound(included, joint_effects, scores=site_plan["approx"][self.config.metric][at])
+        return {"bound": bound.bound, "plain_bound": bound.plain, "confidence": bound.confidence,
+                "n_components": bound.n_components,
                 "n_subsets": bound.n_subsets, "detected": [str(rest[i]) for i in bound.detected[:20]],
                 "statement": bound.statement()}
 

@@ -104,6 +104,7 @@ def test_subset_bound_does_not_call_a_missed_component_absent():
     assert abs(planted["exact"]) > 0.1
     bound = found.false_negatives["denoise"]["k"]["subsets"]
     assert bound["bound"] >= abs(planted["exact"]) and bound["n_subsets"] == 48
+    assert bound["plain_bound"] >= abs(planted["exact"])  # the plain diagnostic's X, reported beside it
     assert planted["name"] in bound["detected"]
     text = summary.render(report_dict(found, model="tiny", task="random"))
     assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(48 forwards" in text

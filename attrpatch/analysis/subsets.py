@@ -1,18 +1,37 @@
 """A false-negative bound from joint patches of random subsets of the unverified components (after AtP*'s
-subsampling diagnostic, Kramár et al. 2024).
+subsampling diagnostic, Kramar et al. 2024), with the estimator as a control variate.
 
 Draw S subsets of the n unverified components, each component in each subset with probability p, and patch
-every subset jointly (S forwards). If effects add up within a subset, E_s = sum_{c in s} e_c + noise, then
-for each component c
+every subset jointly (S forwards). If effects add up within a subset, E_s = sum_{c in s} e_c + noise.
+
+Plain (AtP*'s diagnostic), for each component c:
 
     d_c  = mean(E_s : c in s) - mean(E_s : c not in s)              an unbiased estimate of e_c
     se_c = sqrt(var(E_s : c in s) / n_in + var(E_s : c not in s) / n_out)
+    |e_c| <= |d_c| + z se_c
 
-and with confidence ``confidence`` (normal approximation, Bonferroni over the n components) every
-|e_c| <= X = max_c (|d_c| + z se_c), z = Phi^-1(1 - (1 - confidence) / (2n)). Components whose interval
-excludes 0 are reported as detected. The bound is as good as the additivity: interactions between
-components of one subset are noise here, and make se_c, so X, larger rather than wrong in expectation.
-Pure functions: the caller patches (``patch(model, batch, [tuple(subset) ...])``).
+se_c is set by how much E_s varies across subsets, about p (1 - p) sum_c e_c^2 / (S p (1 - p)): the effects
+of ALL the other members are noise for c, so with hundreds of components and tens of subsets the bound is
+loose. Control variate: the estimator's scores a_c (AtP) are known for every component at no cost, and
+e_c = a_c + r_c exactly (r_c: the estimator's error). Subtract the known part from every joint effect,
+
+    R_s = E_s - sum_{c in s} a_c = sum_{c in s} r_c + noise
+    d_c^R, se_c^R: the same in-minus-out difference and error on R_s          (d_c^R estimates r_c)
+    |e_c| <= |a_c| + |d_c^R| + z se_c^R
+
+Why this is better: R_s varies as p (1 - p) sum_c r_c^2 instead of p (1 - p) sum_c e_c^2, so where the
+estimator explains most of each effect (|r_c| << |e_c|) se^R is far smaller, while d_c^R stays unbiased for
+r_c for any fixed a (no coefficient is fitted, so no estimation error couples the components: a fitted
+slope beta would absorb a global scale error of the estimator but its own error multiplies every
+component's d). A component the estimator misses (a_c ~ 0, e_c large) keeps all of e_c in r_c and is bounded
+and detected exactly as in the plain diagnostic: the control variate cannot hide it. The price: X can never
+fall below the largest |a_c| of the unverified (the estimator's own claim).
+
+With confidence ``confidence`` (normal approximation, Bonferroni over the n components), every |e_c| <= X =
+max_c of the bound, z = Phi^-1(1 - (1 - confidence) / (2n)). Components whose interval (a_c + d_c^R
++- z se_c^R) excludes 0 are reported as detected. The bound is as good as the additivity: interactions
+between components of one subset are noise here, and make se_c, so X, larger rather than wrong in
+expectation. Pure functions: the caller patches (``patch(model, batch, [tuple(subset) ...])``).
 """
 
 import math
@@ -32,11 +51,14 @@ class SubsetBound:
     estimates: Tensor = field(repr=False)  # d_c [component]
     errors: Tensor = field(repr=False)  # se_c [component]
     detected: list[int] = field(default_factory=list)  # components whose interval excludes 0, largest first
+    plain: float = math.nan  # X of the plain diagnostic (no control variate), for comparison
 
     def statement(self) -> str:
+        how = "" if self.plain != self.plain else (f", the estimator's scores as a control variate (without: "
+                                                    f"{self.plain:.3g})")
         return (f"with {self.confidence:.0%} confidence no unverified component's effect exceeds "
                 f"{self.bound:.3g} ({self.n_subsets} forwards of joint patches over {self.n_components} "
-                f"components; assumes effects add within a subset)")
+                f"components{how}; assumes effects add within a subset)")
 
 
 def draw_subsets(n_components: int, n_subsets: int, p: float = 0.5, seed: int = 0) -> Tensor:
@@ -56,22 +78,38 @@ def draw_subsets(n_components: int, n_subsets: int, p: float = 0.5, seed: int = 
     return included
 
 
-def subset_bound(included: Tensor, effects: Tensor, confidence: float = 0.95) -> SubsetBound:
-    """included [subset, component] bool, effects [subset] (joint exact effect of each subset)."""
-    if included.shape[0] != effects.shape[0]:
-        raise ValueError(f"included has {included.shape[0]} subsets but effects has {effects.shape[0]}")
-    m, e = included.double(), effects.double()[:, None]  # [subset, component], [subset, 1]
+def _difference(m: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """In-minus-out mean difference and its standard error per component: m [subset, component] float,
+    e [subset, 1] -> ([component], [component])."""
     n_in, n_out = m.sum(0), (1 - m).sum(0)
-    if bool((n_in < 2).any() or (n_out < 2).any()):
-        raise ValueError("every component must be in >= 2 subsets and out of >= 2 (use draw_subsets)")
     mean_in, mean_out = (m * e).sum(0) / n_in, ((1 - m) * e).sum(0) / n_out
     var_in = (m * (e - mean_in) ** 2).sum(0) / (n_in - 1)
     var_out = ((1 - m) * (e - mean_out) ** 2).sum(0) / (n_out - 1)
-    estimates, errors = mean_in - mean_out, (var_in / n_in + var_out / n_out).sqrt()
+    return mean_in - mean_out, (var_in / n_in + var_out / n_out).sqrt()
+
+
+def subset_bound(included: Tensor, effects: Tensor, confidence: float = 0.95,
+                 scores: Tensor | None = None) -> SubsetBound:
+    """included [subset, component] bool, effects [subset] (joint exact effect of each subset); scores
+    [component]: the estimator's score of each component (the control variate; None: the plain bound)."""
+    if included.shape[0] != effects.shape[0]:
+        raise ValueError(f"included has {included.shape[0]} subsets but effects has {effects.shape[0]}")
+    if scores is not None and scores.shape != included.shape[1:]:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}; expected one per component ({included.shape[1]})")
+    m, e = included.double(), effects.double()[:, None]  # [subset, component], [subset, 1]
+    if bool((m.sum(0) < 2).any() or ((1 - m).sum(0) < 2).any()):
+        raise ValueError("every component must be in >= 2 subsets and out of >= 2 (use draw_subsets)")
     n = included.shape[1]
     z = NormalDist().inv_cdf(1 - (1 - confidence) / (2 * n))
+    estimates, errors = _difference(m, e)
     upper = estimates.abs() + z * errors
+    plain = float(upper.max()) if n else math.nan
+    if scores is not None:
+        a = scores.double()
+        residual, errors = _difference(m, e - m @ a[:, None])  # R_s = E_s - sum_{c in s} a_c
+        estimates, upper = a + residual, a.abs() + residual.abs() + z * errors
     significant = (estimates.abs() > z * errors).nonzero().flatten().tolist()
     detected = sorted(significant, key=lambda c: -abs(float(estimates[c])))
     return SubsetBound(bound=float(upper.max()) if n else math.nan, confidence=confidence, n_components=n,
-                       n_subsets=included.shape[0], estimates=estimates, errors=errors, detected=detected)
+                       n_subsets=included.shape[0], estimates=estimates, errors=errors, detected=detected,
+                       plain=plain if scores is not None else math.nan)
