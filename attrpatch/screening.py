@@ -310,8 +310,8 @@ class _Steps:
         if not large:
             return {}
         start, start_cpu = time.perf_counter(), time.process_time()
-        found, passes = frozen_measurements(self.spec, self.batch, large, direction=direction,
-                                            metric_name=self.config.metric)
+        found, passes = frozen_measurements(self.spec, self.batch, large, direction=direction, metric_name=self.config.metric,
+                                            copies=self.config.copies, batch_size=self.config.batch_size)
         self._count(passes)
         self.timing["forward_passes"] += passes["forward"]
         self.timing["frozen_forward_equivalents"] = self.timing.get("frozen_forward_equivalents", 0.0) + \

@@ -107,3 +107,13 @@ def test_frozen_patching_runs_on_other_families(name):
 def test_unknown_freeze_is_refused():
     with pytest.raises(ValueError, match="Unknown freeze 'mlp'; known: pattern, norm"):
         frozen_effects(tiny_model("gpt2"), ap.make_batch(random_pairs()), [], freeze="mlp")
+
+
+def test_chunks_of_prompts_give_the_same_frozen_effects():
+    model = tiny_model("gpt2", dtype=torch.float64)
+    batch, comps = ap.make_batch(random_pairs(n=5)), _comps(model)[::4]
+    for freeze in ("pattern", "norm"):
+        whole, _ = frozen_effects(model, batch, comps, freeze=freeze)
+        chunked, passes = frozen_effects(model, batch, comps, freeze=freeze, batch_size=2, copies=3)
+        torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=1e-10)
+        assert passes["runs"] == 6  # source and receiver per chunk of 2, 2, 1 prompts

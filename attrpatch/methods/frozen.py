@@ -116,10 +116,12 @@ def frozen_norms(spec: ModelSpec, store: dict, last: Tensor) -> list:
 
 
 def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
-                   freeze: str, metric_name: str = "logit_diff", direction: str = "denoise",
-                   copies: int = 16) -> tuple[Tensor, dict]:
-    """g(1) - g(0) of each component (mean over prompts, [component]) with ``freeze`` (FREEZES) held at the
-    receiver's values, and the passes spent {"runs", "patched_rows", "forward_equivalents"}."""
+                   freeze: str, metric_name: str = "logit_diff", direction: str = "denoise", copies: int = 16,
+                   batch_size: int | None = None) -> tuple[Tensor, dict]:
+    """g(1) - g(0) of each component (mean over prompts, [component] float64) with ``freeze`` (FREEZES) held
+    at the receiver's values, and the passes spent {"runs", "patched_rows", "forward_equivalents"}; prompts
+    in chunks of ``batch_size`` (all at once for None): a chunk holds every layer's pattern, [batch, head,
+    pos, pos] each."""
     spec, components = as_spec(model), list(components)
     check_freeze(freeze)
     check_direction(direction)
@@ -128,6 +130,17 @@ def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components:
         if c.site == "embed":
             raise ValueError(f"{c}: frozen patching resumes at a block; the embeddings are not supported")
     batch = batch.to(spec.device)
+    total = torch.zeros(len(components), dtype=torch.float64)
+    passes = {"runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            total += _frozen_chunk(spec, chunk, components, freeze, metric_name, direction, copies, passes)
+    return total / batch.n, passes
+
+
+def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], freeze: str, metric_name: str,
+                  direction: str, copies: int, passes: dict) -> Tensor:
+    """Sum over the chunk's prompts of each component's frozen effect: [component] float64."""
     source_ids, receiver_ids = batch.runs(direction)
     points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
     source: dict = {}
@@ -137,63 +150,60 @@ def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components:
             source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
         return callback
     patterns, norms = {}, {}
-    with eval_mode(spec.model), torch.no_grad():
-        with hooked([(p, keep(key)) for key, p in points.items()]):
-            source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
-        with ExitStack() as stack:  # the receiver (eager attention), recording its operating point and calls
-            stack.enter_context(qk_fix.recording(spec, lambda layer, q, k, pattern, *rest: patterns.__setitem__(
-                layer, pattern.detach())))
-            stack.enter_context(installed(recording_norms(spec, norms) if freeze == "norm" else []))
-            calls = stack.enter_context(block_calls(spec, 0))
-            receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
-        clean_logits, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
-        target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
-        base = metric(metric_name, receiver_logits, target)  # [batch]
-        out = torch.zeros(len(components), dtype=torch.float64)
-        passes = {"runs": 2.0, "patched_rows": 0.0, "forward_equivalents": 2.0}
-        order = sorted(range(len(components)), key=lambda i: components[i].layer)
-        for at in range(0, len(order), copies):
-            group = order[at:at + copies]
-            start = min(components[i].layer for i in group)
-            entries: dict = {}
-            for copy, i in enumerate(group):
-                entries.setdefault((components[i].site, components[i].layer), []).append((copy, components[i]))
-            hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, batch.n_pos))
-                     for key, found in entries.items()]
-            n = len(group)
-            with ExitStack() as stack:
-                stack.enter_context(hooked(hooks))
-                if freeze == "pattern":
-                    stack.enter_context(frozen_patterns(spec, patterns))
-                else:
-                    stack.enter_context(qk_fix.recording(spec, lambda *args: None))  # the receiver's eager masks
-                    stack.enter_context(installed(frozen_norms(spec, norms, batch.last)))
-                hidden = call_input(*calls[start])[0]
-                logits = run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last,
-                                    final_patched=True)
-            patched = metric(metric_name, logits, target.repeat(n)).view(n, batch.n)  # [copy, batch]
-            out[group] = (patched - base).double().mean(-1).cpu()
-            passes["patched_rows"] += n
-            passes["forward_equivalents"] += n * (spec.dims.n_layers - start) / spec.dims.n_layers
-    return out, passes
+    with hooked([(p, keep(key)) for key, p in points.items()]):
+        source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
+    with ExitStack() as stack:  # the receiver (eager attention), recording its operating point and calls
+        stack.enter_context(qk_fix.recording(spec, lambda layer, q, k, pattern, *rest: patterns.__setitem__(
+            layer, pattern.detach())))
+        stack.enter_context(installed(recording_norms(spec, norms) if freeze == "norm" else []))
+        calls = stack.enter_context(block_calls(spec, 0))
+        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
+    target = Target.from_clean(batch.answer, batch.wrong, clean_and_corrupt(direction, source_logits, receiver_logits)[0])
+    base = metric(metric_name, receiver_logits, target)  # [batch]
+    out = torch.zeros(len(components), dtype=torch.float64)
+    passes["runs"] += 2
+    passes["forward_equivalents"] += 2
+    order = sorted(range(len(components)), key=lambda i: components[i].layer)
+    for at in range(0, len(order), copies):
+        group = order[at:at + copies]
+        n, start = len(group), min(components[i].layer for i in group)
+        entries: dict = {}
+        for copy, i in enumerate(group):
+            entries.setdefault((components[i].site, components[i].layer), []).append((copy, components[i]))
+        with ExitStack() as stack:
+            stack.enter_context(hooked([(points[key], _patcher(points[key], source[key], found, batch.n, batch.n_pos))
+                                        for key, found in entries.items()]))
+            if freeze == "pattern":
+                stack.enter_context(frozen_patterns(spec, patterns))
+            else:
+                stack.enter_context(qk_fix.recording(spec, lambda *args: None))  # the receiver's eager masks
+                stack.enter_context(installed(frozen_norms(spec, norms, batch.last)))
+            hidden = call_input(*calls[start])[0]
+            logits = run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, final_patched=True)
+        patched = metric(metric_name, logits, target.repeat(n)).view(n, batch.n)  # [copy, batch]
+        out[group] = (patched - base).double().sum(-1).cpu()
+        passes["patched_rows"] += n
+        passes["forward_equivalents"] += n * (spec.dims.n_layers - start) / spec.dims.n_layers
+    return out
 
 
 def frozen_measurements(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
                         direction: str, metric_name: str = "logit_diff", freezes: Sequence[str] = FREEZES,
-                        copies: int | None = None) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
+                        copies: int | None = None, batch_size: int | None = None
+                        ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
     """Per freeze, (g'(0), g(1) - g(0)) of each component, [component] float64 each (mean over prompts):
     RelP's gradient with that one rule, and the frozen patched run. Also the passes spent: {"forward",
     "backward"} of the attributions and {"runs", "patched_rows", "forward_equivalents"} of the patches."""
     spec = as_spec(model)
     sites = sorted({c.site for c in components})
-    rows = copies or max(1, default_rows(spec.device, batch.n_pos) // batch.n)
+    rows = copies or max(1, default_rows(spec.device, batch.n_pos) // (batch_size or batch.n))
     out, passes = {}, {"forward": 0, "backward": 0, "runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
     for freeze in freezes:
         scores = attribute(spec, batch, sites=sites, metrics=(metric_name,), direction=direction, estimator="relp",
-                           relp_rules=(freeze,))
+                           relp_rules=(freeze,), batch_size=batch_size)
         slopes = torch.tensor([scores.score(c, metric_name) for c in components], dtype=torch.float64)
         effects, spent = frozen_effects(spec, batch, components, freeze=freeze, metric_name=metric_name,
-                                        direction=direction, copies=rows)
+                                        direction=direction, copies=rows, batch_size=batch_size)
         out[freeze] = (slopes, effects)
         for key, value in (*scores.passes.items(), *spent.items()):
             passes[key] = passes.get(key, 0) + value
