@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .analysis.baselines import check_baselines, logit_diff
-from .analysis.causes import explain
+from .analysis.causes import REMOVED, explain, removed_share
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
@@ -158,9 +158,8 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
                 fns[direction][site]["subsets"] = run.subsets(direction, site, site_plan)
         flagged = [e for e in comps[first:] if set(e["flags"]) & set(APPROX_FLAGS)]
         flagged_comps = [c for c in verified if str(c) in {e["name"] for e in flagged}]
-        large = {e["name"] for e in flagged if "large_error" in e["flags"]}
         slope = config.estimators[0] == "atp"  # AtP is f'(0): its error is the bend the causes locate
-        frozen = run.frozen(direction, [c for c in flagged_comps if str(c) in large]) if slope else {}
+        frozen = run.frozen(direction, [e for e in flagged if "large_error" in e["flags"]], flagged_comps) if slope else {}
         explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
         by_estimator[direction] = grade_estimators(plan, exact, config, est_scores, est_seconds,
                                                    run.timing["forward_s"], prompts)
@@ -302,23 +301,26 @@ class _Steps:
         effects = self.patched(f"half-{direction}", direction, flagged, (self.config.metric,), alpha=0.5)
         return {str(c): float(effects.values[i, 0]) for i, c in enumerate(flagged)}
 
-    def frozen(self, direction: str, large: list) -> dict[str, dict[str, tuple[float, float]]]:
-        """Which non-linearity carries each large AtP error: per component name, {freeze: (g'(0), g(1) -
-        g(0))} with the attention patterns / norm scales frozen at the receiver's (methods/frozen.py: one
-        RelP attribution per freeze over their sites, one resumed patched copy per component and freeze)."""
-        large = [c for c in large if c.site != "embed"]  # frozen runs resume at a block
-        if not large:
+    def frozen(self, direction: str, large: list[dict], comps: list) -> dict[str, dict[str, tuple[float, float]]]:
+        """Which non-linearity carries each large AtP error (entries ``large``, their components among
+        ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
+        receiver's, then the norm scales for the errors the patterns leave (methods/frozen.py: one RelP
+        attribution per freeze, one resumed patched copy per component and freeze)."""
+        entry = {e["name"]: e for e in large}
+        todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block
+        if not todo:
             return {}
         start, start_cpu = time.perf_counter(), time.process_time()
-        found, passes = frozen_measurements(self.spec, self.batch, large, direction=direction, metric_name=self.config.metric,
-                                            copies=self.config.copies, batch_size=self.config.batch_size)
+        found, passes = frozen_measurements(
+            self.spec, self.batch, todo, direction=direction, metric_name=self.config.metric, copies=self.config.copies,
+            batch_size=self.config.batch_size, reduce=self.reduce, explained=lambda c, freeze, slope, effect:
+            removed_share(entry[str(c)]["exact"], entry[str(c)]["approx"], slope, effect) >= REMOVED)
         self._count(passes)
         self.timing["forward_passes"] += passes["forward"]
         self.timing["frozen_forward_equivalents"] = self.timing.get("frozen_forward_equivalents", 0.0) + \
             passes["forward_equivalents"] + passes["forward"] + passes["backward"]  # a backward ~ a forward here
         self._clock(start, start_cpu)
-        found = {f: (self.reduce(slopes), self.reduce(effects)) for f, (slopes, effects) in found.items()}
-        return {str(c): {f: (float(s[i]), float(e[i])) for f, (s, e) in found.items()} for i, c in enumerate(large)}
+        return found
 
     def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
         """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
@@ -332,12 +334,14 @@ class _Steps:
         included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed)
         joint = [tuple(c for c, keep in zip(rest, row) if keep) for row in included.tolist()]
         nonempty = [i for i, items in enumerate(joint) if items]
-        effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty],
-                               (self.config.metric,))
+        effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty] + [tuple(rest)],
+                               (self.config.metric,))  # the last: every unverified component, the additivity check
         joint_effects = torch.zeros(len(joint), dtype=torch.float64)
-        joint_effects[nonempty] = effects.values[:, 0].double()
-        bound = subset_bound(included, joint_effects, scores=site_plan["approx"][self.config.metric][at])
-        return {"bound": bound.bound, "plain_bound": bound.plain, "confidence": bound.confidence,
+        joint_effects[nonempty] = effects.values[:-1, 0].double()
+        bound = subset_bound(included, joint_effects, scores=site_plan["approx"][self.config.metric][at],
+                             joint=float(effects.values[-1, 0]))
+        return {"bound": bound.bound, "plain_bound": bound.plain, "additive": bound.additive,
+                "confidence": bound.confidence,
                 "n_components": bound.n_components,
                 "n_subsets": bound.n_subsets, "detected": [str(rest[i]) for i in bound.detected[:20]],
                 "statement": bound.statement()}

@@ -114,3 +114,18 @@ def test_subset_draws_keep_every_component_on_both_sides():
     assert bool((included.sum(0) >= 2).all() and ((~included).sum(0) >= 2).all())
     with pytest.raises(ValueError, match="n_subsets must be >= 4"):
         draw_subsets(5, n_subsets=2)
+
+
+def test_redundant_components_are_refused_a_bound():
+    """Ten components that each carry the same information (any one patched, or all: effect 1, as a token's
+    residual stream across layers): subsets hide them from one another, the in-minus-out differences are
+    ~0 and X would claim them absent. The joint patch of all exposes it and the statement refuses a bound."""
+    n, redundant = 200, 10
+    included = draw_subsets(n, 20, seed=0)
+    effects = included[:, :redundant].any(1).double()  # 1 when any redundant member is in the subset
+    bound = subset_bound(included, effects, scores=torch.zeros(n), joint=1.0)
+    assert bound.bound < 1.0  # what the subsets alone would claim: wrong
+    assert not bound.additive["holds"] and bound.statement().startswith("NO BOUND: effects do not add")
+    additive = included.double() @ torch.linspace(-0.1, 0.1, n, dtype=torch.float64)  # truly additive
+    fine = subset_bound(included, additive, joint=float(torch.linspace(-0.1, 0.1, n).sum()))
+    assert fine.additive["holds"] and "checked: all jointly" in fine.statement() and "21 forwards" in fine.statement()

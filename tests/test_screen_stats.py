@@ -92,6 +92,7 @@ def test_a_component_atp_misses_gets_a_measured_cause():
     # a key acts only through the attention pattern: freezing the patterns removes AtP's whole error
     assert planted["causes"][0].startswith("attention pattern change: with the attention patterns frozen")
     assert "(100% removed)" in planted["causes"][0]
+    assert list(planted["evidence"]["frozen"]) == ["pattern"]  # explained: no norm-frozen run spent on it
     assert any(word in c for c in planted["causes"][1:] for word in ("bend near the receiver", "curvature"))
 
 
@@ -107,7 +108,7 @@ def test_subset_bound_does_not_call_a_missed_component_absent():
     assert bound["plain_bound"] >= abs(planted["exact"])  # the plain diagnostic's X, reported beside it
     assert planted["name"] in bound["detected"]
     text = summary.render(report_dict(found, model="tiny", task="random"))
-    assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(48 forwards" in text
+    assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(49 forwards" in text  # 48 subsets + all jointly
 
 
 def test_fn_subsets_needs_four_or_more():

@@ -69,20 +69,27 @@ def measured_causes(exact: float, half: float, atp: float, ig: float | None = No
     return causes or [NO_CAUSE]
 
 
+def removed_share(exact: float, atp: float, slope: float, effect: float) -> float:
+    """1 - |g'(0) - (g(1) - g(0))| / |f'(0) - (f(1) - f(0))|: the share of AtP's error a freeze removes."""
+    return 1 - abs(slope - effect) / max(abs(atp - exact), 1e-9)
+
+
 def frozen_causes(exact: float, atp: float, frozen: dict[str, tuple[float, float]],
                   removed: float = REMOVED) -> list[str]:
     """Which non-linearity carries AtP's error ``atp - exact``: ``frozen``: {freeze: (slope, effect)} of the
     same component with that part of the model held at the receiver's values (methods/frozen.py: slope =
     the gradient with it frozen, RelP with that one rule; effect = the frozen patched run). A freeze that
-    removes at least ``removed`` of the error names its non-linearity, with both errors."""
+    removes at least ``removed`` of the error names its non-linearity, with both errors and the split of the
+    effect: f(1) - g(1) went through that change, f'(0) - g'(0) is AtP's linear estimate of that part."""
     error = atp - exact
     causes = []
     for name, (slope, effect) in frozen.items():
         left = slope - effect
-        share = 1 - abs(left) / max(abs(error), 1e-9)
+        share = removed_share(exact, atp, slope, effect)
         if share >= removed:
             causes.append(f"{FREEZE_WORDS[name]}: with {FROZEN_WHAT[name]} frozen at the receiver's, AtP's error "
-                          f"{error:+.3g} falls to {left:+.3g} ({share:.0%} removed)")
+                          f"{error:+.3g} falls to {left:+.3g} ({share:.0%} removed); the effect through that change "
+                          f"is {exact - effect:+.3g}, AtP's linear estimate of it {atp - slope:+.3g}")
     if frozen and not causes:
         causes.append("neither frozen non-linearity carries it: AtP's error " + f"{error:+.3g} is " + ", ".join(
             f"{slope - effect:+.3g} with {FROZEN_WHAT[name]} frozen" for name, (slope, effect) in frozen.items())

@@ -31,7 +31,12 @@ With confidence ``confidence`` (normal approximation, Bonferroni over the n comp
 max_c of the bound, z = Phi^-1(1 - (1 - confidence) / (2n)). Components whose interval (a_c + d_c^R
 +- z se_c^R) excludes 0 are reported as detected. The bound is as good as the additivity: interactions
 between components of one subset are noise here, and make se_c, so X, larger rather than wrong in
-expectation. Pure functions: the caller patches (``patch(model, batch, [tuple(subset) ...])``).
+expectation, but only while they are interactions of a few: where components are REDUNDANT (the same
+information at many layers, e.g. a token's residual stream, where patching any one of them or all of them
+gives the same effect) E_s barely varies, d_c is near 0 for every member and the "bound" is wrong however
+many subsets are drawn. ``additivity`` checks it with one more forward, every unverified component patched
+jointly: additive effects give E_all = sum_c e_c, which the subsets predict as mean(E_s) / p.
+Pure functions: the caller patches (``patch(model, batch, [tuple(subset) ...])``).
 """
 
 import math
@@ -52,13 +57,36 @@ class SubsetBound:
     errors: Tensor = field(repr=False)  # se_c [component]
     detected: list[int] = field(default_factory=list)  # components whose interval excludes 0, largest first
     plain: float = math.nan  # X of the plain diagnostic (no control variate), for comparison
+    additive: dict | None = None  # the additivity check (``additivity``), when the joint patch of all was run
 
     def statement(self) -> str:
         how = "" if self.plain != self.plain else (f", the estimator's scores as a control variate (without: "
                                                     f"{self.plain:.3g})")
+        check = self.additive
+        if check is not None and not check["holds"]:
+            return (f"NO BOUND: effects do not add within a subset here (all {self.n_components} unverified "
+                    f"patched jointly: {check['joint']:+.3g}; the {self.n_subsets} subsets imply "
+                    f"{check['implied']:+.3g} +- {check['se']:.2g}): redundant components hide one another, and "
+                    f"the subsets' X = {self.bound:.3g} would not hold")
         return (f"with {self.confidence:.0%} confidence no unverified component's effect exceeds "
-                f"{self.bound:.3g} ({self.n_subsets} forwards of joint patches over {self.n_components} "
-                f"components{how}; assumes effects add within a subset)")
+                f"{self.bound:.3g} ({self.n_subsets + (check is not None)} forwards of joint patches over "
+                f"{self.n_components} components{how}; assumes effects add within a subset"
+                + ("" if check is None else f", checked: all jointly {check['joint']:+.3g}, implied "
+                                             f"{check['implied']:+.3g}") + ")")
+
+
+def additivity(included: Tensor, effects: Tensor, joint: float, z: float = 3.0) -> dict:
+    """Do the effects add? included [subset, component] bool, effects [subset]; joint: the effect of every
+    component patched at once. Additive effects give joint = sum_c e_c and mean_s(E_s) = sum_c f_c e_c with
+    f_c ~ p (the inclusion fractions), so mean(E_s) / p predicts ``joint``; its standard error,
+    std(E_s) / (p sqrt(S)), is doubled in variance for the spread of f_c around p. ``holds``: within ``z``
+    of them (or within 1% of |joint|)."""
+    e = effects.double()
+    p = float(included.double().mean())
+    implied = float(e.mean()) / p
+    se = float(e.std()) / (p * math.sqrt(len(e))) * math.sqrt(2)
+    holds = abs(implied - joint) <= z * se + 0.01 * abs(joint)
+    return {"joint": float(joint), "implied": implied, "se": se, "holds": bool(holds)}
 
 
 def draw_subsets(n_components: int, n_subsets: int, p: float = 0.5, seed: int = 0) -> Tensor:
@@ -89,9 +117,10 @@ def _difference(m: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def subset_bound(included: Tensor, effects: Tensor, confidence: float = 0.95,
-                 scores: Tensor | None = None) -> SubsetBound:
+                 scores: Tensor | None = None, joint: float | None = None) -> SubsetBound:
     """included [subset, component] bool, effects [subset] (joint exact effect of each subset); scores
-    [component]: the estimator's score of each component (the control variate; None: the plain bound)."""
+    [component]: the estimator's score of each component (the control variate; None: the plain bound);
+    joint: the effect of all components patched at once (the additivity check; None: not checked)."""
     if included.shape[0] != effects.shape[0]:
         raise ValueError(f"included has {included.shape[0]} subsets but effects has {effects.shape[0]}")
     if scores is not None and scores.shape != included.shape[1:]:
@@ -112,4 +141,5 @@ def subset_bound(included: Tensor, effects: Tensor, confidence: float = 0.95,
     detected = sorted(significant, key=lambda c: -abs(float(estimates[c])))
     return SubsetBound(bound=float(upper.max()) if n else math.nan, confidence=confidence, n_components=n,
                        n_subsets=included.shape[0], estimates=estimates, errors=errors, detected=detected,
-                       plain=plain if scores is not None else math.nan)
+                       plain=plain if scores is not None else math.nan,
+                       additive=None if joint is None else additivity(included, effects, joint))

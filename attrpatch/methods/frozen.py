@@ -189,22 +189,30 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
 
 def frozen_measurements(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
                         direction: str, metric_name: str = "logit_diff", freezes: Sequence[str] = FREEZES,
-                        copies: int | None = None, batch_size: int | None = None
-                        ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict]:
-    """Per freeze, (g'(0), g(1) - g(0)) of each component, [component] float64 each (mean over prompts):
-    RelP's gradient with that one rule, and the frozen patched run. Also the passes spent: {"forward",
+                        copies: int | None = None, batch_size: int | None = None, explained=None,
+                        reduce=lambda t: t) -> tuple[dict[str, dict[str, tuple[float, float]]], dict]:
+    """Per component (by name), per freeze, (g'(0), g(1) - g(0)) (mean over prompts): RelP's gradient with
+    that one rule, and the frozen patched run. ``freezes`` run in order; ``explained(component, freeze,
+    slope, effect)`` True leaves the component out of the later freezes (None: every freeze measures every
+    component). reduce: the mean over ranks of a local [component] mean. Also the passes spent: {"forward",
     "backward"} of the attributions and {"runs", "patched_rows", "forward_equivalents"} of the patches."""
     spec = as_spec(model)
-    sites = sorted({c.site for c in components})
     rows = copies or max(1, default_rows(spec.device, batch.n_pos) // (batch_size or batch.n))
-    out, passes = {}, {"forward": 0, "backward": 0, "runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
+    out: dict = {str(c): {} for c in components}
+    passes = {"forward": 0, "backward": 0, "runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
+    todo = list(components)
     for freeze in freezes:
-        scores = attribute(spec, batch, sites=sites, metrics=(metric_name,), direction=direction, estimator="relp",
-                           relp_rules=(freeze,), batch_size=batch_size)
-        slopes = torch.tensor([scores.score(c, metric_name) for c in components], dtype=torch.float64)
-        effects, spent = frozen_effects(spec, batch, components, freeze=freeze, metric_name=metric_name,
+        if not todo:
+            break
+        scores = attribute(spec, batch, sites=sorted({c.site for c in todo}), metrics=(metric_name,),
+                           direction=direction, estimator="relp", relp_rules=(freeze,), batch_size=batch_size)
+        slopes = reduce(torch.tensor([scores.score(c, metric_name) for c in todo], dtype=torch.float64))
+        effects, spent = frozen_effects(spec, batch, todo, freeze=freeze, metric_name=metric_name,
                                         direction=direction, copies=rows, batch_size=batch_size)
-        out[freeze] = (slopes, effects)
+        effects = reduce(effects)
         for key, value in (*scores.passes.items(), *spent.items()):
             passes[key] = passes.get(key, 0) + value
+        for i, c in enumerate(todo):
+            out[str(c)][freeze] = (float(slopes[i]), float(effects[i]))
+        todo = [c for i, c in enumerate(todo) if not (explained and explained(c, freeze, *out[str(c)][freeze]))]
     return out, passes
