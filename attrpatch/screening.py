@@ -331,7 +331,8 @@ class _Steps:
         rest = [site_plan["all"][j] for j in at]
         if len(rest) < 2:
             return None
-        included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed)
+        included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed,
+                                antithetic=self.config.fn_subsets % 2 == 0)
         joint = [tuple(c for c, keep in zip(rest, row) if keep) for row in included.tolist()]
         nonempty = [i for i, items in enumerate(joint) if items]
         effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty] + [tuple(rest)],

@@ -121,11 +121,20 @@ def test_redundant_components_are_refused_a_bound():
     residual stream across layers): subsets hide them from one another, the in-minus-out differences are
     ~0 and X would claim them absent. The joint patch of all exposes it and the statement refuses a bound."""
     n, redundant = 200, 10
-    included = draw_subsets(n, 20, seed=0)
-    effects = included[:, :redundant].any(1).double()  # 1 when any redundant member is in the subset
-    bound = subset_bound(included, effects, scores=torch.zeros(n), joint=1.0)
-    assert bound.bound < 1.0  # what the subsets alone would claim: wrong
-    assert not bound.additive["holds"] and bound.statement().startswith("NO BOUND: effects do not add")
-    additive = included.double() @ torch.linspace(-0.1, 0.1, n, dtype=torch.float64)  # truly additive
-    fine = subset_bound(included, additive, joint=float(torch.linspace(-0.1, 0.1, n).sum()))
-    assert fine.additive["holds"] and "checked: all jointly" in fine.statement() and "21 forwards" in fine.statement()
+    for antithetic in (False, True):
+        included = draw_subsets(n, 20, seed=0, antithetic=antithetic)
+        effects = included[:, :redundant].any(1).double()  # 1 when any redundant member is in the subset
+        bound = subset_bound(included, effects, scores=torch.zeros(n), joint=1.0)
+        assert bound.bound < 1.0  # what the subsets alone would claim: wrong
+        assert not bound.additive["holds"] and bound.statement().startswith("NO BOUND: effects do not add")
+        effect = torch.linspace(-0.1, 0.1, n, dtype=torch.float64)
+        fine = subset_bound(included, included.double() @ effect, joint=float(effect.sum()))  # truly additive
+        assert fine.additive["holds"] and "checked: all jointly" in fine.statement() and "21 forwards" in fine.statement()
+    assert bound.additive["implied"] > 1.9  # every complement pair sums to ~2 where all of them give 1
+
+
+def test_antithetic_subsets_pair_each_with_its_complement():
+    included = draw_subsets(30, 8, seed=2, antithetic=True)
+    assert bool((included[4:] == ~included[:4]).all()) and bool((included.sum(0) == 4).all())
+    with pytest.raises(ValueError, match="n_subsets must be even and p 0.5, got 7 and 0.5"):
+        draw_subsets(30, 7, antithetic=True)

@@ -35,7 +35,8 @@ expectation, but only while they are interactions of a few: where components are
 information at many layers, e.g. a token's residual stream, where patching any one of them or all of them
 gives the same effect) E_s barely varies, d_c is near 0 for every member and the "bound" is wrong however
 many subsets are drawn. ``additivity`` checks it with one more forward, every unverified component patched
-jointly: additive effects give E_all = sum_c e_c, which the subsets predict as mean(E_s) / p.
+jointly: additive effects give E_all = sum_c e_c; with antithetic subsets (each drawn with its complement,
+which also makes every component's in/out split exactly even) every pair must give E_s + E_(not s) = E_all.
 Pure functions: the caller patches (``patch(model, batch, [tuple(subset) ...])``).
 """
 
@@ -77,26 +78,41 @@ class SubsetBound:
 
 def additivity(included: Tensor, effects: Tensor, joint: float, z: float = 3.0) -> dict:
     """Do the effects add? included [subset, component] bool, effects [subset]; joint: the effect of every
-    component patched at once. Additive effects give joint = sum_c e_c and mean_s(E_s) = sum_c f_c e_c with
-    f_c ~ p (the inclusion fractions), so mean(E_s) / p predicts ``joint``; its standard error,
-    std(E_s) / (p sqrt(S)), is doubled in variance for the spread of f_c around p. ``holds``: within ``z``
-    of them (or within 1% of |joint|)."""
-    e = effects.double()
-    p = float(included.double().mean())
-    implied = float(e.mean()) / p
-    se = float(e.std()) / (p * math.sqrt(len(e))) * math.sqrt(2)
-    holds = abs(implied - joint) <= z * se + 0.01 * abs(joint)
+    component patched at once. Antithetic draws (the second half of the subsets the complements of the first,
+    ``draw_subsets(antithetic=True)``): additive effects give E_s + E_(not s) = joint for every pair, so
+    ``implied`` = their mean and ``se`` its standard error over pairs. Otherwise mean(E_s) / p predicts
+    joint (se: std(E_s) / (p sqrt(S)), doubled in variance for the spread of inclusion fractions around p).
+    ``holds``: implied within ``z`` se of joint, or within 5% of |joint|."""
+    e, half = effects.double(), len(effects) // 2
+    if len(e) % 2 == 0 and bool((included[half:] == ~included[:half]).all()):
+        pairs = e[:half] + e[half:]  # [pair]
+        implied, se = float(pairs.mean()), float(pairs.std()) / math.sqrt(half)
+    else:
+        p = float(included.double().mean())
+        implied = float(e.mean()) / p
+        se = float(e.std()) / (p * math.sqrt(len(e))) * math.sqrt(2)
+    holds = abs(implied - joint) <= z * se + 0.05 * abs(joint)
     return {"joint": float(joint), "implied": implied, "se": se, "holds": bool(holds)}
 
 
-def draw_subsets(n_components: int, n_subsets: int, p: float = 0.5, seed: int = 0) -> Tensor:
+def draw_subsets(n_components: int, n_subsets: int, p: float = 0.5, seed: int = 0,
+                 antithetic: bool = False) -> Tensor:
     """[subset, component] bool: each component in each subset with probability p; every component is
-    in at least one subset and out of at least one (redrawn columns otherwise)."""
+    in at least one subset and out of at least one (redrawn columns otherwise). antithetic: the second half
+    of the subsets are the complements of the first (n_subsets even, p = 0.5): every component is in
+    exactly half of them, and each pair checks additivity (``additivity``)."""
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if n_subsets < 4:
         raise ValueError(f"n_subsets must be >= 4 to estimate a variance on both sides, got {n_subsets}")
+    if antithetic:
+        if n_subsets % 2 or p != 0.5:
+            raise ValueError(f"antithetic subsets pair each subset with its complement: n_subsets must be even "
+                             f"and p 0.5, got {n_subsets} and {p}")
     g = torch.Generator().manual_seed(seed)
+    if antithetic:
+        first = torch.rand(n_subsets // 2, n_components, generator=g) < p
+        return torch.cat([first, ~first])
     included = torch.rand(n_subsets, n_components, generator=g) < p
     for _ in range(100):
         bad = (included.sum(0) < 2) | ((~included).sum(0) < 2)
