@@ -67,13 +67,20 @@ class SubsetBound:
         if check is not None and not check["holds"]:
             return (f"NO BOUND: effects do not add within a subset here (all {self.n_components} unverified "
                     f"patched jointly: {check['joint']:+.3g}; the {self.n_subsets} subsets imply "
-                    f"{check['implied']:+.3g} +- {check['se']:.2g}): redundant components hide one another, and "
-                    f"the subsets' X = {self.bound:.3g} would not hold")
+                    f"{check['implied']:+.3g} +- {check['se']:.2g}): {_kind(check)}, and the subsets' X = "
+                    f"{self.bound:.3g} is not a bound")
         return (f"with {self.confidence:.0%} confidence no unverified component's effect exceeds "
                 f"{self.bound:.3g} ({self.n_subsets + (check is not None)} forwards of joint patches over "
                 f"{self.n_components} components{how}; assumes effects add within a subset"
                 + ("" if check is None else f", checked: all jointly {check['joint']:+.3g}, implied "
                                              f"{check['implied']:+.3g}") + ")")
+
+
+def _kind(check: dict) -> str:
+    """Subsets that imply more than the joint effect: redundancy (any one gives it); less: synergy."""
+    more = abs(check["implied"]) > abs(check["joint"])
+    return ("redundant components (any one of them gives the effect) hide one another" if more else
+            "components act together (the joint effect exceeds what the halves add up to)")
 
 
 def additivity(included: Tensor, effects: Tensor, joint: float, z: float = 3.0) -> dict:
