@@ -8,9 +8,10 @@ what AtP missed). Every metric is read from the same patched forward passes.
 Per prompt pair, scores and exact effects of the verified components are kept (all ranks gathered, and
 checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
-(analysis/causes.py), and each large AtP error two more, with the attention patterns or the norm scales
-frozen at the receiver's (methods/frozen.py); ``fn_subsets`` adds joint patches of random subsets of each
-site's unverified components, read with the estimator's scores as a control variate (analysis/subsets.py).
+(analysis/causes.py), and each large AtP error one with the attention patterns frozen at the receiver's
+(a second, norm scales frozen, where that leaves half the error; methods/frozen.py); ``fn_subsets`` adds
+joint patches of random subsets of each site's unverified components, read with the estimator's scores as
+a control variate, and of all of them, the additivity check (analysis/subsets.py).
 """
 
 import time
