@@ -8,8 +8,10 @@ what AtP missed). Every metric is read from the same patched forward passes.
 Per prompt pair, scores and exact effects of the verified components are kept (all ranks gathered, and
 checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
-(analysis/causes.py); ``fn_subsets`` adds joint patches of random subsets of each site's unverified
-components (analysis/subsets.py).
+(analysis/causes.py), and each large AtP error one with the attention patterns frozen at the receiver's
+(a second, norm scales frozen, where that leaves half the error; methods/frozen.py); ``fn_subsets`` adds
+joint patches of random subsets of each site's unverified components, read with the estimator's scores as
+a control variate, and of all of them, the additivity check (analysis/subsets.py).
 
 ``ablation`` (zero | mean | resample) replaces the corrupt run as the source: every score and exact effect is
 against that ablation of the clean run, noising only (methods/ablation.py).
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .analysis.baselines import check_baselines, logit_diff
-from .analysis.causes import explain
+from .analysis.causes import REMOVED, explain, removed_share
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
@@ -39,6 +41,7 @@ from .inputs.directions import DIRECTIONS, check_direction
 from .methods.ablation import check_ablation
 from .methods.attribution import ESTIMATORS, Scores, attribute, check_estimator
 from .methods.diagnostics import activation_change, attention_stats
+from .methods.frozen import frozen_measurements
 from .methods.patching import Effects, patch
 from .model.sites import RESID_LIKE, SITES, as_spec, check_site
 from .output.checkpoint import Progress
@@ -163,7 +166,11 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             if config.fn_subsets:
                 fns[direction][site]["subsets"] = run.subsets(direction, site, site_plan)
         flagged = [e for e in comps[first:] if set(e["flags"]) & set(APPROX_FLAGS)]
-        explain(flagged, run.half(direction, [c for c in verified if str(c) in {e["name"] for e in flagged}]))
+        flagged_comps = [c for c in verified if str(c) in {e["name"] for e in flagged}]
+        slope = config.estimators[0] == "atp"  # AtP is f'(0): its error is the bend the causes locate
+        large = [e for e in flagged if "large_error" in e["flags"]]
+        frozen = run.frozen(direction, large, flagged_comps) if slope and not config.ablation else {}
+        explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
         by_estimator[direction] = grade_estimators(plan, exact, config, est_scores, est_seconds,
                                                    run.timing["forward_s"], prompts)
     mark_cross_flags(comps, config.metric)
@@ -307,24 +314,46 @@ class _Steps:
         effects = self.patched(f"half-{direction}", direction, flagged, (self.config.metric,), alpha=0.5)
         return {str(c): float(effects.values[i, 0]) for i, c in enumerate(flagged)}
 
+    def frozen(self, direction: str, large: list[dict], comps: list) -> dict[str, dict[str, tuple[float, float]]]:
+        """Which non-linearity carries each large AtP error (entries ``large``, their components among
+        ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
+        receiver's, then the norm scales for the errors the patterns leave (methods/frozen.py: one RelP
+        attribution per freeze, one resumed patched copy per component and freeze)."""
+        entry = {e["name"]: e for e in large}
+        todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block
+        if not todo:
+            return {}
+        start, start_cpu = time.perf_counter(), time.process_time()
+        found, passes = frozen_measurements(
+            self.spec, self.batch, todo, direction=direction, metric_name=self.config.metric, copies=self.config.copies,
+            batch_size=self.config.batch_size, reduce=self.reduce, explained=lambda c, freeze, slope, effect:
+            removed_share(entry[str(c)]["exact"], entry[str(c)]["approx"], slope, effect) >= REMOVED)
+        self._count(passes)
+        self.timing["forward_passes"] += passes["forward"]
+        self.timing["frozen_forward_equivalents"] = self.timing.get("frozen_forward_equivalents", 0.0) + \
+            passes["forward_equivalents"] + passes["forward"] + passes["backward"]  # a backward ~ a forward here
+        self._clock(start, start_cpu)
+        return found
+
     def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
         """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
-        patches of random halves of them (analysis/subsets.py)."""
+        patches of random halves of them, the estimator's scores as a control variate (analysis/subsets.py;
+        ``plain_bound``: without it)."""
         verified = set(site_plan["verified"])
-        rest = [c for c in site_plan["all"] if c not in verified]
+        at = [j for j, c in enumerate(site_plan["all"]) if c not in verified]
+        rest = [site_plan["all"][j] for j in at]
         if len(rest) < 2:
             return None
-        included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed)
+        included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed,
+                                antithetic=self.config.fn_subsets % 2 == 0)
         joint = [tuple(c for c, keep in zip(rest, row) if keep) for row in included.tolist()]
         nonempty = [i for i, items in enumerate(joint) if items]
-        effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty],
-                               (self.config.metric,))
+        effects = self.patched(f"subsets-{direction}-{site}", direction, [joint[i] for i in nonempty] + [tuple(rest)],
+                               (self.config.metric,))  # the last: every unverified component, the additivity check
         joint_effects = torch.zeros(len(joint), dtype=torch.float64)
-        joint_effects[nonempty] = effects.values[:, 0].double()
-        bound = subset_bound(included, joint_effects)
-        return {"bound": bound.bound, "confidence": bound.confidence, "n_components": bound.n_components,
-                "n_subsets": bound.n_subsets, "detected": [str(rest[i]) for i in bound.detected[:20]],
-                "statement": bound.statement()}
+        joint_effects[nonempty] = effects.values[:-1, 0].double()
+        return subset_bound(included, joint_effects, scores=site_plan["approx"][self.config.metric][at],
+                            joint=float(effects.values[-1, 0])).to_dict([str(c) for c in rest])
 
     def _count(self, passes: dict) -> None:
         """Add one patch call's passes to the screen's tally (its source and receiving runs included)."""
@@ -343,7 +372,6 @@ class _Steps:
                                                                       self.config.ablation))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
-
 
     def condense(self, scores: Scores) -> tuple[Scores, dict]:
         """Mean scores with ``prompts`` -> (the all-rank mean scores, {metric: {site: [component, batch]}} of all

@@ -6,6 +6,11 @@ positions), both directions, logit difference. For each estimator and site: Pear
 pairs, and the cost (passes, and seconds as a multiple of one plain no-grad forward of the same batch).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python3 scripts/estimators_real.py [--pairs 8] [--out docs/estimators.md]
+    PYTHONPATH=. python3 scripts/estimators_real.py --from-json docs/estimators.json   # tables only, no model
+
+The measured numbers go to OUT's .json; the tables and the verdict on the goal (an estimator within AtP's
+budget, <= BUDGET forward-equivalents counting a backward as two forwards, with Pearson >= GOAL on every site
+in both directions) are written between the BEGIN and END markers of OUT, the rest of OUT is left as it is.
 
 IOI pairs come from ONE template ("When ...") and one token length, so a position means the same token in
 every pair. Needs the model folder ~/.cache/attrpatch/smollm2-135m-instruct (a plain HF folder).
@@ -22,13 +27,16 @@ import torch
 
 import attrpatch as ap
 from attrpatch.analysis.agreement import tolerance
-from attrpatch.analysis.intervals import agreement_intervals
+from attrpatch.analysis.intervals import Interval, agreement_intervals
 from attrpatch.engine.forward import forward_last
 from attrpatch.model.sites import components
 
 MODEL = Path.home() / ".cache/attrpatch/smollm2-135m-instruct"
 SITES = ("resid_pre", "attn_out", "mlp_out", "head")
 K = 10
+GOAL, BUDGET = 0.95, 5  # Pearson on every site and direction; forwards + 2 x backwards per direction
+BEGIN = "<!-- estimators_real.py: begin (generated, do not edit by hand) -->"
+END = "<!-- estimators_real.py: end -->"
 # name -> attribute() options; atp_star equals graddrop here (no q/k sites: its QK fix has nothing to fix)
 ESTIMATORS = {
     "atp": {"estimator": "atp"},
@@ -106,12 +114,65 @@ def table(results: dict, stat: str) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--boot", type=int, default=1000)
-    parser.add_argument("--out", default="docs/estimators.md")
-    args = parser.parse_args()
+def passes_cost(cost: dict) -> int:
+    """Forward-equivalents of an estimator's passes: a backward counted as two forwards."""
+    return cost["forward"] + 2 * cost["backward"]
+
+
+def verdict(results: dict) -> list[str]:
+    """Which estimators within BUDGET reach Pearson >= GOAL on every site in both directions, and where
+    each misses, with the numbers; the cheapest that reaches it at any cost."""
+    def misses(name):
+        return [f"{d[:2]}. {s} {p.value:.3f} [{p.low:.2f}, {p.high:.2f}]" for d in ap.DIRECTIONS for s in SITES
+                if (p := results[d][name][s]["pearson"]).value < GOAL]
+    cheap = [n for n in ESTIMATORS if passes_cost(results[ap.DIRECTIONS[0]][n]["cost"]) <= BUDGET]
+    hits = [n for n in cheap if not misses(n)]
+    lines = [f"**Goal: an estimator within AtP's budget (<= {BUDGET} forward-equivalents per direction, a backward "
+             f"counted as two forwards) with Pearson >= {GOAL} on every site in both directions.** "
+             + (f"Reached by: {', '.join(hits)}." if hits else "**Missed: no estimator within the budget reaches it.**"),
+             ""]
+    for n in cheap:
+        lines.append(f"- {n} ({passes_cost(results[ap.DIRECTIONS[0]][n]['cost'])} forward-equivalents): "
+                     + ("every site >= the goal" if not misses(n) else "below the goal on " + "; ".join(misses(n))))
+    reach = sorted((passes_cost(results[ap.DIRECTIONS[0]][n]["cost"]), n) for n in ESTIMATORS if not misses(n))
+    if reach:
+        lines.append(f"- the cheapest that reaches it: {reach[0][1]} ({reach[0][0]} forward-equivalents)")
+    return lines + [""]
+
+
+def section(results: dict, meta: dict) -> str:
+    """The generated markdown: the run's description, the goal's verdict, one table per statistic, the
+    exact sweep's cost."""
+    lines = [f"{meta['pairs']} pairs x {meta['n_pos']} tokens, e.g. {meta['example']}; {meta['components']} "
+             f"components per direction; one plain forward {meta['forward_s'] * 1e3:.0f} ms", "", *verdict(results)]
+    for stat in ("pearson", "spearman", "recall_at_k"):
+        lines += [f"### {stat} with exact (95% bootstrap interval over pairs)", "", *table(results, stat), ""]
+    for d in ap.DIRECTIONS:
+        lines.append(f"Exact sweep, {d}: {results[d]['exact']['forward_equivalents']:.0f}x one forward.")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace what lies between BEGIN and END in ``path`` by ``text`` (a new file: the markers and text)."""
+    old = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"{path} has no {BEGIN!r} ... {END!r} markers; add them where the tables belong")
+    head, rest = old.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(results with Intervals, meta) from a JSON this script wrote."""
+    raw = json.loads(path.read_text())
+    meta = raw.pop("meta")
+    results = {d: {name: {k: (v if k in ("cost", "seconds") or name == "exact" or not isinstance(v, dict)
+                              else {stat: Interval(**i) for stat, i in v.items()}) for k, v in row.items()}
+                   for name, row in per.items()} for d, per in raw.items()}
+    return results, meta
+
+
+def run(args) -> tuple[dict, dict]:
+    """Measure on the model: (results, meta)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
@@ -122,18 +183,24 @@ def main() -> None:
     fwd = forward_seconds(spec, batch)
     sweep = swept(spec.dims, batch.n_pos)
     results = {d: measure(model, batch, d, sweep, fwd, args.boot) for d in ap.DIRECTIONS}
-    lines = [f"{len(pairs)} pairs x {batch.n_pos} tokens, e.g. {pairs[0].clean!r} -> {pairs[0].answer!r}; "
-             f"{sum(len(c) for c in sweep.values())} components per direction; one plain forward {fwd * 1e3:.0f} ms",
-             ""]
-    for stat in ("pearson", "spearman", "recall_at_k"):
-        lines += [f"### {stat} with exact (95% bootstrap interval over pairs)", "", *table(results, stat), ""]
-    for d in ap.DIRECTIONS:
-        lines.append(f"Exact sweep, {d}: {results[d]['exact']['forward_equivalents']:.0f}x one forward.")
-    text = "\n".join(lines)
-    print(text)
+    meta = {"pairs": len(pairs), "n_pos": batch.n_pos, "example": f"{pairs[0].clean!r} -> {pairs[0].answer!r}",
+            "components": sum(len(c) for c in sweep.values()), "forward_s": fwd}
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        results, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o), indent=1))
-    Path(args.out).write_text(text + "\n")
+        {**results, "meta": meta}, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o), indent=1))
+    return results, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--boot", type=int, default=1000)
+    parser.add_argument("--out", default="docs/estimators.md")
+    parser.add_argument("--from-json", help="rewrite the tables from this script's saved JSON (no model run)")
+    args = parser.parse_args()
+    results, meta = load(Path(args.from_json)) if args.from_json else run(args)
+    text = section(results, meta)
+    print(text)
+    write_section(Path(args.out), text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.analysis.causes import NO_CAUSE, measured_causes
+from attrpatch.analysis.causes import NO_CAUSE, frozen_causes, measured_causes
 from attrpatch.output import summary
 from attrpatch.output.report import report_dict
 from attrpatch.screening import ScreenConfig, screen
@@ -57,11 +57,16 @@ def test_every_flagged_component_has_a_measured_half_patch(result):
         assert math.isfinite(c["evidence"]["half_effect"])
         measured = measured_causes(c["exact"], c["evidence"]["half_effect"], c["approx"],
                                    c["approx_estimators"]["ig"])
+        if "frozen" in c["evidence"]:  # which non-linearity carries it comes first (a large AtP error)
+            frozen = frozen_causes(c["exact"], c["approx"], c["evidence"]["frozen"])
+            assert "large_error" in c["flags"] and frozen and c["causes"][:len(frozen)] == frozen
+            measured = frozen + [m for m in measured if m != NO_CAUSE]
         if measured == [NO_CAUSE]:  # nothing measured: the evidence-based causes, or NO_CAUSE, lead
             assert c["causes"] and NO_CAUSE not in c["causes"][1:]
         else:  # the measured causes lead, each with its number
             assert c["causes"][:len(measured)] == measured and NO_CAUSE not in c["causes"]
-    assert any(c["causes"][0].startswith(("curvature", "non-linearity", "interaction")) for c in flagged)
+    assert any(c["causes"][0].startswith(("curvature", "bend", "non-linearity", "interaction")) for c in flagged)
+    assert any("frozen" in c["evidence"] for c in flagged)
 
 
 def test_report_states_intervals_causes_and_a_recommendation(result):
@@ -84,8 +89,11 @@ def test_a_component_atp_misses_gets_a_measured_cause():
     planted = max(found.components, key=lambda c: abs(c["exact"]))
     assert abs(planted["approx"]) < 1e-3 and abs(planted["exact"]) > 0.1
     assert "missed" in planted["flags"] or "large_error" in planted["flags"]
-    measured = planted["causes"][0]
-    assert measured != NO_CAUSE and any(word in measured for word in ("curvature", "path", "interaction"))
+    # a key acts only through the attention pattern: freezing the patterns removes AtP's whole error
+    assert planted["causes"][0].startswith("attention pattern change: with the attention patterns frozen")
+    assert "(100% removed)" in planted["causes"][0]
+    assert list(planted["evidence"]["frozen"]) == ["pattern"]  # explained: no norm-frozen run spent on it
+    assert any(word in c for c in planted["causes"][1:] for word in ("bend near the receiver", "curvature"))
 
 
 def test_subset_bound_does_not_call_a_missed_component_absent():
@@ -97,9 +105,10 @@ def test_subset_bound_does_not_call_a_missed_component_absent():
     assert abs(planted["exact"]) > 0.1
     bound = found.false_negatives["denoise"]["k"]["subsets"]
     assert bound["bound"] >= abs(planted["exact"]) and bound["n_subsets"] == 48
+    assert bound["plain_bound"] >= abs(planted["exact"])  # the plain diagnostic's X, reported beside it
     assert planted["name"] in bound["detected"]
     text = summary.render(report_dict(found, model="tiny", task="random"))
-    assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(48 forwards" in text
+    assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(49 forwards" in text  # 48 subsets + all jointly
 
 
 def test_fn_subsets_needs_four_or_more():
