@@ -2,7 +2,7 @@
 
 import math
 
-from ..analysis.causes import NO_CAUSE
+from ..analysis.causes import FREEZE_WORDS, NO_CAUSE, REMOVED, removed_share
 from ..analysis.flags import APPROX_FLAGS
 from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import QUESTION
@@ -148,13 +148,23 @@ def _subset_words(fns: dict) -> list[str]:
 
 
 def _no_cause_words(comps: list[dict]) -> list[str]:
-    """The share of large errors whose measured causes (half patch, IG) and evidence name nothing."""
+    """The share of large errors whose measured causes and evidence name nothing, and which non-linearity the
+    frozen runs (analysis/causes.py frozen_causes) found carrying them."""
     large = [c for c in comps if "large_error" in c["flags"]]
     if not large:
         return []
     unexplained = sum(c["causes"][:1] == [NO_CAUSE] for c in large)
-    return [f"Measured causes (curvature from a half patch e(1/2), IG when run, the activation evidence): "
-            f"{unexplained} of {len(large)} large errors ({unexplained / len(large):.0%}) have no cause found.", ""]
+    carried = {}
+    for c in large:
+        frozen = c["evidence"].get("frozen") or {}
+        named = [FREEZE_WORDS[k] for k, (slope, effect) in frozen.items()
+                 if removed_share(c["exact"], c["approx"], slope, effect) >= REMOVED]
+        key = named[0] if named else "neither frozen part" if frozen else "not measured frozen"
+        carried[key] = carried.get(key, 0) + 1
+    return [f"Measured causes (where the bend lies, from a half patch e(1/2); which non-linearity carries it, "
+            f"from patched runs with the attention patterns or norm scales frozen; IG when run): {unexplained} "
+            f"of {len(large)} large errors ({unexplained / len(large):.0%}) have no cause found; carried by "
+            + ", ".join(f"{k} {n}" for k, n in sorted(carried.items(), key=lambda kv: -kv[1])) + ".", ""]
 
 
 def _fn_words(fn: dict) -> str:
