@@ -178,6 +178,7 @@ class _Steps:
         self.n_local, self.n_total = self.batch.n, distributed.total(self.batch.n)
         self.timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 2.0}
         self.prompts: dict = {}  # direction -> estimator -> metric -> site -> [component, batch] (all ranks)
+        self.runs: dict = {}  # the source and receiving runs that patch calls and diagnostics share
 
     def gather(self, value):
         """All ranks' per-prompt values of [.., batch] (the last axis) concatenated in prompt order."""
@@ -240,6 +241,7 @@ class _Steps:
         {component: [metric, batch]}}; one saved step per site, the unsaved sites in one shared patch call."""
         start, start_cpu = time.perf_counter(), time.process_time()
         exact, per_prompt, todo = {}, {}, {}
+        self.runs = {}  # one direction's runs at a time: verification, diagnostics and half patches share them
         for site, site_plan in plan.items():
             effects = self.progress.effects(f"exact-{direction}-{site}", site_plan["verified"])
             if effects is None or effects.per_prompt is None:
@@ -265,7 +267,8 @@ class _Steps:
         """One patch call, reduced over ranks, with every rank's per-prompt effects, counted."""
         config = self.config
         effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
-                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress)
+                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress,
+                        runs=self.runs)
         effects.values = self.reduce(effects.values)
         effects.receiver_metric = self.reduce(effects.receiver_metric)
         effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
@@ -328,7 +331,8 @@ class _Steps:
         receiver = self.batch.runs(direction)[1]
         with eval_mode(self.spec.model):
             max_prob, entropy = map(self.reduce, attention_stats(self.spec, receiver, self.batch.mask))
-            change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified))))
+            change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified,
+                                                                      self.runs))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
 

@@ -231,3 +231,33 @@ def test_joining_on_padded_prompts_equals_separate_runs(monkeypatch):
     assert seen == [[0, 1, 2, 2]]
     alone = torch.stack([ap.patch(model, ap.make_batch([p]), comps, metrics=METRICS, copies=1).values for p in pairs])
     torch.testing.assert_close(together.values, alone.mean(0), atol=1e-5, rtol=0)
+
+
+def test_shared_runs_give_the_same_effects_and_are_not_counted_again():
+    """A second patch call on the same prompts and direction takes the source and receiving runs from
+    ``runs`` (no new forward), and its effects equal a call that makes its own."""
+    model = tiny_model("llama")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3))
+    comps = sample_components(spec, N_POS, k=2, seed=3)
+    shared: dict = {}
+    first = ap.patch(model, batch, comps, metrics=METRICS, direction="noise", runs=shared)
+    again = ap.patch(model, batch, comps[::2], metrics=METRICS, direction="noise", alpha=0.5, runs=shared)
+    alone = ap.patch(model, batch, comps[::2], metrics=METRICS, direction="noise", alpha=0.5)
+    assert first.passes["runs"] == 2 and again.passes["runs"] == 0 and alone.passes["runs"] == 2
+    torch.testing.assert_close(again.values, alone.values, atol=1e-6, rtol=0)
+    other = ap.make_batch(random_pairs(n=3, seed=1))  # other prompts: runs of their own
+    assert ap.patch(model, other, comps[:2], direction="noise", runs=shared).passes["runs"] == 2
+
+
+def test_activation_change_from_shared_runs_equals_its_own_runs():
+    from attrpatch.methods.diagnostics import activation_change
+
+    model = tiny_model("gpt2")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3))
+    comps = sample_components(spec, N_POS, k=2, seed=4)
+    shared: dict = {}
+    ap.patch(model, batch, comps, direction="denoise", runs=shared)
+    assert activation_change(spec, batch, "denoise", comps, shared) == pytest.approx(
+        activation_change(spec, batch, "denoise", comps), abs=1e-6)

@@ -106,7 +106,7 @@ def _first_pos(item: Item) -> int:
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
           metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
           resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
-          alpha: float = 1.0, progress: bool = False, ablation: str | None = None) -> Effects:
+          alpha: float = 1.0, progress: bool = False, ablation: str | None = None, runs: dict | None = None) -> Effects:
     """Exact effect of patching each of ``components`` alone, under every metric, in ``direction``.
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
@@ -118,6 +118,9 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
     ablation: zero | mean | resample: the source is that ablation of the clean run (module docstring);
         needs direction="noise".
+    runs: a dict shared by patch calls on the same prompts: a call takes its source and receiving runs from
+        it when they cover its hook points (fingerprinted prompts, same direction), else makes them and
+        stores them there; ``passes["runs"]`` counts only the runs made.
     """
     spec = as_spec(model)
     components, metrics = list(components), list(dict.fromkeys(metrics))
@@ -146,7 +149,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                 return copies or max(1, default_rows(spec.device, batch.n_pos - first_pos) // n)
             rows = None if fixed is None else {key: t[start:start + chunk.n] for key, t in fixed.items()}
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
-                                         passes, progress, alpha, rows)  # effects: [component, metric, chunk]
+                                         passes, progress, alpha, rows, runs)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
             if prompts is not None:
                 prompts[..., start:start + chunk.n] = effects
@@ -158,9 +161,10 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                    per_prompt=None if prompts is None else prompts.cpu(), passes=passes)
 
 
-def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tuple[dict, Tensor]:
-    """The source run: the values to patch in at each hook point (normalised views [batch, pos, ...],
-    copied) and its last-token logits [batch, vocab]."""
+def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict,
+                   cache: dict | None = None) -> tuple[dict, Tensor]:
+    """A run's values at each hook point (normalised views [batch, pos, ...], copied) and its last-token
+    logits [batch, vocab]; ``cache["cache"]`` receives its key/value cache when given (forward_last's keep)."""
     source: dict[tuple[str, int], Tensor] = {}
 
     def keep(key):
@@ -168,28 +172,57 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tu
             source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
         return callback
     with hooked([(p, keep(key)) for key, p in points.items()]):
-        logits = forward_last(spec, ids, batch.mask, batch.last)
+        logits = forward_last(spec, ids, batch.mask, batch.last, cache)
     return source, logits
 
 
-def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
-                 direction: str, copies, resume: bool, passes: dict, progress: bool, alpha: float, fixed=None):
+def fingerprint(batch: PromptBatch) -> int:
+    """A hash of every tensor of the prompt batch: the key of shared runs (``patch(runs=...)``)."""
+    return hash(tuple(None if t is None else (tuple(t.shape), t.detach().cpu().numpy().tobytes())
+                      for t in (batch.clean, batch.corrupt, batch.mask, batch.answer, batch.wrong, batch.last,
+                                batch.noise)))
+
+
+def _runs(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, first: int, reuse_pos: bool,
+          memo: dict | None) -> tuple[dict, int]:
+    """The source run ("source": values at ``points``, "source_logits") and the receiving run ("receiver",
+    "receiver_logits", "calls": its block calls from "first" on, "cache": its key/value cache or None), and
+    how many runs were made: none when ``memo`` holds them for these prompts and direction, covering
+    ``points``, ``first`` and the cache; else both, stored in ``memo``."""
+    key = (direction, fingerprint(batch))
+    found = None if memo is None else memo.get(key)
+    if (found is not None and set(points) <= set(found["source"]) and found["first"] <= first
+            and (found["cache"] is not None or not reuse_pos)):
+        return found, 0
     source_ids, receiver_ids = batch.runs(direction)
+    source, source_logits = _source_values(spec, batch, source_ids, points)
+    kept: dict = {}
+    with block_calls(spec, first) as calls:
+        receiver, receiver_logits = _source_values(spec, batch, receiver_ids, points, kept if reuse_pos else None)
+    run = {"source": source, "source_logits": source_logits, "receiver": receiver, "receiver_logits": receiver_logits,
+           "calls": calls, "cache": kept.get("cache"), "first": first}
+    if memo is not None:
+        memo[key] = run
+    return run, 2
+
+
+def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
+                 direction: str, copies, resume: bool, passes: dict, progress: bool, alpha: float, fixed=None,
+                 memo: dict | None = None):
+    receiver_ids = batch.runs(direction)[1]
     n_pos, n_layers = batch.n_pos, spec.dims.n_layers
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
                                                             for c in _members(item)})}
-    source, source_logits = _source_values(spec, batch, source_ids, points)
-    source = source if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
-    _count(passes, runs=2)  # the source run and the receiving run below, whole forwards each
-    block_share = _block_share(spec, n_pos)
-
-    # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
+    # The receiver's metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
     # reuse positions only where every prompt has every position (no padding: causal reuse is exact)
     reuse_pos = resume and batch.aligned and any(_first_pos(item) > 0 for item in components)
-    kept: dict = {}
-    with block_calls(spec, first) as calls:
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, keep=kept if reuse_pos else None)
+    run, made = _runs(spec, batch, direction, points, first, reuse_pos, memo)
+    _count(passes, runs=made)  # the source and the receiving run, whole forwards each (none when shared)
+    block_share = _block_share(spec, n_pos)
+    source = run["source"] if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
+    source_logits, receiver_logits, calls, kept = (run["source_logits"], run["receiver_logits"], run["calls"],
+                                                   {"cache": run["cache"]})
     clean_logits, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
