@@ -319,7 +319,7 @@ class _Steps:
                 "statement": bound.statement()}
 
     def _count(self, passes: dict) -> None:
-        """Add one patch call's passes to the screen's tally (its source and receiving runs included)."""
+        """Add one patch call's passes to the screen's tally (the source and receiving runs it made included)."""
         self.timing["forward_passes"] += passes.get("patched_rows", 0.0) + passes.get("runs", 2.0)
         self.timing["forward_equivalents_verification"] = (
             self.timing.get("forward_equivalents_verification", 0.0) + passes.get("forward_equivalents", 0.0))
