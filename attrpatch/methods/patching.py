@@ -188,7 +188,8 @@ def _runs(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, fir
     """The source run ("source": values at ``points``, "source_logits") and the receiving run ("receiver",
     "receiver_logits", "calls": its block calls from "first" on, "cache": its key/value cache or None), and
     how many runs were made: none when ``memo`` holds them for these prompts and direction, covering
-    ``points``, ``first`` and the cache; else both, stored in ``memo``."""
+    ``points``, ``first`` and the cache; else both, stored in ``memo`` (the receiver's values at ``points``
+    are kept only then: the diagnostics read them)."""
     key = (direction, fingerprint(batch))
     found = None if memo is None else memo.get(key)
     if (found is not None and set(points) <= set(found["source"]) and found["first"] <= first
@@ -198,7 +199,8 @@ def _runs(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, fir
     source, source_logits = _source_values(spec, batch, source_ids, points)
     kept: dict = {}
     with block_calls(spec, first) as calls:
-        receiver, receiver_logits = _source_values(spec, batch, receiver_ids, points, kept if reuse_pos else None)
+        receiver, receiver_logits = _source_values(spec, batch, receiver_ids, points if memo is not None else {},
+                                                   kept if reuse_pos else None)  # its values: for diagnostics
     run = {"source": source, "source_logits": source_logits, "receiver": receiver, "receiver_logits": receiver_logits,
            "calls": calls, "cache": kept.get("cache"), "first": first}
     if memo is not None:
