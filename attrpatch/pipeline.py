@@ -140,7 +140,8 @@ def _pad(tokenizer) -> int:
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
                n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
                resume: bool = False, corruption: str = "str", noise_std: float = 3.0, prepend_bos: str = "auto",
-               template: int | str | None = None, keep_correct: bool = False) -> dict:
+               template: int | str | None = None, keep_correct: bool = False,
+               formats: tuple[str, ...] = ("png",)) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
@@ -151,7 +152,8 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
     ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
     run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
-    prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`)."""
+    prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`).
+    formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default)."""
     labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
     for label in labels or (corruption,):
         check_corruption(label, task)
@@ -160,7 +162,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     if len(labels) > 1:
         options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
                        figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
-                       template=template, keep_correct=keep_correct)
+                       template=template, keep_correct=keep_correct, formats=formats)
         return run_corruptions(model, tokenizer, labels, out=Path(out), **options)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    per_position=any(config.per_position(s) for s in config.sites),
@@ -186,7 +188,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                        tokens=position_labels(pairs, tokenizer), manifest=manifest)
     if figures:
         from .plot import draw_run
-        draw_run(out)
+        draw_run(out, formats)
     return report
 
 
@@ -203,13 +205,13 @@ def _check_ablation_run(ablation: str, corruptions: tuple[str, ...]) -> None:
 
 
 def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,
-                    **options) -> dict:
+                    formats: tuple[str, ...] = ("png",), **options) -> dict:
     """One :func:`run_screen` per corruption into ``out/<corruption>/``, then their comparison in ``out``:
     corruptions.json, corruptions.md (the ``corruptions_disagree`` flags) and figures/corruptions_*.png.
     Returns {"corruptions": the comparison, "runs": {corruption: report}}."""
     from .output.corruptions import write_corruptions
 
-    reports = {c: run_screen(model, tokenizer, out=out / c, corruption=c, figures=figures, **options)
+    reports = {c: run_screen(model, tokenizer, out=out / c, corruption=c, figures=figures, formats=formats, **options)
                for c in corruptions}
     if distributed.rank() != 0:
         return {}
@@ -219,7 +221,7 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
         from .plot.style import save
         for direction in dict.fromkeys(e["direction"] for e in comp["components"]):
             try:
-                save(plot_corruptions(comp, direction), out / "figures" / f"corruptions_{direction}")
+                save(plot_corruptions(comp, direction), out / "figures" / f"corruptions_{direction}", formats)
             except ValueError:  # nothing verified at the key position under two corruptions: no figure
                 pass
     return {"corruptions": comp, "runs": reports}

@@ -186,3 +186,78 @@ def test_forward_equivalents_count_the_runs_and_every_copys_unembedding():
     share = patching._block_share(spec, batch.n_pos)
     assert 0 < share < 1
     assert eff.passes["forward_equivalents"] == pytest.approx(2 + share / spec.dims.n_layers + 1 - share)
+
+
+def _joined_passes(monkeypatch) -> list:
+    """Record the ``starts`` of every resumed pass (copies joining at their own block)."""
+    seen, run = [], patching.run_blocks
+
+    def spy(*args, **kwargs):
+        seen.append(list(args[-1]))
+        return run(*args, **kwargs)
+    monkeypatch.setattr(patching, "run_blocks", spy)
+    return seen
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_copies_joining_at_their_own_block_equal_naive(family, direction, monkeypatch):
+    """One pass serves patches at several layers, each copy entering at its own block with the receiver's
+    input there (per position: from its first position on, earlier keys/values from the receiver's cache)."""
+    model = tiny_model(family)
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=2))
+    last = spec.dims.n_layers - 1
+    comps = [ap.Component("resid_pre", layer, 3) for layer in range(1, last + 1)]
+    comps += [ap.Component("mlp_out", layer, 4) for layer in range(last + 1)]
+    comps += [ap.Component("head", layer, None, layer % spec.dims.n_heads) for layer in range(last + 1)]
+    comps += [(ap.Component("attn_out", 0, 5), ap.Component("neuron", last, None, 1))]
+    seen = _joined_passes(monkeypatch)
+    fast = ap.patch(model, batch, comps, metrics=METRICS, direction=direction, copies=8)
+    naive = torch.tensor([[exact_reference(model, batch, c, direction, m) for m in METRICS] for c in comps[:4]])
+    single = ap.patch(model, batch, comps, metrics=METRICS, direction=direction, copies=1, resume=False)
+    torch.testing.assert_close(fast.values, single.values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.values[:4], naive.float(), atol=1e-4, rtol=0)
+    assert any(len(set(starts)) > 1 for starts in seen)  # some pass did join copies at several blocks
+
+
+def test_joining_on_padded_prompts_equals_separate_runs(monkeypatch):
+    """All-position patches at several layers in one pass, prompts of different lengths (right padding)."""
+    model = tiny_model("llama")
+    pairs = random_pairs(n=3, lengths=[7, 5, 6])
+    comps = [ap.Component("head", 2, None, 1), ap.Component("neuron", 0, None, 5), ap.Component("attn_out", 1),
+             ap.Component("mlp_out", 2)]
+    seen = _joined_passes(monkeypatch)
+    together = ap.patch(model, ap.make_batch(pairs), comps, metrics=METRICS, copies=4)
+    assert seen == [[0, 1, 2, 2]]
+    alone = torch.stack([ap.patch(model, ap.make_batch([p]), comps, metrics=METRICS, copies=1).values for p in pairs])
+    torch.testing.assert_close(together.values, alone.mean(0), atol=1e-5, rtol=0)
+
+
+def test_shared_runs_give_the_same_effects_and_are_not_counted_again():
+    """A second patch call on the same prompts and direction takes the source and receiving runs from
+    ``runs`` (no new forward), and its effects equal a call that makes its own."""
+    model = tiny_model("llama")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3))
+    comps = sample_components(spec, N_POS, k=2, seed=3)
+    shared: dict = {}
+    first = ap.patch(model, batch, comps, metrics=METRICS, direction="noise", runs=shared)
+    again = ap.patch(model, batch, comps[::2], metrics=METRICS, direction="noise", alpha=0.5, runs=shared)
+    alone = ap.patch(model, batch, comps[::2], metrics=METRICS, direction="noise", alpha=0.5)
+    assert first.passes["runs"] == 2 and again.passes["runs"] == 0 and alone.passes["runs"] == 2
+    torch.testing.assert_close(again.values, alone.values, atol=1e-6, rtol=0)
+    other = ap.make_batch(random_pairs(n=3, seed=1))  # other prompts: runs of their own
+    assert ap.patch(model, other, comps[:2], direction="noise", runs=shared).passes["runs"] == 2
+
+
+def test_activation_change_from_shared_runs_equals_its_own_runs():
+    from attrpatch.methods.diagnostics import activation_change
+
+    model = tiny_model("gpt2")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3))
+    comps = sample_components(spec, N_POS, k=2, seed=4)
+    shared: dict = {}
+    ap.patch(model, batch, comps, direction="denoise", runs=shared)
+    assert activation_change(spec, batch, "denoise", comps, shared) == pytest.approx(
+        activation_change(spec, batch, "denoise", comps), abs=1e-6)

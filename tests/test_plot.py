@@ -89,6 +89,15 @@ def test_cli_figures(partial_dir, capsys):
     assert str(written[0]) in capsys.readouterr().out
 
 
+def test_png_alone_by_default_pdf_on_request(run_dir, tmp_path, capsys):
+    """Each format is a full render, so the default is png alone; --format png,pdf adds the pdf."""
+    assert [p.suffix for p in plot.draw_run(run_dir, out=tmp_path / "default")] == [".png"] * len(STEMS)
+    assert main(["figures", str(run_dir), "--format", "png,pdf"]) == 0
+    written = sorted(p.name for p in (run_dir / "figures").iterdir())
+    assert {f"{s}.pdf" for s in STEMS} | {f"{s}.png" for s in STEMS} <= set(written)
+    capsys.readouterr()
+
+
 def test_same_bytes_on_redraw(run, tmp_path):
     first = plot.save(plot.plot_directions(run), tmp_path / "a" / "directions", ("png", "pdf"))
     second = plot.save(plot.plot_directions(run), tmp_path / "b" / "directions", ("png", "pdf"))

@@ -17,7 +17,7 @@ from .ranking import candidates, ranks
 def site_results(site, plan, exact, config, scores: Scores, direction, max_prob, change, n_kv, prompts):
     """The entries of one site's verified components, its agreement per metric (with 95% bootstrap intervals
     over prompt pairs) and its false-negative bound. ``prompts``: per-prompt scores and exact effects
-    (screening._Steps.verify)."""
+    (steps.Steps.verify)."""
     idx = plan["top"] + plan["control"]
     comps = [plan["all"][j] for j in idx]
     primary = config.metrics.index(config.metric)

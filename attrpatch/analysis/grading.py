@@ -12,7 +12,7 @@ from .intervals import with_intervals
 def grade_estimators(plan: dict, exact: dict, config, est_scores: dict, seconds: dict,
                      forward_s: float, prompts: dict) -> dict:
     """Per estimator: its cost, and per site how well its scores (primary metric) track the exact effects
-    of everything verified (with 95% bootstrap intervals from ``prompts``, screening._Steps.verify), the
+    of everything verified (with 95% bootstrap intervals from ``prompts``, steps.Steps.verify), the
     recall of the true top-k, and the controls that beat its top-k."""
     primary = config.metrics.index(config.metric)
     out = {}

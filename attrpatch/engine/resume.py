@@ -31,7 +31,7 @@ def expand(x, n: int, batch: int):
 
 def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int,
                last: Tensor, first_pos: int = 0, cache=None, first_rows: int | None = None,
-               final_patched: bool = False) -> Tensor:
+               final_patched: bool = False, starts: list[int] | None = None) -> Tensor:
     """Resume the forward pass at block ``start`` with ``hidden`` [n*batch, pos - first_pos, d_model],
     replaying each block's recorded call expanded to ``n`` copies; returns last-token logits [n*batch, vocab].
 
@@ -40,13 +40,25 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
     first_rows: block ``start`` computes only its first ``first_rows`` positions (patches after its
     attention change no other row of it); the rest of its output is the receiver's, recorded as the next
     block's input. final_patched: something in the final block is patched (a joint patch spanning layers), so
-    its MLP must run on every row."""
-    past = _past(cache, first_pos, n, start, spec.dims.n_layers) if first_pos else None
+    its MLP must run on every row.
+    starts: each copy's own first block, ascending (copy-major order), when copies join the pass as it goes:
+    copy c computes blocks starts[c] on only and enters with the receiver's input to that block (every block
+    before it would compute exactly that), so one pass serves patches at several layers with no wasted
+    block; ``hidden`` then holds the copies starting at ``start`` only. None: every copy starts at ``start``."""
+    starts = [start] * n if starts is None else list(starts)
+    if len(starts) != n or starts[0] != start or starts != sorted(starts):
+        raise ValueError(f"starts {starts} must be {n} ascending blocks beginning at {start}")
+    past = _past(cache, first_pos, starts, spec.dims.n_layers) if first_pos else None
     with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos, final_patched):
-        hidden = _run(spec, start, hidden, calls, n, batch, first_pos, past, first_rows)
+        hidden = _run(spec, start, hidden, calls, starts, batch, first_pos, past, first_rows)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     hidden = hidden[rows, last.repeat(n) - first_pos]  # [n*batch, d_model]
     return unembed(spec, hidden)
+
+
+def active(starts: list[int], layer: int) -> int:
+    """Copies that compute block ``layer`` (those whose first block is at or before it)."""
+    return sum(s <= layer for s in starts)
 
 
 @contextmanager
@@ -68,10 +80,14 @@ def _last_mlp_on_last_row(spec: ModelSpec, last: Tensor, start: int, n_pos: int,
         yield
 
 
-def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch: int, first_pos: int, past,
-         first_rows: int | None) -> Tensor:
+def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, starts: list[int], batch: int, first_pos: int,
+         past, first_rows: int | None) -> Tensor:
     """The blocks from ``start`` on (see run_blocks): [n*batch, pos - first_pos, d_model] out."""
     for layer in range(start, spec.dims.n_layers):
+        n = active(starts, layer)
+        if hidden.shape[0] < n * batch:  # copies joining here enter with the receiver's input to this block
+            joining = call_input(*calls[layer])[0][:, first_pos:]
+            hidden = torch.cat([hidden, joining.repeat(n - hidden.shape[0] // batch, 1, 1)])
         rows_only = first_rows is not None and layer == start
         step = hidden[:, :first_rows] if rows_only else hidden
         _, rebuild = call_input(*calls[layer])
@@ -90,15 +106,17 @@ def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int, batch
     return hidden
 
 
-def _past(cache, first_pos: int, n: int, start: int, n_layers: int):
-    """A fresh key/value cache holding the receiver's first ``first_pos`` positions, n copies (copy-major)."""
+def _past(cache, first_pos: int, starts: list[int], n_layers: int):
+    """A fresh key/value cache holding the receiver's first ``first_pos`` positions, one copy per copy that
+    computes the layer (copy-major)."""
     from transformers import DynamicCache
 
     past = DynamicCache()
     for layer in range(n_layers):
         src = cache.layers[layer]
         keys, values = src.keys[:, :, :first_pos], src.values[:, :, :first_pos]  # [batch, kv_head, pos, d_head]
-        if layer >= start:  # every copy needs its own rows, even for a batch of one prompt
+        n = active(starts, layer)
+        if n:  # every copy needs its own rows, even for a batch of one prompt
             keys, values = keys.repeat(n, 1, 1, 1), values.repeat(n, 1, 1, 1)
         past.update(keys, values, layer)
     return past

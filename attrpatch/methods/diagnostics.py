@@ -19,7 +19,7 @@ from ..engine.forward import forward_last
 from ..engine.hooks import batch_pos, hooked, noised
 from ..inputs.batch import PromptBatch, Run
 from ..model.sites import Component, ModelSpec
-from .patching import _ablated
+from .patching import _ablated, fingerprint
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
@@ -58,11 +58,27 @@ def attention_stats(spec: ModelSpec, run: Run, mask: Tensor) -> tuple[Tensor, Te
 
 
 def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
-                      comps: Sequence[Component], ablation: str | None = None) -> list[float]:
-    """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts;
-    ``ablation``: the source is that ablation of the clean run (patching._ablated), not a run."""
-    source_ids, receiver_ids = batch.runs(direction)
+                      comps: Sequence[Component], ablation: str | None = None,
+                      shared: dict | None = None) -> list[float]:
+    """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts.
+    ablation: the source is that ablation of the clean run (patching._ablated), not a run; shared: the runs
+    exact patching shared (``patch(runs=...)``); read from there when they hold these prompts, direction and
+    sites (and no ablation replaces the source), else run."""
     keys = sorted({(c.site, c.layer) for c in comps})
+    found = None if ablation is not None else (shared or {}).get((direction, fingerprint(batch)))
+    if found is not None and set(keys) <= set(found["source"]):
+        runs = [{k: found[run][k].float() for k in keys} for run in ("source", "receiver")]
+    else:
+        runs = _site_values(spec, batch, direction, comps, ablation)
+    return _relative_change(runs, batch.mask.bool(), comps)
+
+
+def _site_values(spec: ModelSpec, batch: PromptBatch, direction: str, comps: Sequence[Component],
+                 ablation: str | None = None) -> list[dict]:
+    """[source, receiver] values {(site, layer): [batch, pos, ...]} at each hook point of ``comps``; the
+    source is ``ablation``'s values when given."""
+    keys = sorted({(c.site, c.layer) for c in comps})
+    source_ids, receiver_ids = batch.runs(direction)
     points = {k: spec.hook_point(*k) for k in keys}
     runs: list[dict] = []
     if ablation is not None:
@@ -77,7 +93,11 @@ def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
         with torch.no_grad(), hooked([(points[k], keep(k)) for k in keys]):
             forward_last(spec, ids, batch.mask, batch.last)
         runs.append(found)
-    mask = batch.mask.bool()
+    return runs
+
+
+def _relative_change(runs: list[dict], mask: Tensor, comps: Sequence[Component]) -> list[float]:
+    """Each component's relative change between the [source, receiver] values; mask: [batch, pos] real tokens."""
     out = []
     for c in comps:
         where = (slice(None), *c.index()[1:])

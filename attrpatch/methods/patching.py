@@ -43,10 +43,15 @@ ABLATIONS = ("zero", "mean", "resample")
 CPU_TOKENS = 2048
 
 
+# and at most this many rows (a pass's logits are [rows, vocab]: 100 MB for SmolLM2's 49k-token vocabulary)
+CPU_MAX_ROWS = 512
+
+
 def default_rows(device: torch.device, n_pos: int) -> int:
-    """Prompt rows per patched pass when ``copies`` is not given (DEFAULT_ROWS; more for short CPU prompts)."""
+    """Prompt rows per patched pass when ``copies`` is not given (DEFAULT_ROWS; more for short CPU prompts,
+    and for passes that compute only the last ``n_pos`` positions)."""
     rows = DEFAULT_ROWS.get(device.type, 256)
-    return max(rows, CPU_TOKENS // max(n_pos, 1)) if device.type == "cpu" else rows
+    return min(max(rows, CPU_TOKENS // max(n_pos, 1)), CPU_MAX_ROWS) if device.type == "cpu" else rows
 
 
 @dataclass
@@ -101,16 +106,21 @@ def _first_pos(item: Item) -> int:
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
           metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
           resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
-          alpha: float = 1.0, progress: bool = False, ablation: str | None = None) -> Effects:
+          alpha: float = 1.0, progress: bool = False, ablation: str | None = None, runs: dict | None = None) -> Effects:
     """Exact effect of patching each of ``components`` alone, under every metric, in ``direction``.
 
     components: Components, or tuples of Components to patch together (e.g. a sliding window of layers).
 
-    copies: patched copies of the prompt chunk per forward pass (default: default_rows(device, pos) // chunk size).
-    resume: start each pass at the earliest patched block instead of the embeddings.
+    copies: patched copies of the prompt chunk per forward pass (default: default_rows(device, positions the
+        pass computes) // chunk size).
+    resume: start each pass at the earliest patched block instead of the embeddings; a copy patched at a later
+        block joins the pass there.
     alpha: patch a_receiver + alpha (a_source - a_receiver) (1: the source value; 0.5 measures curvature).
     ablation: zero | mean | resample: the source is that ablation of the clean run (module docstring);
         needs direction="noise".
+    runs: a dict shared by patch calls on the same prompts: a call takes its source and receiving runs from
+        it when they cover its hook points (fingerprinted prompts, same direction), else makes them and
+        stores them there; ``passes["runs"]`` counts only the runs made.
     """
     spec = as_spec(model)
     components, metrics = list(components), list(dict.fromkeys(metrics))
@@ -134,10 +144,12 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     start = 0
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            n_copies = copies or max(1, default_rows(spec.device, batch.n_pos) // chunk.n)
+            def n_copies(first_pos: int, n: int = chunk.n) -> int:
+                """Copies per pass for passes computing positions ``first_pos`` on."""
+                return copies or max(1, default_rows(spec.device, batch.n_pos - first_pos) // n)
             rows = None if fixed is None else {key: t[start:start + chunk.n] for key, t in fixed.items()}
             effects, base = _patch_chunk(spec, chunk, components, metrics, direction, n_copies, resume,
-                                         passes, progress, alpha, rows)  # effects: [component, metric, chunk]
+                                         passes, progress, alpha, rows, runs)  # effects: [component, metric, chunk]
             sums += effects.sum(-1)
             if prompts is not None:
                 prompts[..., start:start + chunk.n] = effects
@@ -149,9 +161,10 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                    per_prompt=None if prompts is None else prompts.cpu(), passes=passes)
 
 
-def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tuple[dict, Tensor]:
-    """The source run: the values to patch in at each hook point (normalised views [batch, pos, ...],
-    copied) and its last-token logits [batch, vocab]."""
+def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict,
+                   cache: dict | None = None) -> tuple[dict, Tensor]:
+    """A run's values at each hook point (normalised views [batch, pos, ...], copied) and its last-token
+    logits [batch, vocab]; ``cache["cache"]`` receives its key/value cache when given (forward_last's keep)."""
     source: dict[tuple[str, int], Tensor] = {}
 
     def keep(key):
@@ -159,28 +172,59 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict) -> tu
             source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
         return callback
     with hooked([(p, keep(key)) for key, p in points.items()]):
-        logits = forward_last(spec, ids, batch.mask, batch.last)
+        logits = forward_last(spec, ids, batch.mask, batch.last, cache)
     return source, logits
 
 
-def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
-                 direction: str, copies: int, resume: bool, passes: dict, progress: bool, alpha: float, fixed=None):
+def fingerprint(batch: PromptBatch) -> int:
+    """A hash of every tensor of the prompt batch: the key of shared runs (``patch(runs=...)``)."""
+    return hash(tuple(None if t is None else (tuple(t.shape), t.detach().cpu().numpy().tobytes())
+                      for t in (batch.clean, batch.corrupt, batch.mask, batch.answer, batch.wrong, batch.last,
+                                batch.noise)))
+
+
+def _runs(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, first: int, reuse_pos: bool,
+          memo: dict | None) -> tuple[dict, int]:
+    """The source run ("source": values at ``points``, "source_logits") and the receiving run ("receiver",
+    "receiver_logits", "calls": its block calls from "first" on, "cache": its key/value cache or None), and
+    how many runs were made: none when ``memo`` holds them for these prompts and direction, covering
+    ``points``, ``first`` and the cache; else both, stored in ``memo`` (the receiver's values at ``points``
+    are kept only then: the diagnostics read them)."""
+    key = (direction, fingerprint(batch))
+    found = None if memo is None else memo.get(key)
+    if (found is not None and set(points) <= set(found["source"]) and found["first"] <= first
+            and (found["cache"] is not None or not reuse_pos)):
+        return found, 0
     source_ids, receiver_ids = batch.runs(direction)
+    source, source_logits = _source_values(spec, batch, source_ids, points)
+    kept: dict = {}
+    with block_calls(spec, first) as calls:
+        receiver, receiver_logits = _source_values(spec, batch, receiver_ids, points if memo is not None else {},
+                                                   kept if reuse_pos else None)  # its values: for diagnostics
+    run = {"source": source, "source_logits": source_logits, "receiver": receiver, "receiver_logits": receiver_logits,
+           "calls": calls, "cache": kept.get("cache"), "first": first}
+    if memo is not None:
+        memo[key] = run
+    return run, 2
+
+
+def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], metrics: list[str],
+                 direction: str, copies, resume: bool, passes: dict, progress: bool, alpha: float, fixed=None,
+                 memo: dict | None = None):
+    receiver_ids = batch.runs(direction)[1]
     n_pos, n_layers = batch.n_pos, spec.dims.n_layers
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
                                                             for c in _members(item)})}
-    source, source_logits = _source_values(spec, batch, source_ids, points)
-    source = source if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
-    _count(passes, runs=2)  # the source run and the receiving run below, whole forwards each
-    block_share = _block_share(spec, n_pos)
-
-    # Receiver run: its metric is the baseline; its block inputs are where patched runs resume.
+    # The receiver's metric is the baseline; its block inputs are where patched runs resume.
     first = max(0, min(_start(c) for c in components)) if components else 0
     # reuse positions only where every prompt has every position (no padding: causal reuse is exact)
     reuse_pos = resume and batch.aligned and any(_first_pos(item) > 0 for item in components)
-    kept: dict = {}
-    with block_calls(spec, first) as calls:
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, keep=kept if reuse_pos else None)
+    run, made = _runs(spec, batch, direction, points, first, reuse_pos, memo)
+    _count(passes, runs=made)  # the source and the receiving run, whole forwards each (none when shared)
+    block_share = _block_share(spec, n_pos)
+    source = run["source"] if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
+    source_logits, receiver_logits, calls, kept = (run["source_logits"], run["receiver_logits"], run["calls"],
+                                                   {"cache": run["cache"]})
     clean_logits, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
     target = Target.from_clean(batch.answer, batch.wrong, clean_logits)
     base = {m: metric(m, receiver_logits, target) for m in metrics}  # [batch]
@@ -192,9 +236,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     whole = [i for i, item in enumerate(components) if resume and alpha == 1 and fixed is None and _whole_stream(item)]
     for j, m in enumerate(metrics if whole else ()):
         effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
-    order = sorted((i for i in range(len(components)) if i not in set(whole)),
-                   key=lambda i: (_start(components[i]), _first_pos(components[i]), i))
-    groups = _groups(components, order, copies, n_pos if reuse_pos else None)
+    groups = _groups(components, [i for i in range(len(components)) if i not in set(whole)], copies,
+                     n_pos if reuse_pos else None, resume)
 
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
@@ -203,7 +246,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         for copy, i in enumerate(group):
             for c in _members(components[i]):
                 entries.setdefault((c.site, c.layer), []).append((copy, c))
-        start = min(_start(components[i]) for i in group)
+        starts = [_start(components[i]) for i in group]  # ascending (_groups): copies join the pass as it goes
+        start = starts[0]
         first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
         rows = _rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
         seen = rows or n_pos - first_pos  # positions the patched modules see in this pass
@@ -212,16 +256,17 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         with hooked(hooks):
             if start < 0 or not resume:
                 return forward_last(spec, receiver_ids.repeat(n), batch.mask.repeat(n, 1),
-                                    batch.last.repeat(n)), 0, 0
+                                    batch.last.repeat(n)), [0] * n, 0
             hidden = call_input(*calls[start])[0][:, first_pos:]
-            return run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, first_pos,
-                              kept.get("cache"), rows, any(k[1] == n_layers - 1 for k in entries)), start, first_pos
+            return run_blocks(spec, start, hidden.repeat(starts.count(start), 1, 1), calls, n, batch.n, batch.last,
+                              first_pos, kept.get("cache"), rows, any(k[1] == n_layers - 1 for k in entries),
+                              starts), starts, first_pos
 
-    bar = tqdm(total=len(order), desc="exact patching", disable=not progress)
+    bar = tqdm(total=sum(map(len, groups)), desc="exact patching", disable=not progress)
     while groups:
         group = groups.pop(0)
         try:
-            logits, start, first_pos = run_group(group)
+            logits, starts, first_pos = run_group(group)
         except torch.OutOfMemoryError:
             if len(group) == 1:
                 raise
@@ -233,8 +278,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 torch.cuda.empty_cache()
             continue
         n = len(group)
-        _count(passes, rows=n, equivalents=n * (block_share * (n_layers - start) / n_layers * (n_pos - first_pos)
-                                                / n_pos + 1 - block_share))
+        _count(passes, rows=n, equivalents=_equivalents(block_share, starts, first_pos, n_layers, n_pos))
         target_n = target.repeat(n)
         for j, m in enumerate(metrics):
             patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
@@ -276,6 +320,18 @@ def _count(passes: dict, *, runs: int = 0, rows: int = 0, equivalents: float = 0
     passes["forward_equivalents"] += runs + equivalents
 
 
+def _equivalents(block_share: float, starts: list[int], first_pos: int, n_layers: int, n_pos: int) -> float:
+    """One patched pass in forward-equivalents, from the work it does: each copy runs the blocks from its own
+    start on (copies join the pass at their block: run_blocks), at positions ``first_pos`` on, and pays the
+    unembedding in full. The unit is one last-token forward of the same prompts; the split between blocks
+    and unembedding is by weights (_block_share). What it leaves out errs both ways and is small: the
+    patched block's skipped rows and the final block's MLP on the last row only (counted, not run), and the
+    per-block Python cost and the metrics' softmax (run, not counted). On SmolLM2's IOI screen at one
+    thread this count is within 6% of verification cpu time / the unit forward's cpu time."""
+    return sum(block_share * (n_layers - max(s, 0)) / n_layers * (n_pos - first_pos) / n_pos + 1 - block_share
+               for s in starts)
+
+
 def _block_share(spec: ModelSpec, n_pos: int) -> float:
     """The blocks' share of one last-token forward's multiply-adds (the rest is the unembedding, which every
     patched copy pays in full however late it resumes): n_layers * n_pos * block weights against that plus
@@ -289,21 +345,25 @@ def _block_share(spec: ModelSpec, n_pos: int) -> float:
 MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs
 
 
-def _groups(components: list, order: list[int], copies: int, n_pos: int | None) -> list[list[int]]:
-    """Split ``order`` (sorted by layer, then position) into patched passes of at most ``copies``: a pass
-    never spans layers (each resumes at its own), and with position reuse (``n_pos`` given) a member
-    computes at most MAX_WASTE times the positions its own patch needs."""
+def _groups(components: list, todo: list[int], copies, n_pos: int | None, resume: bool = True) -> list[list[int]]:
+    """Split ``todo`` (sorted by whole-run, then first position, then layer) into patched passes of at most
+    ``copies(first position of the pass)`` copies, each sorted by its first block (copies patched later join
+    the pass there). A pass never mixes whole-model runs with resumed ones, and with position reuse
+    (``n_pos`` given) a member computes at most MAX_WASTE times the positions its own patch needs."""
+    order = sorted(todo, key=lambda i: (_start(components[i]) < 0 or not resume,
+                                        _first_pos(components[i]) if n_pos else 0, _start(components[i]), i))
     groups: list[list[int]] = []
     for i in order:
         if groups:
-            head = components[groups[-1][0]]
-            same_layer = _start(head) == _start(components[i]) and len(groups[-1]) < copies
-            near = n_pos is None or (n_pos - _first_pos(head)) <= MAX_WASTE * (n_pos - _first_pos(components[i]))
-            if same_layer and near:
+            head, item = components[groups[-1][0]], components[i]
+            room = len(groups[-1]) < copies(_first_pos(head) if n_pos else 0)
+            same_kind = (_start(head) < 0) == (_start(item) < 0)
+            near = n_pos is None or (n_pos - _first_pos(head)) <= MAX_WASTE * (n_pos - _first_pos(item))
+            if room and same_kind and near:
                 groups[-1].append(i)
                 continue
         groups.append([i])
-    return groups
+    return [sorted(group, key=lambda i: (_start(components[i]), i)) for group in groups]
 
 
 def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,

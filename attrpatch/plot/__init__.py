@@ -1,6 +1,6 @@
 """Figures of a screen run, drawn from its files alone (report.json and scores.safetensors).
 
-    draw_run(run_dir)            every applicable figure into run_dir/figures/ (png and pdf)
+    draw_run(run_dir)            every applicable figure into run_dir/figures/ (png; formats= for pdf, svg)
     figures(run)                 (file stem, Figure) of each applicable figure; save(fig, path, formats)
     load_run(run_dir)            the report and the AtP scores, for the plot functions below
 
@@ -44,8 +44,8 @@ from .recall import cost_recall_panel, estimator_ranks, plot_cost_recall, recall
 from .run import DISAGREE, HEAD_SITES, RESID_SITES, Run, _as_run, load_run, position_labels
 from .run import _short  # noqa: F401  (plot._short: the component names the figures print)
 from .scatter import plot_scatter, scatter_panel
-from .style import (CMAP, CONTROL_C, DOUBLE, EST_DASHES, ESTIMATOR_LABELS, FLAG_C, GREY, MARKERS, METRIC_LABELS,
-                    METRIC_UNITS, PALETTE, PNG_DPI, SAVE_METADATA, SINGLE, STYLE, TOP_C, save)
+from .style import (CMAP, CONTROL_C, DEFAULT_FORMATS, DOUBLE, EST_DASHES, ESTIMATOR_LABELS, FLAG_C, GREY, MARKERS,
+                    METRIC_LABELS, METRIC_UNITS, PALETTE, PNG_DPI, SAVE_METADATA, SINGLE, STYLE, TOP_C, save)
 
 __all__ = [
     "draw_run", "figures", "save", "load_run", "Run", "position_labels",
@@ -54,7 +54,7 @@ __all__ = [
     "plot_directions", "direction_pairs", "place_labels",
     "RESID_SITES", "HEAD_SITES", "DISAGREE", "SINGLE", "DOUBLE", "CMAP", "ESTIMATOR_LABELS", "METRIC_LABELS",
     "METRIC_UNITS", "PALETTE", "EST_DASHES", "MARKERS", "TOP_C", "CONTROL_C", "FLAG_C", "GREY", "STYLE",
-    "SAVE_METADATA", "PNG_DPI", "CHAR_W", "LINE_H", "OFFSETS",
+    "SAVE_METADATA", "PNG_DPI", "DEFAULT_FORMATS", "CHAR_W", "LINE_H", "OFFSETS",
 ]
 
 
@@ -96,7 +96,7 @@ def _figures(run: Run) -> Iterator[tuple[str, object]]:
         yield "directions", plot_directions(run)
 
 
-def draw_run(run_dir: str | Path, formats: Sequence[str] = ("png", "pdf"),
+def draw_run(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS,
              out: str | Path | None = None) -> list[Path]:
     """Draw every applicable figure of the run in ``run_dir`` into ``out`` (default run_dir/figures/),
     once per format. Returns the written files."""

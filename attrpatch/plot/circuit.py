@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .style import CONTROL_C, FLAG_C, GREY, SINGLE, TOP_C, _panels, _square_limits, _style, save
+from .style import CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, SINGLE, TOP_C, _panels, _square_limits, _style, save
 
 POS_C, NEG_C = "#D55E00", "#0072B2"  # positive / negative effect (Okabe-Ito vermillion / blue)
 MAX_CIRCUIT_EDGES = 40
@@ -113,7 +113,7 @@ def plot_edge_scatter(report: dict, direction: str, ax=None):
     return fig
 
 
-def draw_edges(run_dir: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+def draw_edges(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
     """Every edge figure of the run in ``run_dir`` into run_dir/figures/."""
     run_dir = Path(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
