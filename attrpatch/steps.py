@@ -212,8 +212,8 @@ class Steps:
         receiver = self.batch.runs(direction)[1]
         with eval_mode(self.spec.model):
             max_prob, entropy = map(self.reduce, attention_stats(self.spec, receiver, self.batch.mask))
-            change = dict(zip(verified, self.reduce(activation_change(self.spec, self.batch, direction, verified,
-                                                                      self.config.ablation, self.runs))))
+            change = dict(zip(verified, self.reduce(activation_change(
+                self.spec, self.batch, direction, verified, ablation=self.config.ablation, shared=self.runs))))
         self.timing["diagnostics_s"] += time.perf_counter() - start
         return max_prob, entropy, change
 

@@ -259,5 +259,21 @@ def test_activation_change_from_shared_runs_equals_its_own_runs():
     comps = sample_components(spec, N_POS, k=2, seed=4)
     shared: dict = {}
     ap.patch(model, batch, comps, direction="denoise", runs=shared)
-    assert activation_change(spec, batch, "denoise", comps, shared) == pytest.approx(
+    assert activation_change(spec, batch, "denoise", comps, shared=shared) == pytest.approx(
         activation_change(spec, batch, "denoise", comps), abs=1e-6)
+
+
+def test_activation_change_under_an_ablation_never_reads_the_shared_corrupt_run():
+    """Shared runs hold the corrupt run as the source; an ablation's source is its own values."""
+    from attrpatch.methods.diagnostics import activation_change
+
+    model = tiny_model("llama")
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3))
+    comps = [c for c in sample_components(spec, N_POS, k=2, seed=4) if c.site != "embed"]
+    shared: dict = {}
+    ap.patch(model, batch, comps, direction="noise", runs=shared, ablation="zero")
+    zero = activation_change(spec, batch, "noise", comps, ablation="zero", shared=shared)
+    assert zero == pytest.approx(activation_change(spec, batch, "noise", comps, ablation="zero"), abs=1e-6)
+    assert zero == pytest.approx([1.0] * len(comps), abs=1e-6)  # |0 - a| / max(|0|, |a|)
+    assert zero != pytest.approx(activation_change(spec, batch, "noise", comps, shared=shared), abs=1e-3)

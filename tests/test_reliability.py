@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch import screening
+from attrpatch import steps
 from attrpatch.screening import ScreenConfig, screen
 from conftest import random_pairs, saved_model, tiny_model, write_task
 
@@ -15,7 +15,7 @@ CONFIG = ScreenConfig(sites=("head", "resid_pre"), top_k=3, random_k=2, progress
 
 
 def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
-    screen_module = screening
+    screen_module = steps  # the screen's steps call attribute and patch
     real = screen_module.attribute
 
     def poisoned(*args, **kwargs):
@@ -33,7 +33,7 @@ def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
 
 
 def test_injected_nan_effects_are_flagged(monkeypatch):
-    screen_module = screening
+    screen_module = steps  # the screen's steps call attribute and patch
     real = screen_module.patch
     calls = []
 
