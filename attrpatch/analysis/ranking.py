@@ -52,14 +52,6 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
     return components(site, dims, n_pos, per_position=per_position), values.flatten().float().cpu()
 
 
-def prompt_candidates(scores: Scores, site: str, metric: str, per_position: bool) -> Tensor:
-    """Every component of ``site``, scored per prompt (``scores.per_prompt``): [component, batch], in
-    ``candidates`` order."""
-    values = scores.values[metric][site]  # [batch, layer, pos, (unit)]
-    values = values if per_position else values.sum(2, keepdim=True)  # [batch, layer, pos|1, (unit)]
-    return values.flatten(1).T.float().cpu()  # [component, batch]
-
-
 def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config) -> dict:
     """Per site: every component, each estimator's scores per metric, and what to verify: the union of
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
