@@ -73,3 +73,13 @@ def test_abc_is_refused_where_the_task_has_no_third_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["screen", "--task", "ioi", "--corruption", "str,third"])
     assert "choose from str, abc, noise" in capsys.readouterr().err
+
+
+def test_report_names_each_built_in_tasks_swap_and_only_those():
+    from attrpatch.inputs.corruption import STR_WORDS
+    from attrpatch.output.summary import _corruption_words
+
+    for task, swap in STR_WORDS.items():
+        assert f"symmetric token replacement: {swap})" in _corruption_words({"task": task, "corruption": {"method": "str"}})[0]
+    line = _corruption_words({"task": "pairs.jsonl", "corruption": {"method": "str"}})[0]
+    assert line == "Corruption: `str` (symmetric token replacement)."

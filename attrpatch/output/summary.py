@@ -5,6 +5,7 @@ import math
 from ..analysis.causes import FREEZE_WORDS, NO_CAUSE, REMOVED, removed_share
 from ..analysis.flags import APPROX_FLAGS
 from ..engine.metrics import DISCRETE_METRICS
+from ..inputs.corruption import STR_WORDS
 from ..inputs.directions import QUESTION
 
 MAX_LISTED = 12
@@ -93,7 +94,10 @@ def _corruption_words(r: dict) -> list[str]:
         return []
     if c["method"] == "noise":
         return [f"Corruption: `noise` (Gaussian noise on the key tokens' embeddings, std {c['noise_std']}x theirs).", ""]
-    return [f"Corruption: `{c['method']}` ({CORRUPTION_WORDS.get(c['method'], 'the task file’s corrupt prompts')}).", ""]
+    words = CORRUPTION_WORDS.get(c["method"], "the task file’s corrupt prompts")
+    if c["method"] == "str" and r.get("task") in STR_WORDS:  # a built-in task: name its swap
+        words += f": {STR_WORDS[r['task']]}"
+    return [f"Corruption: `{c['method']}` ({words}).", ""]
 
 
 def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
