@@ -1,7 +1,6 @@
 """Discrete metrics in a screen: read from the same patched runs, reported with their caution, never ranked
 by; the CLI says why when asked to rank by one."""
 
-import json
 
 import matplotlib
 import pytest

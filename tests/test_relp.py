@@ -6,7 +6,7 @@ from torch import nn
 
 import attrpatch as ap
 from attrpatch.methods import relp
-from conftest import FAMILIES, POST_NORM, random_pairs, tiny_model
+from conftest import POST_NORM, random_pairs, tiny_model
 from relp_reference import relp_reference
 
 REFERENCE_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")

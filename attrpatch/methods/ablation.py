@@ -1,6 +1,6 @@
 """Ablations as a screen's source (``ScreenConfig(ablation=...)``, ``--ablation``): the value that replaces
 component c in the clean run, for attribution and exact patching alike (both take it from
-``patching._ablated``, so the two ablate the same values).
+``patching.ablated_values``, so the two ablate the same values).
 
     zero       0
     mean       the clean run's mean over the screen's prompts, per position   (needs aligned prompts)
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..inputs.batch import PromptBatch
 from ..model.sites import Component, ModelSpec
-from .patching import ABLATIONS, _ablated
+from .patching import ABLATIONS, ablated_values
 
 WORDS = {"zero": "zero ablation", "mean": "mean ablation", "resample": "resample ablation"}
 
@@ -52,4 +52,4 @@ def site_values(spec: ModelSpec, batch: PromptBatch, sites, ablation: str,
     if ablation == "resample" and batch.n < 2:
         raise ValueError("resample ablation takes another prompt's value; it needs at least 2 prompts")
     members = [Component(s, layer) for s in sites for layer in range(spec.dims.n_layers_of(s))]
-    return _ablated(spec, batch, members, ablation, "noise", batch_size)
+    return ablated_values(spec, batch, members, ablation, "noise", batch_size)

@@ -19,7 +19,7 @@ from ..engine.forward import forward_last
 from ..engine.hooks import batch_pos, hooked, noised
 from ..inputs.batch import PromptBatch, Run
 from ..model.sites import Component, ModelSpec
-from .patching import _ablated, fingerprint
+from .patching import ablated_values, fingerprint
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
@@ -61,7 +61,7 @@ def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
                       comps: Sequence[Component], ablation: str | None = None,
                       shared: dict | None = None) -> list[float]:
     """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts.
-    ablation: the source is that ablation of the clean run (patching._ablated), not a run; shared: the runs
+    ablation: the source is that ablation of the clean run (patching.ablated_values), not a run; shared: the runs
     exact patching shared (``patch(runs=...)``); read from there when they hold these prompts, direction and
     sites (and no ablation replaces the source), else run."""
     keys = sorted({(c.site, c.layer) for c in comps})
@@ -82,7 +82,8 @@ def _site_values(spec: ModelSpec, batch: PromptBatch, direction: str, comps: Seq
     points = {k: spec.hook_point(*k) for k in keys}
     runs: list[dict] = []
     if ablation is not None:
-        runs.append({k: t.float() for k, t in _ablated(spec, batch, list(comps), ablation, direction, None).items()})
+        values = ablated_values(spec, batch, list(comps), ablation, direction, None)
+        runs.append({k: t.float() for k, t in values.items()})
     for ids in (source_ids, receiver_ids)[len(runs):]:
         found: dict = {}
 

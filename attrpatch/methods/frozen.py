@@ -33,7 +33,7 @@ from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import Component, ModelSpec, as_spec, check_component
 from . import qk_fix
 from .attribution import attribute
-from .patching import _patcher, default_rows  # the exact patcher, alpha = 1 (patching.py)
+from .patching import default_rows, patcher  # the exact patcher, alpha = 1 (patching.py)
 from .relp import is_layer_norm, is_norm, ratio
 
 FREEZES = ("pattern", "norm")
@@ -171,7 +171,7 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
         for copy, i in enumerate(group):
             entries.setdefault((components[i].site, components[i].layer), []).append((copy, components[i]))
         with ExitStack() as stack:
-            stack.enter_context(hooked([(points[key], _patcher(points[key], source[key], found, batch.n, batch.n_pos))
+            stack.enter_context(hooked([(points[key], patcher(points[key], source[key], found, batch.n, batch.n_pos))
                                         for key, found in entries.items()]))
             if freeze == "pattern":
                 stack.enter_context(frozen_patterns(spec, patterns))

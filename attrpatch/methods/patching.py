@@ -135,7 +135,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
                          f"{sorted(set((batch.last + 1).tolist()))}; use all-position components "
                          "(pos=None) or prompts of equal length")
     batch = batch.to(spec.device)
-    fixed = None if ablation is None else _ablated(spec, batch, members, ablation, direction, batch_size)
+    fixed = None if ablation is None else ablated_values(spec, batch, members, ablation, direction, batch_size)
     acc = wide(next(spec.model.parameters()).dtype)  # float32, float64 for float64 models
     sums = torch.zeros(len(components), len(metrics), device=spec.device, dtype=acc)
     prompts = torch.zeros(len(components), len(metrics), batch.n, device=spec.device, dtype=acc) if per_prompt else None
@@ -251,7 +251,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
         rows = _rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
         seen = rows or n_pos - first_pos  # positions the patched modules see in this pass
-        hooks = [(points[key], _patcher(points[key], source[key], found, batch.n, seen, first_pos, alpha))
+        hooks = [(points[key], patcher(points[key], source[key], found, batch.n, seen, first_pos, alpha))
                  for key, found in entries.items()]
         with hooked(hooks):
             if start < 0 or not resume:
@@ -288,7 +288,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     return effects, {m: float(base[m].sum()) for m in metrics}
 
 
-def _ablated(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, direction: str,
+def ablated_values(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, direction: str,
              batch_size: int | None) -> dict:
     """The ablation's source values at each hook point of ``members``: {(site, layer): [batch, pos, ...]},
     from the clean run of every prompt (all chunks, so mean and resample do not depend on the batch size)."""
@@ -366,7 +366,7 @@ def _groups(components: list, todo: list[int], copies, n_pos: int | None, resume
     return [sorted(group, key=lambda i: (_start(components[i]), i)) for group in groups]
 
 
-def _patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
+def patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
              first_pos: int = 0, alpha: float = 1.0):
     """Callback writing each entry's source value (or the receiver's moved alpha of the way to it) into its
     copy of the batch.
