@@ -94,3 +94,22 @@ def test_patched_rank_and_accuracy_equal_hand_values_on_a_tiny_model(direction):
                     for logits in (patched, receiver) for b in range(batch.n)]
             expected = (sum(hand[:batch.n]) - sum(hand[batch.n:])) / batch.n
             assert eff.effect(c, m) == pytest.approx(expected, abs=1e-6), (c, m)
+
+
+def test_metric_values_of_stacked_copies_equal_each_copy_alone():
+    """Patched passes stack copies of the batch (copy-major); every metric of the stack, computed together
+    with one log-softmax, equals the metric of each copy on its own, gradients included."""
+    from attrpatch.engine.metrics import metric_values
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, 11, generator=g, dtype=torch.float64)
+    target = ap.Target.from_clean(torch.tensor([1, 4, 7]), torch.tensor([2, 0, 9]), clean)
+    stack = torch.randn(4 * 3, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    values = metric_values(ap.ALL_METRICS, stack, target)
+    for name in ap.ALL_METRICS:
+        alone = torch.cat([ap.metric(name, stack[3 * c:3 * c + 3], target) for c in range(4)])
+        torch.testing.assert_close(values[name], alone, rtol=0, atol=1e-12)
+    grad, = torch.autograd.grad(values["kl"].sum(), stack)
+    expected, = torch.autograd.grad(sum(ap.metric("kl", stack[3 * c:3 * c + 3], target).sum() for c in range(4)), stack)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match="not copies"):
+        metric_values(["kl"], stack[:5], target)

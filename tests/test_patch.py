@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods import patching
+from attrpatch.methods import passes, patching
 from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 from reference import exact_reference
@@ -183,9 +183,12 @@ def test_forward_equivalents_count_the_runs_and_every_copys_unembedding():
     assert ap.patch(model, batch, []).passes == {"patched_rows": 0.0, "forward_equivalents": 2.0, "runs": 2.0}
     last = spec.dims.n_layers - 1
     eff = ap.patch(model, batch, [ap.Component("mlp_out", last, None)], copies=1)
-    share = patching._block_share(spec, batch.n_pos)
+    share = passes.block_share(spec, batch.n_pos)
     assert 0 < share < 1
-    assert eff.passes["forward_equivalents"] == pytest.approx(2 + share / spec.dims.n_layers + 1 - share)
+    same = passes.same_prefix(batch)  # positions where the two runs agree are not computed
+    assert 0 < same < batch.n_pos
+    computed = (batch.n_pos - same) / batch.n_pos
+    assert eff.passes["forward_equivalents"] == pytest.approx(2 + share / spec.dims.n_layers * computed + 1 - share)
 
 
 def _joined_passes(monkeypatch) -> list:
@@ -277,3 +280,45 @@ def test_activation_change_under_an_ablation_never_reads_the_shared_corrupt_run(
     assert zero == pytest.approx(activation_change(spec, batch, "noise", comps, ablation="zero"), abs=1e-6)
     assert zero == pytest.approx([1.0] * len(comps), abs=1e-6)  # |0 - a| / max(|0|, |a|)
     assert zero != pytest.approx(activation_change(spec, batch, "noise", comps, shared=shared), abs=1e-3)
+
+
+@pytest.mark.parametrize("noised", [False, True])
+def test_the_prompts_shared_prefix_is_not_recomputed_and_changes_no_effect(family, noised, monkeypatch):
+    """Clean and corrupt prompts that agree on their first positions (same tokens, no noise) give the same
+    activations there in a causal model: every resumed pass starts at the first differing position, all-
+    position heads and neurons included, patches inside the prefix are 0 with no pass, and every effect
+    equals the naive one-full-forward sweep. Noise counts as a difference (else the noised run's prefix
+    would be skipped and the head/neuron effects would miss it)."""
+    from attrpatch.inputs.corruption import with_embedding_noise
+    model = tiny_model(family)
+    spec = ap.model_spec(model)
+    batch = ap.make_batch(random_pairs(n=3, changed=(4, 6)))
+    if noised:  # noise at the replaced positions 4 and 6, ids made equal
+        batch = with_embedding_noise(batch, spec.module(spec.arch.embed).weight.detach(), seed=1)
+        assert torch.equal(batch.clean, batch.corrupt)
+    assert passes.same_prefix(batch) == 4
+    last = spec.dims.n_layers - 1
+    comps = [ap.Component("head", last, None, 0), ap.Component("neuron", 0, None, 5), ap.Component("attn_out", 0, 2),
+             ap.Component("resid_pre", last, 5), ap.Component("mlp_out", 0, 4), ap.Component("resid_pre", 1, None)]
+    first_positions, run = [], patching.run_blocks
+    monkeypatch.setattr(patching, "run_blocks", lambda *a, **k: first_positions.append(a[7]) or run(*a, **k))
+    for direction in ap.DIRECTIONS:
+        fast = ap.patch(model, batch, comps, metrics=METRICS, direction=direction, copies=2)
+        naive = ap.patch(model, batch, comps, metrics=METRICS, direction=direction, copies=1, resume=False)
+        torch.testing.assert_close(fast.values, naive.values, atol=1e-5, rtol=1e-4)
+        assert (fast.values[2] == 0).all()  # attn_out@2: inside the prefix, no pass
+    assert first_positions and min(first_positions) == 4
+    assert passes.same_prefix(ap.make_batch(random_pairs(n=2, changed=()))) == N_POS - 1  # clean into clean
+
+
+def test_an_ablation_has_no_shared_prefix(monkeypatch):
+    """An ablation's values differ from the clean run's at every position: its passes start at position 0."""
+    model = tiny_model("llama")
+    batch = ap.make_batch(random_pairs(n=3, changed=(4, 6)))
+    first_positions, run = [], patching.run_blocks
+    monkeypatch.setattr(patching, "run_blocks", lambda *a, **k: first_positions.append(a[7]) or run(*a, **k))
+    comps = [ap.Component("head", 1, None, 0), ap.Component("attn_out", 0, 2)]
+    fast = ap.patch(model, batch, comps, direction="noise", ablation="mean", copies=2)
+    naive = ap.patch(model, batch, comps, direction="noise", ablation="mean", copies=1, resume=False)
+    torch.testing.assert_close(fast.values, naive.values, atol=1e-5, rtol=1e-4)
+    assert float(fast.values[1, 0].abs()) > 1e-4 and sorted(first_positions) == [0, 2]  # the head from 0, not 4

@@ -70,21 +70,41 @@ def check_metric(name: str, *, gradient: bool = False) -> None:
 
 def metric(name: str, logits: Tensor, target: Target) -> Tensor:
     """[batch, vocab] -> [batch], computed in float32 (float64 for float64 logits)."""
-    check_metric(name)
+    return metric_values((name,), logits, target)[name]
+
+
+def metric_values(names, logits: Tensor, target: Target) -> dict[str, Tensor]:
+    """Each metric of ``names`` on ``logits`` [copies * batch, vocab], the rows copy-major (as patched runs
+    stack copies of the target's batch): {name: [copies * batch]}, in float32 (float64 for float64
+    logits). The log-softmax is computed once for all the metrics that need it, and the clean distribution
+    broadcasts over the copies instead of being repeated."""
+    for name in names:
+        check_metric(name)
     logits = logits.to(wide(logits.dtype))
-    if name in ("logit_diff", "accuracy"):
-        diff = _pick(logits, target.answer) - _pick(logits, target.wrong)
-        return diff if name == "logit_diff" else (diff > 0).to(logits.dtype)
-    if name in ("rank", "top1"):
-        above = (logits > _pick(logits, target.answer)[:, None]).sum(-1)  # tokens beating the answer
-        return (above + 1).to(logits.dtype) if name == "rank" else (above == 0).to(logits.dtype)
-    logprobs = logits.log_softmax(-1)
-    if name == "logprob":
-        return _pick(logprobs, target.answer)
-    if name == "prob":
-        return _pick(logprobs, target.answer).exp()
-    ref = target.clean_logprobs.to(device=logits.device, dtype=logits.dtype)  # device_map: logits may be elsewhere
-    return (ref.exp() * (ref - logprobs)).sum(-1)
+    batch = target.answer.shape[0]
+    copies = logits.shape[0] // batch
+    if copies * batch != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits are not copies of the target's {batch} prompts")
+    answer, wrong = (t.to(logits.device).repeat(copies) for t in (target.answer, target.wrong))
+    out, logprobs = {}, None
+    for name in names:
+        if name in ("logit_diff", "accuracy"):
+            diff = _pick(logits, answer) - _pick(logits, wrong)
+            out[name] = diff if name == "logit_diff" else (diff > 0).to(logits.dtype)
+        elif name in ("rank", "top1"):
+            above = (logits > _pick(logits, answer)[:, None]).sum(-1)  # tokens beating the answer
+            out[name] = (above + 1).to(logits.dtype) if name == "rank" else (above == 0).to(logits.dtype)
+        else:
+            logprobs = logits.log_softmax(-1) if logprobs is None else logprobs
+            if name == "logprob":
+                out[name] = _pick(logprobs, answer)
+            elif name == "prob":
+                out[name] = _pick(logprobs, answer).exp()
+            else:  # device_map: the logits may be on another device than the target
+                ref = target.clean_logprobs.to(device=logits.device, dtype=logits.dtype)  # [batch, vocab]
+                kl = (ref.exp() * (ref - logprobs.view(copies, batch, -1))).sum(-1)  # [copies, batch]
+                out[name] = kl.flatten()
+    return out
 
 
 def _pick(values: Tensor, index: Tensor) -> Tensor:

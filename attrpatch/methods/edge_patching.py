@@ -30,7 +30,7 @@ from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import ModelSpec, as_spec
 from .edge_graph import Edge, EdgeModel, Node
 from .edges import record
-from .patching import DEFAULT_ROWS
+from .passes import DEFAULT_ROWS
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 

@@ -13,8 +13,9 @@ g(0) = f(0) (the receiver is its own operating point) and g'(0) is RelP's gradie
 against AtP's says how much of the bend that non-linearity carries (analysis/causes.py frozen_causes).
 
 Cost: the source and receiving runs (whole forwards), then one patched copy per component and freeze,
-resumed at the component's block (engine/resume.py), ``copies`` per pass, counted in ``passes`` like
-``patch``'s.
+joining the pass at the component's block (engine/resume.py), ``copies`` per pass, counted in ``passes``
+like ``patch``'s; the pattern freeze also starts at the first position the patch or the prompts change
+(passes.same_prefix).
 """
 
 from contextlib import ExitStack, contextmanager
@@ -33,7 +34,9 @@ from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import Component, ModelSpec, as_spec, check_component
 from . import qk_fix
 from .attribution import attribute
-from .patching import default_rows, patcher  # the exact patcher, alpha = 1 (patching.py)
+from .passes import (block_share, copy_entries, default_rows, equivalents, first_position, group_passes, no_op,
+                     same_prefix)  # exact patching's grouping and count
+from .patching import patcher  # the exact patcher, alpha = 1
 from .relp import is_layer_norm, is_norm, ratio
 
 FREEZES = ("pattern", "norm")
@@ -65,6 +68,8 @@ def _frozen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     recorded = state["patterns"][state["layer_of"][id(module)]]  # [batch, head, pos, pos]
     rep = query.shape[1] // value.shape[1]
     values = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+    n_query, n_key = query.shape[2], value.shape[2]  # a resumed pass: queries from a later position on
+    recorded = recorded[:, :, n_key - n_query:n_key, :n_key]
     pattern = recorded.repeat(values.shape[0] // recorded.shape[0], 1, 1, 1).to(values.dtype)
     return (pattern @ values).transpose(1, 2), pattern
 
@@ -149,7 +154,10 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
         def callback(raw):
             source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
         return callback
-    patterns, norms = {}, {}
+    patterns, norms, kept = {}, {}, {}
+    # the pattern freeze reuses the shared prefix like exact patching (passes.same_prefix): frozen patterns
+    # keep the model causal; the norm freeze's recorded values cover every position, so it computes them all
+    same = same_prefix(batch) if freeze == "pattern" and batch.aligned else 0
     with hooked([(p, keep(key)) for key, p in points.items()]):
         source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
     with ExitStack() as stack:  # the receiver (eager attention), recording its operating point and calls
@@ -157,33 +165,34 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
             layer, pattern.detach())))
         stack.enter_context(installed(recording_norms(spec, norms) if freeze == "norm" else []))
         calls = stack.enter_context(block_calls(spec, 0))
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
+        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, kept if same else None)
     target = Target.from_clean(batch.answer, batch.wrong, clean_and_corrupt(direction, source_logits, receiver_logits)[0])
     base = metric(metric_name, receiver_logits, target)  # [batch]
     out = torch.zeros(len(components), dtype=torch.float64)
     passes["runs"] += 2
     passes["forward_equivalents"] += 2
-    order = sorted(range(len(components)), key=lambda i: components[i].layer)
-    for at in range(0, len(order), copies):
-        group = order[at:at + copies]
-        n, start = len(group), min(components[i].layer for i in group)
-        entries: dict = {}
-        for copy, i in enumerate(group):
-            entries.setdefault((components[i].site, components[i].layer), []).append((copy, components[i]))
+    share, n_layers = block_share(spec, batch.n_pos), spec.dims.n_layers
+    todo = [i for i, c in enumerate(components) if not no_op(c, same)]  # the others change nothing: 0
+    for group in group_passes(components, todo, lambda first: copies, batch.n_pos if same else None, True, same):
+        n, starts = len(group), [components[i].layer for i in group]  # ascending: copies join at their block
+        first_pos = min(first_position(components[i], same) for i in group) if same else 0
+        entries = copy_entries(components, group)
         with ExitStack() as stack:
-            stack.enter_context(hooked([(points[key], patcher(points[key], source[key], found, batch.n, batch.n_pos))
+            stack.enter_context(hooked([(points[key], patcher(points[key], source[key], found, batch.n,
+                                                              batch.n_pos - first_pos, first_pos))
                                         for key, found in entries.items()]))
             if freeze == "pattern":
                 stack.enter_context(frozen_patterns(spec, patterns))
             else:
                 stack.enter_context(qk_fix.recording(spec, lambda *args: None))  # the receiver's eager masks
                 stack.enter_context(installed(frozen_norms(spec, norms, batch.last)))
-            hidden = call_input(*calls[start])[0]
-            logits = run_blocks(spec, start, hidden.repeat(n, 1, 1), calls, n, batch.n, batch.last, final_patched=True)
+            hidden = call_input(*calls[starts[0]])[0][:, first_pos:]
+            logits = run_blocks(spec, starts[0], hidden.repeat(starts.count(starts[0]), 1, 1), calls, n, batch.n,
+                                batch.last, first_pos, kept.get("cache"), final_patched=True, starts=starts)
         patched = metric(metric_name, logits, target.repeat(n)).view(n, batch.n)  # [copy, batch]
         out[group] = (patched - base).double().sum(-1).cpu()
         passes["patched_rows"] += n
-        passes["forward_equivalents"] += n * (spec.dims.n_layers - start) / spec.dims.n_layers
+        passes["forward_equivalents"] += equivalents(share, starts, first_pos, n_layers, batch.n_pos)
     return out
 
 

@@ -27,31 +27,15 @@ from tqdm.auto import tqdm
 
 from ..engine.forward import block_calls, forward_last
 from ..engine.hooks import batch_pos, call_input, eval_mode, hooked
-from ..engine.metrics import Target, check_metric, metric, wide
+from ..engine.metrics import Target, check_metric, metric, metric_values, wide
 from ..engine.resume import run_blocks
 from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction, clean_and_corrupt
-from ..model.sites import AFTER_ATTENTION, Component, ModelSpec, as_spec, check_component
+from ..model.sites import Component, ModelSpec, as_spec, check_component
+from .passes import (Item, members_of, rows_in_first_block, start_block, whole_stream, block_share, default_rows,
+                     copy_entries, equivalents, first_position, group_passes, no_op, same_prefix)
 
-# prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
-# (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide
-DEFAULT_ROWS = {"cpu": 32, "cuda": 256}
 ABLATIONS = ("zero", "mean", "resample")
-
-# on a CPU, short prompts take more rows, up to this many tokens per pass (32 rows of 64 tokens): a pass's
-# fixed cost (a Python call per block, hooks, the cache) is then shared by more copies
-CPU_TOKENS = 2048
-
-
-# and at most this many rows (a pass's logits are [rows, vocab]: 100 MB for SmolLM2's 49k-token vocabulary)
-CPU_MAX_ROWS = 512
-
-
-def default_rows(device: torch.device, n_pos: int) -> int:
-    """Prompt rows per patched pass when ``copies`` is not given (DEFAULT_ROWS; more for short CPU prompts,
-    and for passes that compute only the last ``n_pos`` positions)."""
-    rows = DEFAULT_ROWS.get(device.type, 256)
-    return min(max(rows, CPU_TOKENS // max(n_pos, 1)), CPU_MAX_ROWS) if device.type == "cpu" else rows
 
 
 @dataclass
@@ -69,38 +53,6 @@ class Effects:
 
     def effect(self, component: Component | tuple[Component, ...], metric_name: str) -> float:
         return float(self.values[self.components.index(component), self.metrics.index(metric_name)])
-
-
-Item = Component | tuple[Component, ...]  # a tuple is patched jointly, in one copy
-
-
-def _members(item: Item) -> tuple[Component, ...]:
-    return item if isinstance(item, tuple) else (item,)
-
-
-def _start(item: Item) -> int:
-    """First block a patched run must compute: -1 (whole model) for the embeddings."""
-    return min(-1 if c.site == "embed" else c.layer for c in _members(item))
-
-
-def _whole_stream(item: Item) -> bool:
-    """A patch of the entire residual stream at some layer (every position): the run becomes the source's."""
-    return any(c.site in ("embed", "resid_pre") and c.pos is None for c in _members(item))
-
-
-def _rows_in_first_block(components: list, group: list[int], first_pos: int, start: int, n_layers: int):
-    """Rows block ``start`` must compute when every patch in the group sits after its attention at one
-    position: the other positions' outputs of that block are the receiver's. None: all rows."""
-    members = [c for i in group for c in _members(components[i])]
-    if first_pos == 0 or start >= n_layers - 1 or any(
-            c.site not in AFTER_ATTENTION or c.pos is None or c.layer != start for c in members):
-        return None
-    return max(c.pos for c in members) - first_pos + 1
-
-
-def _first_pos(item: Item) -> int:
-    """First position a patched run must compute: positions before it are unchanged (causal model)."""
-    return min(0 if c.pos is None else c.pos for c in _members(item))
 
 
 def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Item], *,
@@ -127,7 +79,7 @@ def patch(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence
     check_direction(direction)
     for m in metrics:
         check_metric(m)
-    members = [c for item in components for c in _members(item)]
+    members = [c for item in components for c in members_of(item)]
     for c in members:
         check_component(c, spec, batch.n_pos)
     if not batch.aligned and any(c.pos is not None for c in members):
@@ -214,14 +166,16 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     receiver_ids = batch.runs(direction)[1]
     n_pos, n_layers = batch.n_pos, spec.dims.n_layers
     points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for item in components
-                                                            for c in _members(item)})}
+                                                            for c in members_of(item)})}
     # The receiver's metric is the baseline; its block inputs are where patched runs resume.
-    first = max(0, min(_start(c) for c in components)) if components else 0
+    first = max(0, min(start_block(c) for c in components)) if components else 0
     # reuse positions only where every prompt has every position (no padding: causal reuse is exact)
-    reuse_pos = resume and batch.aligned and any(_first_pos(item) > 0 for item in components)
+    # an ablation's values differ from the receiver's everywhere: no shared prefix then
+    same = same_prefix(batch) if resume and batch.aligned and fixed is None else 0
+    reuse_pos = resume and batch.aligned and any(first_position(item, same) > 0 for item in components)
     run, made = _runs(spec, batch, direction, points, first, reuse_pos, memo)
     _count(passes, runs=made)  # the source and the receiving run, whole forwards each (none when shared)
-    block_share = _block_share(spec, n_pos)
+    share = block_share(spec, n_pos)
     source = run["source"] if fixed is None else fixed  # an ablation's values: no run's (its logits unused)
     source_logits, receiver_logits, calls, kept = (run["source_logits"], run["receiver_logits"], run["calls"],
                                                    {"cache": run["cache"]})
@@ -233,23 +187,22 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                           dtype=wide(receiver_logits.dtype))
     # Patching the whole stream (embeddings, or resid_pre at every position) makes the rest of the run the
     # source run: its effect is read off the source's logits, with no pass at all.
-    whole = [i for i, item in enumerate(components) if resume and alpha == 1 and fixed is None and _whole_stream(item)]
+    whole = [i for i, item in enumerate(components) if resume and alpha == 1 and fixed is None and whole_stream(item)]
     for j, m in enumerate(metrics if whole else ()):
         effects[whole, j] = (metric(m, source_logits, target) - base[m]).to(effects.dtype)
-    groups = _groups(components, [i for i in range(len(components)) if i not in set(whole)], copies,
-                     n_pos if reuse_pos else None, resume)
+    # patches of the shared prefix only change nothing: their effect is 0, with no pass
+    skip = set(whole) | {i for i, item in enumerate(components) if all(no_op(c, same) for c in members_of(item))}
+    groups = group_passes(components, [i for i in range(len(components)) if i not in skip], copies,
+                          n_pos if reuse_pos else None, resume, same)
 
     def run_group(group: list[int]) -> tuple[Tensor, int]:
         """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
         n = len(group)
-        entries: dict[tuple[str, int], list[tuple[int, Component]]] = {}
-        for copy, i in enumerate(group):
-            for c in _members(components[i]):
-                entries.setdefault((c.site, c.layer), []).append((copy, c))
-        starts = [_start(components[i]) for i in group]  # ascending (_groups): copies join the pass as it goes
+        entries = copy_entries(components, group, same)
+        starts = [start_block(components[i]) for i in group]  # ascending (group_passes): copies join the pass as it goes
         start = starts[0]
-        first_pos = min(_first_pos(components[i]) for i in group) if reuse_pos and start >= 0 else 0
-        rows = _rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
+        first_pos = min(first_position(components[i], same) for i in group) if reuse_pos and start >= 0 else 0
+        rows = rows_in_first_block(components, group, first_pos, start, n_layers) if resume else None
         seen = rows or n_pos - first_pos  # positions the patched modules see in this pass
         hooks = [(points[key], patcher(points[key], source[key], found, batch.n, seen, first_pos, alpha))
                  for key, found in entries.items()]
@@ -278,10 +231,10 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
                 torch.cuda.empty_cache()
             continue
         n = len(group)
-        _count(passes, rows=n, equivalents=_equivalents(block_share, starts, first_pos, n_layers, n_pos))
-        target_n = target.repeat(n)
+        _count(passes, rows=n, equivalents=equivalents(share, starts, first_pos, n_layers, n_pos))
+        values = metric_values(metrics, logits, target)  # each [copy * batch]
         for j, m in enumerate(metrics):
-            patched = metric(m, logits, target_n).view(n, batch.n)  # [copy, batch]
+            patched = values[m].view(n, batch.n)  # [copy, batch]
             effects[group, j] = (patched - base[m].to(patched.device)).to(effects.device)
         bar.update(n)
     bar.close()
@@ -320,52 +273,6 @@ def _count(passes: dict, *, runs: int = 0, rows: int = 0, equivalents: float = 0
     passes["forward_equivalents"] += runs + equivalents
 
 
-def _equivalents(block_share: float, starts: list[int], first_pos: int, n_layers: int, n_pos: int) -> float:
-    """One patched pass in forward-equivalents, from the work it does: each copy runs the blocks from its own
-    start on (copies join the pass at their block: run_blocks), at positions ``first_pos`` on, and pays the
-    unembedding in full. The unit is one last-token forward of the same prompts; the split between blocks
-    and unembedding is by weights (_block_share). What it leaves out errs both ways and is small: the
-    patched block's skipped rows and the final block's MLP on the last row only (counted, not run), and the
-    per-block Python cost and the metrics' softmax (run, not counted). On SmolLM2's IOI screen at one
-    thread this count is within 6% of verification cpu time / the unit forward's cpu time."""
-    return sum(block_share * (n_layers - max(s, 0)) / n_layers * (n_pos - first_pos) / n_pos + 1 - block_share
-               for s in starts)
-
-
-def _block_share(spec: ModelSpec, n_pos: int) -> float:
-    """The blocks' share of one last-token forward's multiply-adds (the rest is the unembedding, which every
-    patched copy pays in full however late it resumes): n_layers * n_pos * block weights against that plus
-    the LM head's weights."""
-    block = sum(p.numel() for p in spec.blocks[0].parameters())
-    blocks = spec.dims.n_layers * n_pos * block
-    head = spec.module(spec.arch.unembed).weight.numel()
-    return blocks / (blocks + head)
-
-
-MAX_WASTE = 1.25  # a copy may compute at most this many times the positions it needs
-
-
-def _groups(components: list, todo: list[int], copies, n_pos: int | None, resume: bool = True) -> list[list[int]]:
-    """Split ``todo`` (sorted by whole-run, then first position, then layer) into patched passes of at most
-    ``copies(first position of the pass)`` copies, each sorted by its first block (copies patched later join
-    the pass there). A pass never mixes whole-model runs with resumed ones, and with position reuse
-    (``n_pos`` given) a member computes at most MAX_WASTE times the positions its own patch needs."""
-    order = sorted(todo, key=lambda i: (_start(components[i]) < 0 or not resume,
-                                        _first_pos(components[i]) if n_pos else 0, _start(components[i]), i))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            head, item = components[groups[-1][0]], components[i]
-            room = len(groups[-1]) < copies(_first_pos(head) if n_pos else 0)
-            same_kind = (_start(head) < 0) == (_start(item) < 0)
-            near = n_pos is None or (n_pos - _first_pos(head)) <= MAX_WASTE * (n_pos - _first_pos(item))
-            if room and same_kind and near:
-                groups[-1].append(i)
-                continue
-        groups.append([i])
-    return [sorted(group, key=lambda i: (_start(components[i]), i)) for group in groups]
-
-
 def patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_prompts: int, n_pos: int,
              first_pos: int = 0, alpha: float = 1.0):
     """Callback writing each entry's source value (or the receiver's moved alpha of the way to it) into its
@@ -379,7 +286,10 @@ def patcher(point, source: Tensor, entries: list[tuple[int, Component]], n_promp
         view = point.read(new, rows, n_p).unflatten(0, (rows // n_prompts, n_prompts))  # [copy, batch, pos, ..]
         for copy, c in entries:
             where = c.index()[1:]  # (pos, [unit])
-            here = where if c.pos is None else (c.pos - first_pos, *where[1:])
+            if c.pos is None:  # every position the pass computes: from first_pos on
+                here, where = where, (slice(first_pos, first_pos + n_pos), *where[1:])
+            else:
+                here = (c.pos - first_pos, *where[1:])
             at, value = (copy, slice(None), *here), source[(slice(None), *where)].to(view.dtype)
             view[at] = value if alpha == 1 else view[at] + alpha * (value - view[at])
         return new
