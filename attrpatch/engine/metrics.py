@@ -77,7 +77,9 @@ def metric_values(names, logits: Tensor, target: Target) -> dict[str, Tensor]:
     """Each metric of ``names`` on ``logits`` [copies * batch, vocab], the rows copy-major (as patched runs
     stack copies of the target's batch): {name: [copies * batch]}, in float32 (float64 for float64
     logits). The log-softmax is computed once for all the metrics that need it, and the clean distribution
-    broadcasts over the copies instead of being repeated."""
+    broadcasts over the copies instead of being repeated. (A log-sum-exp form that never materialises log p
+    is 20% faster but loses KL's precision to cancellation: 1e-4 absolute on 49k-token logits, against
+    5e-6 here.)"""
     for name in names:
         check_metric(name)
     logits = logits.to(wide(logits.dtype))
@@ -95,7 +97,7 @@ def metric_values(names, logits: Tensor, target: Target) -> dict[str, Tensor]:
             above = (logits > _pick(logits, answer)[:, None]).sum(-1)  # tokens beating the answer
             out[name] = (above + 1).to(logits.dtype) if name == "rank" else (above == 0).to(logits.dtype)
         else:
-            logprobs = logits.log_softmax(-1) if logprobs is None else logprobs
+            logprobs = logits.log_softmax(-1) if logprobs is None else logprobs  # [copies * batch, vocab]
             if name == "logprob":
                 out[name] = _pick(logprobs, answer)
             elif name == "prob":
