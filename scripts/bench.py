@@ -59,7 +59,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import attrpatch as ap  # noqa: E402
-from attrpatch.methods.passes import default_rows  # noqa: E402
+from attrpatch.methods.passes import default_rows, same_prefix  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -460,7 +460,7 @@ def pool_naive(b: Bench, overhead: list[dict], *cases: dict) -> None:
             p[f"speedup_{clock}"] = naive / batched if batched > 0 else float("inf")
 
 
-def per_position_sample(dims, n_pos: int, copies: int) -> list:
+def per_position_sample(dims, n_pos: int, copies: int, same: int = 0) -> list:
     """Two whole patched passes of the per-position ``head`` sweep: ``copies`` consecutive components in
     (layer, position, head) order, at layers a = L//4 and L-1-a, starting at the same position p.
 
@@ -468,11 +468,14 @@ def per_position_sample(dims, n_pos: int, copies: int) -> list:
     patch are reused, g = (P - p)/P, both affine. The two layers average f over all layers exactly, and p
     is the chunk start with g(p) closest to the mean of g over every component's own position, so the pair
     costs about what the average component of the full sweep does (however attrpatch groups it, as long as
-    it never mixes layers and its passes start at their earliest position)."""
-    sweep = ap.components("head", dims, n_pos, per_position=True)  # layer, pos, head order
+    it never mixes layers and its passes start at their earliest position).
+
+    same: the prompts' shared prefix (passes.same_prefix): heads there change nothing and cost no pass, so
+    the sample is drawn from positions ``same`` on (the speed-up is then that of the sweep's real work)."""
+    sweep = [c for c in ap.components("head", dims, n_pos, per_position=True) if c.pos >= same]  # layer, pos, head
     per_layer = len(sweep) // dims.n_layers
     starts = range(0, per_layer - copies + 1, copies) if per_layer >= copies else [0]
-    mean_g = statistics.mean((n_pos - c.pos) / n_pos for c in sweep[:per_layer])
+    mean_g = statistics.mean((n_pos - c.pos) / n_pos for c in sweep[:per_layer])  # same's heads: no pass
     k = min(starts, key=lambda i: abs((n_pos - sweep[i].pos) / n_pos - mean_g))
     a = dims.n_layers // 4
     return [sweep[layer * per_layer + i] for layer in sorted({a, dims.n_layers - 1 - a})
@@ -742,7 +745,11 @@ def main(argv=None) -> dict:
         overhead.append(b.timed(lambda: ap.patch(model, batch, [], metrics=["logit_diff"]))[0])
         b.log(f"  patch fixed cost (no components): {fmt(overhead[-1])}")
 
-    pos_comps = per_position_sample(dims, n_pos, max(copies, 2 * dims.n_heads))  # a sample of >= 2 positions
+    same = same_prefix(batch)  # heads before it cost nothing: the sample is drawn after it
+    if same:
+        b.log(f"  shared prefix: positions 0..{same - 1} of {n_pos} are the same in every clean and corrupt prompt; "
+              "the head x pos sample is drawn after them")
+    pos_comps = per_position_sample(dims, n_pos, max(copies, 2 * dims.n_heads), same)  # >= 2 positions
     patch_pos = bench_patch(b, pos_comps, args.naive, args.patch_repeats, overhead, "head x pos", dims, itemsize)
     top_comps = topk_sample(dims, n_pos, args.topk, rng)
     patch_all = bench_patch(b, top_comps, args.naive, args.patch_repeats, overhead, "top-k all-pos",
