@@ -1,5 +1,5 @@
 """Edges: EAP scores and exact edge patching against naive references (tests/edge_reference.py), and the
-identities that tie edges to nodes (SCIENCE.md, "Edges and path patching")."""
+identities that tie edges to nodes (docs/methods.md#edge-identities)."""
 
 import pytest
 import torch

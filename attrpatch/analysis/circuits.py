@@ -1,4 +1,4 @@
-"""Circuits from edge scores and their faithfulness (SCIENCE.md, "Edges and path patching"). Pure: numbers in,
+"""Circuits from edge scores and their faithfulness (docs/methods.md#circuits-and-faithfulness). Pure: numbers in,
 numbers out.
 
     circuit(n)       the n edges with the largest |score|

@@ -1,5 +1,6 @@
 """Flags: where the approximation and the exact effect disagree, where metrics or directions disagree, and
-the measured cause behind each (SCIENCE.md, failure modes). The one home of flag names and thresholds.
+the measured cause behind each (docs/methods.md#flags, docs/methods.md#measured-causes). The one home of
+flag names and thresholds.
 
     sign_flip           opposite signs, both above the tolerance
     large_error         |approx - exact| > 50% of max(|approx|, |exact|), and above the tolerance

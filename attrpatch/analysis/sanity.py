@@ -1,5 +1,5 @@
 """The clean-run check every report starts with: does the model do the task at all? A screen of a model
-that does not measures nothing (SCIENCE.md, "Prompts as the model expects them").
+that does not measures nothing (docs/methods.md#prompts).
 
     accuracy           share of pairs whose answer logit beats the wrong one on the clean prompt
     corrupt_accuracy   share whose wrong token beats the answer on the corrupt prompt

@@ -1,4 +1,4 @@
-"""Positions that mean the same token in every prompt (SCIENCE.md, "Prompts as the model expects them").
+"""Positions that mean the same token in every prompt (docs/methods.md#prompts).
 
 A per-position component averages over prompts, so position p must play one role in every prompt. A
 pair's *layout* is its token length and, where the pair names its roles (S1, IO, S2, END, subject, ...),

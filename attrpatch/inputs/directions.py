@@ -1,4 +1,4 @@
-"""The one home of the direction convention (SCIENCE.md, exact activation patching).
+"""The one home of the direction convention (docs/methods.md#directions).
 
     direction   source    receiver   question                      effect
     denoise     clean     corrupt    is the component sufficient?  m(corrupt, c := clean) - m(corrupt)

@@ -1,4 +1,4 @@
-"""Encoding prompts the way the model was trained on them (SCIENCE.md, "Prompts as the model expects them").
+"""Encoding prompts the way the model was trained on them (docs/methods.md#prompts).
 
     bos_id(tokenizer, mode)     the token to put first in every prompt, or None
         auto  what ``tokenizer(text)`` itself adds in front (Llama 3, Gemma: a BOS; GPT-2, SmolLM2: none)

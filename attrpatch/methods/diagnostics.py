@@ -1,4 +1,4 @@
-"""Measured causes of disagreement between AtP and exact patching (SCIENCE.md, failure modes).
+"""Measured causes of disagreement between AtP and exact patching (docs/methods.md#diagnostics).
 
     attention saturation   per layer and head of the receiving run: the mean over prompts and real query
                            rows of the largest attention probability, and of the row entropy (nats).

@@ -1,6 +1,6 @@
 """Edges: attribution for every edge of a model from one backward pass (EAP, Syed et al. 2023; EAP-IG).
 
-Definitions (SCIENCE.md, "Edges and path patching"; names in edge_graph.py):
+Definitions (docs/methods.md#edges; names in edge_graph.py):
     sender A     writes into the residual stream: ``embed`` (block 0's input: token embeddings, plus GPT-2's
                  position embeddings), head ``LlHh`` (z_h @ W_O[h]: its slice of the output projection's
                  input times that slice of the projection; the bias belongs to no head), ``Ll.mlp`` (the MLP

@@ -6,7 +6,7 @@
 
 The deltas come from the plain source and receiver runs; only the gradient is integrated. It converges to
 the exact effect of patching the embeddings, and is usually closer to the exact effect of any component
-than AtP (SCIENCE.md). Cost per chunk: 2 + k forwards, k backwards per metric.
+than AtP (docs/methods.md#integrated-gradients). Cost per chunk: 2 + k forwards, k backwards per metric.
 """
 
 from torch import Tensor

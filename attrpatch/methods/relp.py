@@ -4,7 +4,7 @@ layer-wise relevance propagation (LRP) rules.
     score(c) = (a_c(source) - a_c(receiver)) . R_c        R_c: d metric / d a_c under the rules below
 
 The receiving forward is unchanged in value; only what flows backward changes. Each rule makes one
-non-linear part linear in the backward pass, at its operating point on the receiver (SCIENCE.md notation):
+non-linear part linear in the backward pass, at its operating point on the receiver (docs/methods.md#relp):
 
     norm     y = w . (x - mu(x)) / sigma(x) + b  (RMSNorm: mu = 0, b = 0)   ->  dy/dx = w / sigma(x), mu kept
              ("LN-rule": the normalising scale held constant)
