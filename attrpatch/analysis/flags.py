@@ -19,10 +19,8 @@ from ..model.sites import RESID_LIKE, Component
 
 APPROX_FLAGS = ("sign_flip", "large_error", "missed", "overestimated")  # approximation vs exact
 LABELLED_FLAGS = ("sign_flip", "large_error", "missed")  # the ones figures name their points by
-CROSS_FLAGS = ("metrics_disagree", "directions_disagree")
 CORRUPTIONS_DISAGREE = "corruptions_disagree"
 NON_FINITE = "non_finite"
-FLAGS = (*APPROX_FLAGS, *CROSS_FLAGS, NON_FINITE)
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful

@@ -12,7 +12,6 @@ from .files import write_atomic, write_csv, write_json
 from .summary import _sanity_section
 
 EDGE_REPORT_VERSION = 1
-EDGE_FIELDS = ("sender", "receiver", "direction", "approx", "exact", "rank_approx", "rank_exact", "flags")
 
 
 def edge_report(result, *, model: str, task: str) -> dict:
