@@ -195,8 +195,8 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
     groups = group_passes(components, [i for i in range(len(components)) if i not in skip], copies,
                           n_pos if reuse_pos else None, resume, same)
 
-    def run_group(group: list[int]) -> tuple[Tensor, int]:
-        """Last-token logits [len(group) * batch, vocab] of one patched pass, and the block it started at."""
+    def run_group(group: list[int]) -> tuple[Tensor, list[int], int]:
+        """One patched pass: last-token logits [len(group) * batch, vocab], each copy's start block, first pos."""
         n = len(group)
         entries = copy_entries(components, group, same)
         starts = [start_block(components[i]) for i in group]  # ascending (group_passes): copies join the pass as it goes
