@@ -1,5 +1,6 @@
 """The package layout: stages import only from themselves and earlier ones, no circle, small modules."""
 
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -33,3 +34,16 @@ def test_the_check_catches_a_backward_import(tmp_path, monkeypatch):
     problems, _ = layout.check()
     assert any("imports attrpatch.methods.b from the later stage methods" in p for p in problems)
     assert any(p.startswith("import circle") for p in problems)
+
+
+def test_each_package_docstring_lists_the_modules_it_has():
+    """Every stage package's docstring has a line per module (indented, the module's name first), so the
+    map a reader starts from names what is there."""
+    import re
+
+    package = SCRIPT.parent.parent / "attrpatch"
+    for init in sorted(package.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()), clean=False) or ""
+        missing = [p.stem for p in sorted(init.parent.glob("*.py")) if p.stem != "__init__"
+                   and not re.search(rf"^\s+{p.stem}\b", doc, re.M)]
+        assert missing == [], f"{init.relative_to(package.parent)}: no docstring line for {missing}"
