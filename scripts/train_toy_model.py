@@ -29,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attrpatch.inputs import tasks  # noqa: E402
 from attrpatch.inputs.pairs import tokenize_pair  # noqa: E402
+from attrpatch.model.hf_compat import portable_tokenizer  # noqa: E402
 
 EOS, PAD, UNK = "<|endoftext|>", "<pad>", "<unk>"
 # GPT-2-like pre-tokenisation: a word with its leading space, one punctuation mark, whitespace.
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    portable_tokenizer(out)
     for path in out.iterdir():
         path.chmod(0o644)  # safetensors writes its file owner-only
     record = {

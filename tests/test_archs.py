@@ -115,15 +115,20 @@ def test_llama3_rope_scaling_from_a_config_json_moves_the_rotary_frequencies(tmp
     """Llama 3.x checkpoints are model_type llama with "rope_scaling" {"rope_type": "llama3"} in config.json:
     transformers reads it (its rotary frequencies differ from plain rope's) and the llama row serves it."""
     config = tiny_model("llama3").config.to_dict()
-    config.pop("rope_parameters")
+    config.pop("rope_parameters", None)  # transformers 5's form; a checkpoint's config.json has the two below
+    config["rope_theta"] = 500_000.0
     config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 16, "rope_theta": 500_000.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(tmp_path))
-    plain = tf.LlamaConfig(**{**config, "rope_scaling": None, "rope_parameters": {"rope_type": "default",
-                                                                                  "rope_theta": 500_000.0}})
-    assert model.config.rope_parameters["rope_type"] == "llama3"
-    assert not torch.allclose(model.model.rotary_emb.inv_freq, tf.LlamaForCausalLM(plain).model.rotary_emb.inv_freq)
+                              "original_max_position_embeddings": 16}
+
+    def from_json(folder, values):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(values))
+        return tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder))
+    model = from_json(tmp_path / "llama3", config)
+    plain = from_json(tmp_path / "plain", {**config, "rope_scaling": None})
+    read = getattr(model.config, "rope_parameters", None) or model.config.rope_scaling  # 5.x, 4.x
+    assert read["rope_type"] == "llama3"
+    assert not torch.allclose(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
     assert ap.model_spec(model).arch is ap.ARCHS["llama"]
 
 

@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.fetch import fetch, smollm2_gguf
@@ -27,8 +26,7 @@ pytestmark = pytest.mark.real_model
 def smollm2():
     torch.set_num_threads(1)
     folder = fetch("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return load(folder)  # float32; the tokenizer as any transformers in the tested range reads it
 
 
 @pytest.fixture(scope="module")

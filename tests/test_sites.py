@@ -75,7 +75,10 @@ def test_gemma3_sliding_layer_hides_keys_outside_its_window_from_every_method():
         scores = ap.attribute(model, batch, sites=["k"], estimator=estimator)
         assert [scores.score(c, "logit_diff") for c in comps[:2]] == [0.0, 0.0], estimator
         assert abs(scores.score(comps[2], "logit_diff")) > 1e-4, estimator
-    assert exact[:2].abs().max() == 0 and abs(exact[2]) > 1e-4
+    # AtP's zeros are exact (a masked softmax's gradient is 0 * ...); the patched pass is a different float32
+    # computation of the same logits (a resumed pass, other shapes, other summation order), equal up to a few
+    # ulps of logits of order 1: 9.9e-9 was seen on one CPU, so allow 1e-6, far below the 1e-4 of key 3.
+    assert exact[:2].abs().max() < 1e-6 and abs(exact[2]) > 1e-4
 
 
 def test_unknown_family_names_the_supported_ones_and_how_to_add_one():

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..inputs.batch import Run
+from ..model import hf_compat
 from ..model.sites import ModelSpec
 from .hooks import installed, noised
 
@@ -26,7 +27,7 @@ def unembed(spec: ModelSpec, hidden: Tensor, *, final_norm: bool = True) -> Tens
     if final_norm:
         for mod in spec.final_modules():
             hidden = mod(hidden)
-    logits = spec.module(spec.arch.unembed)(hidden)
+    logits = spec.unembedding()(hidden)
     return softcap(logits, getattr(spec.model.config, "final_logit_softcapping", None))
 
 
@@ -40,13 +41,11 @@ def forward_last(spec: ModelSpec, ids: "Tensor | Run", mask: Tensor, last: Tenso
     if isinstance(ids, Run):
         with noised(spec, ids.noise):
             return forward_last(spec, ids.ids, mask, last, keep)
-    kwargs = {}
-    if keep is not None:  # a plain cache keeps every position, also of sliding-window layers
-        from transformers import DynamicCache
-        kwargs = {"use_cache": True, "past_key_values": DynamicCache()}
-    out = spec.model.base_model(input_ids=ids, attention_mask=mask, **({"use_cache": False} | kwargs))
+    base = hf_compat.base_model(spec.model)
+    kwargs = {"use_cache": False} if keep is None else hf_compat.recording(base)
+    out = base(input_ids=ids, attention_mask=mask, **kwargs)
     if keep is not None:
-        keep["cache"] = out.past_key_values
+        keep["cache"] = hf_compat.recorded(out)
     hidden = out.last_hidden_state
     hidden = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [batch, d_model]
     return unembed(spec, hidden, final_norm=False)  # the base model applied the final norm

@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..model import hf_compat
 from ..model.sites import ModelSpec
 from .forward import unembed
 from .hooks import call_input, installed
@@ -48,7 +49,8 @@ def run_blocks(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, n: int,
     starts = [start] * n if starts is None else list(starts)
     if len(starts) != n or starts[0] != start or starts != sorted(starts):
         raise ValueError(f"starts {starts} must be {n} ascending blocks beginning at {start}")
-    past = _past(cache, first_pos, starts, spec.dims.n_layers) if first_pos else None
+    past = hf_compat.prefix_cache(cache, first_pos, [active(starts, layer) for layer in range(spec.dims.n_layers)]) \
+        if first_pos else None
     with _last_mlp_on_last_row(spec, last, start, hidden.shape[1] + first_pos, final_patched):
         hidden = _run(spec, start, hidden, calls, starts, batch, first_pos, past, first_rows)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -106,22 +108,6 @@ def _run(spec: ModelSpec, start: int, hidden: Tensor, calls: dict, starts: list[
     return hidden
 
 
-def _past(cache, first_pos: int, starts: list[int], n_layers: int):
-    """A fresh key/value cache holding the receiver's first ``first_pos`` positions, one copy per copy that
-    computes the layer (copy-major)."""
-    from transformers import DynamicCache
-
-    past = DynamicCache()
-    for layer in range(n_layers):
-        src = cache.layers[layer]
-        keys, values = src.keys[:, :, :first_pos], src.values[:, :, :first_pos]  # [batch, kv_head, pos, d_head]
-        n = active(starts, layer)
-        if n:  # every copy needs its own rows, even for a batch of one prompt
-            keys, values = keys.repeat(n, 1, 1, 1), values.repeat(n, 1, 1, 1)
-        past.update(keys, values, layer)
-    return past
-
-
 def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, past, hidden: Tensor):
     """Rewrite a recorded block call for queries from ``first_pos`` on, with ``past`` keys and values."""
     bound = inspect.signature(block.forward).bind(*args, **kwargs)
@@ -139,13 +125,12 @@ def _from_position(block: nn.Module, args: tuple, kwargs: dict, first_pos: int, 
         allowed = (k <= q)[None, None]
         named["attention_mask"] = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~allowed, torch.finfo(hidden.dtype).min)
-    if isinstance(named.get("position_embeddings"), tuple):
-        named["position_embeddings"] = tuple(t[:, first_pos:end] for t in named["position_embeddings"])
+    for key, value in list(named.items()):  # (cos, sin) [batch, pos, d_head]; Gemma 3 in 4.57: _global, _local
+        if key.startswith("position_embeddings") and isinstance(value, tuple):
+            named[key] = tuple(t[:, first_pos:end] for t in value)
     if isinstance(named.get("position_ids"), Tensor):
         named["position_ids"] = named["position_ids"][:, first_pos:end]
-    for key in ("past_key_values", "layer_past"):
-        if key in inspect.signature(block.forward).parameters:
-            named[key] = past
+    named[hf_compat.cache_name(block.forward, type(block).__name__)] = past
     named["cache_position"] = torch.arange(first_pos, first_pos + n_query, device=hidden.device)
     named["hidden_states"] = hidden
     return (), named

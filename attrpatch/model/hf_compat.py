@@ -1,0 +1,121 @@
+"""The one home of what attrpatch relies on in transformers beyond its documented model API, and which
+versions do what (tested: pyproject.toml's range, both ends in CI; HF_NOTES-style facts, read off each).
+
+The key/value cache: a resumed pass (engine/resume.py) computes only the positions from the first one a patch
+can change, and reads the earlier positions' keys and values from the receiving run's cache. Masks, positions
+and copies are attrpatch's own; what it needs of transformers:
+
+    what                                 4.57.6 - 5.24                     5.25 on
+    keyword of the cache, model + block  past_key_values (GPT-NeoX block:  cache (the old name is renamed by
+                                         layer_past)                       a shim until 5.40, not looked up)
+    the run's cache on the output        out.past_key_values               out.cache
+    a layer's keys, values               cache.layers[l].keys, .values: [batch, kv_head, pos, d_head]
+
+A block's rotary (cos, sin) arrive as ``position_embeddings``, in 4.57's Gemma 3 as ``position_embeddings_global``
+and ``position_embeddings_local``: a resumed pass slices every ``position_embeddings*`` tuple.
+
+Names are found from the signature and the output object, never from a version number, so a rename that keeps
+the meaning works as it is; a block that takes no cache under a known name is refused loudly (passing none
+would silently attend over the resumed positions only).
+
+GPT-NeoX's LM head is ``embed_out`` before 5.0 and ``lm_head`` from it: ModelSpec.unembedding falls back to
+HF's ``get_output_embeddings()``. Gemma 3's ``base_model`` is the whole CausalLM in 4.57 (its prefix names a
+module it lacks): ``base_model`` falls back to ``get_decoder()``.
+
+Tokenizers: transformers 5 saves a fast tokenizer as ``"tokenizer_class": "TokenizersBackend"``, a class 4.x
+does not have; both read ``"PreTrainedTokenizerFast"`` (5.x as an alias of the same class: same ids, same
+special tokens). Folders attrpatch writes (the embedded toy model, a fetched SmolLM2) name that one, and
+``load_tokenizer`` reads any other such folder from its tokenizer.json.
+"""
+
+import inspect
+import json
+from pathlib import Path
+
+from torch import Tensor, nn
+
+CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # newest first
+
+
+def cache_name(forward, owner: str) -> str:
+    """The keyword under which ``forward`` (a model's or a block's) takes a key/value cache."""
+    params = inspect.signature(forward).parameters
+    for name in CACHE_NAMES:
+        if name in params:
+            return name
+    import transformers
+    raise TypeError(f"{owner}.forward takes no key/value cache under any name attrpatch knows ({', '.join(CACHE_NAMES)}; "
+                    f"its parameters: {', '.join(params)}), with transformers {transformers.__version__}. "
+                    f"Add the new name to attrpatch/engine/kv_cache.py CACHE_NAMES, or install a transformers "
+                    f"version in attrpatch's tested range (pyproject.toml).")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its LM head (whose output has ``last_hidden_state``)."""
+    base = model.base_model
+    return model.get_decoder() if base is model else base
+
+
+def recording(model: nn.Module) -> dict:
+    """Keyword arguments that make a (base) model forward keep every position's keys and values."""
+    from transformers import DynamicCache  # a plain cache keeps every position, also of sliding-window layers
+    return {"use_cache": True, cache_name(model.forward, type(model).__name__): DynamicCache()}
+
+
+def recorded(out):
+    """The cache a forward made with ``recording`` returns on its output object."""
+    for name in ("cache", "past_key_values"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    raise TypeError(f"{type(out).__name__} carries no key/value cache (looked for .cache, .past_key_values)")
+
+
+def layer_keys_values(cache, layer: int) -> tuple[Tensor, Tensor]:
+    """Layer ``layer``'s recorded keys and values, each [batch, kv_head, pos, d_head]."""
+    return cache.layers[layer].keys, cache.layers[layer].values
+
+
+def prefix_cache(cache, first_pos: int, copies: list[int]):
+    """A fresh cache holding the recorded run's first ``first_pos`` positions at each layer, repeated
+    ``copies[layer]`` times (copy-major: one block of rows per copy that computes the layer)."""
+    from transformers import DynamicCache
+
+    past = DynamicCache()
+    for layer, n in enumerate(copies):
+        keys, values = layer_keys_values(cache, layer)
+        keys, values = keys[:, :, :first_pos], values[:, :, :first_pos]  # [batch, kv_head, first_pos, d_head]
+        if n:  # every copy needs its own rows, even for a batch of one prompt
+            keys, values = keys.repeat(n, 1, 1, 1), values.repeat(n, 1, 1, 1)
+        past.update(keys, values, layer)
+    return past
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(source: str, **kwargs):
+    """``AutoTokenizer.from_pretrained(source)``, falling back to the folder's tokenizer.json when this version of
+    transformers does not know the class named in it; None when the source has no tokenizer (token-id tasks).
+    A folder with no tokenizer file is not asked at all: 4.x would try to build one from the model type and
+    fail on a missing optional package (protobuf) instead."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(source)
+    if folder.is_dir() and "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError):
+        if "gguf_file" in kwargs or not (folder / "tokenizer.json").is_file():
+            return None
+    return PreTrainedTokenizerFast.from_pretrained(source)
+
+
+def portable_tokenizer(folder: Path) -> None:
+    """Name the fast tokenizer saved in ``folder`` by the class every tested transformers reads."""
+    config = Path(folder) / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    if data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.write_text(json.dumps(data, indent=2) + "\n")
