@@ -17,6 +17,8 @@ from .methods.edge_patching import EdgeEffects, patch_edges
 from .methods.edges import EdgeScores, attribute_edges
 from .methods.patching import ABLATIONS, Effects, patch
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
+from .model.fetch import fetch
+from .model.loading import load
 from .model.sites import SITES, Component, components, model_spec
 from .screening import ScreenConfig, ScreenResult, screen
 
@@ -26,6 +28,6 @@ __all__ = [
     "ABLATIONS", "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
     "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
     "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
-    "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
+    "fetch", "load", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
     "screen_edges", "use_arch",
 ]

