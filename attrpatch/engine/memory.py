@@ -96,7 +96,8 @@ class MemoryTracker(TorchDispatchMode):
         twice keeps the larger peak."""
         record = self.phases.setdefault(name, Peak(start_bytes=self.live_bytes))
         for device, on_device in self.current.items():
-            record.see(self.live_bytes, device, on_device)
+            if on_device:
+                record.see(self.live_bytes, device, on_device)
         self.active.append(record)
         self._names.append(name)
         try:
