@@ -34,7 +34,6 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 READS = (aten._local_scalar_dense.default, aten.nonzero.default, aten._to_copy.default, aten.equal.default)
@@ -109,15 +108,15 @@ class MemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        flat = _tensors((*args, *kwargs.values()))
         if func in READS and any(t.device.type == "meta" for t in flat):
             answer = _read_meta(func, args, kwargs)
             if answer is not NotImplemented:
                 return answer
         out = func(*args, **kwargs)
         inputs = {storage_key(t) for t in flat}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor) and storage_key(t) not in inputs:
+        for t in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
+            if storage_key(t) not in inputs:
                 self._add(t, func)
         return out
 
@@ -151,6 +150,17 @@ class MemoryTracker(TorchDispatchMode):
         return {"peak_bytes": self.total.peak_bytes, "weights_bytes": self.weights_bytes,
                 "devices": dict(self.total.devices), "phases": {n: p.to_dict() for n, p in self.phases.items()},
                 "largest": self.largest}
+
+
+def _tensors(values) -> list[Tensor]:
+    """The tensors among an op's arguments or outputs: tensors, and tensors in lists (aten nests no deeper)."""
+    found = []
+    for v in values:
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            found += [t for t in v if isinstance(t, Tensor)]
+    return found
 
 
 def _read_meta(func, args, kwargs):
