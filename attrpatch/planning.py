@@ -98,6 +98,7 @@ def trace_screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig, *,
     spec = as_spec(model)
     config = replace(config, progress=False)
     direction = config.directions[0]
+    comps = verified_components(spec, batch.n_pos, config) if "verification" in phases else []  # not traced
     tracker = MemoryTracker(model)
     with fused_attention(), tracker:
         with tracker.phase("load"):
@@ -108,7 +109,6 @@ def trace_screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig, *,
                     scores = attribute(spec, batch, **attribution_options(config, direction, est))
                     del scores
         if "verification" in phases:
-            comps = verified_components(spec, batch.n_pos, config)
             chunk = batch.rows(slice(0, config.batch_size or batch.n))
             runs: dict = {}  # the screen keeps its runs for the diagnostics and the half patches
             with tracker.phase("verification"):
@@ -178,7 +178,8 @@ def _alternatives(model, batch, config: ScreenConfig, plan: dict, max_memory: in
     found = {}
     n = config.batch_size or batch.n
     if plan["phases"]["attribution"]["peak_bytes"] > max_memory:
-        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in _halves(n)]
+        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in _halves(n)
+                 if (low, b) != (config.low_memory, n)]  # the planned setting itself did not fit
         found["attribution"] = _try(model, batch, config, tries, "attribution", max_memory)
     if plan["phases"]["verification"]["peak_bytes"] > max_memory:
         tries = [(config.low_memory, n, c) for c in _halves(config.copies)[1:]]
