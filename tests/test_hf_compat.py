@@ -63,3 +63,20 @@ def test_portable_tokenizer_names_the_class_every_tested_version_reads(tmp_path)
         "tokenizer_class": "PreTrainedTokenizerFast", "x": 1}
     assert json.loads((DEFAULT_MODEL / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast"
+
+
+def test_a_config_saved_by_transformers_5_loads_with_its_rope_theta_in_every_version(tmp_path):
+    """5.x writes rope_parameters only; 4.x would silently build the model with its default theta (10000)."""
+    folder = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_theta": 12345.0, "rope_type": "default"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = ap.load(folder)
+    rotary = model.model.rotary_emb
+    d_half = rotary.inv_freq.shape[0]
+    expected = 1.0 / 12345.0 ** (torch.arange(d_half, dtype=torch.float32) * 2 / (2 * d_half))
+    torch.testing.assert_close(rotary.inv_freq, expected)
+    hf_compat.portable_config(folder)  # both forms written: the file alone now says the same to 4.x
+    assert json.loads((folder / "config.json").read_text())["rope_theta"] == 12345.0

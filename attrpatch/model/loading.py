@@ -4,6 +4,7 @@ embedded toy model when no name is given."""
 
 import contextlib
 import functools
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -44,6 +45,9 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
         if (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1) and not Path(source).exists():
             raise FileNotFoundError(f"no model folder {source!r}; give a local folder with config.json and "
                                     "*.safetensors weights, a .gguf file, or a hub name (org/name)")
+    config = Path(source) / "config.json"
+    if "gguf_file" not in kwargs and config.is_file() and not hf_compat.reads_rope_parameters():  # a folder saved by transformers 5, read by 4.x
+        kwargs.update(hf_compat.legacy_rope(json.loads(config.read_text())))
     if device_map is not None:
         _need("accelerate", "--device-map")
         kwargs["device_map"] = device_map
