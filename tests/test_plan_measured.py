@@ -1,11 +1,13 @@
 """The memory plan (planning.py) against the same tracker (engine/memory.py) on real tensors: the planned peak of
 each phase is within 10% of the measured peak of the same run, on the embedded toy model and on SmolLM2."""
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
+from attrpatch.edge_screening import EdgeConfig
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.loading import load
 from attrpatch.pipeline import _pad, prepare_pairs
@@ -69,3 +71,34 @@ def test_plan_of_a_default_screen_of_smollm2_is_within_10_percent_of_the_measure
     torch.set_num_threads(1)
     model, tokenizer = load(fetch("smollm2"))
     _assert_within(*_plan_and_measure(model, _ioi_batch(model, tokenizer, 4)))
+
+
+@pytest.mark.parametrize("family, estimator", [("gpt2", "atp"), ("llama", "atp"), ("llama", "ig")])
+def test_plan_of_an_edges_run_is_within_10_percent_of_the_measured_run(family, estimator):
+    """EAP / EAP-IG on every edge, then edge patching of 15 edges, 4 copies per pass: equal to the byte on
+    the tiny models (gpt2: edges 465.8 kB, edge patching 324.7 kB)."""
+    from attrpatch.edge_planning import trace_edges
+    from attrpatch.planning import meta_model, synthetic_batch
+    from conftest import random_pairs, tiny_model
+
+    model = tiny_model(family)
+    batch = make_batch(random_pairs(4, changed=(0, 3)))
+    config = EdgeConfig(top_k=10, random_k=5, copies=4, estimator=estimator, ig_steps=2, metrics=("logit_diff", "kl"))
+    measured = trace_edges(model, batch, config)
+    planned = trace_edges(meta_model(model.config), synthetic_batch(4, batch.n_pos), config)
+    assert planned["weights_bytes"] == measured["weights_bytes"]
+    for phase in ("edges", "edge_patching"):
+        real, plan = measured["phases"][phase]["peak_bytes"], planned["phases"][phase]["peak_bytes"]
+        assert abs(plan - real) <= 0.1 * real and plan > measured["weights_bytes"], (phase, plan, real)
+    assert planned["largest"]["phase"] == "edges" and planned["largest"]["op"] == "cat"  # the senders' deltas
+
+
+def test_cli_plan_with_edges_adds_the_edge_phases(capsys):
+    from attrpatch.cli import main
+
+    code = main(["plan", "--n-prompts", "2", "--seq-len", "6", "--sites", "head", "--top-k", "2", "--random-k", "1",
+                 "--edges", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and {"attribution", "verification", "edges", "edge_patching"} <= set(plan["phases"])
+    assert plan["settings"]["edges"]["top_k"] == 50 and plan["settings"]["edges"]["estimator"] == "atp"
+    assert plan["peak_bytes"] == max(p["peak_bytes"] for p in plan["phases"].values())

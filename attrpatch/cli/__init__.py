@@ -1,6 +1,7 @@
 """attrpatch command line: parse -> API call -> write files. No logic of its own.
 
     args      the parser: every subcommand's options with their defaults, and the examples
+    plan      ``attrpatch plan``: the memory plan (planning.py, edge_planning.py) as text or JSON
     __main__  ``python -m attrpatch.cli``
 
 Examples:
@@ -80,7 +81,7 @@ def _run(args, argv) -> int:
     if args.command == "windows":
         return _windows(args)
     if args.command == "plan":
-        from ..planning import plan_command
+        from .plan import plan_command
         return plan_command(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
                          help="figure formats, comma-separated")
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    from ..planning import PLAN_EPILOG, add_plan_args
+    from .plan import PLAN_EPILOG, add_plan_args
     plan = sub.add_parser("plan", help="the memory a screen needs, per phase, before running it (meta weights)",
                           epilog=PLAN_EPILOG, formatter_class=_Help)
     _add_screen_args(plan)

@@ -1,0 +1,115 @@
+"""``attrpatch plan``: the memory plan of a screen (planning.py) and, with --edges, of an edges run
+(edge_planning.py), from the screen's options, printed as text or as one JSON object."""
+
+from ..planning import model_config, parse_bytes, plan_screen
+from ..screening import ScreenConfig
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def describe(plan: dict) -> str:
+    """The plan as text: weights, peak per phase and device, the largest buffer, the settings and, with a
+    memory limit, whether they fit and what does."""
+    s = plan["settings"]
+    lines = [f"memory plan ({plan.get('model', 'model')}, {s['dtype']}, {s['n_prompts']} prompts x {s['seq_len']} "
+             f"tokens, on {s['device']}; traced on the meta device)",
+             f"  {'weights':14s} {_size(plan['weights_bytes']):>10s}"]
+    for name, phase in plan["phases"].items():
+        devices = ", ".join(f"{d}: {_size(b)}" for d, b in phase["devices"].items())
+        lines.append(f"  {name:14s} {_size(phase['peak_bytes']):>10s}  peak ({devices})")
+    lines.append(f"  {'peak':14s} {_size(plan['peak_bytes']):>10s}  (" +
+                 ", ".join(f"{d}: {_size(b)}" for d, b in plan["devices"].items()) + ")")
+    big = plan.get("largest")
+    if big:
+        lines.append(f"  largest buffer: {_size(big['bytes'])}, {big['shape']} {big['dtype']} "
+                     f"({big['op']}, {big['phase']})")
+    lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("metrics", "edges")))
+    if "edges" in s:
+        lines.append("  edges settings: " + ", ".join(f"{k} {v}" for k, v in s["edges"].items() if k != "metrics"))
+    if "max_memory" in plan:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"--max-memory {_size(plan['max_memory'])}: {verdict}")
+        if plan["weights_bytes"] > plan["max_memory"]:
+            lines.append("  the weights alone do not fit: --device-map auto spreads them over several devices")
+        for phase, tries in plan.get("alternatives", {}).items():
+            for t in tries:
+                flags = (" --low-memory" if t["low_memory"] else "") + f" --batch-size {t['batch_size']}" + \
+                        (f" --copies {t['copies']}" if phase == "verification" else "")
+                lines.append(f"  {phase}:{flags}: {_size(t['peak_bytes'])}" + (" fits" if t["fits"] else ""))
+            if not any(t["fits"] for t in tries):
+                lines.append(f"  {phase}: nothing tried fits; use --device-map auto over several devices or fewer "
+                             "--sites")
+    return "\n".join(lines)
+
+
+PLAN_EPILOG = """examples:
+  attrpatch plan --model ./my-model --task ioi --max-memory 24GB
+  attrpatch plan --config config.json --dtype bfloat16 --n-prompts 16 --seq-len 128 --device cuda --json
+takes screen's options; traces attribution and one chunk of exact patching on meta weights (planning.py)."""
+
+
+def add_plan_args(p) -> None:
+    """``attrpatch plan``'s own options, beside screen's (cli.py adds those)."""
+    p.add_argument("--config", default=None, help="a config.json to plan for instead of --model's (no weights read)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per prompt (default: the task's longest prompt, which needs --model's tokenizer)")
+    p.add_argument("--max-memory", default=None, help="memory of one device, e.g. 24GB or 80GiB: says what fits")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--edges", action="store_true",
+                   help="also plan an edges run (attrpatch edges: EAP, then patching of its top 50 + 30 control "
+                        "edges; --batch-size, --copies, --metric(s), --direction and --estimator ig apply): phases "
+                        "edges and edge_patching")
+
+
+def plan_command(args) -> int:
+    """``attrpatch plan``: the screen's options (as cli._screen reads them) planned, printed as text or JSON;
+    --edges adds an edges run's phases (edge_planning.py)."""
+    import json
+
+    limit = None if args.max_memory is None else parse_bytes(args.max_memory)
+    model_cfg = model_config(args.model, args.config, args.trust_remote_code)
+    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, seed=args.seed,
+                          direction=args.direction or ("noise" if args.ablation else "denoise"), top_k=args.top_k,
+                          random_k=args.random_k, positions=args.positions, batch_size=args.batch_size,
+                          copies=args.copies, estimator=args.estimator, ig_steps=args.ig_steps,
+                          ablation=args.ablation, low_memory=args.low_memory, progress=False)
+    n_prompts, seq_len = args.n_prompts, args.seq_len
+    if seq_len is None:
+        n_prompts, seq_len = _task_shape(args, model_cfg, config)
+    plan = plan_screen(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
+                       device=args.device, max_memory=limit)
+    if args.edges:
+        from ..edge_planning import add_edges, edge_config, plan_edges
+        add_edges(plan, plan_edges(model_cfg, edge_config(args), n_prompts=n_prompts, seq_len=seq_len,
+                                   dtype=args.dtype, device=args.device))
+        if limit is not None:
+            plan["fits"] = plan["peak_bytes"] <= limit
+    plan["model"] = args.config or args.model or "embedded toy model"
+    print(json.dumps(plan) if args.json else describe(plan))
+    return 0
+
+
+def _task_shape(args, model_cfg, config: ScreenConfig) -> tuple[int, int]:
+    """(prompts, tokens of the longest) of the task a screen would draw, encoded with --model's tokenizer."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from ..model.loading import DEFAULT_MODEL
+    from ..pipeline import prepare_pairs
+
+    if args.config is not None and args.model is None:
+        raise ValueError("--config gives no tokenizer to encode the task with; pass --seq-len (tokens per prompt)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(args.model or DEFAULT_MODEL))
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a task of token ids needs none
+    pairs, _ = prepare_pairs(SimpleNamespace(config=model_cfg), tokenizer, task=args.task, n_prompts=args.n_prompts,
+                             seed=args.seed, per_position=any(config.per_position(s) for s in config.sites),
+                             prepend_bos=args.prepend_bos, template=args.template)
+    return len(pairs), max(len(p.clean_ids) for p in pairs)
