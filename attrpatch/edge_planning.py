@@ -33,7 +33,7 @@ from .methods.edge_patching import patch_edges
 from .methods.edges import attribute_edges
 from .methods.passes import DEFAULT_ROWS
 from .model.sites import as_spec
-from .planning import meta_model, name_devices, synthetic_batch
+from .planning import halves, meta_model, name_devices, size_text, synthetic_batch
 
 EDGE_PHASES = ("edges", "edge_patching")
 
@@ -118,3 +118,43 @@ def add_edges(plan: dict, edges: dict) -> dict:
         plan["largest"] = edges["largest"]
     plan["settings"]["edges"] = edges["settings"]
     return plan
+
+
+def fit_edges(model_config, config: EdgeConfig, *, n_prompts: int, seq_len: int, max_memory: int,
+              dtype: str = "float32", device: str = "cuda") -> tuple[EdgeConfig, dict]:
+    """``config`` with the --batch-size and --copies that fit ``max_memory`` by the plan, and the plan with
+    its choice in ``plan["chosen"]``: attribution (edges) tries halved batch sizes; edge patching halved
+    copies, then halved batch sizes at one copy. Raises ValueError when nothing tried fits."""
+    model, batch = meta_model(model_config, dtype), synthetic_batch(n_prompts, seq_len)
+    config = edge_copies(config, device, n_prompts)
+    plan = name_devices(trace_edges(model, batch, config), device)
+    plan["max_memory"], plan["fits"] = max_memory, plan["peak_bytes"] <= max_memory
+    if plan["weights_bytes"] > max_memory:
+        raise ValueError(f"--max-memory {size_text(max_memory)}: the weights alone take "
+                         f"{size_text(plan['weights_bytes'])}; spread them with --device-map auto")
+    n = config.batch_size or n_prompts
+    chosen = {"batch_size": n, "copies": config.copies, "low_memory": False}
+    if plan["phases"]["edges"]["peak_bytes"] > max_memory:
+        tries = [{"batch_size": b} for b in halves(n)[1:]]
+        chosen["batch_size"] = _first_fit(model, batch, config, "edges", tries, max_memory)["batch_size"]
+    if plan["phases"]["edge_patching"]["peak_bytes"] > max_memory:
+        tries = [{"copies": c} for c in halves(config.copies)[1:]]
+        tries += [{"copies": 1, "batch_size": b} for b in halves(n)[1:]]
+        found = _first_fit(model, batch, config, "edge_patching", tries, max_memory)
+        chosen["copies"] = found["copies"]
+        chosen["batch_size"] = min(chosen["batch_size"], found.get("batch_size", n))
+    plan["chosen"] = chosen
+    return replace(config, batch_size=chosen["batch_size"], copies=chosen["copies"]), plan
+
+
+def _first_fit(model, batch, config: EdgeConfig, phase: str, tries: list[dict], max_memory: int) -> dict:
+    """The first of ``tries`` (changes to ``config``) whose ``phase`` fits ``max_memory``."""
+    peaks = []
+    for change in tries:
+        peak = trace_edges(model, batch, replace(config, **change), phases=(phase,))["peak_bytes"]
+        if peak <= max_memory:
+            return change
+        peaks.append(peak)
+    raise ValueError(f"--max-memory {size_text(max_memory)}: the {phase} phase of this edges run does not fit in any "
+                     f"setting tried (the least: {size_text(min(peaks, default=0))}); use --device-map auto, fewer "
+                     "prompts, or a larger limit")

@@ -27,7 +27,8 @@ Not traced, or traced differently from a real run:
     matrix, as CUDA's flash and memory-efficient kernels); eager attention (Gemma 2) keeps its matrices.
   - Edge screens: edge_planning.py (``attrpatch plan --edges``). Several processes (torchrun): not planned.
 
-``attrpatch plan`` (cli/plan.py) prints a plan.
+``attrpatch plan`` (cli/plan.py) prints a plan; ``--max-memory`` on screen takes the settings ``fit`` chooses
+from one (edge_planning.fit_edges for edges).
 """
 
 import re
@@ -170,7 +171,7 @@ def _settings(config: ScreenConfig, n_prompts: int, seq_len: int, dtype: str, de
             "metrics": list(config.metrics)}
 
 
-def _halves(n: int) -> list[int]:
+def halves(n: int) -> list[int]:
     """n, n/2, n/4, .., 1."""
     out = [n]
     while out[-1] > 1:
@@ -185,12 +186,12 @@ def _alternatives(model, batch, config: ScreenConfig, plan: dict, max_memory: in
     found = {}
     n = config.batch_size or batch.n
     if plan["phases"]["attribution"]["peak_bytes"] > max_memory:
-        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in _halves(n)
+        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in halves(n)
                  if (low, b) != (config.low_memory, n)]  # the planned setting itself did not fit
         found["attribution"] = _try(model, batch, config, tries, "attribution", max_memory)
     if plan["phases"]["verification"]["peak_bytes"] > max_memory:
-        tries = [(config.low_memory, n, c) for c in _halves(config.copies)[1:]]
-        tries += [(config.low_memory, b, 1) for b in _halves(n)[1:]]
+        tries = [(config.low_memory, n, c) for c in halves(config.copies)[1:]]
+        tries += [(config.low_memory, b, 1) for b in halves(n)[1:]]
         found["verification"] = _try(model, batch, config, tries, "verification", max_memory)
     return found
 
@@ -227,3 +228,49 @@ def model_config(model: str | None = None, config_file: str | None = None, trust
     if source.endswith(".gguf"):
         return AutoConfig.from_pretrained(str(Path(source).parent), gguf_file=Path(source).name)
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def fit(model_config, config: ScreenConfig, *, n_prompts: int, seq_len: int, max_memory: int,
+        dtype: str = "float32", device: str = "cuda") -> tuple[ScreenConfig, dict]:
+    """``config`` with the --batch-size, --copies and --low-memory that fit ``max_memory`` by the plan
+    (``plan_screen``'s alternatives: the first that fits, per phase), and the plan, its choice in
+    ``plan["chosen"]``. The copies are set even when the planned ones fit: a run left to choose takes more
+    copies for passes that skip a shared prefix. Raises ValueError when nothing tried fits."""
+    plan = plan_screen(model_config, config, n_prompts=n_prompts, seq_len=seq_len, dtype=dtype, device=device,
+                       max_memory=max_memory)
+    if plan["weights_bytes"] > max_memory:
+        raise ValueError(f"--max-memory {size_text(max_memory)}: the weights alone take {size_text(plan['weights_bytes'])}; "
+                         "spread them with --device-map auto, or choose a smaller --dtype")
+    chosen = {"batch_size": plan["settings"]["batch_size"], "copies": plan["settings"]["copies"],
+              "low_memory": config.low_memory}
+    for phase, tries in plan["alternatives"].items():
+        found = next((t for t in tries if t["fits"]), None)
+        if found is None:
+            least = min(tries, key=lambda t: t["peak_bytes"])
+            raise ValueError(f"--max-memory {size_text(max_memory)}: the {phase} of this screen does not fit in any "
+                             f"setting tried (the least: {size_text(least['peak_bytes'])} at --batch-size "
+                             f"{least['batch_size']}{' --low-memory' if least['low_memory'] else ''}); use fewer "
+                             "--sites, --device-map auto, or a larger limit")
+        chosen["batch_size"] = min(chosen["batch_size"], found["batch_size"])
+        if phase == "attribution":
+            chosen["low_memory"] = found["low_memory"]
+        else:
+            chosen["copies"] = found["copies"]
+    plan["chosen"] = chosen
+    return replace(config, **chosen), plan
+
+
+def size_text(n: int) -> str:
+    """Bytes as text: 1.23 GB, 4.56 MB, 7.89 kB, 12 B."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def chosen_text(plan: dict) -> str:
+    """What ``fit`` chose, with the plan's peak per phase under the limit: one line."""
+    c, peaks = plan["chosen"], ", ".join(f"{n} {size_text(p['peak_bytes'])}" for n, p in plan["phases"].items())
+    return (f"attrpatch: --max-memory {size_text(plan['max_memory'])}: chose --batch-size {c['batch_size']} --copies "
+            f"{c['copies']}{' --low-memory' if c['low_memory'] else ''} (planned peaks at the settings asked for: "
+            f"{peaks}; {'fits' if plan['fits'] else 'did not fit'} as asked)")

@@ -101,6 +101,9 @@ def _screen(args, argv) -> int:
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory)
     model, tokenizer = _load(args, device, args.device_map)
+    if args.max_memory is not None:
+        from .plan import fit_to_memory
+        config = fit_to_memory(args, model, tokenizer, config)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
@@ -165,6 +168,9 @@ def _edges(args) -> int:
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
                         copies=args.copies)
     model, tokenizer = _load(args, args.device)
+    if args.max_memory is not None:
+        from .plan import fit_to_memory
+        config = fit_to_memory(args, model, tokenizer, config, edges=True)
     report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
                        prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)

@@ -109,6 +109,9 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
     p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 24GB or 80GiB: choose --batch-size, --copies and --low-memory "
+                        "from the memory plan (attrpatch plan) so the run fits, and print the choice")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the random controls")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
@@ -164,6 +167,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/edges"),
                    help="folder for report.md, report.json, circuit.json, results.csv, figures (created if missing)")
     p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 24GB: choose --batch-size and --copies from the memory plan "
+                        "(attrpatch plan --edges) so the run fits, and print the choice")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     _add_run_args(p)
 

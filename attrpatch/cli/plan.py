@@ -1,15 +1,8 @@
 """``attrpatch plan``: the memory plan of a screen (planning.py) and, with --edges, of an edges run
 (edge_planning.py), from the screen's options, printed as text or as one JSON object."""
 
-from ..planning import model_config, parse_bytes, plan_screen
+from ..planning import size_text, model_config, parse_bytes, plan_screen
 from ..screening import ScreenConfig
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
 
 
 def describe(plan: dict) -> str:
@@ -18,29 +11,29 @@ def describe(plan: dict) -> str:
     s = plan["settings"]
     lines = [f"memory plan ({plan.get('model', 'model')}, {s['dtype']}, {s['n_prompts']} prompts x {s['seq_len']} "
              f"tokens, on {s['device']}; traced on the meta device)",
-             f"  {'weights':14s} {_size(plan['weights_bytes']):>10s}"]
+             f"  {'weights':14s} {size_text(plan['weights_bytes']):>10s}"]
     for name, phase in plan["phases"].items():
-        devices = ", ".join(f"{d}: {_size(b)}" for d, b in phase["devices"].items())
-        lines.append(f"  {name:14s} {_size(phase['peak_bytes']):>10s}  peak ({devices})")
-    lines.append(f"  {'peak':14s} {_size(plan['peak_bytes']):>10s}  (" +
-                 ", ".join(f"{d}: {_size(b)}" for d, b in plan["devices"].items()) + ")")
+        devices = ", ".join(f"{d}: {size_text(b)}" for d, b in phase["devices"].items())
+        lines.append(f"  {name:14s} {size_text(phase['peak_bytes']):>10s}  peak ({devices})")
+    lines.append(f"  {'peak':14s} {size_text(plan['peak_bytes']):>10s}  (" +
+                 ", ".join(f"{d}: {size_text(b)}" for d, b in plan["devices"].items()) + ")")
     big = plan.get("largest")
     if big:
-        lines.append(f"  largest buffer: {_size(big['bytes'])}, {big['shape']} {big['dtype']} "
+        lines.append(f"  largest buffer: {size_text(big['bytes'])}, {big['shape']} {big['dtype']} "
                      f"({big['op']}, {big['phase']})")
     lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("metrics", "edges")))
     if "edges" in s:
         lines.append("  edges settings: " + ", ".join(f"{k} {v}" for k, v in s["edges"].items() if k != "metrics"))
     if "max_memory" in plan:
         verdict = "fits" if plan["fits"] else "does NOT fit"
-        lines.append(f"--max-memory {_size(plan['max_memory'])}: {verdict}")
+        lines.append(f"--max-memory {size_text(plan['max_memory'])}: {verdict}")
         if plan["weights_bytes"] > plan["max_memory"]:
             lines.append("  the weights alone do not fit: --device-map auto spreads them over several devices")
         for phase, tries in plan.get("alternatives", {}).items():
             for t in tries:
                 flags = (" --low-memory" if t["low_memory"] else "") + f" --batch-size {t['batch_size']}" + \
                         (f" --copies {t['copies']}" if phase == "verification" else "")
-                lines.append(f"  {phase}:{flags}: {_size(t['peak_bytes'])}" + (" fits" if t["fits"] else ""))
+                lines.append(f"  {phase}:{flags}: {size_text(t['peak_bytes'])}" + (" fits" if t["fits"] else ""))
             if not any(t["fits"] for t in tries):
                 lines.append(f"  {phase}: nothing tried fits; use --device-map auto over several devices or fewer "
                              "--sites")
@@ -58,7 +51,6 @@ def add_plan_args(p) -> None:
     p.add_argument("--config", default=None, help="a config.json to plan for instead of --model's (no weights read)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per prompt (default: the task's longest prompt, which needs --model's tokenizer)")
-    p.add_argument("--max-memory", default=None, help="memory of one device, e.g. 24GB or 80GiB: says what fits")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--edges", action="store_true",
                    help="also plan an edges run (attrpatch edges: EAP, then patching of its top 50 + 30 control "
@@ -80,7 +72,7 @@ def plan_command(args) -> int:
                           ablation=args.ablation, low_memory=args.low_memory, progress=False)
     n_prompts, seq_len = args.n_prompts, args.seq_len
     if seq_len is None:
-        n_prompts, seq_len = _task_shape(args, model_cfg, config)
+        n_prompts, seq_len = _task_shape(args, model_cfg, any(config.per_position(s) for s in config.sites))
     plan = plan_screen(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
                        device=args.device, max_memory=limit)
     if args.edges:
@@ -94,8 +86,27 @@ def plan_command(args) -> int:
     return 0
 
 
-def _task_shape(args, model_cfg, config: ScreenConfig) -> tuple[int, int]:
-    """(prompts, tokens of the longest) of the task a screen would draw, encoded with --model's tokenizer."""
+def fit_to_memory(args, model, tokenizer, config, edges: bool = False):
+    """screen / edges --max-memory: ``config`` (a ScreenConfig, or an EdgeConfig with ``edges``) with the
+    settings the plan of this model, task and device fits into the limit (planning.fit, edge_planning.fit_edges);
+    prints what it chose. The plan is of one device (--device), full-length prompts."""
+    from ..edge_planning import fit_edges
+    from ..planning import chosen_text, fit
+
+    limit = parse_bytes(args.max_memory)
+    per_position = not edges and any(config.per_position(s) for s in config.sites)
+    n_prompts, seq_len = _task_shape(args, model.config, per_position, tokenizer)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    device = args.device.split(":")[0]
+    config, plan = (fit_edges if edges else fit)(model.config, config, n_prompts=n_prompts, seq_len=seq_len,
+                                                 max_memory=limit, dtype=dtype, device=device)
+    print(chosen_text(plan), flush=True)
+    return config
+
+
+def _task_shape(args, model_cfg, per_position: bool, tokenizer=False) -> tuple[int, int]:
+    """(prompts, tokens of the longest) of the task a run would draw, encoded with ``tokenizer`` (default:
+    --model's). --keep-correct is not applied: its pairs are among these."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -103,13 +114,14 @@ def _task_shape(args, model_cfg, config: ScreenConfig) -> tuple[int, int]:
     from ..model.loading import DEFAULT_MODEL
     from ..pipeline import prepare_pairs
 
-    if args.config is not None and args.model is None:
-        raise ValueError("--config gives no tokenizer to encode the task with; pass --seq-len (tokens per prompt)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(args.model or DEFAULT_MODEL))
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a task of token ids needs none
+    if tokenizer is False:
+        if args.config is not None and args.model is None:
+            raise ValueError("--config gives no tokenizer to encode the task with; pass --seq-len (tokens per prompt)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(args.model or DEFAULT_MODEL))
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # a task of token ids needs none
     pairs, _ = prepare_pairs(SimpleNamespace(config=model_cfg), tokenizer, task=args.task, n_prompts=args.n_prompts,
-                             seed=args.seed, per_position=any(config.per_position(s) for s in config.sites),
-                             prepend_bos=args.prepend_bos, template=args.template)
+                             seed=args.seed, per_position=per_position, prepend_bos=args.prepend_bos,
+                             template=args.template)
     return len(pairs), max(len(p.clean_ids) for p in pairs)
