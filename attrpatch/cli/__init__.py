@@ -134,7 +134,8 @@ def _load(args, device: str, device_map: str | None = None):
         check_corruption(corruption, args.task)
     arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
     model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            device_map=device_map, progress=not args.quiet)
+                            device_map=device_map, offload_folder=getattr(args, "offload_folder", None),
+                            progress=not args.quiet)
     if arch is not None:
         use_arch(model.config.model_type, arch)
     return model, tokenizer

@@ -106,7 +106,11 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="folder for report.md, report.json, results.csv, scores, figures (created if missing)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    p.add_argument("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate)")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' spreads a large model over GPUs (accelerate); or a JSON object (or .json file) "
+                        "{module: device}, \"disk\" offloading into --offload-folder (screens only, not edges)")
+    p.add_argument("--offload-folder", default=None, type=Path,
+                   help="with --device-map: the folder of the weights offloaded to disk (read for each forward)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
     p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
