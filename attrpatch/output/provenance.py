@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from ..engine.metrics import wide
 from ..model.hf_compat import offloaded_value
 
 
@@ -42,6 +43,8 @@ def manifest_dict(*, model_name: str, model: torch.nn.Module, pairs: list, task:
                   argv: list[str] | None = None) -> dict:
     prompts = [p.to_dict() if hasattr(p, "to_dict") else vars(p) for p in pairs]
     digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    dtype = next(model.parameters()).dtype  # the model's; scores and effects accumulate in wide(dtype)
     return {"model": model_name, "weights": weights_hash(model), "task": task, "prompts_sha256": digest,
+            "dtype": str(dtype).removeprefix("torch."), "accumulation_dtype": str(wide(dtype)).removeprefix("torch."),
             "prompts": prompts if len(prompts) <= 2000 else None, "options": options, "argv": argv,
             "versions": versions()}
