@@ -83,3 +83,11 @@ def test_out_of_memory_in_edge_patching_halves_the_copies_and_gives_the_same_eff
     torch.testing.assert_close(got.values, expected.values)
     assert got.passes["patched_rows"] == expected.passes["patched_rows"]
 
+
+
+def test_cli_plan_with_edges_says_which_edge_settings_fit(capsys):
+    code = main(["plan", "--n-prompts", "4", "--seq-len", "14", "--sites", "head", "--top-k", "3", "--random-k", "1",
+                 "--edges", "--max-memory", "5MB"])
+    out = capsys.readouterr().out
+    assert code == 0 and "does NOT fit" in out
+    assert "edges: --batch-size 2 --copies 2: fits" in out

@@ -32,11 +32,14 @@ def describe(plan: dict) -> str:
         for phase, tries in plan.get("alternatives", {}).items():
             for t in tries:
                 flags = (" --low-memory" if t["low_memory"] else "") + f" --batch-size {t['batch_size']}" + \
-                        (f" --copies {t['copies']}" if phase == "verification" else "")
-                lines.append(f"  {phase}:{flags}: {size_text(t['peak_bytes'])}" + (" fits" if t["fits"] else ""))
+                        (f" --copies {t['copies']}" if phase in ("verification", "edges") else "")
+                peak = "" if t["peak_bytes"] is None else f" {size_text(t['peak_bytes'])}"
+                lines.append(f"  {phase}:{flags}:{peak}" + (" fits" if t["fits"] else ""))
             if not any(t["fits"] for t in tries):
                 lines.append(f"  {phase}: nothing tried fits; use --device-map auto over several devices or fewer "
                              "--sites")
+        if "edges_fit_error" in plan:
+            lines.append(f"  edges: {plan['edges_fit_error']}")
     return "\n".join(lines)
 
 
@@ -76,14 +79,32 @@ def plan_command(args) -> int:
     plan = plan_screen(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
                        device=args.device, max_memory=limit)
     if args.edges:
-        from ..edge_planning import add_edges, edge_config, plan_edges
-        add_edges(plan, plan_edges(model_cfg, edge_config(args), n_prompts=n_prompts, seq_len=seq_len,
-                                   dtype=args.dtype, device=args.device))
-        if limit is not None:
-            plan["fits"] = plan["peak_bytes"] <= limit
+        _add_edges(plan, args, model_cfg, n_prompts, seq_len, limit)
     plan["model"] = args.config or args.model or "embedded toy model"
     print(json.dumps(plan) if args.json else describe(plan))
     return 0
+
+
+def _add_edges(plan: dict, args, model_cfg, n_prompts: int, seq_len: int, limit: int | None) -> None:
+    """The edges run's phases into ``plan``; over ``limit``, the settings edge_planning.fit_edges chooses
+    ("alternatives": {"edges": [..]}, or the reason nothing fits)."""
+    from ..edge_planning import add_edges, edge_config, fit_edges, plan_edges
+
+    config = edge_config(args)
+    add_edges(plan, plan_edges(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
+                               device=args.device))
+    if limit is None:
+        return
+    plan["fits"] = plan["peak_bytes"] <= limit
+    if max(plan["phases"][p]["peak_bytes"] for p in ("edges", "edge_patching")) > limit >= plan["weights_bytes"]:
+        try:
+            _, fitted = fit_edges(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, max_memory=limit,
+                                  dtype=args.dtype, device=args.device)
+            c = fitted["chosen"]
+            plan.setdefault("alternatives", {})["edges"] = [{"batch_size": c["batch_size"], "copies": c["copies"],
+                                                             "low_memory": False, "fits": True, "peak_bytes": None}]
+        except ValueError as err:
+            plan["edges_fit_error"] = str(err)
 
 
 def fit_to_memory(args, model, tokenizer, config, edges: bool = False):
