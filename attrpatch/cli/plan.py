@@ -46,7 +46,9 @@ def describe(plan: dict) -> str:
 PLAN_EPILOG = """examples:
   attrpatch plan --model ./my-model --task ioi --max-memory 24GB
   attrpatch plan --config config.json --dtype bfloat16 --n-prompts 16 --seq-len 128 --device cuda --json
-takes screen's options; traces attribution and one chunk of exact patching on meta weights (planning.py)."""
+  attrpatch plan --config config.json --seq-len 128 --edges --max-memory 80GB   # an edges run's phases too
+takes screen's options; traces attribution and one chunk of exact patching on meta weights (planning.py), and
+with --edges EAP and edge patching (edge_planning.py). screen/edges --max-memory choose settings from it."""
 
 
 def add_plan_args(p) -> None:
