@@ -91,3 +91,11 @@ def test_cli_plan_with_edges_says_which_edge_settings_fit(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "does NOT fit" in out
     assert "edges: --batch-size 2 --copies 2: fits" in out
+
+
+def test_cli_edges_with_max_memory_prints_what_it_chose(tmp_path, capsys):
+    code = main(["edges", "--n-prompts", "4", "--top-k", "4", "--random-k", "2", "--direction", "denoise",
+                 "--metrics", "logit_diff", "--circuit-points", "3", "--max-memory", "5MB", "--out", str(tmp_path),
+                 "--no-figures", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "--max-memory 5.00 MB: chose --batch-size" in out
