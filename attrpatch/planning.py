@@ -25,7 +25,10 @@ Not traced, or traced differently from a real run:
   - Inside an op: a fused kernel's workspace, allocator caching and fragmentation (engine/memory.py). sdpa
     attention is planned as the fused CPU flash kernel (engine/memory.fused_attention: no attention
     matrix, as CUDA's flash and memory-efficient kernels); eager attention (Gemma 2) keeps its matrices.
-  - Edge screens (attrpatch edges) and several processes (torchrun): not planned.
+  - Edge screens: edge_planning.py (``attrpatch plan --edges``). Several processes (torchrun): not planned.
+
+``attrpatch plan`` (cli/plan.py) prints a plan; ``--max-memory`` on screen takes the settings ``fit`` chooses
+from one (edge_planning.fit_edges for edges).
 """
 
 import re
@@ -130,16 +133,21 @@ def plan_screen(model_config, config: ScreenConfig, *, n_prompts: int, seq_len: 
     model = meta_model(model_config, dtype)
     batch = synthetic_batch(n_prompts, seq_len)
     config = _with_copies(config, device, n_prompts, seq_len)
-    plan = trace_screen(model, batch, config)
-    plan["devices"] = _on(device, plan["devices"])
-    for phase in plan["phases"].values():
-        phase["devices"] = _on(device, phase["devices"])
+    plan = name_devices(trace_screen(model, batch, config), device)
     plan["settings"] = _settings(config, n_prompts, seq_len, dtype, device)
     if max_memory is not None:
         plan["max_memory"] = max_memory
         plan["fits"] = plan["peak_bytes"] <= max_memory
         alone = plan["weights_bytes"] > max_memory  # no setting helps: --device-map auto over several devices
         plan["alternatives"] = {} if plan["fits"] or alone else _alternatives(model, batch, config, plan, max_memory)
+    return plan
+
+
+def name_devices(plan: dict, device: str) -> dict:
+    """A meta trace's devices (in all and per phase) by name, in place: meta is ``device`` (_on)."""
+    plan["devices"] = _on(device, plan["devices"])
+    for phase in plan["phases"].values():
+        phase["devices"] = _on(device, phase["devices"])
     return plan
 
 
@@ -163,7 +171,7 @@ def _settings(config: ScreenConfig, n_prompts: int, seq_len: int, dtype: str, de
             "metrics": list(config.metrics)}
 
 
-def _halves(n: int) -> list[int]:
+def halves(n: int) -> list[int]:
     """n, n/2, n/4, .., 1."""
     out = [n]
     while out[-1] > 1:
@@ -178,12 +186,12 @@ def _alternatives(model, batch, config: ScreenConfig, plan: dict, max_memory: in
     found = {}
     n = config.batch_size or batch.n
     if plan["phases"]["attribution"]["peak_bytes"] > max_memory:
-        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in _halves(n)
+        tries = [(low, b, config.copies) for low in dict.fromkeys((config.low_memory, True)) for b in halves(n)
                  if (low, b) != (config.low_memory, n)]  # the planned setting itself did not fit
         found["attribution"] = _try(model, batch, config, tries, "attribution", max_memory)
     if plan["phases"]["verification"]["peak_bytes"] > max_memory:
-        tries = [(config.low_memory, n, c) for c in _halves(config.copies)[1:]]
-        tries += [(config.low_memory, b, 1) for b in _halves(n)[1:]]
+        tries = [(config.low_memory, n, c) for c in halves(config.copies)[1:]]
+        tries += [(config.low_memory, b, 1) for b in halves(n)[1:]]
         found["verification"] = _try(model, batch, config, tries, "verification", max_memory)
     return found
 
@@ -222,98 +230,47 @@ def model_config(model: str | None = None, config_file: str | None = None, trust
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
-def _size(n: int) -> str:
+def fit(model_config, config: ScreenConfig, *, n_prompts: int, seq_len: int, max_memory: int,
+        dtype: str = "float32", device: str = "cuda") -> tuple[ScreenConfig, dict]:
+    """``config`` with the --batch-size, --copies and --low-memory that fit ``max_memory`` by the plan
+    (``plan_screen``'s alternatives: the first that fits, per phase), and the plan, its choice in
+    ``plan["chosen"]``. The copies are set even when the planned ones fit: a run left to choose takes more
+    copies for passes that skip a shared prefix. Raises ValueError when nothing tried fits."""
+    plan = plan_screen(model_config, config, n_prompts=n_prompts, seq_len=seq_len, dtype=dtype, device=device,
+                       max_memory=max_memory)
+    if plan["weights_bytes"] > max_memory:
+        raise ValueError(f"--max-memory {size_text(max_memory)}: the weights alone take {size_text(plan['weights_bytes'])}; "
+                         "spread them with --device-map auto, or choose a smaller --dtype")
+    chosen = {"batch_size": plan["settings"]["batch_size"], "copies": plan["settings"]["copies"],
+              "low_memory": config.low_memory}
+    for phase, tries in plan["alternatives"].items():
+        found = next((t for t in tries if t["fits"]), None)
+        if found is None:
+            least = min(tries, key=lambda t: t["peak_bytes"])
+            raise ValueError(f"--max-memory {size_text(max_memory)}: the {phase} of this screen does not fit in any "
+                             f"setting tried (the least: {size_text(least['peak_bytes'])} at --batch-size "
+                             f"{least['batch_size']}{' --low-memory' if least['low_memory'] else ''}); use fewer "
+                             "--sites, --device-map auto, or a larger limit")
+        chosen["batch_size"] = min(chosen["batch_size"], found["batch_size"])
+        if phase == "attribution":
+            chosen["low_memory"] = found["low_memory"]
+        else:
+            chosen["copies"] = found["copies"]
+    plan["chosen"] = chosen
+    return replace(config, **chosen), plan
+
+
+def size_text(n: int) -> str:
+    """Bytes as text: 1.23 GB, 4.56 MB, 7.89 kB, 12 B."""
     for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
 
 
-def describe(plan: dict) -> str:
-    """The plan as text: weights, peak per phase and device, the largest buffer, the settings and, with a
-    memory limit, whether they fit and what does."""
-    s = plan["settings"]
-    lines = [f"memory plan ({plan.get('model', 'model')}, {s['dtype']}, {s['n_prompts']} prompts x {s['seq_len']} "
-             f"tokens, on {s['device']}; traced on the meta device)",
-             f"  {'weights':14s} {_size(plan['weights_bytes']):>10s}"]
-    for name, phase in plan["phases"].items():
-        devices = ", ".join(f"{d}: {_size(b)}" for d, b in phase["devices"].items())
-        lines.append(f"  {name:14s} {_size(phase['peak_bytes']):>10s}  peak ({devices})")
-    lines.append(f"  {'peak':14s} {_size(plan['peak_bytes']):>10s}  (" +
-                 ", ".join(f"{d}: {_size(b)}" for d, b in plan["devices"].items()) + ")")
-    big = plan.get("largest")
-    if big:
-        lines.append(f"  largest buffer: {_size(big['bytes'])}, {big['shape']} {big['dtype']} "
-                     f"({big['op']}, {big['phase']})")
-    lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("metrics",)))
-    if "max_memory" in plan:
-        verdict = "fits" if plan["fits"] else "does NOT fit"
-        lines.append(f"--max-memory {_size(plan['max_memory'])}: {verdict}")
-        if plan["weights_bytes"] > plan["max_memory"]:
-            lines.append("  the weights alone do not fit: --device-map auto spreads them over several devices")
-        for phase, tries in plan.get("alternatives", {}).items():
-            for t in tries:
-                flags = (" --low-memory" if t["low_memory"] else "") + f" --batch-size {t['batch_size']}" + \
-                        (f" --copies {t['copies']}" if phase == "verification" else "")
-                lines.append(f"  {phase}:{flags}: {_size(t['peak_bytes'])}" + (" fits" if t["fits"] else ""))
-            if not any(t["fits"] for t in tries):
-                lines.append(f"  {phase}: nothing tried fits; use --device-map auto over several devices or fewer "
-                             "--sites")
-    return "\n".join(lines)
-
-
-PLAN_EPILOG = """examples:
-  attrpatch plan --model ./my-model --task ioi --max-memory 24GB
-  attrpatch plan --config config.json --dtype bfloat16 --n-prompts 16 --seq-len 128 --device cuda --json
-takes screen's options; traces attribution and one chunk of exact patching on meta weights (planning.py)."""
-
-
-def add_plan_args(p) -> None:
-    """``attrpatch plan``'s own options, beside screen's (cli.py adds those)."""
-    p.add_argument("--config", default=None, help="a config.json to plan for instead of --model's (no weights read)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per prompt (default: the task's longest prompt, which needs --model's tokenizer)")
-    p.add_argument("--max-memory", default=None, help="memory of one device, e.g. 24GB or 80GiB: says what fits")
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-
-
-def plan_command(args) -> int:
-    """``attrpatch plan``: the screen's options (as cli._screen reads them) planned, printed as text or JSON."""
-    import json
-
-    limit = None if args.max_memory is None else parse_bytes(args.max_memory)
-    model_cfg = model_config(args.model, args.config, args.trust_remote_code)
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, seed=args.seed,
-                          direction=args.direction or ("noise" if args.ablation else "denoise"), top_k=args.top_k,
-                          random_k=args.random_k, positions=args.positions, batch_size=args.batch_size,
-                          copies=args.copies, estimator=args.estimator, ig_steps=args.ig_steps,
-                          ablation=args.ablation, low_memory=args.low_memory, progress=False)
-    n_prompts, seq_len = args.n_prompts, args.seq_len
-    if seq_len is None:
-        n_prompts, seq_len = _task_shape(args, model_cfg, config)
-    plan = plan_screen(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
-                       device=args.device, max_memory=limit)
-    plan["model"] = args.config or args.model or "embedded toy model"
-    print(json.dumps(plan) if args.json else describe(plan))
-    return 0
-
-
-def _task_shape(args, model_cfg, config: ScreenConfig) -> tuple[int, int]:
-    """(prompts, tokens of the longest) of the task a screen would draw, encoded with --model's tokenizer."""
-    from types import SimpleNamespace
-
-    from transformers import AutoTokenizer
-
-    from .model.loading import DEFAULT_MODEL
-    from .pipeline import prepare_pairs
-
-    if args.config is not None and args.model is None:
-        raise ValueError("--config gives no tokenizer to encode the task with; pass --seq-len (tokens per prompt)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(args.model or DEFAULT_MODEL))
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # a task of token ids needs none
-    pairs, _ = prepare_pairs(SimpleNamespace(config=model_cfg), tokenizer, task=args.task, n_prompts=args.n_prompts,
-                             seed=args.seed, per_position=any(config.per_position(s) for s in config.sites),
-                             prepend_bos=args.prepend_bos, template=args.template)
-    return len(pairs), max(len(p.clean_ids) for p in pairs)
+def chosen_text(plan: dict) -> str:
+    """What ``fit`` chose, with the plan's peak per phase under the limit: one line."""
+    c, peaks = plan["chosen"], ", ".join(f"{n} {size_text(p['peak_bytes'])}" for n, p in plan["phases"].items())
+    return (f"attrpatch: --max-memory {size_text(plan['max_memory'])}: chose --batch-size {c['batch_size']} --copies "
+            f"{c['copies']}{' --low-memory' if c['low_memory'] else ''} (planned peaks at the settings asked for: "
+            f"{peaks}; {'fits' if plan['fits'] else 'did not fit'} as asked)")

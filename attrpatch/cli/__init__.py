@@ -1,6 +1,7 @@
 """attrpatch command line: parse -> API call -> write files. No logic of its own.
 
     args      the parser: every subcommand's options with their defaults, and the examples
+    plan      ``attrpatch plan``: the memory plan (planning.py, edge_planning.py) as text or JSON
     __main__  ``python -m attrpatch.cli``
 
 Examples:
@@ -80,7 +81,7 @@ def _run(args, argv) -> int:
     if args.command == "windows":
         return _windows(args)
     if args.command == "plan":
-        from ..planning import plan_command
+        from .plan import plan_command
         return plan_command(args)
     if args.command == "demo":
         args.model, args.task = None, "ioi"
@@ -100,6 +101,9 @@ def _screen(args, argv) -> int:
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory)
     model, tokenizer = _load(args, device, args.device_map)
+    if args.max_memory is not None:
+        from .plan import fit_to_memory
+        config = fit_to_memory(args, model, tokenizer, config)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
@@ -130,7 +134,8 @@ def _load(args, device: str, device_map: str | None = None):
         check_corruption(corruption, args.task)
     arch = arch_from_json(args.arch_file) if args.arch_file is not None else args.arch  # checked before loading
     model, tokenizer = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            device_map=device_map, progress=not args.quiet)
+                            device_map=device_map, offload_folder=getattr(args, "offload_folder", None),
+                            progress=not args.quiet)
     if arch is not None:
         use_arch(model.config.model_type, arch)
     return model, tokenizer
@@ -164,6 +169,9 @@ def _edges(args) -> int:
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
                         copies=args.copies)
     model, tokenizer = _load(args, args.device)
+    if args.max_memory is not None:
+        from .plan import fit_to_memory
+        config = fit_to_memory(args, model, tokenizer, config, edges=True)
     report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
                        prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)

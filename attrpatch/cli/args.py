@@ -106,9 +106,16 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="folder for report.md, report.json, results.csv, scores, figures (created if missing)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    p.add_argument("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate)")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' spreads a large model over GPUs (accelerate); or a JSON object (or .json file) "
+                        "{module: device}, \"disk\" offloading into --offload-folder (screens only, not edges)")
+    p.add_argument("--offload-folder", default=None, type=Path,
+                   help="with --device-map: the folder of the weights offloaded to disk (read for each forward)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: all)")
     p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 24GB or 80GiB: choose --batch-size, --copies and --low-memory "
+                        "from the memory plan (attrpatch plan) so the run fits, and print the choice")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt draw and the random controls")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
@@ -164,6 +171,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/edges"),
                    help="folder for report.md, report.json, circuit.json, results.csv, figures (created if missing)")
     p.add_argument("--copies", type=int, default=None, help="patched copies of the batch per forward pass (default: as many as fit the device's row budget)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory of one device, e.g. 24GB: choose --batch-size and --copies from the memory plan "
+                        "(attrpatch plan --edges) so the run fits, and print the choice")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     _add_run_args(p)
 
@@ -246,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--format", default="png", type=_csv(("png", "pdf", "svg")),
                          help="figure formats, comma-separated")
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
-    from ..planning import PLAN_EPILOG, add_plan_args
+    from .plan import PLAN_EPILOG, add_plan_args
     plan = sub.add_parser("plan", help="the memory a screen needs, per phase, before running it (meta weights)",
                           epilog=PLAN_EPILOG, formatter_class=_Help)
     _add_screen_args(plan)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.archs import UnsupportedModel
+from ..model.hf_compat import offloaded
 from ..model.sites import HookPoint, ModelSpec, _plain
 
 EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")  # pre-norm, sequential blocks, linear head writes
@@ -123,6 +124,11 @@ class EdgeModel:
 
     def __init__(self, spec: ModelSpec):
         check_edge_family(spec)
+        if offloaded(spec.model):
+            raise ValueError("edges read weights outside the model's forward (each head's W_O and q/k/v columns, "
+                             "the norms), and accelerate leaves offloaded weights on the meta device there; load "
+                             "without \"cpu\"/\"disk\" entries in --device-map (spread over GPUs with --device-map "
+                             "auto and enough memory) or use --max-memory to fit one device")
         self.spec, d = spec, spec.dims
         self.graph = Graph(d.n_layers, d.n_heads, d.n_kv_heads)
         self.embed = spec.hook_point("resid_pre", 0)  # block 0's input: token (+ position) embeddings

@@ -13,8 +13,10 @@ applied to norm(input_B + delta) and written over the head's slice of the projec
 the logits read input_B + delta through their norm's input. Batched and resumed like node patching
 (patching.py): one edge set per copy of the prompt batch, each pass starting at the block of its earliest
 receiver from the receiver's recorded block input. ``resume=False, copies=1`` is one full forward per set.
+A pass that runs out of memory is retried as two of half its copies, as in node patching.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -111,9 +113,16 @@ class _Pass:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        for group in groups:
+        while groups:
+            group = groups.pop(0)
             start = starts[group[0]] if resume else 0
-            logits = self._run([sets[i] for i in group], start, resume)
+            try:
+                logits = self._run([sets[i] for i in group], start, resume)
+            except torch.OutOfMemoryError:
+                if len(group) == 1:
+                    raise
+                groups[:0] = _halve(group, self.batch.n, self.em.spec.device)
+                continue
             n = len(group)
             passes["patched_rows"] += n
             passes["forward_equivalents"] += n * (n_layers - start) / n_layers
@@ -231,6 +240,16 @@ class _Writer:
                 view[copies[:, None], rows[None], self.batch.last[None]] = picked
             return new
         return callback
+
+
+def _halve(group: list[int], n_prompts: int, device: torch.device) -> list[list[int]]:
+    """A pass that ran out of memory as two passes of half its copies each (warned: the retry is slower)."""
+    half = len(group) // 2
+    warnings.warn(f"out of memory patching {len(group)} edge sets x {n_prompts} prompts at once; retrying with "
+                  f"{half} copies per pass (pass copies={half} to start there)")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [group[:half], group[half:]]
 
 
 def _sender_columns(graph, n_layers: int):

@@ -43,7 +43,6 @@ from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import ModelSpec, as_spec
 from .edge_graph import QKV, Edge, EdgeModel, Graph
-from .gradients import masked
 from .ig import alphas, along
 
 EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
@@ -82,11 +81,16 @@ def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: tor
     """delta_A = a_A(source) - a_A(receiver) of every sender A, pads zeroed: [sender, batch, pos, d_model].
 
     source, receiver: sender activations as ``EdgeModel.sender_points`` keys them."""
-    parts = [(source[("embed",)] - receiver[("embed",)])[None]]
-    for layer in range(em.spec.dims.n_layers):
-        parts.append(head_writes(em, layer, source[("z", layer)] - receiver[("z", layer)]))
-        parts.append((source[("mlp", layer)] - receiver[("mlp", layer)])[None])
-    return masked(torch.cat(parts).to(dtype).movedim(0, -1), mask).movedim(-1, 0)
+    d = em.spec.dims
+    embed = source[("embed",)] - receiver[("embed",)]  # [batch, pos, d_model]
+    # filled in place, one sender group at a time: no model-dtype copy of the whole [sender, ..] tensor beside it
+    out = torch.empty(1 + d.n_layers * (d.n_heads + 1), *embed.shape, dtype=dtype, device=embed.device)
+    out[0] = embed
+    for layer in range(d.n_layers):
+        at = 1 + layer * (d.n_heads + 1)
+        out[at:at + d.n_heads] = head_writes(em, layer, source[("z", layer)] - receiver[("z", layer)])
+        out[at + d.n_heads] = source[("mlp", layer)] - receiver[("mlp", layer)]
+    return out.mul_(mask[None, :, :, None].to(dtype))  # pads zeroed
 
 
 def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:

@@ -34,12 +34,20 @@ special tokens). Folders attrpatch writes (the embedded toy model, a fetched Smo
 ``load_tokenizer`` reads any other such folder from its tokenizer.json. A GGUF file's tokenizer: 4.57 makes a
 LlamaTokenizerFast that prepends a BOS even where the file says ``tokenizer.ggml.add_bos_token = false``
 (SmolLM2's; 5.x follows the file): ``load_tokenizer`` follows the file in every version.
+
+Offloading (``device_map`` with "cpu" or "disk" entries beside an accelerator, or "disk" at all): accelerate's
+hooks load an offloaded module's weights for its forward and leave meta tensors outside it. Activations,
+gradients and module calls are all attrpatch's node code reads, so screens work as they are; the device the
+inputs go to is the map's execution device (``execution_device``), not the first parameter's (meta when
+offloaded). Edge code reads weights outside the forward (W_O, q/k/v columns, norms): ``offloaded`` lets it
+refuse.
 """
 
 import inspect
 import json
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # newest first
@@ -100,6 +108,32 @@ def prefix_cache(cache, first_pos: int, copies: list[int]):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether accelerate offloads some of ``model``'s weights (meta outside the forward; module docstring)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules())
+
+
+def offloaded_value(model: nn.Module, name: str) -> Tensor:
+    """The stored value of the state-dict entry ``name`` that accelerate offloaded (meta on the model): read
+    from the offload map of the module whose hook holds it."""
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "offload", False) and name.startswith(f"{prefix}." if prefix else ""):
+            key = name[len(prefix) + 1:] if prefix else name
+            if hook.weights_map is not None and key in hook.weights_map:
+                return hook.weights_map[key]
+    raise KeyError(f"{name} is on the meta device and no accelerate offload hook of the model holds it")
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """The device a model dispatched with a device map computes on first: its first accelerator in
+    ``hf_device_map`` (ints are CUDA indices), else the CPU (a map of "cpu" and "disk" only)."""
+    found = [d for d in getattr(model, "hf_device_map", {}).values() if d not in ("cpu", "disk")]
+    if not found:
+        return torch.device("cpu")
+    return torch.device(f"cuda:{found[0]}" if isinstance(found[0], int) else found[0])
 
 
 def load_tokenizer(source: str, **kwargs):

@@ -23,11 +23,14 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
-         trust_remote_code: bool = False, device_map: str | None = None, progress: bool = True):
+         trust_remote_code: bool = False, device_map: str | dict | None = None,
+         offload_folder: str | Path | None = None, progress: bool = True):
     """(model in eval mode, tokenizer or None). ``name``: hub name or folder; None: the embedded model.
 
     Weights load through safetensors only (no pickle); remote code runs only with ``trust_remote_code``.
-    ``device_map="auto"`` (needs accelerate) spreads a model too large for one device over several.
+    ``device_map="auto"`` (needs accelerate) spreads a model too large for one device over several; a dict
+    (or its JSON text, or a .json file: ``parse_device_map``) places each module, "disk" entries offloaded into
+    ``offload_folder`` (accelerate loads them for each forward; screens give the same effects, edges refuse).
     ``progress=False``: no bars, transformers' weight loading and GGUF dequantisation included.
     """
     from transformers import AutoModelForCausalLM
@@ -50,7 +53,12 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
         kwargs.update(hf_compat.legacy_rope(json.loads(config.read_text())))
     if device_map is not None:
         _need("accelerate", "--device-map")
-        kwargs["device_map"] = device_map
+        kwargs["device_map"] = parse_device_map(device_map)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    elif offload_folder is not None:
+        raise ValueError("--offload-folder needs --device-map: name the modules to offload (\"disk\"), e.g. "
+                         "--device-map '{\"model.layers.20\": \"disk\", ...}', or --device-map auto")
     try:
         with _bars(progress):
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -63,6 +71,24 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
     tokenizer = hf_compat.load_tokenizer(source, trust_remote_code=trust_remote_code,
                                          **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
     return model.eval(), tokenizer
+
+
+def parse_device_map(text: str | dict) -> str | dict:
+    """--device-map: "auto" (or another accelerate strategy), a JSON object {module: device}, or a .json file
+    of one; a dict passes through."""
+    import json
+
+    if isinstance(text, dict) or not str(text).strip().startswith("{") and not str(text).endswith(".json"):
+        return text
+    source = Path(text).read_text() if str(text).endswith(".json") else text
+    try:
+        found = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--device-map {text!r}: not a JSON object ({err.msg} at character {err.pos}); give "
+                         "'auto' or e.g. '{\"model.embed_tokens\": 0, \"model.layers\": \"disk\", ...}'") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"--device-map {text!r}: expected a JSON object {{module: device}}, got {type(found).__name__}")
+    return found
 
 
 def _need(package: str, why: str) -> None:

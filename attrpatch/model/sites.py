@@ -92,7 +92,12 @@ class ModelSpec:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the first parameter's device, or an offloaded model's execution device."""
+        device = next(self.model.parameters()).device
+        if device.type == "meta" and hasattr(self.model, "hf_device_map"):  # offloaded by accelerate
+            from .hf_compat import execution_device
+            return execution_device(self.model)
+        return device
 
     def module(self, path: str, layer: int | None = None) -> nn.Module:
         root = self.model if layer is None else self.blocks[layer]
