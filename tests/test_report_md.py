@@ -104,3 +104,27 @@ def test_cost_comes_from_the_phase_clocks_not_one_timed_forward():
     cost = text[text.index("## Cost"):text.index("## Terms")]
     assert "4.00 s for 40.0 counted full-forward equivalents; 100.0 ms per counted forward equivalent" in cost
     assert "5.50 s in all" in cost and "by the clock it took" not in cost
+
+
+def test_disagreements_are_one_table_for_both_directions_with_flagged_layers_merged():
+    comps = []
+    for direction, sign in (("denoise", 1), ("noise", -1)):
+        for layer in range(4):
+            c = _comp("resid_pre", layer, sign * (10.0 - layer), sign * 2.0, direction=direction,
+                      flags=["large_error"])
+            c["causes"] = ["attention pattern change: with the attention patterns frozen ...", "bend near the receiver"]
+            c["evidence"]["frozen"] = {"pattern": [sign * (10.0 - layer), sign * (10.0 - layer)]}
+            comps.append(c)
+    comps.append(_comp("head", 3, 3.0, 0.5, head=1, flags=["large_error"]))
+    r = _report(comps)
+    r["directions"], r["direction"] = ["denoise", "noise"], "both"
+    for key in ("agreement", "false_negatives"):
+        r[key]["noise"] = r[key]["denoise"]
+    text = summary.render(r)
+    table = text[text.index("| component | flags | AtP (denoise / noise)"):]
+    rows = [line for line in table.splitlines() if line.startswith("| L")]
+    assert len(rows) == 2 and text.count("| component | flags |") == 1
+    assert rows[0].startswith("| L0-L3.resid_pre@9 (S2), 4 layers | large_error | +2.00 each / -2.00 each | "
+                              "+7.00 to +10.00 / -10.00 to -7.00 | attention patterns, bend in alpha 0..1/2 | "
+                              "patterns 100% |")
+    assert rows[1].startswith("| L3H1 | large_error | +0.500 / - | +3.000 / - |")

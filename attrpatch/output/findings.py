@@ -53,8 +53,10 @@ def share(norm: float) -> str:
     return "n/a" if x != x else f"{x:.0%}" if x >= 0.095 else f"{x:.1%}"
 
 
-def span_of(words: list[str]) -> str:
-    return words[0] if len(set(words)) == 1 else f"{words[0]} to {words[-1]}"
+def span_of(norms: list[float]) -> str:
+    """Shares of the gap as one number or "low to high"."""
+    low, high = share(min(norms, key=abs)), share(max(norms, key=abs))
+    return low if low == high else f"{low} to {high}"
 
 
 def fn_words(fn: dict) -> str:
@@ -125,7 +127,7 @@ def _site_row(row: list[dict], groups: list[dict], tokens, m: str) -> list:
     flags = ", ".join(dict.fromkeys(f for c in row for f in c["flags"])) or "-"
     exact = ci(row[0], "exact", 3) if len(row) == 1 else _each([c["exact"] for c in row])
     return [_label(row, groups, tokens), _each([c["approx"] for c in row]), exact,
-            span_of([share(c["exact_norm"][m]) for c in row]),
+            span_of([c["exact_norm"][m] for c in row]),
             f"{_ranks(row, 'rank_approx')} / {_ranks(row, 'rank_exact')}", flags]
 
 
@@ -161,16 +163,30 @@ def freeze_removed(row: list[dict]) -> str:
     return ", ".join(words) or "-"
 
 
-def _flagged_rows(r: dict) -> dict[str, dict[str, list]]:
-    """{row label: {direction: (row, its flagged members)}} of every row with an APPROX flag."""
+def _flagged_rows(r: dict) -> dict[str, dict[str, tuple]]:
+    """{row label: {direction: (members, flagged members)}} of the components with an APPROX flag: one row
+    per component, except that one site at one position flagged at consecutive layers with the same likely
+    cause (in either direction) is one row."""
+    flagged = [c for c in r["components"] if set(c["flags"]) & set(APPROX_FLAGS)]
+    by_key: dict = {}
+    for c in flagged:
+        key = (c["site"], c["pos"], short_cause(c["causes"])) if c["pos"] is not None else (c["name"],)
+        by_key.setdefault(key, []).append(c)
     out: dict[str, dict[str, tuple]] = {}
-    for direction in r["directions"]:
-        groups = [g for g in groups_of(r) if g["direction"] == direction]
-        comps = [c for c in r["components"] if c["direction"] == direction]
-        for row in rows_of(comps, groups):
-            flagged = [c for c in row if set(c["flags"]) & set(APPROX_FLAGS)]
-            if flagged:
-                out.setdefault(_label(row, groups, r.get("tokens")), {})[direction] = (row, flagged)
+    for members in by_key.values():
+        layers = sorted({c["layer"] for c in members})
+        runs = [[layers[0]]]
+        for layer in layers[1:]:
+            runs[-1].append(layer) if layer == runs[-1][-1] + 1 else runs.append([layer])
+        for run in runs:
+            row = [c for c in members if c["layer"] in run]
+            c = row[0]
+            label = name(c, r.get("tokens")) if len(run) == 1 else group_name(
+                {"layers": [run[0], run[-1]], "site": c["site"], "pos": c["pos"], "members": run}, r.get("tokens"))
+            for direction in r["directions"]:
+                mine = [e for e in row if e["direction"] == direction]
+                if mine:
+                    out.setdefault(label, {})[direction] = (mine, mine)
     return out
 
 
@@ -199,6 +215,6 @@ def disagreement_table(r: dict) -> list[str]:
     out = table(["component", "flags", f"AtP{both}", f"exact{both}", "likely cause", "error removed by freezing"],
                 rows[:DISAGREEMENT_ROWS])
     more = len(rows) - DISAGREEMENT_ROWS
-    note = f"{more} more rows in report.json; " if more > 0 else ""
-    return out + [f"{note}Every cause in full with its numbers: report.json, `components[].causes` and "
+    note = f"{more} more rows not shown; " if more > 0 else ""
+    return out + [f"{note}every cause in full with its numbers: report.json, `components[].causes` and "
                   "`components[].evidence`.", ""]

@@ -72,6 +72,8 @@ def _glossary(r: dict) -> list[str]:
         ("rank in site", "1 = the largest |AtP| (or |exact|) among the verified components of that site"),
         ("grouped rows", f"one site at one position, consecutive layers, one sign, |exact| within "
          f"{GROUP_TOL:.0%} of the largest: one finding; every member in report.json `groups`"),
+        ("disagreement rows", "one component, or one site at one position flagged at consecutive layers with the "
+         "same likely cause, in either direction (ranges over those layers)"),
         ("large_error", "|AtP - exact| > 50% of the larger of the two (and above 1% of the gap)"),
         ("sign_flip / missed / overestimated", "opposite signs / exact in the verified top-k, AtP not / AtP in, "
          "exact not"),
