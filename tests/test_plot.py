@@ -291,3 +291,32 @@ def test_every_figure_names_model_task_direction_and_metric(run):
             ("denoising" if stem.endswith("denoise") else "noising")
         assert f"tiny-gpt2, induction: {direction}, " in text, (stem, text)
         assert ("every metric" if stem.startswith("metrics") else "logit diff") in text, (stem, text)
+
+
+def test_circuit_graph_of_a_30_layer_model_is_sized_to_its_layers_and_its_legend_matches_its_colours():
+    from matplotlib.colors import to_hex
+
+    from attrpatch.plot.circuit import MAX_CIRCUIT_EDGES, NEG_C, POS_C, ROW_H, circuit_rows, plot_circuit
+
+    layers = (0, 3, 17, 20, 23, 29)
+    edges = [{"sender": f"L{a}H{i % 9}", "receiver": f"L{b}H{(i + 1) % 9}.v", "score": (-1) ** i * (1 + i / 10)}
+             for i, (a, b) in enumerate(zip(layers * 8, layers[1:] * 8)) if a < b]
+    edges += [{"sender": "L29.mlp", "receiver": "logits", "score": 2.0}, {"sender": "embed", "receiver": "L0.mlp",
+                                                                          "score": -0.5}]
+    circuit = {"edges": edges, "n_edges": 30000, "smallest_faithful": 200}
+    report = {"model": "/cache/smollm2-135m-instruct", "task": "ioi", "directions": ["denoise"],
+              "metric": "logit_diff", "edges": []}
+    fig = plot_circuit(circuit, report)
+    shown = min(MAX_CIRCUIT_EDGES, len(edges))
+    rows = circuit_rows(edges[:shown])
+    assert sorted(rows) == [-1, *layers, 30]  # embed, the layers holding a node, logits: nothing else
+    assert fig.get_figheight() == pytest.approx(ROW_H * len(rows) + 1.0) and fig.get_figheight() < 5
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", *(f"L{la}" for la in layers), "logits"]
+    drawn = {to_hex(a.arrow_patch.get_edgecolor(), keep_alpha=False) for a in ax.texts if hasattr(a, "arrow_patch")
+             and a.arrow_patch is not None}
+    legend = {t.get_text(): to_hex(h.get_color()) for t, h in zip(fig.legends[0].get_texts(),
+                                                                  fig.legends[0].legend_handles)}
+    assert drawn == {POS_C.lower(), NEG_C.lower()}
+    assert legend == {"positive edge score": POS_C.lower(), "negative edge score": NEG_C.lower()}
+    assert "smollm2-135m-instruct, ioi: denoising, logit diff" in ax.get_title(loc="left")
