@@ -118,12 +118,14 @@ def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None
             fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=6, handlelength=1.5)
         else:
             ax.legend(handles=handles, loc="lower right", fontsize=6, handlelength=1.5)
-        ax.set_title(_circuit_title(circuit, report, len(edges)), loc="left", fontsize=6.5)
+        skipped = any(b - a > 1 for a, b in zip(layers, layers[1:]) if a >= 0 and b < max(layers))
+        ax.set_title(_circuit_title(circuit, report, len(edges), skipped), loc="left", fontsize=6.5)
     return fig
 
 
-def _circuit_title(circuit: dict, report: dict | None, shown: int) -> str:
-    head = f"top {shown} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified); grey: layers skipped"
+def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool) -> str:
+    head = f"top {shown} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified)" + (
+        "; grey: layers skipped" if skipped else "")
     if report is None:
         return head
     model = str(report.get("model", "")).rstrip("/").split("/")[-1].split(":")[-1]

@@ -143,7 +143,9 @@ def figure_title(run: Run, direction: str | None, metric: str | None, width: flo
     model = model.split(":", 1)[-1] if model.startswith("embedded:") else Path(model).name or model
     way = "denoising vs noising" if direction is None else _DIR_WORD[direction]
     what = "every metric, normalised" if metric is None else METRIC_LABELS.get(metric, metric)
-    text = f"{model}, {run.report.get('task', 'task')}: {way}, {what}"
+    task = str(run.report.get("task", "task"))
+    task = Path(task).stem if task.endswith((".jsonl", ".json")) else task  # a task file: its name, not its folder
+    text = f"{model}, {task}: {way}, {what}"
     fits = width is None or len(text) * 0.6 * STYLE["figure.titlesize"] <= width * 72  # DejaVu Sans ~0.6 em
     return text if fits else text.replace(": ", ":\n", 1)  # a single column: model and task over the rest
 
