@@ -135,7 +135,7 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
     k = min(config.top_k, len(top))
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
-    fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(top)).to_dict()
+    fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(idx)).to_dict()
     rank_approx, rank_exact = ranks(approx[config.metric]), ranks(exact[:, primary])
     evidence = _evidence(spec, batch, direction, [every[j] for j in idx], graph)
     tol = tolerance(scores, config.metric)

@@ -209,3 +209,18 @@ def test_the_edge_screen_checks_the_clean_run_first_as_the_node_screen_does(tmp_
     assert "## Clean-run check" in md and "## Approximation vs exact edge patching" in md
     warned = "attrpatch: warning: the model solves only" in capsys.readouterr().err
     assert warned == (report["sanity"]["accuracy"] < 0.8)
+
+
+def test_edge_report_md_has_top_edges_per_receiver_kind_controls_and_the_faithfulness_table(tmp_path):
+    from attrpatch.cli import main
+    from conftest import saved_model, write_task
+
+    _, folder = saved_model(tmp_path / "model", "gpt2")
+    task = write_task(tmp_path / "task.jsonl", random_pairs(3))
+    out = tmp_path / "edges"
+    assert main(["edges", "--model", str(folder), "--task", str(task), "--top-k", "5", "--random-k", "3",
+                 "--direction", "denoise", "--circuit-points", "3", "--no-figures", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Top edges by exact effect (denoise), per receiver kind" in md and "### into logits" in md
+    assert "False negatives: " in md and "random controls exceed" in md
+    assert "| edges | 0 |" in md and "| faithfulness |" in md

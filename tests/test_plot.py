@@ -162,7 +162,11 @@ def test_metric_comparison_plots_normalised_effects(run, report):
     names = [t.get_text() for t in ax.get_yticklabels()]
     by_name = {c["name"]: c for c in _comps(report, "denoise")}
     rows = ax.get_yticks()
-    assert len(names) == 16 and len(ax.collections) == len(report["metrics"])
+    disagree = [c for c in _comps(report, "denoise") if "metrics_disagree" in c["flags"]]
+    expected_rows = min(16, len(disagree) + 4) if disagree else 16
+    assert len(names) == expected_rows and len(ax.collections) == len(report["metrics"])
+    flagged_rows = [n for n in names if "metrics_disagree" in by_name[n]["flags"]]
+    assert flagged_rows == names[:len(flagged_rows)] and len(flagged_rows) == min(len(disagree), 16)
     for coll, m in zip(ax.collections, report["metrics"]):
         offsets = coll.get_offsets()
         _close(offsets[:, 1], rows)
@@ -257,3 +261,62 @@ def test_matplotlib_is_imported_lazily():
         names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
         assert not [n for n in names if n.startswith("matplotlib")], path
+
+
+def test_scatter_labels_neither_overlap_nor_cover_a_point(run, report):
+    """Measured with the renderer's text extents after the figure is drawn: no two label boxes (the corner
+    note counted) intersect, and none covers a drawn point."""
+    from attrpatch.plot.labels import covers, intersect, label_boxes, point_discs, renderer_of
+
+    for direction in ("denoise", "noise"):
+        fig = plot.plot_scatter(run, direction, max_labels=8)
+        renderer_of(fig)
+        fig.canvas.draw()
+        named = 0
+        for ax in fig.axes:
+            boxes = label_boxes(ax) + [tuple(t.get_window_extent().extents) for t in ax.texts
+                                       if not hasattr(t, "xyann")]
+            named += len(label_boxes(ax))
+            assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[:i] if intersect(a, b)]
+            assert not [(b, d) for b in boxes for d in point_discs(ax) if covers(b, (d[0], d[1], d[2] / 2))]
+        assert named or not any(set(c["flags"]) & set(plot.DISAGREE) for c in _comps(report, direction))
+
+
+def test_every_figure_names_model_task_direction_and_metric(run):
+    for stem, fig in plot.figures(run):
+        legends = [t.get_text() for lg in fig.legends for t in [lg.get_title()]]
+        titles = [fig._suptitle.get_text()] if fig._suptitle else []
+        text = " ".join(titles + legends).replace(":\n", ": ")  # a single column wraps after the task
+        direction = "denoising vs noising" if stem == "directions" else \
+            ("denoising" if stem.endswith("denoise") else "noising")
+        assert f"tiny-gpt2, induction: {direction}, " in text, (stem, text)
+        assert ("every metric" if stem.startswith("metrics") else "logit diff") in text, (stem, text)
+
+
+def test_circuit_graph_of_a_30_layer_model_is_sized_to_its_layers_and_its_legend_matches_its_colours():
+    from matplotlib.colors import to_hex
+
+    from attrpatch.plot.circuit import MAX_CIRCUIT_EDGES, NEG_C, POS_C, ROW_H, circuit_rows, plot_circuit
+
+    layers = (0, 3, 17, 20, 23, 29)
+    edges = [{"sender": f"L{a}H{i % 9}", "receiver": f"L{b}H{(i + 1) % 9}.v", "score": (-1) ** i * (1 + i / 10)}
+             for i, (a, b) in enumerate(zip(layers * 8, layers[1:] * 8)) if a < b]
+    edges += [{"sender": "L29.mlp", "receiver": "logits", "score": 2.0}, {"sender": "embed", "receiver": "L0.mlp",
+                                                                          "score": -0.5}]
+    circuit = {"edges": edges, "n_edges": 30000, "smallest_faithful": 200}
+    report = {"model": "/cache/smollm2-135m-instruct", "task": "ioi", "directions": ["denoise"],
+              "metric": "logit_diff", "edges": []}
+    fig = plot_circuit(circuit, report)
+    shown = min(MAX_CIRCUIT_EDGES, len(edges))
+    rows = circuit_rows(edges[:shown])
+    assert sorted(rows) == [-1, *layers, 30]  # embed, the layers holding a node, logits: nothing else
+    assert fig.get_figheight() == pytest.approx(ROW_H * len(rows) + 1.0) and fig.get_figheight() < 5
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", *(f"L{la}" for la in layers), "logits"]
+    drawn = {to_hex(a.arrow_patch.get_edgecolor(), keep_alpha=False) for a in ax.texts if hasattr(a, "arrow_patch")
+             and a.arrow_patch is not None}
+    legend = {t.get_text(): to_hex(h.get_color()) for t, h in zip(fig.legends[0].get_texts(),
+                                                                  fig.legends[0].legend_handles)}
+    assert drawn == {POS_C.lower(), NEG_C.lower()}
+    assert legend == {"positive edge score": POS_C.lower(), "negative edge score": NEG_C.lower()}
+    assert "smollm2-135m-instruct, ioi: denoising, logit diff" in ax.get_title(loc="left")

@@ -8,6 +8,7 @@
     causes       measured causes: the half patch's split of AtP's error, the frozen runs' verdicts
     subsets      the false-negative bound from joint patches of random subsets, and the additivity check
     findings     one entry per verified component x direction, and every non-finite number
+    groups       verified components that carry the same effect (a site, a position, consecutive layers)
     sanity       the clean-run check: does the model do the task?
     baselines    per-pair logit differences, solved pairs, finite and distinct baselines
     circuits     circuits from edge scores: faithfulness, CPR and CMD

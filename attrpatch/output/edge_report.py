@@ -9,7 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .files import write_atomic, write_csv, write_json
+from .findings import fn_words
+from .markdown import num, table
 from .summary import _sanity_section
+
+EDGE_ROWS = 5  # rows per receiver kind
 
 EDGE_REPORT_VERSION = 1
 
@@ -72,10 +76,39 @@ def edge_summary(report: dict) -> list[str]:
     lines += ["## Approximation vs exact edge patching", ""]
     for d in report["directions"]:
         a = report["agreement"][d][report["metric"]]
+        fn = report["false_negatives"][d]
         lines.append(f"- {d}: {len(report['edges']) // len(report['directions'])} edges verified; Pearson "
                      f"{a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.2f}, "
-                     f"recall@{a['k']} {a['recall_at_k']:.2f}")
+                     f"recall@{a['k']} {a['recall_at_k']:.2f}. False negatives: {fn_words(fn)}.")
+    lines += [""] + _top_edges(report)
     c = report["circuit"]
-    lines += ["", "## Circuit", "", f"CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}; the smallest circuit with faithfulness "
-              f">= {c['threshold']}: {c['smallest_faithful']} edges (circuit.json, figures/)."]
+    lines += ["## Circuit", "", f"CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}; the smallest circuit with faithfulness "
+              f">= {c['threshold']}: {c['smallest_faithful']} edges (circuit.json, figures/). Faithfulness "
+              "(0 = corrupt, 1 = clean) of the top edges by |score|, every other edge corrupted:", ""]
+    lines += table(["edges", *map(str, c["sizes"])], [["faithfulness", *(
+        "n/a" if f is None else f"{round(f, 2) + 0.0:.2f}" for f in c["faithfulness"])]])
+    return lines
+
+
+def receiver_kind(receiver: str) -> str:
+    """logits, mlp, or a head's q / k / v input."""
+    return receiver.rsplit(".", 1)[-1] if "." in receiver else receiver
+
+
+def _top_edges(report: dict) -> list[str]:
+    """The verified edges with the largest |exact| per receiver kind, the first direction's, and the random
+    controls among them marked."""
+    d = report["directions"][0]
+    edges = sorted((e for e in report["edges"] if e["direction"] == d and e["exact"] is not None),
+                   key=lambda e: -abs(e["exact"]))
+    kinds: dict[str, list] = {}
+    for e in edges:
+        kinds.setdefault(receiver_kind(e["receiver"]), []).append(e)
+    lines = [f"## Top edges by exact effect ({d}), per receiver kind", "",
+             "Rank within the verified edges of the run; `control`: drawn at random, not by the estimator.", ""]
+    for kind, rows in kinds.items():
+        lines += [f"### into {kind}", ""]
+        lines += table(["edge", report["estimator"], "exact", "rank: score / exact", "selected", "flags"],
+                       [[e["name"], num(e["approx"]), num(e["exact"]), f"{e['rank_approx']} / {e['rank_exact']}",
+                         e["selected"], ", ".join(e["flags"]) or "-"] for e in rows[:EDGE_ROWS]])
     return lines

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.groups import group_components
 from . import summary
 from .files import write_atomic, write_csv, write_json
 
@@ -22,7 +23,8 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
         "sites": list(c.sites), "positions": {s: ("each" if c.per_position(s) else "all") for s in c.sites},
         "top_k": c.top_k, "random_k": c.random_k,
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
-        "components": result.components, "agreement": result.agreement,
+        "components": result.components, "groups": group_components(result.components),
+        "agreement": result.agreement,
         "false_negatives": result.false_negatives, "attention": result.attention,
         "estimator": c.estimator, "estimators": result.estimators, "numerical": result.numerical,
         "timing": result.timing, "sanity": result.sanity,

@@ -2,42 +2,21 @@
 
 import math
 
+from ..analysis.agreement import THRESHOLD_SHARE
 from ..analysis.causes import FREEZE_WORDS, NO_CAUSE, REMOVED, removed_share
-from ..analysis.flags import APPROX_FLAGS
+from ..analysis.groups import GROUP_TOL
 from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.corruption import STR_WORDS
 from ..inputs.directions import QUESTION
+from . import findings
+from .markdown import ci as _ci, name as _name, num as _f, table as _table
 
 MAX_LISTED = 12
 
 
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:+.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _name(c: dict, tokens: list | None) -> str:
-    """A component's name, with the token (or role) of its position: 'L0.resid_pre@9 (S2)'."""
-    if c.get("pos") is None or not tokens or c["pos"] >= len(tokens):
-        return c["name"]
-    return f"{c['name']} ({tokens[c['pos']].strip() or repr(tokens[c['pos']])})"
-
-
-def _ci(stats: dict, name: str, digits: int = 2) -> str:
-    """A statistic with its 95% bootstrap interval over prompt pairs, when the report has one."""
-    ci = stats.get(f"{name}_ci")
-    value = _f(stats[name], digits)
-    return value if not ci else f"{value} [{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    return out + [""]
-
-
 def render(r: dict) -> str:
+    """report.md in the order a researcher reads it: does the model do the task; what was found, per site; the
+    top components of each site; where AtP and exact patching disagree; metrics; cost; the terms."""
     m = r["metric"]
     lines = [f"# attrpatch screen: {r['task']} on {r['model']}", ""]
     lines += _sanity_section(r.get("sanity") or {})
@@ -52,20 +31,66 @@ def render(r: dict) -> str:
     for direction in r["directions"]:
         comps = [c for c in r["components"] if c["direction"] == direction]
         lines += _direction_section(r, direction, comps)
+    lines += ["## Where AtP and exact patching disagree", ""]
+    for direction in r["directions"]:
+        lines += _no_cause_words([c for c in r["components"] if c["direction"] == direction], direction)
+    lines += findings.disagreement_table(r)
+    both = [c for c in r["components"] if "directions_disagree" in c["flags"] and c["direction"] == "denoise"]
+    if both:
+        lines += ["### Denoising and noising disagree", ""]
+        lines += [f"- **{_name(c, r.get('tokens'))}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
     lines += _metric_section(r)
     if len(r.get("estimators", {}).get(r["directions"][0], {})) > 1:
         lines += _estimator_section(r)
-    t = r["timing"]
-    fwd = max(t.get("forward_s", 0), 1e-9)
-    lines += ["## Cost", "", f"Attribution {t.get('attribution_s', 0):.2f} s, verification "
-              f"{t.get('verification_s', 0):.2f} s, diagnostics {t.get('diagnostics_s', 0):.2f} s; one plain forward "
-              f"pass {t.get('forward_s', 0):.3f} s. Forward passes spent: {t.get('forward_passes', 0):.0f} "
-              f"(patched runs count one each). Verification counted "
-              f"{t.get('forward_equivalents_verification', 0):.1f} full-forward equivalents (blocks and positions "
-              f"each pass computes, its unembedding, the source and receiving runs); by the clock it took "
-              f"{t.get('verification_s', 0) / fwd:.1f} (wall), "
-              f"{t.get('verification_cpu_s', 0) / max(t.get('forward_cpu_s', 0), 1e-9):.1f} (cpu time).", ""]
+    lines += _cost_section(r["timing"])
+    lines += _glossary(r)
     return "\n".join(lines)
+
+
+def _cost_section(t: dict) -> list[str]:
+    """What was counted and the clocks of whole phases (a phase's seconds over what it counted)."""
+    attribution, patching, diagnostics = (t.get(k, 0.0) for k in ("attribution_s", "verification_s", "diagnostics_s"))
+    counted = t.get("forward_equivalents_verification", 0.0)
+    per = f"; {1000 * patching / counted:.1f} ms per counted forward equivalent" if counted else ""
+    frozen = t.get("frozen_forward_equivalents")
+    return ["## Cost", "", f"Phases, by their clocks: attribution {attribution:.2f} s; exact patching (verified "
+            f"components, half patches, frozen runs) {patching:.2f} s for {counted:.1f} counted full-forward "
+            f"equivalents{f' ({frozen:.1f} of them frozen runs)' if frozen else ''}{per}; diagnostics "
+            f"(attention statistics, activation changes) {diagnostics:.2f} s; {attribution + patching + diagnostics:.2f} s "
+            f"in all (loading, intervals and figures are outside). Forward passes spent: "
+            f"{t.get('forward_passes', 0):.0f} (a patched copy of the batch counts one; a full-forward "
+            "equivalent counts the blocks and positions a pass computes, its unembedding, the source and "
+            "receiving runs).", ""]
+
+
+def _glossary(r: dict) -> list[str]:
+    terms = [
+        ("AtP", "attribution patching: the linear estimate grad . (a_source - a_receiver), one backward pass"),
+        ("exact", "the effect of patching the component's source value into the receiving run, measured"),
+        ("denoise / noise", "patch clean into corrupt (is it sufficient?) / corrupt into clean (is it necessary?)"),
+        ("share of gap", "|exact| / |clean - corrupt| of the metric: 100% = the whole difference the corruption makes"),
+        ("rank in site", "1 = the largest |AtP| (or |exact|) among the verified components of that site"),
+        ("grouped rows", f"one site at one position, consecutive layers, one sign, |exact| within "
+         f"{GROUP_TOL:.0%} of the largest: one finding; every member in report.json `groups`"),
+        ("disagreement rows", "one component, or one site at one position flagged at consecutive layers with the "
+         "same likely cause, in either direction (ranges over those layers)"),
+        ("large_error", "|AtP - exact| > 50% of the larger of the two (and above 1% of the gap)"),
+        ("sign_flip / missed / overestimated", "opposite signs / exact in the verified top-k, AtP not / AtP in, "
+         "exact not"),
+        ("f(alpha)", "the metric with the component moved alpha of the way to its source value; AtP = f'(0)"),
+        ("bend in alpha 0..1/2", "the slope at alpha = 0 (AtP) differs from the secant 2 e(1/2) of the first half "
+         "patch: the non-linearity acts right at the receiver (percentages of the error above 100% mean the "
+         "second half bends back)"),
+        ("curvature", "the two half patches' secants differ: f bends along the whole way"),
+        ("saturation", "an attention row puts more than 95% on one token, so the softmax is flat to first order"),
+        ("error removed by freezing", "1 - |error with that part frozen at the receiver's| / |AtP error|: "
+         f"patterns = attention patterns, norm = norm scales; {REMOVED:.0%} or more names the cause"),
+        ("false negatives", f"random controls drawn from outside the top-k; the threshold is "
+         f"{THRESHOLD_SHARE:.0%} of the largest verified |exact| of the site; a 95% upper bound on how many "
+         "unverified exceed it (hypergeometric); \"cannot bound\" when that bound is larger than the number of "
+         "verified components above the threshold"),
+        ("95% CI", "bootstrap interval over prompt pairs")]
+    return ["## Terms", "", *[f"- **{k}**: {v}." for k, v in terms], ""]
 
 
 CORRUPTION_WORDS = {"str": "symmetric token replacement", "abc": "symmetric token replacement: S2 becomes a third "
@@ -101,46 +126,24 @@ def _corruption_words(r: dict) -> list[str]:
 
 
 def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
+    """What was found in one direction: a line per site, the agreement statistics, a table per site."""
     m = r["metric"]
-    word = QUESTION[direction]
     head = (f"{_ablation(r).capitalize()} ablation: is it necessary? (the clean run with it ablated)"
-            if _ablation(r) else f"{direction.capitalize()}: {word}")
-    lines = [f"## {head}", "", "### Top components by exact effect", ""]
-    top = sorted(comps, key=lambda c: -abs(c["exact"]))[:MAX_LISTED]
-    lines += _table(["component", "AtP", "exact [95% CI]", "exact (normalised)", "rank AtP", "rank exact", "flags"],
-                    [[_name(c, r.get("tokens")), _f(c["approx"]), _ci(c, "exact", 3),
-                      _f(c["exact_norm"][m], 2), c["rank_approx"],
-                      c["rank_exact"], ", ".join(c["flags"]) or "-"] for c in top])
+            if _ablation(r) else f"{direction.capitalize()}: {QUESTION[direction]}")
+    gap = r["clean_metric"][m] - r["corrupt_metric"][m]
+    lines = [f"## {head}", "", f"### What was found, per site", "",
+             f"Exact effects in units of `{m}` (the clean - corrupt gap is {_f(gap, 2)}); \"false negatives\": random "
+             f"controls against {THRESHOLD_SHARE:.0%} of the site's largest verified |exact| (Terms, at the end).", ""]
+    lines += findings.site_lines(r, direction)
     lines += ["### How well AtP agreed with exact patching", "",
               "Each statistic with its 95% bootstrap interval over prompt pairs.", ""]
-    rows = []
-    for site, per_metric in r["agreement"][direction].items():
-        a = per_metric[m]
-        fn = r["false_negatives"][direction][site]
-        rows.append([site, a["n"], _ci(a, "pearson"), _ci(a, "spearman"), _ci(a, "sign_agreement"),
-                     f"{_ci(a, 'recall_at_k')} (k={a['k']})", _fn_words(fn)])
-    lines += _table(["site", "verified", "pearson", "spearman", "sign agreement", "recall@k",
-                     "false negatives (control sample)"], rows)
+    rows = [[site, per_metric[m]["n"], _ci(per_metric[m], "pearson"), _ci(per_metric[m], "spearman"),
+             _ci(per_metric[m], "sign_agreement"), f"{_ci(per_metric[m], 'recall_at_k')} (k={per_metric[m]['k']})"]
+            for site, per_metric in r["agreement"][direction].items()]
+    lines += _table(["site", "verified", "pearson", "spearman", "sign agreement", "recall@k"], rows)
     lines += _subset_words(r["false_negatives"][direction])
-    flagged = [c for c in comps if set(c["flags"]) & set(APPROX_FLAGS)]
-    flagged.sort(key=lambda c: -abs(c["exact"] - c["approx"]))
-    lines += ["### Where AtP and exact patching disagree", ""]
-    if not flagged:
-        lines += ["No verified component has a sign flip, a large error or a missed rank.", ""]
-    lines += _no_cause_words(comps)
-    for c in flagged[:MAX_LISTED]:
-        why = "; ".join(c["causes"]) or (f"no measured cause above threshold (activation change "
-                                          f"{c['evidence']['activation_change']:.2f} x)")
-        lines.append(f"- **{_name(c, r.get('tokens'))}** ({', '.join(c['flags'])}): AtP {_f(c['approx'])}, exact {_f(c['exact'])}. "
-                     f"Likely cause: {why}.")
-    if len(flagged) > MAX_LISTED:
-        lines.append(f"- ... and {len(flagged) - MAX_LISTED} more in results.csv.")
-    lines.append("")
-    both = [c for c in comps if "directions_disagree" in c["flags"]]
-    if both:
-        lines += ["### Denoising and noising disagree", ""]
-        lines += [f"- **{_name(c, r.get('tokens'))}**: {c['causes'][-1]}" for c in both[:MAX_LISTED]] + [""]
-    return lines
+    lines += ["### Top components of each site", ""]
+    return lines + findings.site_tables(r, direction)
 
 
 def _subset_words(fns: dict) -> list[str]:
@@ -151,7 +154,7 @@ def _subset_words(fns: dict) -> list[str]:
     return ["Joint patches of random subsets of the unverified components (--fn-subsets):", "", *found, ""] if found else []
 
 
-def _no_cause_words(comps: list[dict]) -> list[str]:
+def _no_cause_words(comps: list[dict], direction: str) -> list[str]:
     """The share of large errors whose measured causes and evidence name nothing, and which non-linearity the
     frozen runs (analysis/causes.py frozen_causes) found carrying them."""
     large = [c for c in comps if "large_error" in c["flags"]]
@@ -165,18 +168,10 @@ def _no_cause_words(comps: list[dict]) -> list[str]:
                  if removed_share(c["exact"], c["approx"], slope, effect) >= REMOVED]
         key = named[0] if named else "neither frozen part" if frozen else "not measured frozen"
         carried[key] = carried.get(key, 0) + 1
-    return [f"Measured causes (where the bend lies, from a half patch e(1/2); which non-linearity carries it, "
-            f"from patched runs with the attention patterns or norm scales frozen; IG when run): {unexplained} "
-            f"of {len(large)} large errors ({unexplained / len(large):.0%}) have no cause found; carried by "
-            + ", ".join(f"{k} {n}" for k, n in sorted(carried.items(), key=lambda kv: -kv[1])) + ".", ""]
-
-
-def _fn_words(fn: dict) -> str:
-    if not fn["n_control"]:
-        return "no control sample"
-    miss = f"; {fn['exceeding_top']} control(s) beat the weakest top-k" if fn["exceeding_top"] else ""
-    return (f"{fn['confidence']:.0%} conf.: <= {fn['fraction']:.0%} (~{fn['count']:.0f}) of "
-            f"{fn['n_unverified']} unverified exceed |{fn['max_control']:.3g}|{miss}")
+    return [f"{direction.capitalize()}: {unexplained} of {len(large)} large errors ({unexplained / len(large):.0%}) "
+            "have no cause found; carried by " + ", ".join(f"{k} {n}" for k, n in sorted(
+                carried.items(), key=lambda kv: -kv[1])) + " (from half patches e(1/2) and patched runs with the "
+            "attention patterns or norm scales frozen; IG when run).", ""]
 
 
 def _metric_section(r: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Figures of an edge screen, drawn from its files alone (report.json, circuit.json):
 
-    circuit_graph        the circuit's edges, layers bottom to top; colour = sign, width = |effect|
+    circuit_graph        the circuit's edges, one row per layer holding a node (bottom to top), skipped layers
+                         shaded; orange positive, blue negative, width |effect|
     faithfulness         faithfulness against circuit size, with CPR and CMD
     edges_scatter_{dir}  edge score (EAP) vs exact edge patching
 """
@@ -12,22 +13,39 @@ from typing import Sequence
 
 import numpy as np
 
-from .style import CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, SINGLE, TOP_C, _panels, _square_limits, _style, save
+from ..inputs.directions import GERUND
+from .style import (CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, METRIC_LABELS, SINGLE, TOP_C, _panels, _square_limits,
+                    _style, save)
 
 POS_C, NEG_C = "#D55E00", "#0072B2"  # positive / negative effect (Okabe-Ito vermillion / blue)
 MAX_CIRCUIT_EDGES = 40
 
 
-def _node_xy(name: str, n_layers: int, n_heads: int) -> tuple[float, float]:
-    """Position of a node: embed at the bottom, logits at the top, heads in a row per layer, MLP above them."""
-    if name == "embed":
-        return (n_heads - 1) / 2, -1.0
-    if name == "logits":
-        return (n_heads - 1) / 2, float(n_layers)
-    layer = int(re.match(r"L(\d+)", name).group(1))
+ROW_H = 0.34  # inches per layer that holds a node of the circuit
+
+
+def _layer(name: str, n_layers: int) -> int:
+    """embed -1, logits n_layers, else the layer in the name."""
+    if name in ("embed", "logits"):
+        return -1 if name == "embed" else n_layers
+    return int(re.match(r"L(\d+)", name).group(1))
+
+
+def _node_xy(name: str, rows: dict[int, int], n_heads: int) -> tuple[float, float]:
+    """Position of a node: one row per layer that holds a node (embed at the bottom, logits at the top), heads
+    at their index, the MLP right of them."""
+    layer = _layer(name, max(rows) if rows else 0)
+    if name in ("embed", "logits"):
+        return (n_heads - 1) / 2, float(rows[layer])
     if ".mlp" in name:
-        return n_heads + 0.3, layer + 0.45
-    return float(re.match(r"L\d+H(\d+)", name).group(1)), float(layer)
+        return n_heads + 0.3, rows[layer] + 0.3
+    return float(re.match(r"L\d+H(\d+)", name).group(1)), float(rows[layer])
+
+
+def _short_node(name: str) -> str:
+    """A node's name without its layer (its row says it): 'H3', 'MLP'."""
+    head = re.match(r"L\d+(H\d+)", name)
+    return "MLP" if ".mlp" in name else head.group(1) if head else name
 
 
 def circuit_edges(circuit: dict, report: dict | None = None, n: int | None = None) -> list[dict]:
@@ -43,37 +61,76 @@ def circuit_edges(circuit: dict, report: dict | None = None, n: int | None = Non
              "exact": (e["sender"], e["receiver"]) in exact} for e in edges]
 
 
+def _target(receiver: str) -> str:
+    """The node an edge enters: a head's q/k/v input is drawn at the head."""
+    return receiver.rsplit(".", 1)[0] if re.search(r"H\d+\.[qkv]$", receiver) else receiver
+
+
+def circuit_rows(edges: list[dict], n_layers: int | None = None) -> dict[int, int]:
+    """{layer: row} of the layers that hold a node of ``edges`` (embed -1, logits ``n_layers``), bottom up."""
+    names = {e["sender"] for e in edges} | {_target(e["receiver"]) for e in edges}
+    top = n_layers if n_layers is not None else max((_layer(x, 0) for x in names if x not in ("embed", "logits")),
+                                                     default=0) + 1
+    return {layer: row for row, layer in enumerate(sorted({_layer(x, top) for x in names}))}
+
+
 def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None, ax=None):
-    """The top-n edges (default: the smallest circuit reaching the threshold) as a graph."""
+    """The top-n edges (default: the smallest circuit reaching the threshold) as a graph, one row per layer that
+    holds a node (skipped layers marked), orange positive and blue negative, width |effect|."""
     edges = circuit_edges(circuit, report, n)
-    names = {e["sender"] for e in edges} | {e["receiver"].split(".")[0] if "H" in e["receiver"] else e["receiver"]
-                                           for e in edges}
-    layers = [int(m.group(1)) for x in names if (m := re.match(r"L(\d+)", x))]
+    names = {e["sender"] for e in edges} | {_target(e["receiver"]) for e in edges}
     heads = [int(m.group(1)) for x in names if (m := re.match(r"L\d+H(\d+)", x))]
-    n_layers, n_heads = max(layers, default=0) + 1, max(heads, default=0) + 1
+    n_heads = max(heads, default=0) + 1
+    rows = circuit_rows(edges)
+    from matplotlib.lines import Line2D
     with _style():
-        fig, (ax,) = _panels(1, ax, None, (SINGLE * 1.4, 0.8 * (n_layers + 2) + 0.6))
+        fig, (ax,) = _panels(1, ax, None, (SINGLE * 1.4, ROW_H * len(rows) + 1.0))
         top = max((abs(e["value"]) for e in edges), default=1.0) or 1.0
+        inputs: dict[str, set] = {}  # a head's q/k/v inputs that receive edges, written once beside it
         for e in edges:
-            receiver = e["receiver"]
-            target = receiver.rsplit(".", 1)[0] if re.search(r"H\d+\.[qkv]$", receiver) else receiver
-            (x0, y0), (x1, y1) = _node_xy(e["sender"], n_layers, n_heads), _node_xy(target, n_layers, n_heads)
+            target = _target(e["receiver"])
+            (x0, y0), (x1, y1) = _node_xy(e["sender"], rows, n_heads), _node_xy(target, rows, n_heads)
             ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(
-                arrowstyle="-|>", lw=0.4 + 3.0 * abs(e["value"]) / top, color=POS_C if e["value"] > 0 else NEG_C,
-                alpha=0.8, shrinkA=4, shrinkB=4, connectionstyle="arc3,rad=0.08"))
-            if target != receiver:
-                ax.text(x1, y1 - 0.22, receiver[-1], fontsize=5, ha="center", va="top", color=GREY)
+                arrowstyle="-|>", lw=0.4 + 2.5 * abs(e["value"]) / top, color=POS_C if e["value"] > 0 else NEG_C,
+                alpha=0.75, shrinkA=4, shrinkB=4, connectionstyle="arc3,rad=0.08"))
+            if target != e["receiver"]:
+                inputs.setdefault(target, set()).add(e["receiver"][-1])
+        for target, letters in inputs.items():
+            x, y = _node_xy(target, rows, n_heads)
+            ax.text(x + 0.18, y - 0.12, "".join(sorted(letters)), fontsize=5, ha="left", va="top", color=GREY)
         for name in sorted(names):
-            x, y = _node_xy(name, n_layers, n_heads)
-            ax.scatter([x], [y], s=60, c="white", edgecolors="#333333", linewidths=0.6, zorder=3)
-            ax.text(x, y + 0.16, name, fontsize=5.5, ha="center", va="bottom", zorder=4)
-        ax.set_ylim(-1.6, n_layers + 0.7)
+            x, y = _node_xy(name, rows, n_heads)
+            ax.scatter([x], [y], s=40, c="white", edgecolors="#333333", linewidths=0.6, zorder=3)
+            ax.text(x, y + 0.13, _short_node(name), fontsize=5.5, ha="center", va="bottom", zorder=4)
+        layers = sorted(rows)
+        ax.set_yticks(range(len(layers)), [{-1: "embed"}.get(la, "logits" if la == layers[-1] and "logits" in names
+                                                             else f"L{la}") for la in layers])
+        for below, above in zip(layers, layers[1:]):
+            if above - below > 1 and below >= 0:  # layers without a node of the circuit
+                ax.axhspan(rows[below] + 0.4, rows[above] - 0.4, color="#F2F2F2", lw=0, zorder=0)
+        ax.set_ylim(-0.6, len(layers) - 0.4)
         ax.set_xlim(-0.8, n_heads + 1.2)
-        ax.set_yticks(range(-1, n_layers + 1), ["embed", *(f"L{i}" for i in range(n_layers)), "logits"])
         ax.set_xticks([])
-        ax.set_title(f"top {len(edges)} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified),"
-                     " red +, blue -", loc="left", fontsize=6)
+        what = "exact effect" if any(e["exact"] for e in edges) else "edge score"
+        handles = [Line2D([], [], color=POS_C, lw=1.5, label=f"positive {what}"),
+                   Line2D([], [], color=NEG_C, lw=1.5, label=f"negative {what}")]
+        if fig.get_layout_engine() is not None and len(fig.axes) == 1:  # a figure of its own: legend below
+            fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=6, handlelength=1.5)
+        else:
+            ax.legend(handles=handles, loc="lower right", fontsize=6, handlelength=1.5)
+        skipped = any(b - a > 1 for a, b in zip(layers, layers[1:]) if a >= 0 and b < max(layers))
+        ax.set_title(_circuit_title(circuit, report, len(edges), skipped), loc="left", fontsize=6.5)
     return fig
+
+
+def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool) -> str:
+    head = f"top {shown} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified)" + (
+        "; grey: layers skipped" if skipped else "")
+    if report is None:
+        return head
+    model = str(report.get("model", "")).rstrip("/").split("/")[-1].split(":")[-1]
+    way, metric = GERUND[report["directions"][0]], METRIC_LABELS.get(report.get("metric"), report.get("metric"))
+    return f"{model}, {report.get('task')}: {way}, {metric}\n{head}"
 
 
 def plot_faithfulness(circuit: dict, ax=None):

@@ -3,7 +3,7 @@
 from typing import Sequence
 
 from .labels import place_labels
-from .run import _as_run, _default, _num
+from .run import _as_run, _default, _num, title
 from .style import GREY, MARKERS, METRIC_LABELS, PALETTE, SINGLE, _layout, _panels, _square_limits, _style
 
 
@@ -53,6 +53,8 @@ def plot_directions(run, metric: str | None = None, sites: Sequence[str] | None 
         a.legend(loc="upper left", bbox_to_anchor=(0.0, 0.86), handletextpad=0.2, borderaxespad=0.2,
                  markerscale=1.3)
         flagged.sort(key=lambda t: -abs(t[1] - t[2]))
+        if ax is None:
+            title(fig, run, None, metric)
         _layout(fig)
         place_labels(a, [(x, y) for _, x, y in flagged], [d["name"] for d, _, _ in flagged], "black", max_labels)
     return fig

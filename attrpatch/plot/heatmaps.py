@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .run import RESID_SITES, Run, _as_run, _default, _exact, position_labels
+from .run import RESID_SITES, Run, _as_run, _default, _exact, position_labels, title
 from .style import CMAP, DOUBLE, GREY, METRIC_UNITS, SINGLE, _mpl, _panels, _style
 
 
@@ -154,6 +154,8 @@ def plot_positions(run, direction: str | None = None, metric: str | None = None,
                 if exact is not None:
                     row[1].set_title("exact activation patching", loc="left")
             _colorbar(fig, im, row[: 1 + (exact is not None)], METRIC_UNITS.get(metric, metric))
+        if ax is None:
+            title(fig, run, direction, metric)
     return fig
 
 
@@ -201,4 +203,6 @@ def plot_heads(run, direction: str | None = None, metric: str | None = None, sit
                 suffix = _cell_values(a, values, scale)
                 if suffix:
                     a.set_title(a.get_title(loc="left") + suffix, loc="left")
+        if ax is None:
+            title(fig, run, direction, metric)
     return fig

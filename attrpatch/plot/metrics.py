@@ -5,22 +5,34 @@ import math
 import numpy as np
 
 from ..inputs.directions import SIGN
-from .run import _as_run, _default, _num
+from .run import _as_run, _default, _num, titled
 from .style import FLAG_C, GREY, MARKERS, METRIC_LABELS, PALETTE, SINGLE, _DIR_WORD, _mpl, _panels, _style
 
 
+REFERENCE_ROWS = 4  # components where the metrics agree, shown beside the disagreeing ones for scale
+
+
 def metric_components(run, direction: str, n: int = 16) -> list[dict]:
-    """The components of the metric comparison: the n largest by max |normalised exact| over metrics,
-    ordered by their primary normalised effect."""
+    """The components of the metric comparison: those flagged ``metrics_disagree`` (the largest first, at
+    most n), then up to REFERENCE_ROWS of the largest others for scale, each block ordered by its primary
+    normalised effect; the n largest when no component is flagged. Size: max |normalised exact| over
+    metrics."""
     run = _as_run(run)
     comps = [c for c in run.components(direction)
              if any(v is not None and math.isfinite(v) for v in c["exact_norm"].values())]
 
     def size(c):
         return max(abs(v) for v in c["exact_norm"].values() if v is not None and math.isfinite(v))
-    comps = sorted(comps, key=lambda c: -size(c))[:n]
-    return sorted(comps, key=lambda c: -_num(c["exact_norm"].get(run.metric)) if math.isfinite(
-        _num(c["exact_norm"].get(run.metric))) else 0.0)
+
+    def primary(c):
+        v = _num(c["exact_norm"].get(run.metric))
+        return -v if math.isfinite(v) else 0.0
+    comps = sorted(comps, key=lambda c: -size(c))
+    flagged = [c for c in comps if "metrics_disagree" in c["flags"]][:n]
+    if not flagged:
+        return sorted(comps[:n], key=primary)
+    others = [c for c in comps if "metrics_disagree" not in c["flags"]][:min(REFERENCE_ROWS, n - len(flagged))]
+    return sorted(flagged, key=primary) + sorted(others, key=primary)
 
 
 def plot_metrics(run, direction: str | None = None, n: int = 16, *, ax=None, fig=None):
@@ -61,7 +73,8 @@ def plot_metrics(run, direction: str | None = None, n: int = 16, *, ax=None, fig
             handles.append(patches.Patch(color="#FBE3D6", label="metrics disagree"))
         ncols = len(handles) if len(handles) <= 4 else -(-len(handles) // 2)
         if ax is None:
-            fig.legend(handles=handles, loc="outside upper center", ncols=ncols, handlelength=1)
+            fig.legend(handles=handles, loc="outside upper center", ncols=ncols, handlelength=1,
+                       **titled(fig, run, direction, None))
         else:
             a.legend(handles=handles, loc="best", ncols=ncols, handlelength=1)
     return fig

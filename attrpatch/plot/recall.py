@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .run import _as_run, _default, _num
+from .run import _as_run, _default, _num, titled
 from .style import (CONTROL_C, ESTIMATOR_LABELS, EST_DASHES, GREY, PALETTE, TOP_C, _DIR_WORD, _site_panels,
                     _style)
 
@@ -99,7 +99,8 @@ def plot_cost_recall(run, direction: str | None = None, sites: Sequence[str] | N
         if ax is None:
             handles = axes[0].lines[:3] + [ln for ln in axes[0].lines[3:] if not ln.get_label().startswith("_")]
             handles = handles[:1] + handles[3:] + handles[1:3]  # the estimators first
-            fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=2)
+            fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=2,
+                       **titled(fig, run, direction, run.metric))
             label = f"patched forward passes spent verifying ({_DIR_WORD[direction]})"
             if any(len(run.components(direction, s)) < run.n_components(s) for s in sites):
                 label += "\nnot exhaustive: the true top-N is taken among the verified components only"

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..analysis.flags import LABELLED_FLAGS
 from ..model.sites import HEAD_LIKE, RESID_LIKE
-from .style import ESTIMATOR_LABELS
+from .style import _DIR_WORD, ESTIMATOR_LABELS, METRIC_LABELS, STYLE
 
 
 RESID_SITES = tuple(s for s in RESID_LIKE if s != "embed")  # the sites of the positions heatmap
@@ -134,6 +134,31 @@ def position_labels(run: Run) -> list[str]:
     if not tokens or len(tokens) != n:
         return [str(i) for i in range(n)]
     return [_token(t) for t in tokens]
+
+
+def figure_title(run: Run, direction: str | None, metric: str | None, width: float | None = None) -> str:
+    """What a figure shows, for its title: model, task, direction, metric ('smollm2-135m-instruct, ioi:
+    denoising, logit diff'). ``direction`` None: both; ``metric`` None: every metric, normalised."""
+    model = str(run.report.get("model", "model")).rstrip("/")
+    model = model.split(":", 1)[-1] if model.startswith("embedded:") else Path(model).name or model
+    way = "denoising vs noising" if direction is None else _DIR_WORD[direction]
+    what = "every metric, normalised" if metric is None else METRIC_LABELS.get(metric, metric)
+    task = str(run.report.get("task", "task"))
+    task = Path(task).stem if task.endswith((".jsonl", ".json")) else task  # a task file: its name, not its folder
+    text = f"{model}, {task}: {way}, {what}"
+    fits = width is None or len(text) * 0.6 * STYLE["figure.titlesize"] <= width * 72  # DejaVu Sans ~0.6 em
+    return text if fits else text.replace(": ", ":\n", 1)  # a single column: model and task over the rest
+
+
+def title(fig, run: Run, direction: str | None, metric: str | None) -> None:
+    """Put :func:`figure_title` above a figure the plot function made (not into a caller's axes)."""
+    fig.suptitle(figure_title(run, direction, metric, fig.get_figwidth()), fontsize=STYLE["figure.titlesize"])
+
+
+def titled(fig, run: Run, direction: str | None, metric: str | None) -> dict:
+    """The figure legend's keywords that make :func:`figure_title` its title (a suptitle and a legend
+    outside the top would overlap under constrained layout)."""
+    return {"title": figure_title(run, direction, metric, fig.get_figwidth()), "title_fontproperties": {"size": STYLE["figure.titlesize"]}}
 
 
 def _default(run: Run, direction, metric):

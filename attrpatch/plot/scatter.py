@@ -5,7 +5,7 @@ from typing import Sequence
 import numpy as np
 
 from .labels import _label_points
-from .run import DISAGREE, _approx, _as_run, _default, _exact, _fmt
+from .run import DISAGREE, _approx, _as_run, _default, _exact, _fmt, titled
 from .style import (CONTROL_C, FLAG_C, GREY, METRIC_UNITS, TOP_C, _DIR_WORD, _layout, _site_panels,
                     _square_limits, _style)
 
@@ -40,10 +40,7 @@ def scatter_panel(ax, run, site: str, direction: str | None = None, metric: str 
 
 def _label_flagged(ax, comps, xs, ys, flagged, max_labels):
     idx = [i for i, f in enumerate(flagged) if f]
-    rest = _label_points(ax, [comps[i] for i in idx], xs[idx], ys[idx], max_labels)
-    if rest:
-        ax.text(0.98, 0.02, f"+{rest} more flagged", transform=ax.transAxes, ha="right", va="bottom",
-                fontsize=7, color=FLAG_C)
+    _label_points(ax, [comps[i] for i in idx], xs[idx], ys[idx], max_labels)
 
 
 def plot_scatter(run, direction: str | None = None, metric: str | None = None,
@@ -68,7 +65,8 @@ def plot_scatter(run, direction: str | None = None, metric: str | None = None,
                 ("flag", FLAG_C, "sign flip / large error / missed")) if kinds[k]]
             handles = [Line2D([], [], ls="", marker="o", ms=3.5, color=c, label=t) for _, c, t in entries]
             handles.append(Line2D([], [], color=GREY, lw=0.6, ls="--", label=f"{run.est_label} = exact"))
-            fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=1.5)
+            fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), handlelength=1.5,
+                       **titled(fig, run, direction, metric))
             fig.supxlabel(f"{run.est_label} estimate ({METRIC_UNITS.get(metric, metric)})", fontsize=7)
             fig.supylabel(f"exact effect, {_DIR_WORD[direction]} ({METRIC_UNITS.get(metric, metric)})", fontsize=7)
         _layout(fig)
