@@ -41,6 +41,7 @@ def test_cli_writes_a_valid_report(cli_run):
                 "components", "agreement", "timing"):
         assert key in report, key
     assert report["n_prompts"] == len(pairs)
+    assert (report["dtype"], report["accumulation_dtype"]) == ("float32", "float32")  # the report states the dtype
     assert set(report["clean_metric"]) == set(ap.METRICS)
     c = report["components"][0]
     for key in ("direction", "site", "layer", "head", "neuron", "pos", "approx", "exact", "exact_metrics",

@@ -64,6 +64,7 @@ def write_run(out: Path, result, *, model_name: str, task: str, tokens, manifest
     out = Path(out)
     report = report_dict(result, model=model_name, task=task, tokens=tokens)
     report["corruption"] = manifest.get("corruption")  # its label: several corruptions run side by side
+    report["dtype"], report["accumulation_dtype"] = manifest.get("dtype"), manifest.get("accumulation_dtype")
     write_scores(out / "scores.safetensors", result)
     label = (report["corruption"] or {}).get("method")  # one name a row: the csvs of several runs concatenate
     write_csv(out / "results.csv", [{"corruption": label, **row} for row in result.rows])

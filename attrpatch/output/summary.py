@@ -24,7 +24,9 @@ def render(r: dict) -> str:
     lines += _corruption_words(r)
     lines += [f"{r['n_prompts']} prompt pairs of {r['n_pos']} tokens; direction {r['direction']}; primary metric "
               f"`{m}`; sites {', '.join(f'{s} ({p})' for s, p in r['positions'].items())}; verified the top "
-              f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others.", ""]
+              f"{r['top_k'] or 'all'} of each site by |AtP| plus {r['random_k']} random others"
+              + (f"; model in {r['dtype']}, scores and effects accumulated in {r['accumulation_dtype']}."
+                 if r.get("dtype") else "."), ""]
     lines += _table(["metric", "clean", "corrupt" + (" (unit of scale)" if _ablation(r) else ""), "gap"],
                     [[k, _f(r["clean_metric"][k]), _f(r["corrupt_metric"][k]),
                       _f(r["clean_metric"][k] - r["corrupt_metric"][k])] for k in r["metrics"]])
