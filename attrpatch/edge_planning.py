@@ -32,6 +32,7 @@ from .methods.edge_graph import EdgeModel
 from .methods.edge_patching import patch_edges
 from .methods.edges import attribute_edges
 from .methods.passes import DEFAULT_ROWS
+from .model import hf_compat
 from .model.sites import as_spec
 from .planning import halves, meta_model, name_devices, size_text, synthetic_batch
 
@@ -64,7 +65,7 @@ def trace_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig, *,
     direction = config.directions[0]
     chosen = verified_edges(spec, config) if "edge_patching" in phases else []  # not traced
     tracker = MemoryTracker(model)
-    with fused_attention(), tracker:
+    with fused_attention(), hf_compat.meta_autocast(), tracker:
         with tracker.phase("load"):
             pass
         if "edges" in phases:

@@ -44,6 +44,7 @@ from .inputs.batch import PromptBatch
 from .methods.attribution import Scores, attribute
 from .methods.passes import default_rows
 from .methods.patching import patch
+from .model import hf_compat
 from .model.loading import parse_dtype
 from .model.sites import as_spec, site_shape
 from .screening import ScreenConfig
@@ -103,7 +104,7 @@ def trace_screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig, *,
     direction = config.directions[0]
     comps = verified_components(spec, batch.n_pos, config) if "verification" in phases else []  # not traced
     tracker = MemoryTracker(model)
-    with fused_attention(), tracker:
+    with fused_attention(), hf_compat.meta_autocast(), tracker:
         with tracker.phase("load"):
             pass
         if "attribution" in phases:

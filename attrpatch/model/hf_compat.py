@@ -35,6 +35,10 @@ special tokens). Folders attrpatch writes (the embedded toy model, a fetched Smo
 LlamaTokenizerFast that prepends a BOS even where the file says ``tokenizer.ggml.add_bos_token = false``
 (SmolLM2's; 5.x follows the file): ``load_tokenizer`` follows the file in every version.
 
+Planning on the meta device: 4.57's rotary embeddings open ``torch.autocast(device_type=x.device.type,
+enabled=False)``, which torch refuses for "meta" ("unsupported scalarType"); ``meta_autocast`` reads it as the
+CPU's (disabled: a no-op either way). 5.x does not open one there.
+
 Offloading (``device_map`` with "cpu" or "disk" entries beside an accelerator, or "disk" at all): accelerate's
 hooks load an offloaded module's weights for its forward and leave meta tensors outside it. Activations,
 gradients and module calls are all attrpatch's node code reads, so screens work as they are; the device the
@@ -44,6 +48,7 @@ refuse.
 """
 
 import inspect
+from contextlib import contextmanager
 import json
 from pathlib import Path
 
@@ -199,3 +204,18 @@ def portable_tokenizer(folder: Path) -> None:
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = "PreTrainedTokenizerFast"
         config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def meta_autocast():
+    """While tracing on the meta device: ``torch.autocast(device_type="meta", ...)`` opens the CPU's instead."""
+    original = torch.autocast
+
+    class Autocast(original):
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+    torch.autocast = Autocast
+    try:
+        yield
+    finally:
+        torch.autocast = original
