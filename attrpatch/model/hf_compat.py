@@ -65,10 +65,10 @@ def cache_name(forward, owner: str) -> str:
         if name in params:
             return name
     import transformers
-    raise TypeError(f"{owner}.forward takes no key/value cache under any name attrpatch knows ({', '.join(CACHE_NAMES)}; "
-                    f"its parameters: {', '.join(params)}), with transformers {transformers.__version__}. "
-                    f"Add the new name to attrpatch/engine/kv_cache.py CACHE_NAMES, or install a transformers "
-                    f"version in attrpatch's tested range (pyproject.toml).")
+    raise TypeError(f"{owner}.forward takes no key/value cache under any name attrpatch knows "
+                    f"({', '.join(CACHE_NAMES)}; its parameters: {', '.join(params)}), with transformers "
+                    f"{transformers.__version__}. Add the new name to CACHE_NAMES in attrpatch/model/hf_compat.py, "
+                    f"or install a transformers version in attrpatch's tested range (pyproject.toml).")
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -112,9 +112,6 @@ def prefix_cache(cache, first_pos: int, copies: list[int]):
     return past
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
 def offloaded(model: nn.Module) -> bool:
     """Whether accelerate offloads some of ``model``'s weights (meta outside the forward; module docstring)."""
     return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules())
@@ -139,6 +136,9 @@ def execution_device(model: nn.Module) -> torch.device:
     if not found:
         return torch.device("cpu")
     return torch.device(f"cuda:{found[0]}" if isinstance(found[0], int) else found[0])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_tokenizer(source: str, **kwargs):
