@@ -15,7 +15,8 @@ from .methods.attribution import ESTIMATORS, Scores, attribute
 from .methods.edge_graph import Edge
 from .methods.edge_patching import EdgeEffects, patch_edges
 from .methods.edges import EdgeScores, attribute_edges
-from .methods.patching import ABLATIONS, Effects, patch
+from .methods.ablation import ABLATIONS
+from .methods.patching import Effects, patch
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.fetch import fetch
 from .model.loading import load

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..engine.metrics import ALL_METRICS, METRICS
 from ..inputs.corruption import CORRUPTIONS
 from ..methods.attribution import ESTIMATORS
-from ..methods.patching import ABLATIONS
+from ..methods.ablation import ABLATIONS
 from ..model.fetch import MODELS
 from ..model.sites import RESID_LIKE, SITES
 from ..screening import DEFAULT_SITES, POSITIONS

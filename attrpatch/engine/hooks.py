@@ -76,6 +76,17 @@ def batch_pos(raw: Tensor, n_pos: int) -> tuple[int, int]:
     return (raw.shape[0], raw.shape[1]) if raw.ndim >= 3 else (raw.shape[0] // n_pos, n_pos)
 
 
+def record(points: dict, store: dict, n_pos: int,
+           copy: Callable[[Tensor], Tensor] = Tensor.detach) -> list[tuple[HookPoint, Callback]]:
+    """Hooks keeping each point's normalised view [batch, pos, ...] in ``store`` under its key, passed
+    through ``copy``: detached by default; ``Tensor.clone`` where later patches write into the run."""
+    def keep(key, point):
+        def callback(raw):
+            store[key] = copy(point.read(raw, *batch_pos(raw, n_pos)))
+        return callback
+    return [(p, keep(key, p)) for key, p in points.items()]
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off for the block; the model's own training flag is restored afterwards."""

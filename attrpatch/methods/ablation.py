@@ -1,6 +1,6 @@
 """Ablations as a screen's source (``ScreenConfig(ablation=...)``, ``--ablation``): the value that replaces
 component c in the clean run, for attribution and exact patching alike (both take it from
-``patching.ablated_values``, so the two ablate the same values).
+``ablated_values``, so the two ablate the same values).
 
     zero       0
     mean       the clean run's mean over the screen's prompts, per position   (needs aligned prompts)
@@ -17,11 +17,15 @@ baseline is no prompt's run, so its effects are not comparable in size with a co
 screen normalises them by the task's clean - corrupt gap as a unit of scale only (docs/ablations.md).
 """
 
+import torch
 from torch import Tensor
 
+from ..engine.forward import forward_last
+from ..engine.hooks import eval_mode, hooked, record
 from ..inputs.batch import PromptBatch
 from ..model.sites import Component, ModelSpec
-from .patching import ABLATIONS, ablated_values
+
+ABLATIONS = ("zero", "mean", "resample")
 
 WORDS = {"zero": "zero ablation", "mean": "mean ablation", "resample": "resample ablation"}
 
@@ -53,3 +57,31 @@ def site_values(spec: ModelSpec, batch: PromptBatch, sites, ablation: str,
         raise ValueError("resample ablation takes another prompt's value; it needs at least 2 prompts")
     members = [Component(s, layer) for s in sites for layer in range(spec.dims.n_layers_of(s))]
     return ablated_values(spec, batch, members, ablation, "noise", batch_size)
+
+
+def ablated_values(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, direction: str,
+             batch_size: int | None) -> dict:
+    """The ablation's source values at each hook point of ``members``: {(site, layer): [batch, pos, ...]},
+    from the clean run of every prompt (all chunks, so mean and resample do not depend on the batch size)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
+    if direction != "noise":
+        raise ValueError(f"ablation {ablation!r} replaces a component of the clean run (is it necessary?), the "
+                         f"noising direction; got direction={direction!r}: pass direction='noise'")
+    if ablation != "zero" and not batch.aligned:
+        raise ValueError(f"ablation {ablation!r} averages or swaps positions across prompts, which needs prompts "
+                         f"of one token length; lengths here: {sorted(set((batch.last + 1).tolist()))}")
+    points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for c in members})}
+    parts = []
+    with eval_mode(spec.model), torch.no_grad():
+        for chunk in batch.chunks(batch_size):
+            found: dict = {}
+            with hooked(record(points, found, chunk.n_pos, Tensor.clone)):
+                forward_last(spec, chunk.run("clean"), chunk.mask, chunk.last)
+            parts.append(found)
+    clean = {key: torch.cat([part[key] for part in parts]) for key in points}  # [batch, pos, ...]
+    if ablation == "zero":
+        return {key: torch.zeros_like(t) for key, t in clean.items()}
+    if ablation == "mean":
+        return {key: t.mean(0, keepdim=True).expand_as(t) for key, t in clean.items()}
+    return {key: t.roll(-1, 0) for key, t in clean.items()}  # prompt i takes prompt i + 1's value

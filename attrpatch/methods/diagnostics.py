@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from ..engine.forward import forward_last
-from ..engine.hooks import batch_pos, hooked, noised
+from ..engine.hooks import hooked, noised, record
 from ..inputs.batch import PromptBatch, Run
 from ..model.sites import Component, ModelSpec
-from .patching import ablated_values, fingerprint
+from .ablation import ablated_values
+from .patching import fingerprint
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful
@@ -61,7 +62,7 @@ def activation_change(spec: ModelSpec, batch: PromptBatch, direction: str,
                       comps: Sequence[Component], ablation: str | None = None,
                       shared: dict | None = None) -> list[float]:
     """||a_source - a_receiver|| / max(||a_source||, ||a_receiver||) of each component, mean over prompts.
-    ablation: the source is that ablation of the clean run (patching.ablated_values), not a run; shared: the runs
+    ablation: the source is that ablation of the clean run (ablation.ablated_values), not a run; shared: the runs
     exact patching shared (``patch(runs=...)``); read from there when they hold these prompts, direction and
     sites (and no ablation replaces the source), else run."""
     keys = sorted({(c.site, c.layer) for c in comps})
@@ -86,12 +87,7 @@ def _site_values(spec: ModelSpec, batch: PromptBatch, direction: str, comps: Seq
         runs.append({k: t.float() for k, t in values.items()})
     for ids in (source_ids, receiver_ids)[len(runs):]:
         found: dict = {}
-
-        def keep(key, found=found):
-            def callback(raw):
-                found[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).detach().float()
-            return callback
-        with torch.no_grad(), hooked([(points[k], keep(k)) for k in keys]):
+        with torch.no_grad(), hooked(record(points, found, batch.n_pos, lambda t: t.detach().float())):
             forward_last(spec, ids, batch.mask, batch.last)
         runs.append(found)
     return runs

@@ -24,14 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, call_input, eval_mode, hooked
+from ..engine.hooks import batch_pos, call_input, eval_mode, hooked, record
 from ..engine.metrics import Target, check_metric, metric, wide
 from ..engine.resume import run_blocks
 from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import ModelSpec, as_spec
 from .edge_graph import Edge, EdgeModel, Node
-from .edges import record
 from .passes import DEFAULT_ROWS
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy

@@ -37,12 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.forward import forward_last
-from ..engine.hooks import batch_pos, eval_mode, hooked
-from ..engine.metrics import Target, check_metric, metric, wide
+from ..engine.hooks import batch_pos, eval_mode, hooked, record
+from ..engine.metrics import check_metric, wide
 from ..inputs.batch import PromptBatch
-from ..inputs.directions import check_direction, clean_and_corrupt
+from ..inputs.directions import check_direction
 from ..model.sites import ModelSpec, as_spec
 from .edge_graph import QKV, Edge, EdgeModel, Graph
+from .gradients import Receiving
 from .ig import alphas, along
 
 EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
@@ -102,27 +103,17 @@ def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
     return g
 
 
-def record(points: dict, store: dict, n_pos: int) -> list:
-    """Hooks keeping each point's normalised view, detached, in ``store`` under its key."""
-    def keep(key, point):
-        def callback(raw):
-            store[key] = point.read(raw, *batch_pos(raw, n_pos)).detach()
-        return callback
-    return [(p, keep(key, p)) for key, p in points.items()]
-
-
-class _Scorer:
+class _Scorer(Receiving):
     """One chunk of prompts: the source run, then receiving runs whose backward adds every edge's product
-    delta_A . grad_B into ``values[metric]`` [sender, receiver]."""
+    delta_A . grad_B into ``values[metric]`` [sender, receiver] (runs, target and per-metric backward:
+    gradients.Receiving, as the node estimators' Chunk)."""
 
     def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str, values: dict):
-        self.em, self.batch, self.metrics, self.values = em, batch, metrics, values
-        self.source_run, self.receiver_run = batch.runs(direction)
-        self.direction, self.acc = direction, next(iter(values.values())).dtype
+        super().__init__(batch, metrics, direction)
+        self.em, self.values, self.acc = em, values, next(iter(values.values())).dtype
         self.norm_in: dict = {}
-        self.logits: dict[str, Tensor] = {}
         self.delta: Tensor | None = None
-        self.metric, self.weight = metrics[0], 1.0
+        self.weight = 1.0
 
     def run(self, run, store: dict, hooks: list = ()) -> Tensor:
         hooks = record(self.em.sender_points(), store, self.batch.n_pos) + list(hooks)
@@ -196,15 +187,7 @@ class _Scorer:
             if receiver is None:
                 self.delta = deltas(self.em, source, store, self.batch.mask.bool(), self.acc)
             del store
-            target = self.target()
-            totals = [metric(m, logits, target).sum() for m in self.metrics]
-            for i, (m, total) in enumerate(zip(self.metrics, totals)):
-                self.metric = m
-                torch.autograd.grad(total, root, retain_graph=i < len(totals) - 1)
-
-    def target(self) -> Target:
-        clean, _ = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
-        return Target.from_clean(self.batch.answer, self.batch.wrong, clean)
+            self.backward_each(logits, root)
 
 
 def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
@@ -252,11 +235,9 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
         for part in batch.chunks(batch_size):
             scorer = _Scorer(em, part, metrics, direction, values)
             _score_chunk(scorer, estimator, ig_steps)
-            clean, corrupt = clean_and_corrupt(direction, scorer.logits["source"], scorer.logits["receiver"])
-            target = scorer.target()
-            for m in metrics:
-                sums["clean"][m] += float(metric(m, clean, target).sum())
-                sums["corrupt"][m] += float(metric(m, corrupt, target).sum())
+            for run, by_metric in scorer.metric_sums().items():
+                for m in metrics:
+                    sums[run][m] += by_metric[m]
             n_chunks += 1
     for t in values.values():
         t /= batch.n

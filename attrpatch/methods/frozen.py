@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, call_input, eval_mode, hooked, installed
+from ..engine.hooks import call_input, eval_mode, hooked, installed, record
 from ..engine.metrics import Target, metric
 from ..engine.resume import run_blocks
 from ..inputs.batch import PromptBatch
@@ -149,16 +149,11 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
     source_ids, receiver_ids = batch.runs(direction)
     points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
     source: dict = {}
-
-    def keep(key):
-        def callback(raw):
-            source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
-        return callback
     patterns, norms, kept = {}, {}, {}
     # the pattern freeze reuses the shared prefix like exact patching (passes.same_prefix): frozen patterns
     # keep the model causal; the norm freeze's recorded values cover every position, so it computes them all
     same = same_prefix(batch) if freeze == "pattern" and batch.aligned else 0
-    with hooked([(p, keep(key)) for key, p in points.items()]):
+    with hooked(record(points, source, batch.n_pos, Tensor.clone)):
         source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
     with ExitStack() as stack:  # the receiver (eager attention), recording its operating point and calls
         stack.enter_context(qk_fix.recording(spec, lambda layer, q, k, pattern, *rest: patterns.__setitem__(

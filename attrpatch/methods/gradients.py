@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, hooked
+from ..engine.hooks import batch_pos, hooked, record
 from ..engine.metrics import Target, metric
 from ..inputs.batch import PromptBatch, Run
 from ..inputs.directions import clean_and_corrupt
@@ -40,7 +40,47 @@ def masked(delta: Tensor, mask: Tensor) -> Tensor:
     return delta * mask.view(*mask.shape, *([1] * (delta.ndim - 2))).to(delta.dtype)
 
 
-class Chunk:
+class Receiving:
+    """What a chunk scored by backward passes shares, node and edge alike (``Chunk`` here, edges' scorer):
+    the prompts, direction and metrics, the two runs' last-token logits (``logits["source"]``,
+    ``logits["receiver"]``), and which backward is running (``metric``, ``label``)."""
+
+    def __init__(self, batch: PromptBatch, metrics: list[str], direction: str):
+        self.batch, self.metrics, self.direction = batch, metrics, direction
+        self.source_run, self.receiver_run = batch.runs(direction)
+        self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
+        self.metric, self.label = metrics[0], None
+
+    def target(self) -> Target:
+        clean, _ = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
+        return Target.from_clean(self.batch.answer, self.batch.wrong, clean)
+
+    def backward_each(self, logits: Tensor, root: list[Tensor], labels=(None,),
+                      after_metric: Callable[[str], None] | None = None) -> None:
+        """Per metric, one backward from its sum over the chunk to ``root`` per label in ``labels`` (the
+        gradient hooks read ``metric`` and ``label``); after_metric(metric) runs after each metric's last."""
+        target = self.target()
+        totals = [metric(m, logits, target).sum() for m in self.metrics]
+        for i, (m, total) in enumerate(zip(self.metrics, totals)):
+            self.metric = m
+            for j, label in enumerate(labels):
+                self.label = label
+                last = i == len(self.metrics) - 1 and j == len(labels) - 1
+                torch.autograd.grad(total, root, retain_graph=not last)
+            self.label = None
+            if after_metric is not None:
+                after_metric(m)
+
+    def metric_sums(self) -> dict[str, dict[str, float]]:
+        """The chunk's summed metric values on the clean and the corrupt run."""
+        target = self.target()
+        clean, corrupt = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
+        with torch.no_grad():
+            return {"clean": {m: float(metric(m, clean, target).sum()) for m in self.metrics},
+                    "corrupt": {m: float(metric(m, corrupt, target).sum()) for m in self.metrics}}
+
+
+class Chunk(Receiving):
     """One chunk of prompts being scored: its hook points, source cache, deltas, and the score tensors
     (``values[metric][site]``, [layer, pos, (unit)] summed over prompts, or [batch, layer, pos, (unit)]
     written at ``rows`` when scores are kept per prompt; ``prompts[metric][site]``, if given, receives the
@@ -53,32 +93,25 @@ class Chunk:
 
     def __init__(self, spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str], direction: str,
                  values: dict, rows: slice | None, *, prompts: dict | None = None, recompute: bool = False):
-        self.spec, self.batch, self.sites, self.metrics, self.direction = spec, batch, sites, metrics, direction
+        super().__init__(batch, metrics, direction)
+        self.spec, self.sites = spec, sites
         self.values, self.rows, self.prompts, self.recompute = values, rows, prompts, recompute
         self.points = {(s, layer): spec.hook_point(s, layer) for s in sites
                        for layer in range(spec.dims.n_layers_of(s))}
         self.embed = spec.hook_point("embed", 0)
         self.mask = batch.mask.bool()
-        self.source_run, self.receiver_run = batch.runs(direction)
         self.source: dict[Key, Tensor] = {}
         self.own: set[Key] = set()  # source tensors no other cached tensor shares storage with
         self.source_calls: dict[int, tuple] | None = None  # recompute: the source run's block calls (blockwise.py)
         self.capturing = False  # blockwise.py reruns a source block: hook points fill ``source``
         self.reruns = 0  # blockwise.py's reruns of every block (forward passes beyond the estimator's own)
         self.deltas: dict[Key, Tensor] = {}
-        self.logits: dict[str, Tensor] = {}  # "source", "receiver": [batch, vocab]
-        self.metric, self.label = metrics[0], None
         self.ablated: dict[Key, Tensor] | None = None  # an ablation's source values (methods/ablation.py)
 
     def cache(self, run: Run, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
         """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
         found: dict[Key, Tensor] = {}
-
-        def keep(key):
-            def callback(raw):
-                found[key] = points[key].read(raw, *batch_pos(raw, self.batch.n_pos)).detach()
-            return callback
-        with torch.no_grad(), hooked([(p, keep(key)) for key, p in points.items()]):
+        with torch.no_grad(), hooked(record(points, found, self.batch.n_pos)):
             logits = forward_last(self.spec, run, self.batch.mask, self.batch.last)
         return found, logits
 
@@ -112,10 +145,6 @@ class Chunk:
         else:
             target[self.rows, layer] += score.to(target.device, target.dtype)
 
-    def target(self) -> Target:
-        clean, _ = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
-        return Target.from_clean(self.batch.answer, self.batch.wrong, clean)
-
     def backward(self, on_product: Callable[[Key, Tensor], None], *, embed: Callable[[Tensor], Tensor] | None = None,
                  hooks: list = (), context=nullcontext, labels: list = (None,),
                  after_metric: Callable[[str], None] | None = None) -> None:
@@ -138,17 +167,7 @@ class Chunk:
         with torch.enable_grad(), hooked(all_hooks + list(hooks)), context():
             logits = forward_last(self.spec, self.receiver_run, self.batch.mask, self.batch.last)
             self.logits.setdefault("receiver", logits.detach())
-            target = self.target()
-            totals = [metric(m, logits, target).sum() for m in self.metrics]
-            for i, (m, total) in enumerate(zip(self.metrics, totals)):
-                self.metric = m
-                for j, label in enumerate(labels):
-                    self.label = label
-                    last = i == len(self.metrics) - 1 and j == len(labels) - 1
-                    torch.autograd.grad(total, root, retain_graph=not last)
-                self.label = None
-                if after_metric is not None:
-                    after_metric(m)
+            self.backward_each(logits, root, labels, after_metric)
 
     def _scorer(self, key: Key, on_product):
         site = key[0]
@@ -173,11 +192,3 @@ class Chunk:
             if torch.is_grad_enabled() and raw.requires_grad:  # not in blockwise.py's forward without grad
                 raw.register_hook(on_grad)
         return callback
-
-    def metric_sums(self) -> dict[str, dict[str, float]]:
-        """The chunk's summed metric values on the clean and the corrupt run."""
-        target = self.target()
-        clean, corrupt = clean_and_corrupt(self.direction, self.logits["source"], self.logits["receiver"])
-        with torch.no_grad():
-            return {"clean": {m: float(metric(m, clean, target).sum()) for m in self.metrics},
-                    "corrupt": {m: float(metric(m, corrupt, target).sum()) for m in self.metrics}}

@@ -26,16 +26,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, call_input, eval_mode, hooked
+from ..engine.hooks import batch_pos, call_input, eval_mode, hooked, record
 from ..engine.metrics import Target, check_metric, metric, metric_values, wide
 from ..engine.resume import run_blocks
 from ..inputs.batch import PromptBatch
 from ..inputs.directions import check_direction, clean_and_corrupt
 from ..model.sites import Component, ModelSpec, as_spec, check_component
+from .ablation import ablated_values
 from .passes import (Item, members_of, rows_in_first_block, start_block, whole_stream, block_share, default_rows,
                      copy_entries, equivalents, first_position, group_passes, no_op, same_prefix)
 
-ABLATIONS = ("zero", "mean", "resample")
 
 
 @dataclass
@@ -118,12 +118,7 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict,
     """A run's values at each hook point (normalised views [batch, pos, ...], copied) and its last-token
     logits [batch, vocab]; ``cache["cache"]`` receives its key/value cache when given (forward_last's keep)."""
     source: dict[tuple[str, int], Tensor] = {}
-
-    def keep(key):
-        def callback(raw):
-            source[key] = points[key].read(raw, *batch_pos(raw, batch.n_pos)).clone()
-        return callback
-    with hooked([(p, keep(key)) for key, p in points.items()]):
+    with hooked(record(points, source, batch.n_pos, Tensor.clone)):
         logits = forward_last(spec, ids, batch.mask, batch.last, cache)
     return source, logits
 
@@ -239,31 +234,6 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         bar.update(n)
     bar.close()
     return effects, {m: float(base[m].sum()) for m in metrics}
-
-
-def ablated_values(spec: ModelSpec, batch: PromptBatch, members: list, ablation: str, direction: str,
-             batch_size: int | None) -> dict:
-    """The ablation's source values at each hook point of ``members``: {(site, layer): [batch, pos, ...]},
-    from the clean run of every prompt (all chunks, so mean and resample do not depend on the batch size)."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"Unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
-    if direction != "noise":
-        raise ValueError(f"ablation {ablation!r} replaces a component of the clean run (is it necessary?), the "
-                         f"noising direction; got direction={direction!r}: pass direction='noise'")
-    if ablation != "zero" and not batch.aligned:
-        raise ValueError(f"ablation {ablation!r} averages or swaps positions across prompts, which needs prompts "
-                         f"of one token length; lengths here: {sorted(set((batch.last + 1).tolist()))}")
-    points = {key: spec.hook_point(*key) for key in sorted({(c.site, c.layer) for c in members})}
-    parts = []
-    with eval_mode(spec.model), torch.no_grad():
-        for chunk in batch.chunks(batch_size):
-            parts.append(_source_values(spec, chunk, chunk.run("clean"), points)[0])
-    clean = {key: torch.cat([part[key] for part in parts]) for key in points}  # [batch, pos, ...]
-    if ablation == "zero":
-        return {key: torch.zeros_like(t) for key, t in clean.items()}
-    if ablation == "mean":
-        return {key: t.mean(0, keepdim=True).expand_as(t) for key, t in clean.items()}
-    return {key: t.roll(-1, 0) for key, t in clean.items()}  # prompt i takes prompt i + 1's value
 
 
 def _count(passes: dict, *, runs: int = 0, rows: int = 0, equivalents: float = 0.0) -> None:
