@@ -28,10 +28,10 @@ from .analysis.ranking import control_sample, top_k
 from .edge_screening import EdgeConfig
 from .engine.memory import MemoryTracker, fused_attention
 from .inputs.batch import PromptBatch
-from .methods.edge_graph import EdgeModel
-from .methods.edge_patching import patch_edges
-from .methods.edges import attribute_edges
-from .methods.passes import DEFAULT_ROWS
+from .methods.edges.graph import EdgeModel
+from .methods.edges.patching import patch_edges
+from .methods.edges.eap import attribute_edges
+from .methods.patching.passes import DEFAULT_ROWS
 from .model import hf_compat
 from .model.sites import as_spec
 from .planning import halves, meta_model, name_devices, size_text, synthetic_batch
@@ -49,7 +49,7 @@ def verified_edges(spec, config: EdgeConfig) -> list:
 
 
 def edge_copies(config: EdgeConfig, device: str, n_prompts: int) -> EdgeConfig:
-    """``config`` with the edge sets per patched pass an edges run on ``device`` takes (edge_patching.py)."""
+    """``config`` with the edge sets per patched pass an edges run on ``device`` takes (methods/edges/patching.py)."""
     if config.copies is not None:
         return config
     chunk = min(config.batch_size or n_prompts, n_prompts)

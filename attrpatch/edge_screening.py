@@ -23,10 +23,10 @@ from .engine.hooks import eval_mode
 from .engine.metrics import METRICS, normalise
 from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS
-from .methods.diagnostics import activation_change, attention_stats
-from .methods.edge_graph import Edge, Node
-from .methods.edge_patching import patch_edges
-from .methods.edges import EDGE_ESTIMATORS, EdgeScores, attribute_edges
+from .methods.patching.diagnostics import activation_change, attention_stats
+from .methods.edges.graph import Edge, Node
+from .methods.edges.patching import patch_edges
+from .methods.edges.eap import EDGE_ESTIMATORS, EdgeScores, attribute_edges
 from .model.sites import Component, as_spec
 from .screening import check_metrics_and_direction
 

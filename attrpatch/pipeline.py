@@ -100,10 +100,10 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
                 metrics: tuple[str, ...] = ("logit_diff",), direction: str = "denoise", n_prompts: int = 16,
                 seed: int = 0, noise_std: float = 3.0, prepend_bos: str = "auto", template: int | str | None = None,
                 keep_correct: bool = False, batch_size: int | None = None, figures: bool = True) -> dict:
-    """Sliding windows (methods/windows.py) of ``site`` at one position, per corruption: out/windows.json
+    """Sliding windows (methods/patching/windows.py) of ``site`` at one position, per corruption: out/windows.json
     ({corruption: sweep}) and out/figures/windows.png. position: a role (S2, subject, ...) or an index;
     default: the task's key role (output/corruptions.KEY_ROLES)."""
-    from .methods.windows import sweep_windows
+    from .methods.patching.windows import sweep_windows
     from .output.corruptions import KEY_ROLES
     from .output.files import write_json
 

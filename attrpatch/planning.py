@@ -41,9 +41,9 @@ from .analysis.ranking import plan_verification
 from .engine.memory import MemoryTracker, fused_attention
 from .engine.metrics import graded
 from .inputs.batch import PromptBatch
-from .methods.attribution import Scores, attribute
-from .methods.passes import default_rows
-from .methods.patching import patch
+from .methods.estimators.attribution import Scores, attribute
+from .methods.patching.passes import default_rows
+from .methods.patching.exact import patch
 from .model import hf_compat
 from .model.loading import parse_dtype
 from .model.sites import as_spec, site_shape

@@ -9,7 +9,7 @@ Per prompt pair, scores and exact effects of the verified components are kept (a
 checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
 (analysis/causes.py), and each large AtP error one with the attention patterns frozen at the receiver's
-(a second, norm scales frozen, where that leaves half the error; methods/frozen.py); ``fn_subsets`` adds
+(a second, norm scales frozen, where that leaves half the error; methods/patching/frozen.py); ``fn_subsets`` adds
 joint patches of random subsets of each site's unverified components, read with the estimator's scores as
 a control variate, and of all of them, the additivity check (analysis/subsets.py).
 
@@ -30,7 +30,7 @@ from .engine.metrics import METRICS, check_metric
 from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS, check_direction
 from .methods.ablation import check_ablation
-from .methods.attribution import ESTIMATORS, Scores, check_estimator
+from .methods.estimators.attribution import ESTIMATORS, Scores, check_estimator
 from .model.sites import RESID_LIKE, SITES, as_spec, check_site
 from .output.checkpoint import Progress
 from .output.report import long_table
@@ -69,7 +69,7 @@ class ScreenConfig:
     estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
-    low_memory: bool = False  # attribution's backward block by block (methods/blockwise.py): less memory, ~+2 forwards
+    low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
     ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
 

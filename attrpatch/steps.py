@@ -18,10 +18,10 @@ from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import DISCRETE_METRICS, Target, graded, metric
 from .inputs.batch import PromptBatch
-from .methods.attribution import Scores, attribute
-from .methods.diagnostics import activation_change, attention_stats
-from .methods.frozen import frozen_measurements
-from .methods.patching import Effects, patch
+from .methods.estimators.attribution import Scores, attribute
+from .methods.patching.diagnostics import activation_change, attention_stats
+from .methods.patching.frozen import frozen_measurements
+from .methods.patching.exact import Effects, patch
 from .output.checkpoint import Progress
 
 
@@ -29,7 +29,7 @@ BACKWARD_EQUIVALENTS = 2.0  # forward-equivalents of one attribution backward wi
 
 
 def attribution_options(config, direction: str, estimator: str) -> dict:
-    """The keyword arguments of a screen's attribute call (methods/attribution.py) for one direction and
+    """The keyword arguments of a screen's attribute call (methods/estimators/attribution.py) for one direction and
     estimator; the memory plan (planning.py) makes the same call."""
     return dict(sites=config.sites, metrics=graded(config.metrics), direction=direction,
                 batch_size=config.batch_size, estimator=estimator, ig_steps=config.ig_steps,
@@ -38,7 +38,7 @@ def attribution_options(config, direction: str, estimator: str) -> dict:
 
 
 def patch_options(config, direction: str) -> dict:
-    """The keyword arguments a screen's patch calls share (methods/patching.py); the memory plan makes the
+    """The keyword arguments a screen's patch calls share (methods/patching/exact.py); the memory plan makes the
     same call."""
     return dict(direction=direction, copies=config.copies, batch_size=config.batch_size, per_prompt=True,
                 progress=config.progress, ablation=config.ablation)
@@ -175,7 +175,7 @@ class Steps:
     def frozen(self, direction: str, large: list[dict], comps: list) -> dict[str, dict[str, tuple[float, float]]]:
         """Which non-linearity carries each large AtP error (entries ``large``, their components among
         ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
-        receiver's, then the norm scales for the errors the patterns leave (methods/frozen.py: one RelP
+        receiver's, then the norm scales for the errors the patterns leave (methods/patching/frozen.py: one RelP
         attribution per freeze, one resumed patched copy per component and freeze)."""
         entry = {e["name"]: e for e in large}
         todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block

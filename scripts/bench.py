@@ -59,7 +59,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import attrpatch as ap  # noqa: E402
-from attrpatch.methods.passes import default_rows, same_prefix  # noqa: E402
+from attrpatch.methods.patching.passes import default_rows, same_prefix  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods.edge_patching import patch_edges
-from attrpatch.methods.edge_graph import Edge
-from attrpatch.methods.edges import attribute_edges
+from attrpatch.methods.edges.patching import patch_edges
+from attrpatch.methods.edges.graph import Edge
+from attrpatch.methods.edges.eap import attribute_edges
 from attrpatch.pipeline import run_screen
 from attrpatch.screening import ScreenConfig
 from conftest import random_pairs, tiny_model

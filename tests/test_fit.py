@@ -8,8 +8,8 @@ import attrpatch as ap
 from attrpatch.cli import main
 from attrpatch.edge_planning import fit_edges
 from attrpatch.edge_screening import EdgeConfig
-from attrpatch.methods import edge_patching
-from attrpatch.methods.edge_graph import Edge
+from attrpatch.methods.edges import patching as edge_patching
+from attrpatch.methods.edges.graph import Edge
 from attrpatch.planning import fit, plan_screen
 from attrpatch.screening import ScreenConfig
 from conftest import random_pairs, tiny_model

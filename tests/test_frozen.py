@@ -1,4 +1,4 @@
-"""Patching with attention patterns or norm scales frozen at the receiver's (methods/frozen.py), and the causes
+"""Patching with attention patterns or norm scales frozen at the receiver's (methods/patching/frozen.py), and the causes
 named from it (analysis/causes.py frozen_causes): planted models whose only non-linearity is known."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import attrpatch as ap
-from attrpatch.methods.passes import same_prefix
+from attrpatch.methods.patching.passes import same_prefix
 from attrpatch.analysis.causes import frozen_causes
-from attrpatch.methods.frozen import frozen_effects
+from attrpatch.methods.patching.frozen import frozen_effects
 from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 

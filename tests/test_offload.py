@@ -46,7 +46,7 @@ def test_disk_offload_gives_the_single_device_scores_and_effects(models, low_mem
 
 
 def test_edges_refuse_an_offloaded_model_and_say_why(models):
-    from attrpatch.methods.edges import attribute_edges
+    from attrpatch.methods.edges.eap import attribute_edges
 
     _, offloaded, _ = models
     with pytest.raises(ValueError, match="edges read weights outside the model's forward.*meta device"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods import passes, patching
+from attrpatch.methods.patching import exact as patching, passes
 from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 from reference import exact_reference
@@ -254,7 +254,7 @@ def test_shared_runs_give_the_same_effects_and_are_not_counted_again():
 
 
 def test_activation_change_from_shared_runs_equals_its_own_runs():
-    from attrpatch.methods.diagnostics import activation_change
+    from attrpatch.methods.patching.diagnostics import activation_change
 
     model = tiny_model("gpt2")
     spec = ap.model_spec(model)
@@ -268,7 +268,7 @@ def test_activation_change_from_shared_runs_equals_its_own_runs():
 
 def test_activation_change_under_an_ablation_never_reads_the_shared_corrupt_run():
     """Shared runs hold the corrupt run as the source; an ablation's source is its own values."""
-    from attrpatch.methods.diagnostics import activation_change
+    from attrpatch.methods.patching.diagnostics import activation_change
 
     model = tiny_model("llama")
     spec = ap.model_spec(model)

@@ -1,4 +1,4 @@
-"""The block-wise backward (``attribute(..., recompute=True)``, methods/blockwise.py): the same scores as the
+"""The block-wise backward (``attribute(..., recompute=True)``, methods/estimators/blockwise.py): the same scores as the
 plain backward for every gradient estimator and family, with one block's autograd state alive at a time;
 and the per-prompt scores the screen keeps (``prompt_positions``)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods.attribution import ESTIMATORS
+from attrpatch.methods.estimators.attribution import ESTIMATORS
 from conftest import random_pairs, tiny_model
 
 
@@ -106,7 +106,7 @@ def test_prompt_positions_and_per_prompt_together_are_refused():
 
 
 def test_recompute_holds_one_blocks_deltas_at_a_time(monkeypatch):
-    from attrpatch.methods import blockwise
+    from attrpatch.methods.estimators import blockwise
 
     seen = []
     through = blockwise._through

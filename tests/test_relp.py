@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import attrpatch as ap
-from attrpatch.methods import relp
+from attrpatch.methods.estimators import relp
 from conftest import POST_NORM, random_pairs, tiny_model
 from relp_reference import relp_reference
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods.windows import sweep_windows, window, windows
+from attrpatch.methods.patching.windows import sweep_windows, window, windows
 from conftest import random_pairs, tiny_model
 from reference import patched_logits_reference
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..methods.attribution import Scores
+from ..methods.estimators.attribution import Scores
 from .ranking import magnitude_order
 
 def pearson(x: Tensor, y: Tensor) -> float:

@@ -1,6 +1,6 @@
 """Measured causes of a disagreement between an estimator and the exact effect of one component.
 
-Pure functions on numbers measured by patching (``patch(..., alpha=0.5)``, methods/frozen.py) and by the
+Pure functions on numbers measured by patching (``patch(..., alpha=0.5)``, methods/patching/frozen.py) and by the
 estimators. Let f(alpha) be the metric of the receiving run with the component moved alpha of the way from
 its receiver value to its source value, e(alpha) = f(alpha) - f(0) (e(1) = the exact effect). For one
 component, AtP's score IS the slope at the receiver, f'(0), so AtP's error is always the bend of f along
@@ -20,7 +20,7 @@ this one path, and the half patch splits it exactly:
 Since large_error means |a - e(1)| > 0.5 max(|a|, |e(1)|), one of the first two always names an AtP large
 error: "no cause found" cannot be the verdict of a large AtP error. Which non-linearity carries the bend:
 ``frozen_causes``, from runs with the downstream attention patterns (or norm scales) held at the receiver's
-(methods/frozen.py): an error that mostly disappears there is carried by that non-linearity.
+(methods/patching/frozen.py): an error that mostly disappears there is carried by that non-linearity.
 
 Each cause carries its number; ``no cause found`` only when every measurement is below its threshold.
 """
@@ -77,7 +77,7 @@ def removed_share(exact: float, atp: float, slope: float, effect: float) -> floa
 def frozen_causes(exact: float, atp: float, frozen: dict[str, tuple[float, float]],
                   removed: float = REMOVED) -> list[str]:
     """Which non-linearity carries AtP's error ``atp - exact``: ``frozen``: {freeze: (slope, effect)} of the
-    same component with that part of the model held at the receiver's values (methods/frozen.py: slope =
+    same component with that part of the model held at the receiver's values (methods/patching/frozen.py: slope =
     the gradient with it frozen, RelP with that one rule; effect = the frozen patched run). A freeze that
     removes at least ``removed`` of the error names its non-linearity, with both errors and the split of the
     effect: f(1) - g(1) went through that change, f'(0) - g'(0) is AtP's linear estimate of that part."""

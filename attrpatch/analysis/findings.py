@@ -6,7 +6,7 @@ measurements come in as numbers.
 import torch
 
 from ..engine.metrics import graded, normalise
-from ..methods.attribution import Scores
+from ..methods.estimators.attribution import Scores
 from ..model.sites import HEAD_LIKE, Component
 from .agreement import agreement, false_negatives, tolerance
 from .flags import NON_FINITE, causes, disagreement_flags

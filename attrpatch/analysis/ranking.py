@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..engine.metrics import graded
-from ..methods.attribution import Scores
+from ..methods.estimators.attribution import Scores
 from ..model.sites import Component, Dims, components
 
 

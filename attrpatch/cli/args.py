@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..engine.metrics import ALL_METRICS, METRICS
 from ..inputs.corruption import CORRUPTIONS
-from ..methods.attribution import ESTIMATORS
+from ..methods.estimators.attribution import ESTIMATORS
 from ..methods.ablation import ABLATIONS
 from ..model.fetch import MODELS
 from ..model.sites import RESID_LIKE, SITES
@@ -154,7 +154,7 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 def _add_edge_args(p: argparse.ArgumentParser) -> None:
     from ..inputs.tasks import TASKS
-    from ..methods.edges import EDGE_ESTIMATORS
+    from ..methods.edges.eap import EDGE_ESTIMATORS
 
     p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
     p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")

@@ -37,7 +37,7 @@ class Arch:
     v: str | None = None
     qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
     unembed: str = "lm_head"
-    # the norms whose inputs are the edge receivers' inputs (methods/edges.py); None: no edges for the family
+    # the norms whose inputs are the edge receivers' inputs (methods/edges/eap.py); None: no edges for the family
     attn_norm: str | None = None  # read by q, k, v (block-relative)
     mlp_norm: str | None = None  # read by the MLP, after the attention's write (sequential blocks)
     gated: bool = False  # the ``neuron`` module's input is a product act(gate) * up (RelP's half rule)
@@ -57,7 +57,7 @@ _LLAMA_LIKE = Arch(
     attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True,
 )
 # Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
-# No edges for them yet (attn_norm=None): a sender's write is normalised before the add (methods/edge_graph.py).
+# No edges for them yet (attn_norm=None): a sender's write is normalised before the add (methods/edges/graph.py).
 _POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
                      attn_norm=None, mlp_norm=None)
 

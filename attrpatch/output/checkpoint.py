@@ -16,8 +16,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save
 
 from ..engine import distributed
-from ..methods.attribution import Scores
-from ..methods.patching import Effects
+from ..methods.estimators.attribution import Scores
+from ..methods.patching.exact import Effects
 from .files import write_atomic, write_json
 
 

@@ -150,7 +150,7 @@ FROZEN_SHORT = {"pattern": "patterns", "norm": "norms"}
 
 
 def freeze_removed(row: list[dict]) -> str:
-    """The share of AtP's error each freeze removed (methods/frozen.py), as a range over a group."""
+    """The share of AtP's error each freeze removed (methods/patching/frozen.py), as a range over a group."""
     shares: dict[str, list[float]] = {}
     for c in row:
         for freeze, (slope, effect) in (c["evidence"].get("frozen") or {}).items():

@@ -1,7 +1,7 @@
 """Sliding-window sweeps: the effect of patching W adjacent layers against the window's centre layer, one
 line per window width (exact solid, AtP dashed), one panel per corruption, drawn from a sweep file alone.
 
-The file (JSON) maps a corruption label to a ``WindowSweep.to_dict()`` (methods/windows.py); effects are
+The file (JSON) maps a corruption label to a ``WindowSweep.to_dict()`` (methods/patching/windows.py); effects are
 normalised by that sweep's clean - corrupt gap (an optional ``pos_label`` names the position in the titles) of the metric (0: nothing restored, 1: the whole gap).
 """
 

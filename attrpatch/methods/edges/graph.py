@@ -1,5 +1,5 @@
 """The edge graph of a model: its senders, receivers and edges, their names, and where each lives
-(the definitions are in edges.py's docstring).
+(the definitions are in eap.py's docstring).
 
     senders    embed, then per layer l: LlH0 .. LlH{n_heads-1}, Ll.mlp                S = 1 + L * (H + 1)
     receivers  per layer l: LlHh.q (h < H), LlHk.k, LlHk.v (k < n_kv), Ll.mlp; then logits
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..model.archs import UnsupportedModel
-from ..model.hf_compat import offloaded
-from ..model.sites import HookPoint, ModelSpec, _plain
+from ...model.archs import UnsupportedModel
+from ...model.hf_compat import offloaded
+from ...model.sites import HookPoint, ModelSpec, _plain
 
 EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")  # pre-norm, sequential blocks, linear head writes
 QKV = ("q", "k", "v")

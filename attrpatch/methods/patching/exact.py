@@ -25,14 +25,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, call_input, eval_mode, hooked, record
-from ..engine.metrics import Target, check_metric, metric, metric_values, wide
-from ..engine.resume import run_blocks
-from ..inputs.batch import PromptBatch
-from ..inputs.directions import check_direction, clean_and_corrupt
-from ..model.sites import Component, ModelSpec, as_spec, check_component
-from .ablation import ablated_values
+from ...engine.forward import block_calls, forward_last
+from ...engine.hooks import batch_pos, call_input, eval_mode, hooked, record
+from ...engine.metrics import Target, check_metric, metric, metric_values, wide
+from ...engine.resume import run_blocks
+from ...inputs.batch import PromptBatch
+from ...inputs.directions import check_direction, clean_and_corrupt
+from ...model.sites import Component, ModelSpec, as_spec, check_component
+from ..ablation import ablated_values
 from .passes import (Item, members_of, rows_in_first_block, start_block, whole_stream, block_share, default_rows,
                      copy_entries, equivalents, first_position, group_passes, no_op, same_prefix)
 

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, hooked, record
-from ..engine.metrics import Target, metric
-from ..inputs.batch import PromptBatch, Run
-from ..inputs.directions import clean_and_corrupt
-from ..model.sites import ModelSpec, unit_reduce
+from ...engine.forward import block_calls, forward_last
+from ...engine.hooks import batch_pos, hooked, record
+from ...engine.metrics import Target, metric
+from ...inputs.batch import PromptBatch, Run
+from ...inputs.directions import clean_and_corrupt
+from ...model.sites import ModelSpec, unit_reduce
 from . import blockwise
 
 Key = tuple[str, int]  # (site, layer)

@@ -2,7 +2,7 @@
 other site. Cost per chunk: 2 forwards, 1 + L backwards per metric.
 """
 
-from ..model.sites import QK_SITES
+from ...model.sites import QK_SITES
 from . import graddrop, qk_fix
 from .gradients import Chunk
 

@@ -1,4 +1,4 @@
-"""Exact edge patching (path patching): the ground truth edge scores approximate (definitions: edges.py).
+"""Exact edge patching (path patching): the ground truth edge scores approximate (definitions: eap.py).
 
     exact(E) = metric(receiving run, every receiver B of the edge set E computed from
                       input_B + sum over A with (A -> B) in E of a_A(source) - a_A(this run))
@@ -11,7 +11,7 @@ edge (an empty circuit) turns the receiving run into the source run exactly.
 How B is computed from a changed input: q, k, v of one head are that head's columns of the projection,
 applied to norm(input_B + delta) and written over the head's slice of the projection's output; an MLP and
 the logits read input_B + delta through their norm's input. Batched and resumed like node patching
-(patching.py): one edge set per copy of the prompt batch, each pass starting at the block of its earliest
+(patching/exact.py): one edge set per copy of the prompt batch, each pass starting at the block of its earliest
 receiver from the receiver's recorded block input. ``resume=False, copies=1`` is one full forward per set.
 A pass that runs out of memory is retried as two of half its copies, as in node patching.
 """
@@ -23,15 +23,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import batch_pos, call_input, eval_mode, hooked, record
-from ..engine.metrics import Target, check_metric, metric, wide
-from ..engine.resume import run_blocks
-from ..inputs.batch import PromptBatch
-from ..inputs.directions import check_direction, clean_and_corrupt
-from ..model.sites import ModelSpec, as_spec
-from .edge_graph import Edge, EdgeModel, Node
-from .passes import DEFAULT_ROWS
+from ...engine.forward import block_calls, forward_last
+from ...engine.hooks import batch_pos, call_input, eval_mode, hooked, record
+from ...engine.metrics import Target, check_metric, metric, wide
+from ...engine.resume import run_blocks
+from ...inputs.batch import PromptBatch
+from ...inputs.directions import check_direction, clean_and_corrupt
+from ...model.sites import ModelSpec, as_spec
+from .graph import Edge, EdgeModel, Node
+from ..patching.passes import DEFAULT_ROWS
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 

@@ -10,7 +10,7 @@ model's layers (windows at the ends are narrower); width 1 is single-layer patch
                     is the sum of its parts' estimates (one backward for every window of every width)
 
 Cost: one AtP pass (2 forwards + 1 backward per metric) and one patched pass per window (batched as in
-patching.py) per width. Discrete metrics (rank, accuracy, top1) have exact values and no AtP (NaN).
+patching/exact.py) per width. Discrete metrics (rank, accuracy, top1) have exact values and no AtP (NaN).
 """
 
 from dataclasses import dataclass
@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.metrics import DISCRETE_METRICS, check_metric
-from ..inputs.batch import PromptBatch
-from ..model.sites import Component, ModelSpec, as_spec, check_component
-from .attribution import attribute
-from .patching import patch
+from ...engine.metrics import DISCRETE_METRICS, check_metric
+from ...inputs.batch import PromptBatch
+from ...model.sites import Component, ModelSpec, as_spec, check_component
+from ..estimators.attribution import attribute
+from .exact import patch
 
 
 def window(site: str, centre: int, width: int, n_layers: int, pos: int | None = None,

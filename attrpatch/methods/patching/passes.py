@@ -9,8 +9,8 @@ last-token forward of the same prompts (equivalents).
 
 import torch
 
-from ..inputs.batch import PromptBatch
-from ..model.sites import AFTER_ATTENTION, Component, ModelSpec
+from ...inputs.batch import PromptBatch
+from ...model.sites import AFTER_ATTENTION, Component, ModelSpec
 
 # prompt rows per patched forward pass when ``copies`` is not given: on a CPU, small passes stay in cache
 # (scripts/bench.py: 32 rows ran ~1.5x faster per component than 256); a GPU wants them wide

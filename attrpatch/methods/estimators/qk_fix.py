@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..engine.forward import softcap as _softcap
-from ..model.sites import ModelSpec
+from ...engine.forward import softcap as _softcap
+from ...model.sites import ModelSpec
 from .gradients import Chunk
 
 NAME = "attrpatch_eager"

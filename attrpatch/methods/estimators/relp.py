@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.hooks import call_input, installed
-from ..model.sites import ModelSpec
+from ...engine.hooks import call_input, installed
+from ...model.sites import ModelSpec
 from . import qk_fix
 from .gradients import Chunk
 

@@ -6,7 +6,7 @@ receiver and call the result g:
 
     pattern   every attention pattern A = softmax(q k / sqrt(d)) held at the receiver's (values still move)
     norm      every norm's scale held at the receiver's: y = y_r + (y_r - b) / x_r . (x - x_r), x centred
-              for LayerNorm (RelP's LN rule, methods/relp.py, as a forward)
+              for LayerNorm (RelP's LN rule, methods/estimators/relp.py, as a forward)
 
 g(0) = f(0) (the receiver is its own operating point) and g'(0) is RelP's gradient with that one rule
 (``attribute(..., estimator="relp", relp_rules=(freeze,))``), so the frozen error g'(0) - (g(1) - g(0))
@@ -25,19 +25,19 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.forward import block_calls, forward_last
-from ..engine.hooks import call_input, eval_mode, hooked, installed, record
-from ..engine.metrics import Target, metric
-from ..engine.resume import run_blocks
-from ..inputs.batch import PromptBatch
-from ..inputs.directions import check_direction, clean_and_corrupt
-from ..model.sites import Component, ModelSpec, as_spec, check_component
-from . import qk_fix
-from .attribution import attribute
+from ...engine.forward import block_calls, forward_last
+from ...engine.hooks import call_input, eval_mode, hooked, installed, record
+from ...engine.metrics import Target, metric
+from ...engine.resume import run_blocks
+from ...inputs.batch import PromptBatch
+from ...inputs.directions import check_direction, clean_and_corrupt
+from ...model.sites import Component, ModelSpec, as_spec, check_component
+from ..estimators import qk_fix
+from ..estimators.attribution import attribute
 from .passes import (block_share, copy_entries, default_rows, equivalents, first_position, group_passes, no_op,
                      same_prefix)  # exact patching's grouping and count
-from .patching import patcher  # the exact patcher, alpha = 1
-from .relp import is_layer_norm, is_norm, ratio
+from .exact import patcher  # the exact patcher, alpha = 1
+from ..estimators.relp import is_layer_norm, is_norm, ratio
 
 FREEZES = ("pattern", "norm")
 NAME = "attrpatch_frozen"

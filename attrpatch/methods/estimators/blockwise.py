@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..engine.forward import forward_last, unembed
-from ..engine.hooks import call_input, hooked, installed, output_tensor
-from ..engine.metrics import metric
+from ...engine.forward import forward_last, unembed
+from ...engine.hooks import call_input, hooked, installed, output_tensor
+from ...engine.metrics import metric
 
 EMBED = ("embed", 0)
 

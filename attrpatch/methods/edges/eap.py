@@ -1,6 +1,6 @@
 """Edges: attribution for every edge of a model from one backward pass (EAP, Syed et al. 2023; EAP-IG).
 
-Definitions (docs/methods.md#edges; names in edge_graph.py):
+Definitions (docs/methods.md#edges; names in graph.py):
     sender A     writes into the residual stream: ``embed`` (block 0's input: token embeddings, plus GPT-2's
                  position embeddings), head ``LlHh`` (z_h @ W_O[h]: its slice of the output projection's
                  input times that slice of the projection; the bias belongs to no head), ``Ll.mlp`` (the MLP
@@ -13,7 +13,7 @@ Definitions (docs/methods.md#edges; names in edge_graph.py):
     exact(A->B)  metric of the receiving run in which B is computed from input_B + a_A(source) - a_A(run),
                  a_A(run) being A's value in that same run; everything else (B's changed output included)
                  runs as usual; minus the receiving run's metric. Several edges patch jointly the same way.
-                 (edge_patching.py)
+                 (patching.py)
     score(A->B)  = sum over pos, d_model of delta_A * d metric / d input_B at the receiver, mean over
                  prompts (EAP). Scores out of A sum to A's node AtP score; into B, to input_B's score.
     EAP-IG       the gradient averaged over the runs whose token embeddings lie on the line from receiver
@@ -36,15 +36,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..engine.forward import forward_last
-from ..engine.hooks import batch_pos, eval_mode, hooked, record
-from ..engine.metrics import check_metric, wide
-from ..inputs.batch import PromptBatch
-from ..inputs.directions import check_direction
-from ..model.sites import ModelSpec, as_spec
-from .edge_graph import QKV, Edge, EdgeModel, Graph
-from .gradients import Receiving
-from .ig import alphas, along
+from ...engine.forward import forward_last
+from ...engine.hooks import batch_pos, eval_mode, hooked, record
+from ...engine.metrics import check_metric, wide
+from ...inputs.batch import PromptBatch
+from ...inputs.directions import check_direction
+from ...model.sites import ModelSpec, as_spec
+from .graph import QKV, Edge, EdgeModel, Graph
+from ..estimators.gradients import Receiving
+from ..estimators.ig import alphas, along
 
 EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
 

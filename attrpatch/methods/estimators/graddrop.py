@@ -12,7 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..model.sites import WRITES_IN_BLOCK
+from ...model.sites import WRITES_IN_BLOCK
 from .gradients import Chunk
 
 

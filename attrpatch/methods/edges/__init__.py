@@ -1,0 +1,6 @@
+"""methods/edges: edges between components (sender -> receiver paths).
+
+    graph         senders, receivers, edges, their names, and where each lives in the model
+    eap           ``attribute_edges``: EAP and EAP-IG, every edge's score from one backward (gradients.Receiving)
+    patching      ``patch_edges``: exact edge (path) patching
+"""

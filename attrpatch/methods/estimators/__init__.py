@@ -1,0 +1,14 @@
+"""methods/estimators: one module per estimator, with its formula, direction and cost in its docstring.
+
+    atp           attribution patching: delta . gradient at the receiver
+    ig            integrated gradients along the line between the two runs' token embeddings
+    graddrop      AtP*'s GradDrop: one more backward per layer, that layer's writes cut from the gradient
+    qk_fix        AtP*'s QK fix: the attention pattern change from a query or key, computed exactly
+    atp_star      AtP*: the QK fix for q and k, GradDrop for every other site
+    relp          relevance patching: AtP with LRP rules in the backward pass
+    gradients     the core they share: the source cache, the receiving run with grad, the products
+    blockwise     the same backward block by block (``recompute=True``): less memory, ~2 more forwards
+    attribution   ``attribute``: any estimator over a prompt set, in chunks (``Scores``); ``ESTIMATORS``
+
+A new estimator is a module here with ``score(chunk)`` and ``passes(...)``, registered in ``ESTIMATORS``.
+"""
