@@ -77,7 +77,7 @@ def test_abc_is_refused_where_the_task_has_no_third_name(tmp_path, capsys):
 
 def test_report_names_each_built_in_tasks_swap_and_only_those():
     from attrpatch.inputs.corruption import STR_WORDS
-    from attrpatch.output.summary import _corruption_words
+    from attrpatch.output.report_md import _corruption_words
 
     for task, swap in STR_WORDS.items():
         assert f"symmetric token replacement: {swap})" in _corruption_words({"task": task, "corruption": {"method": "str"}})[0]

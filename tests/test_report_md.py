@@ -6,7 +6,7 @@ import torch
 
 from attrpatch.analysis.agreement import false_negatives, upper_hits
 from attrpatch.analysis.groups import group_components
-from attrpatch.output import findings, summary
+from attrpatch.output import findings, report_md
 
 
 def _comp(site, layer, exact, approx, pos=9, direction="denoise", flags=(), head=None):
@@ -79,7 +79,7 @@ def test_consecutive_layers_with_the_same_effect_form_one_group_listing_every_me
     assert len(groups) == 1
     g = groups[0]
     assert g["members"] == [f"L{layer}.resid_pre@9" for layer in range(20)] and g["layers"] == [0, 19]
-    text = summary.render(_report(comps))
+    text = report_md.render(_report(comps))
     assert "L0-L19.resid_pre@9 (S2), 20 layers" in text
     assert text.count("L5.resid_pre@9") == 0  # no member repeated on its own
     row = next(line for line in text.splitlines() if line.startswith("| L0-L19.resid_pre@9"))
@@ -89,7 +89,7 @@ def test_consecutive_layers_with_the_same_effect_form_one_group_listing_every_me
 def test_report_reads_in_order_with_one_table_per_site_and_terms_at_the_end():
     comps = [_comp("resid_pre", layer, 10.0, 2.0, flags=["large_error"]) for layer in range(3)]
     comps += [_comp("head", 3, 3.0, 0.5, head=1, flags=["large_error"]), _comp("head", 2, 1.0, 0.9, head=0)]
-    text = summary.render(_report(comps))
+    text = report_md.render(_report(comps))
     order = ["## Clean-run check" if "## Clean-run check" in text else "# attrpatch screen", "### What was found",
              "#### head: top", "#### resid_pre: top", "## Where AtP and exact patching disagree", "## Cost",
              "## Terms"]
@@ -100,7 +100,7 @@ def test_report_reads_in_order_with_one_table_per_site_and_terms_at_the_end():
 
 
 def test_cost_comes_from_the_phase_clocks_not_one_timed_forward():
-    text = summary.render(_report([_comp("resid_pre", 0, 1.0, 1.0)]))
+    text = report_md.render(_report([_comp("resid_pre", 0, 1.0, 1.0)]))
     cost = text[text.index("## Cost"):text.index("## Terms")]
     assert "4.00 s for 40.0 counted full-forward equivalents; 100.0 ms per counted forward equivalent" in cost
     assert "5.50 s in all" in cost and "by the clock it took" not in cost
@@ -120,7 +120,7 @@ def test_disagreements_are_one_table_for_both_directions_with_flagged_layers_mer
     r["directions"], r["direction"] = ["denoise", "noise"], "both"
     for key in ("agreement", "false_negatives"):
         r[key]["noise"] = r[key]["denoise"]
-    text = summary.render(r)
+    text = report_md.render(r)
     table = text[text.index("| component | flags | AtP (denoise / noise)"):]
     rows = [line for line in table.splitlines() if line.startswith("| L")]
     assert len(rows) == 2 and text.count("| component | flags |") == 1

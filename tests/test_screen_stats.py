@@ -8,7 +8,7 @@ import torch
 
 import attrpatch as ap
 from attrpatch.analysis.causes import NO_CAUSE, frozen_causes, measured_causes
-from attrpatch.output import summary
+from attrpatch.output import report_md
 from attrpatch.output.report import report_dict
 from attrpatch.screening import ScreenConfig, screen
 from conftest import random_pairs, tiny_model
@@ -70,7 +70,7 @@ def test_every_flagged_component_has_a_measured_half_patch(result):
 
 
 def test_report_states_intervals_causes_and_a_recommendation(result):
-    text = summary.render(report_dict(result, model="tiny", task="random"))
+    text = report_md.render(report_dict(result, model="tiny", task="random"))
     a = result.agreement["denoise"]["head"]["logit_diff"]
     assert f"{a['pearson']:+.2f} [{a['pearson_ci'][0]:+.2f}, {a['pearson_ci'][1]:+.2f}]" in text
     assert "large errors" in text and "have no cause found" in text
@@ -107,7 +107,7 @@ def test_subset_bound_does_not_call_a_missed_component_absent():
     assert bound["bound"] >= abs(planted["exact"]) and bound["n_subsets"] == 48
     assert bound["plain_bound"] >= abs(planted["exact"])  # the plain diagnostic's X, reported beside it
     assert planted["name"] in bound["detected"]
-    text = summary.render(report_dict(found, model="tiny", task="random"))
+    text = report_md.render(report_dict(found, model="tiny", task="random"))
     assert "- k: with 95% confidence no unverified component's effect exceeds" in text and "(49 forwards" in text  # 48 subsets + all jointly
 
 

@@ -2,7 +2,7 @@
 
     hooks         every hook installed through one context manager that removes it in ``finally``
     forward       forward passes that read the last real token's logits; the unembedding; block calls
-    resume        resuming a forward pass at a block (and, in a causal model, at a position)
+    partial       partial forwards: a pass resumed at a block (and, in a causal model, at a position)
     metrics       the metrics on the last-token logits, and their normalisation
     distributed   data parallelism over prompts with torch.distributed (torchrun)
     memory        live tensor bytes per phase and device, on real tensors (measured) or meta ones (planned)

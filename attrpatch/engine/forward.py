@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..inputs.batch import Run
+from ..inputs.batch import RunInput
 from ..model import hf_compat
 from ..model.sites import ModelSpec
 from .hooks import installed, noised
@@ -31,14 +31,14 @@ def unembed(spec: ModelSpec, hidden: Tensor, *, final_norm: bool = True) -> Tens
     return softcap(logits, getattr(spec.model.config, "final_logit_softcapping", None))
 
 
-def forward_last(spec: ModelSpec, ids: "Tensor | Run", mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
+def forward_last(spec: ModelSpec, ids: "Tensor | RunInput", mask: Tensor, last: Tensor, keep: dict | None = None) -> Tensor:
     """Full forward; logits at each prompt's last real token. ids, mask: [batch, pos] -> [batch, vocab].
 
     Runs the base model and unembeds only the last positions, so no [batch, pos, vocab] tensor is made.
-    ids may be a Run (ids plus embedding noise). keep: if given, ``keep["cache"]`` receives the run's
+    ids may be a RunInput (ids plus embedding noise). keep: if given, ``keep["cache"]`` receives the run's
     key/value cache.
     """
-    if isinstance(ids, Run):
+    if isinstance(ids, RunInput):
         with noised(spec, ids.noise):
             return forward_last(spec, ids.ids, mask, last, keep)
     base = hf_compat.base_model(spec.model)

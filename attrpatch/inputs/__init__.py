@@ -4,7 +4,7 @@
     tasks          the built-in tasks (ioi, facts, induction) and their prompt pairs
     tokenization   encoding prompts as the model was trained on them: BOS, roles, answers of several tokens
     alignment      positions that mean the same token in every prompt (one layout per screen)
-    batch          PromptBatch (pairs as right-padded tensors) and Run (token ids, embedding noise)
+    batch          PromptBatch (pairs as right-padded tensors) and RunInput (token ids, embedding noise)
     corruption     the corruptions by name (str, abc, noise) and the Gaussian embedding noise
     directions     the one table of directions: which run is the source and which the receiver
 """

@@ -21,16 +21,16 @@ class PairLike(Protocol):
     wrong_id: int
 
 
-class Run(NamedTuple):
+class RunInput(NamedTuple):
     """The input of one run: ids [batch, pos], and ``noise`` [batch, pos, d_model] added to the token
     embeddings (Gaussian-noise corruption, "causal tracing"), or None."""
 
     ids: Tensor
     noise: Tensor | None = None
 
-    def repeat(self, n: int) -> "Run":
+    def repeat(self, n: int) -> "RunInput":
         """n copies of the batch, copy-major."""
-        return Run(self.ids.repeat(n, 1), None if self.noise is None else self.noise.repeat(n, 1, 1))
+        return RunInput(self.ids.repeat(n, 1), None if self.noise is None else self.noise.repeat(n, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ class PromptBatch:
         """The prompts in ``rows``, same padded length."""
         return PromptBatch(*(None if t is None else t[rows] for t in self._tensors()))
 
-    def run(self, which: str) -> Run:
+    def run(self, which: str) -> RunInput:
         """The clean or the corrupt run's input."""
-        return Run(self.clean) if which == "clean" else Run(self.corrupt, self.noise)
+        return RunInput(self.clean) if which == "clean" else RunInput(self.corrupt, self.noise)
 
     def chunks(self, size: int | None) -> Iterator["PromptBatch"]:
         """Consecutive slices of at most ``size`` prompts (all at once for None), same padded length."""
@@ -81,7 +81,7 @@ class PromptBatch:
         for start in range(0, self.n, size):
             yield self.rows(slice(start, start + size))
 
-    def runs(self, direction: str) -> tuple[Run, Run]:
+    def runs(self, direction: str) -> tuple[RunInput, RunInput]:
         """(source, receiver) inputs of ``direction`` (directions.RUNS)."""
         source, receiver = source_and_receiver(direction)
         return self.run(source), self.run(receiver)

@@ -1,7 +1,7 @@
 """The one home of what attrpatch relies on in transformers beyond its documented model API, and which
 versions do what (tested: pyproject.toml's range, both ends in CI; HF_NOTES-style facts, read off each).
 
-The key/value cache: a resumed pass (engine/resume.py) computes only the positions from the first one a patch
+The key/value cache: a resumed pass (engine/partial.py) computes only the positions from the first one a patch
 can change, and reads the earlier positions' keys and values from the receiving run's cache. Masks, positions
 and copies are attrpatch's own; what it needs of transformers:
 

@@ -4,7 +4,7 @@
     provenance    the weights' hash, library versions, and the manifest that identifies a run
     checkpoint    progress saved step by step, for ``--resume``
     report        a node screen's report.json, results.csv, scores.safetensors, manifest.json
-    summary       report.md, rendered from the report dict alone: its order, clean-run check, cost, terms
+    report_md     report.md, rendered from the report dict alone: its order, clean-run check, cost, terms
     findings      report.md's per-site lines and tables, grouped rows, the one disagreement table
     markdown      numbers, names, intervals and tables every report.md shares
     edge_report   an edge screen's report.json, circuit.json, results.csv, edge_scores.safetensors, report.md

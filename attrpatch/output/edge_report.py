@@ -11,7 +11,7 @@ from pathlib import Path
 from .files import write_atomic, write_csv, write_json
 from .findings import fn_words
 from .markdown import num, table
-from .summary import _sanity_section
+from .report_md import _sanity_section
 
 EDGE_ROWS = 5  # rows per receiver kind
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.groups import group_components
-from . import summary
+from . import report_md
 from .files import write_atomic, write_csv, write_json
 
 REPORT_VERSION = 1
@@ -75,8 +75,8 @@ def write_run(out: Path, result, *, model_name: str, task: str, tokens, manifest
 
 
 def markdown(report: dict) -> str:
-    """The human summary a researcher reads first (see summary.py)."""
-    return summary.render(report)
+    """The human summary a researcher reads first (see report_md.py)."""
+    return report_md.render(report)
 
 
 def long_table(comps: list[dict], metrics, primary: str) -> list[dict]:

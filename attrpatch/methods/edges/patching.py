@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import batch_pos, call_input, eval_mode, hooked, record
 from ...engine.metrics import Target, check_metric, metric, wide
-from ...engine.resume import run_blocks
+from ...engine.partial import run_blocks
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import ModelSpec, as_spec

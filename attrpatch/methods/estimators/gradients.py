@@ -20,7 +20,7 @@ from torch import Tensor
 from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import batch_pos, hooked, record
 from ...engine.metrics import Target, metric
-from ...inputs.batch import PromptBatch, Run
+from ...inputs.batch import PromptBatch, RunInput
 from ...inputs.directions import clean_and_corrupt
 from ...model.sites import ModelSpec, unit_reduce
 from . import blockwise
@@ -108,7 +108,7 @@ class Chunk(Receiving):
         self.deltas: dict[Key, Tensor] = {}
         self.ablated: dict[Key, Tensor] | None = None  # an ablation's source values (methods/ablation.py)
 
-    def cache(self, run: Run, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
+    def cache(self, run: RunInput, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
         """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
         found: dict[Key, Tensor] = {}
         with torch.no_grad(), hooked(record(points, found, self.batch.n_pos)):

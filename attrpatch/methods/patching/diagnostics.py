@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...engine.forward import forward_last
 from ...engine.hooks import hooked, noised, record
-from ...inputs.batch import PromptBatch, Run
+from ...inputs.batch import PromptBatch, RunInput
 from ...model.sites import Component, ModelSpec
 from ..ablation import ablated_values
 from .exact import fingerprint
@@ -40,7 +40,7 @@ def _eager_attention(spec: ModelSpec) -> Iterator[None]:
             model.set_attn_implementation(before)
 
 
-def attention_stats(spec: ModelSpec, run: Run, mask: Tensor) -> tuple[Tensor, Tensor]:
+def attention_stats(spec: ModelSpec, run: RunInput, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(max probability, entropy), each [layer, head], over prompts and real query rows of ``run``."""
     with torch.no_grad(), _eager_attention(spec), noised(spec, run.noise):
         out = spec.model(input_ids=run.ids, attention_mask=mask, output_attentions=True, use_cache=False)

@@ -13,7 +13,7 @@ g(0) = f(0) (the receiver is its own operating point) and g'(0) is RelP's gradie
 against AtP's says how much of the bend that non-linearity carries (analysis/causes.py frozen_causes).
 
 Cost: the source and receiving runs (whole forwards), then one patched copy per component and freeze,
-joining the pass at the component's block (engine/resume.py), ``copies`` per pass, counted in ``passes``
+joining the pass at the component's block (engine/partial.py), ``copies`` per pass, counted in ``passes``
 like ``patch``'s; the pattern freeze also starts at the first position the patch or the prompts change
 (passes.same_prefix).
 """
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import call_input, eval_mode, hooked, installed, record
 from ...engine.metrics import Target, metric
-from ...engine.resume import run_blocks
+from ...engine.partial import run_blocks
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import Component, ModelSpec, as_spec, check_component

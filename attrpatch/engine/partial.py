@@ -1,6 +1,7 @@
-"""Resuming a forward pass at a block: the patched passes of exact patching start at the earliest patched
-block (earlier blocks compute exactly what the receiving run computed) and, in a causal model, at the
-earliest patched position (earlier positions' keys and values come from the receiving run's cache).
+"""Partial forward passes, resumed at a block (not ``--resume``, which continues a killed run:
+output/checkpoint.py). The patched passes of exact patching start at the earliest patched block (earlier
+blocks compute exactly what the receiving run computed) and, in a causal model, at the earliest patched
+position (earlier positions' keys and values come from the receiving run's cache).
 """
 
 import inspect
