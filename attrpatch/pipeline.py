@@ -1,98 +1,20 @@
-"""One screen run end to end, as the CLI does it: task -> prompt batch -> screen -> files -> figures."""
+"""One run end to end, as the CLI does it: task -> prompt batch (prompts.py) -> screen -> files -> figures."""
 
 from pathlib import Path
 
 from torch import nn
 
-from .analysis.baselines import solved
 from .analysis.sanity import by_group
 from .engine import distributed
-from .inputs.alignment import check_one_layout, keep_one_layout, position_labels
+from .inputs.alignment import position_labels
 from .inputs.batch import make_batch
+from .inputs.corruption import check_corruption, prompts_of
 from .methods.ablation import label as ablation_label
-from .inputs.corruption import check_corruption, prompts_of, with_embedding_noise
-from .inputs.pairs import load_jsonl
-from .inputs.tasks import TASKS, TEMPLATES, TaskDraw, draw_task
-from .inputs.tokenization import added_bos, bos_id
 from .output.checkpoint import Progress
 from .output.provenance import manifest_dict
 from .output.report import write_run
+from .prompts import corrupted, pad_token, prepare_pairs
 from .screening import ScreenConfig, config_dict, screen
-
-
-def check_task(task: str) -> None:
-    """Refuse a task that is neither built in nor a file, before a model is loaded."""
-    if task not in TASKS and not Path(task).is_file():
-        raise ValueError(f"--task {task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
-
-
-def load_task(task: str, tokenizer=None, *, n_prompts: int = 16, seed: int = 0, vocab_size: int | None = None,
-              bos: int | None = None, template: int | str | None = None, corruption: str = "str") -> TaskDraw:
-    """A built-in task name or a JSONL file -> the pairs (and for built-in tasks, what was skipped).
-    template: a built-in task's template index, or a JSONL file's "template" label, to keep alone.
-    corruption: the pairs' corrupt prompts are that corruption's (inputs/corruption.prompts_of)."""
-    check_corruption(corruption, task)
-    if task in TASKS:
-        if template is not None and not str(template).isdigit():
-            raise ValueError(f"--template {template!r}: built-in task {task!r} takes a template index; "
-                             f"its templates are: " + "; ".join(f"{i}: {t}" for i, t in enumerate(TEMPLATES[task])))
-        return draw_task(task, tokenizer, n_prompts, seed, vocab_size, bos=bos,
-                         template=None if template is None else int(template), corruption=prompts_of(corruption))
-    check_task(task)
-    path = Path(task)
-    pairs = load_jsonl(path, tokenizer=tokenizer, bos=bos)
-    if template is not None:
-        labels = sorted({str(p.template) for p in pairs})
-        pairs = [p for p in pairs if p.template == str(template)]
-        if not pairs:
-            raise ValueError(f"--template {template!r}: no pair of {path} has that \"template\" label; "
-                             f"labels there: {', '.join(labels)}")
-    return TaskDraw(pairs)
-
-
-def prepare_pairs(model: nn.Module, tokenizer, *, task: str, n_prompts: int, seed: int = 0,
-                  per_position: bool = False, prepend_bos: str = "auto", template: int | str | None = None,
-                  keep_correct: bool = False, batch_size: int | None = None, corruption: str = "str") -> tuple[list, dict]:
-    """The prompt pairs a screen runs on, and a record of how they were chosen (for the manifest and the
-    report): the BOS rule, the template, pairs skipped, dropped for another layout or unsolved.
-    per_position: some site is scored per position, so every pair must share one layout. corruption: whose
-    corrupt prompts the pairs carry (``abc``: IOI's third name at S2; the others: the task's own)."""
-    bos = bos_id(tokenizer, prepend_bos)
-    builtin = task in TASKS
-    if builtin and per_position and template is None and len(TEMPLATES[task]) > 1:
-        template = 0  # one template, so that positions align
-    draw = load_task(task, tokenizer, n_prompts=(4 if builtin and (per_position or keep_correct) else 1) * n_prompts,
-                     seed=seed, vocab_size=getattr(model.config, "vocab_size", None), bos=bos,
-                     template=template, corruption=corruption)
-    pairs = draw.pairs
-    _check_ids(pairs, getattr(model.config, "vocab_size", None))
-    record = {"prepend_bos": prepend_bos, "bos_id": bos,
-              "bos_token": None if bos is None or tokenizer is None else tokenizer.convert_ids_to_tokens(bos),
-              "tokenizer_adds_bos": None if tokenizer is None else added_bos(tokenizer) is not None,
-              "template": template if not builtin or template is None else TEMPLATES[task][int(template)],
-              "skipped": draw.skipped_words(), "dropped_other_layout": 0, "dropped_unsolved": 0}
-    if keep_correct:
-        ok = solved(model, make_batch(pairs, pad_id=_pad(tokenizer)), batch_size).tolist()
-        record["dropped_unsolved"] = ok.count(False)
-        pairs = [p for p, good in zip(pairs, ok) if good]
-        if not pairs:
-            raise ValueError("--keep-correct: the model solves none of the pairs (answer above the wrong token on "
-                             "the clean prompt); check the answers, --prepend-bos, or choose another task")
-    if per_position:
-        if builtin:
-            pairs, record["dropped_other_layout"] = keep_one_layout(pairs)
-        check_one_layout(pairs[:n_prompts])
-    return pairs[:n_prompts], record
-
-
-def corrupted(model: nn.Module, batch, corruption: str, noise_std: float = 3.0, seed: int = 0):
-    """``batch`` with the corrupt run of ``corruption``: str and abc (the pairs' corrupt prompts, as they are:
-    prepare_pairs drew them) or noise (Gaussian noise of ``noise_std`` x the embeddings' std on the clean
-    prompt's key tokens)."""
-    check_corruption(corruption)
-    if corruption != "noise":
-        return batch
-    return with_embedding_noise(batch, model.get_input_embeddings().weight.detach().cpu(), noise_std, seed=seed)
 
 
 def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str = "mlp_out",
@@ -120,7 +42,7 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
         raise ValueError(f"position {name!r} is neither a token index nor a role of these prompts (roles: "
                          f"{', '.join(roles) or 'none'}); pass --position with one of them or an index")
     pos = int(name) if str(name).isdigit() else roles[name]
-    batches = {p: make_batch(found, pad_id=_pad(tokenizer)) for p, found in drawn.items()}
+    batches = {p: make_batch(found, pad_id=pad_token(tokenizer)) for p, found in drawn.items()}
     sweeps = {c: sweep_windows(model, corrupted(model, batches[prompts_of(c)], c, noise_std, seed), site=site,
                                widths=widths, pos=pos,
                                metrics=metrics, direction=direction, batch_size=batch_size).to_dict()
@@ -131,10 +53,6 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
         from .plot.windows import plot_windows
         save(plot_windows(sweeps), Path(out) / "figures" / "windows")
     return sweeps
-
-
-def _pad(tokenizer) -> int:
-    return (getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None) or 0
 
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
@@ -168,7 +86,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                                    per_position=any(config.per_position(s) for s in config.sites),
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size, corruption=corruption)
-    batch = corrupted(model, make_batch(pairs, pad_id=_pad(tokenizer)), corruption, noise_std, config.seed)
+    batch = corrupted(model, make_batch(pairs, pad_id=pad_token(tokenizer)), corruption, noise_std, config.seed)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
     manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
@@ -227,16 +145,6 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
     return {"corruptions": comp, "runs": reports}
 
 
-def _check_ids(pairs, vocab: int | None) -> None:
-    if vocab is None:
-        return
-    for i, p in enumerate(pairs):
-        ids = [*p.clean_ids, *p.corrupt_ids, p.answer_id, p.wrong_id]
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise ValueError(f"pair {i}: token ids {bad} are out of the model's vocabulary (size {vocab})")
-
-
 def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, model_name: str, n_prompts: int = 16,
               figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
               keep_correct: bool = False) -> dict:
@@ -249,7 +157,7 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, mode
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
-    result = screen_edges(model, make_batch(pairs, pad_id=_pad(tokenizer)), config)
+    result = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config)
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = prompts
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)

@@ -124,10 +124,10 @@ def build_model(preset: dict, device: str, dtype: torch.dtype):
 
 def task_batch(model, tokenizer, task: str, n: int):
     """The prompt batch the CLI's default screen of ``task`` runs on (pipeline.prepare_pairs)."""
-    from attrpatch.pipeline import _pad, prepare_pairs
+    from attrpatch.prompts import pad_token, prepare_pairs
 
     pairs, _ = prepare_pairs(model, tokenizer, task=task, n_prompts=n, per_position=True)
-    return ap.make_batch(pairs, pad_id=_pad(tokenizer))
+    return ap.make_batch(pairs, pad_id=pad_token(tokenizer))
 
 
 def bench_screen(b: Bench) -> dict:

@@ -23,7 +23,7 @@ import torch
 import attrpatch as ap
 from attrpatch.inputs.corruption import with_embedding_noise
 from attrpatch.methods.patching.windows import sweep_windows
-from attrpatch.pipeline import prepare_pairs
+from attrpatch.prompts import prepare_pairs
 from attrpatch.plot.style import save
 from attrpatch.plot.windows import normalised, plot_windows
 

@@ -60,7 +60,7 @@ def test_smollm2_bf16_agrees_with_float32_within_the_spread_of_bf16():
     from attrpatch.inputs.batch import make_batch
     from attrpatch.model.fetch import fetch
     from attrpatch.model.loading import load
-    from attrpatch.pipeline import _pad, prepare_pairs
+    from attrpatch.prompts import pad_token, prepare_pairs
 
     torch.set_num_threads(1)
     sites, each = ["resid_pre", "attn_out", "head"], {"resid_pre": True, "attn_out": True, "head": False}
@@ -68,7 +68,7 @@ def test_smollm2_bf16_agrees_with_float32_within_the_spread_of_bf16():
     for dtype in ("float32", "bfloat16"):
         model, tokenizer = load(fetch("smollm2"), dtype=dtype, progress=False)
         pairs, _ = prepare_pairs(model, tokenizer, task="ioi", n_prompts=8, per_position=True)
-        batch = make_batch(pairs, pad_id=_pad(tokenizer))
+        batch = make_batch(pairs, pad_id=pad_token(tokenizer))
         scores = ap.attribute(model, batch, sites=sites, metrics=["logit_diff"], prompt_positions=each)
         comps = comps or [c for s in sites for c in _top(scores.values["logit_diff"][s], s, 4)]
         effects = ap.patch(model, batch, comps, metrics=["logit_diff"], per_prompt=True)

@@ -10,7 +10,7 @@ import torch
 from attrpatch.edge_screening import EdgeConfig
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.loading import load
-from attrpatch.pipeline import _pad, prepare_pairs
+from attrpatch.prompts import pad_token, prepare_pairs
 from attrpatch.planning import plan_screen, trace_screen
 from attrpatch.screening import ScreenConfig
 
@@ -19,7 +19,7 @@ DEFAULT = ScreenConfig(progress=False)  # a default screen: every default site, 
 
 def _ioi_batch(model, tokenizer, n_prompts: int):
     pairs, _ = prepare_pairs(model, tokenizer, task="ioi", n_prompts=n_prompts, per_position=True)
-    return make_batch(pairs, pad_id=_pad(tokenizer))
+    return make_batch(pairs, pad_id=pad_token(tokenizer))
 
 
 def _differing_from_the_start(batch):
@@ -109,7 +109,7 @@ def _edges_plan_and_measure(model, tokenizer, n_prompts: int) -> tuple[dict, dic
     from attrpatch.edge_planning import edge_copies, plan_edges, trace_edges
 
     pairs, _ = prepare_pairs(model, tokenizer, task="ioi", n_prompts=n_prompts)
-    batch = make_batch(pairs, pad_id=_pad(tokenizer))
+    batch = make_batch(pairs, pad_id=pad_token(tokenizer))
     config = EdgeConfig(direction="denoise")
     plan = plan_edges(model.config, config, n_prompts=batch.n, seq_len=batch.n_pos, device="cpu")
     return plan, trace_edges(model, batch, edge_copies(config, "cpu", batch.n))

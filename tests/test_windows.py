@@ -91,7 +91,7 @@ def test_window_figure_draws_the_normalised_sweep_and_the_same_bytes_twice(tmp_p
 
 def test_cli_windows_writes_each_corruption_s_sweep_equal_to_the_library(tmp_path, capsys):
     from attrpatch.cli import main
-    from attrpatch.pipeline import corrupted
+    from attrpatch.prompts import corrupted
     from conftest import write_task
     model = tiny_model("gpt2")
     model.save_pretrained(tmp_path / "model")

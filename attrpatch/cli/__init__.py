@@ -127,7 +127,7 @@ def _load(args, device: str, device_map: str | None = None):
     from ..model.archs import arch_from_json, use_arch
     from ..model.loading import load
     from ..inputs.corruption import check_corruption
-    from ..pipeline import check_task
+    from ..prompts import check_task
 
     check_task(args.task)
     for corruption in getattr(args, "corruption", ()):  # a corruption the task lacks, before loading

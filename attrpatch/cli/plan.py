@@ -135,7 +135,7 @@ def _task_shape(args, model_cfg, per_position: bool, tokenizer=False) -> tuple[i
     from transformers import AutoTokenizer
 
     from ..model.loading import DEFAULT_MODEL
-    from ..pipeline import prepare_pairs
+    from ..prompts import prepare_pairs
 
     if tokenizer is False:
         if args.config is not None and args.model is None:
