@@ -2,8 +2,9 @@
 activation patching.
 
 Data flows through the stages in this order (each imports only from itself and earlier ones):
-inputs -> model -> engine -> methods -> analysis -> output -> plot -> steps -> screening -> edge_screening
--> pipeline -> planning -> edge_planning -> cli (scripts/layout.py checks it)."""
+inputs -> model -> engine -> methods (estimators, patching, edges) -> config -> analysis -> output -> plot
+-> steps -> screening | edge_screening (siblings) -> prompts -> pipeline -> planning -> edge_planning -> cli
+(scripts/layout.py checks it)."""
 
 from .edge_screening import EdgeConfig, EdgeResult, screen_edges
 from .engine.metrics import ALL_METRICS, DISCRETE_METRICS, METRICS, Target, metric

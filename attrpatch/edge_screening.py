@@ -18,6 +18,7 @@ from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.sanity import clean_run_check
+from .config import check_metrics_and_direction
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import METRICS, normalise
@@ -28,7 +29,6 @@ from .methods.edges.graph import Edge, Node
 from .methods.edges.patching import patch_edges
 from .methods.edges.eap import EDGE_ESTIMATORS, EdgeScores, attribute_edges
 from .model.sites import Component, as_spec
-from .screening import check_metrics_and_direction
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,9 +26,10 @@ from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
 from .analysis.ranking import plan_verification
-from .engine.metrics import METRICS, check_metric
+from .config import check_metrics_and_direction
+from .engine.metrics import METRICS
 from .inputs.batch import PromptBatch
-from .inputs.directions import DIRECTIONS, check_direction
+from .inputs.directions import DIRECTIONS
 from .methods.ablation import check_ablation
 from .methods.estimators.attribution import ESTIMATORS, Scores, check_estimator
 from .model.sites import RESID_LIKE, SITES, as_spec, check_site
@@ -38,20 +39,6 @@ from .steps import Steps
 
 POSITIONS = ("default", "each", "all")
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
-
-
-def check_metrics_and_direction(config, discrete: bool = False) -> None:
-    """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), adding the
-    primary metric to ``metrics`` when missing (node and edge screens alike). The primary metric ranks by
-    attribution, so it needs a gradient; ``discrete``: ``metrics`` may hold discrete ones (read from the
-    patched runs only)."""
-    check_metric(config.metric, gradient=True)
-    for m in config.metrics:
-        check_metric(m, gradient=not discrete)
-    if config.metric not in config.metrics:
-        object.__setattr__(config, "metrics", (config.metric, *config.metrics))
-    if config.direction != "both":
-        check_direction(config.direction)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "attrpatch"
 # The stages in the order data flows; a module may import from its own stage and earlier ones.
-STAGES = ("inputs", "model", "engine", "methods", "analysis", "output", "plot", "steps", "screening", "edge_screening",
-          "pipeline", "planning", "edge_planning", "cli", "__init__", "__main__")
+STAGES = ("inputs", "model", "engine", "methods", "config", "analysis", "output", "plot", "steps", "screening", "edge_screening",
+          "prompts", "pipeline", "planning", "edge_planning", "cli", "__init__", "__main__")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 EXEMPT = {}  # "module:function" -> why it may be longer (none today)
