@@ -6,7 +6,8 @@ inputs -> model -> engine -> methods (estimators, patching, edges) -> config -> 
 -> steps -> screening | edge_screening (siblings) -> prompts -> pipeline -> planning -> edge_planning -> cli
 (scripts/layout.py checks it)."""
 
-from .edge_screening import EdgeConfig, EdgeResult, screen_edges
+from .config import EdgeConfig, ScreenConfig
+from .edge_screening import EdgeResult, screen_edges
 from .engine.metrics import ALL_METRICS, DISCRETE_METRICS, METRICS, Target, metric
 from .inputs.batch import PromptBatch, make_batch
 from .inputs.directions import DIRECTIONS
@@ -22,7 +23,7 @@ from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.fetch import fetch
 from .model.loading import load
 from .model.sites import SITES, Component, components, model_spec
-from .screening import ScreenConfig, ScreenResult, screen
+from .screening import ScreenResult, screen
 
 __version__ = "0.1.0"
 

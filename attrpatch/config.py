@@ -1,19 +1,122 @@
-"""The configuration stage: what a screen is asked to do, validated before anything runs; it comes before the
-analysis, the outputs and both screens, which all read it."""
+"""The configuration stage: what a screen is asked to do (``ScreenConfig`` for the node screen, ``EdgeConfig``
+for the edge screen), validated when built and never changed after; one serialisation (:func:`config_dict`).
+It comes before the analysis, the outputs and both screens, which all read it and import its types."""
 
-from .engine.metrics import check_metric
-from .inputs.directions import check_direction
+from dataclasses import asdict, dataclass, replace
+
+from .engine.metrics import METRICS, check_metric
+from .inputs.directions import DIRECTIONS, check_direction
+from .methods.ablation import check_ablation
+from .methods.edges.eap import EDGE_ESTIMATORS
+from .methods.estimators.attribution import ESTIMATORS, check_estimator
+from .model.sites import RESID_LIKE, SITES, check_site
 
 
 def check_metrics_and_direction(config, discrete: bool = False) -> None:
-    """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), adding the
-    primary metric to ``metrics`` when missing (node and edge screens alike). The primary metric ranks by
+    """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), node and
+    edge screens alike (:func:`with_primary_metric` adds the primary metric to ``metrics``). The primary metric ranks by
     attribution, so it needs a gradient; ``discrete``: ``metrics`` may hold discrete ones (read from the
     patched runs only)."""
     check_metric(config.metric, gradient=True)
     for m in config.metrics:
         check_metric(m, gradient=not discrete)
-    if config.metric not in config.metrics:
-        object.__setattr__(config, "metrics", (config.metric, *config.metrics))
     if config.direction != "both":
         check_direction(config.direction)
+
+
+def with_primary_metric(config: "ScreenConfig | EdgeConfig") -> "ScreenConfig | EdgeConfig":
+    """``config`` with its primary metric first in ``metrics`` when missing there: a new config (configs are
+    never changed after validation). Every entry point (screen, screen_edges, the pipeline, the CLI) reads
+    the config through this."""
+    return config if config.metric in config.metrics else replace(config, metrics=(config.metric, *config.metrics))
+
+
+def config_dict(config: "ScreenConfig | EdgeConfig") -> dict:
+    """The one serialisation of a config: its fields by name (tuples as lists in JSON). The manifest's
+    options, the checkpoint identity (those options less ``progress``), report.json's options and the edge
+    report's ``options`` all derive from it."""
+    return asdict(config)
+
+
+POSITIONS = ("default", "each", "all")
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScreenConfig:
+    sites: tuple[str, ...] = DEFAULT_SITES
+    metric: str = "logit_diff"
+    metrics: tuple[str, ...] = METRICS
+    direction: str = "denoise"  # denoise | noise | both
+    top_k: int | None = 30  # None: verify every component (the exhaustive sweep)
+    random_k: int = 20
+    positions: str = "default"  # default | each | all
+    seed: int = 0
+    batch_size: int | None = None
+    copies: int | None = None
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
+    ig_steps: int = 8
+    fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
+    low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
+    progress: bool = True
+    ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
+
+    def __post_init__(self):
+        for s in self.sites:
+            check_site(s)
+        if not self.sites:
+            raise ValueError(f"no sites given; choose from {', '.join(SITES)}")
+        check_metrics_and_direction(self, discrete=True)
+        if self.positions not in POSITIONS:
+            raise ValueError(f"Unknown positions {self.positions!r}; known: {', '.join(POSITIONS)}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (all), got {self.top_k}")
+        if self.random_k < 0:
+            raise ValueError(f"random_k must be >= 0, got {self.random_k}")
+        if self.estimator != "all":
+            check_estimator(self.estimator)
+        if self.ablation is not None:
+            check_ablation(self.ablation, self.direction, self.estimator)
+        if self.fn_subsets != 0 and self.fn_subsets < 4:
+            raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
+                             f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")
+
+    @property
+    def estimators(self) -> tuple[str, ...]:
+        """Estimators to run; the first ranks, flags and fills ``approx``."""
+        return tuple(ESTIMATORS) if self.estimator == "all" else (self.estimator,)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return DIRECTIONS if self.direction == "both" else (self.direction,)
+
+    def per_position(self, site: str) -> bool:
+        """Researchers start per position for the residual-stream sites, at all positions for heads/neurons."""
+        return site in RESID_LIKE if self.positions == "default" else self.positions == "each"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig:
+    metric: str = "logit_diff"
+    metrics: tuple[str, ...] = METRICS
+    direction: str = "both"  # denoise | noise | both
+    top_k: int = 50
+    random_k: int = 30
+    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG)
+    ig_steps: int = 8
+    circuit_points: int = 12  # circuit sizes on the faithfulness curve
+    seed: int = 0
+    batch_size: int | None = None
+    copies: int | None = None
+
+    def __post_init__(self):
+        check_metrics_and_direction(self)
+        if self.estimator not in EDGE_ESTIMATORS:
+            raise ValueError(f"Unknown edge estimator {self.estimator!r}; known: {', '.join(EDGE_ESTIMATORS)}")
+        if self.top_k < 1 or self.random_k < 0 or self.circuit_points < 2:
+            raise ValueError(f"need top_k >= 1, random_k >= 0, circuit_points >= 2; got {self.top_k}, "
+                             f"{self.random_k}, {self.circuit_points}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return DIRECTIONS if self.direction == "both" else (self.direction,)

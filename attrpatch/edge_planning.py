@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .analysis.ranking import control_sample, top_k
-from .edge_screening import EdgeConfig
+from .config import EdgeConfig, with_primary_metric
 from .engine.memory import MemoryTracker, fused_attention
 from .inputs.batch import PromptBatch
 from .methods.edges.graph import EdgeModel
@@ -101,9 +101,10 @@ def edge_config(args) -> EdgeConfig:
     EAP) with the plan's --metric, graded --metrics, --direction, --batch-size, --copies, --seed, and EAP-IG
     for --estimator ig."""
     from .engine.metrics import graded
-    return EdgeConfig(metric=args.metric, metrics=tuple(graded(args.metrics)), direction=args.direction or "both",
-                      estimator="ig" if args.estimator == "ig" else "atp", ig_steps=args.ig_steps, seed=args.seed,
-                      batch_size=args.batch_size, copies=args.copies)
+    return with_primary_metric(EdgeConfig(
+        metric=args.metric, metrics=tuple(graded(args.metrics)), direction=args.direction or "both",
+        estimator="ig" if args.estimator == "ig" else "atp", ig_steps=args.ig_steps, seed=args.seed,
+        batch_size=args.batch_size, copies=args.copies))
 
 
 def add_edges(plan: dict, edges: dict) -> dict:

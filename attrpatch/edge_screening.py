@@ -18,44 +18,16 @@ from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.sanity import clean_run_check
-from .config import check_metrics_and_direction
+from .config import EdgeConfig, with_primary_metric
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
-from .engine.metrics import METRICS, normalise
+from .engine.metrics import normalise
 from .inputs.batch import PromptBatch
-from .inputs.directions import DIRECTIONS
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .methods.edges.graph import Edge, Node
 from .methods.edges.patching import patch_edges
-from .methods.edges.eap import EDGE_ESTIMATORS, EdgeScores, attribute_edges
+from .methods.edges.eap import EdgeScores, attribute_edges
 from .model.sites import Component, as_spec
-
-
-@dataclass(frozen=True, kw_only=True)
-class EdgeConfig:
-    metric: str = "logit_diff"
-    metrics: tuple[str, ...] = METRICS
-    direction: str = "both"  # denoise | noise | both
-    top_k: int = 50
-    random_k: int = 30
-    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG)
-    ig_steps: int = 8
-    circuit_points: int = 12  # circuit sizes on the faithfulness curve
-    seed: int = 0
-    batch_size: int | None = None
-    copies: int | None = None
-
-    def __post_init__(self):
-        check_metrics_and_direction(self)
-        if self.estimator not in EDGE_ESTIMATORS:
-            raise ValueError(f"Unknown edge estimator {self.estimator!r}; known: {', '.join(EDGE_ESTIMATORS)}")
-        if self.top_k < 1 or self.random_k < 0 or self.circuit_points < 2:
-            raise ValueError(f"need top_k >= 1, random_k >= 0, circuit_points >= 2; got {self.top_k}, "
-                             f"{self.random_k}, {self.circuit_points}")
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        return DIRECTIONS if self.direction == "both" else (self.direction,)
 
 
 @dataclass
@@ -79,7 +51,7 @@ class EdgeResult:
 
 def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:
     """Per direction: scores -> top-k + control -> exact patching -> agreement and flags; then the circuit."""
-    spec = as_spec(model)
+    spec, config = as_spec(model), with_primary_metric(config)
     batch = batch.to(spec.device)
     forward_s, sanity = _baselines(spec, batch)
     timing = {"forward_s": forward_s}

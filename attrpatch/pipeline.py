@@ -14,7 +14,8 @@ from .output.checkpoint import Progress
 from .output.provenance import manifest_dict
 from .output.report import write_run
 from .prompts import corrupted, pad_token, prepare_pairs
-from .screening import ScreenConfig, config_dict, screen
+from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
+from .screening import screen
 
 
 def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str = "mlp_out",
@@ -72,6 +73,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`).
     formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default)."""
+    config = with_primary_metric(config)
     labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
     for label in labels or (corruption,):
         check_corruption(label, task)
@@ -145,15 +147,16 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
     return {"corruptions": comp, "runs": reports}
 
 
-def run_edges(model: nn.Module, tokenizer, *, task: str, config, out: Path, model_name: str, n_prompts: int = 16,
+def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str, n_prompts: int = 16,
               figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
               keep_correct: bool = False) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
-    report dict. ``config``: an EdgeConfig. Edges are summed over positions, so prompts of several
+    report dict. Edges are summed over positions, so prompts of several
     templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
+    config = with_primary_metric(config)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)

@@ -47,7 +47,7 @@ from .methods.patching.exact import patch
 from .model import hf_compat
 from .model.loading import parse_dtype
 from .model.sites import as_spec, site_shape
-from .screening import ScreenConfig
+from .config import ScreenConfig
 from .steps import attribution_options, patch_options
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

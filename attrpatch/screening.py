@@ -17,7 +17,7 @@ a control variate, and of all of them, the additivity check (analysis/subsets.py
 against that ablation of the clean run, noising only (methods/ablation.py).
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -26,73 +26,13 @@ from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
 from .analysis.ranking import plan_verification
-from .config import check_metrics_and_direction
-from .engine.metrics import METRICS
+from .config import ScreenConfig, with_primary_metric
 from .inputs.batch import PromptBatch
-from .inputs.directions import DIRECTIONS
-from .methods.ablation import check_ablation
-from .methods.estimators.attribution import ESTIMATORS, Scores, check_estimator
-from .model.sites import RESID_LIKE, SITES, as_spec, check_site
+from .methods.estimators.attribution import Scores
+from .model.sites import as_spec
 from .output.checkpoint import Progress
 from .output.report import long_table
 from .steps import Steps
-
-POSITIONS = ("default", "each", "all")
-DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScreenConfig:
-    sites: tuple[str, ...] = DEFAULT_SITES
-    metric: str = "logit_diff"
-    metrics: tuple[str, ...] = METRICS
-    direction: str = "denoise"  # denoise | noise | both
-    top_k: int | None = 30  # None: verify every component (the exhaustive sweep)
-    random_k: int = 20
-    positions: str = "default"  # default | each | all
-    seed: int = 0
-    batch_size: int | None = None
-    copies: int | None = None
-    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
-    ig_steps: int = 8
-    fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
-    low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
-    progress: bool = True
-    ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
-
-    def __post_init__(self):
-        for s in self.sites:
-            check_site(s)
-        if not self.sites:
-            raise ValueError(f"no sites given; choose from {', '.join(SITES)}")
-        check_metrics_and_direction(self, discrete=True)
-        if self.positions not in POSITIONS:
-            raise ValueError(f"Unknown positions {self.positions!r}; known: {', '.join(POSITIONS)}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None (all), got {self.top_k}")
-        if self.random_k < 0:
-            raise ValueError(f"random_k must be >= 0, got {self.random_k}")
-        if self.estimator != "all":
-            check_estimator(self.estimator)
-        if self.ablation is not None:
-            check_ablation(self.ablation, self.direction, self.estimator)
-        if self.fn_subsets != 0 and self.fn_subsets < 4:
-            raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
-                             f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")
-
-    @property
-    def estimators(self) -> tuple[str, ...]:
-        """Estimators to run; the first ranks, flags and fills ``approx``."""
-        return tuple(ESTIMATORS) if self.estimator == "all" else (self.estimator,)
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        return DIRECTIONS if self.direction == "both" else (self.direction,)
-
-    def per_position(self, site: str) -> bool:
-        """Researchers start per position for the residual-stream sites, at all positions for heads/neurons."""
-        return site in RESID_LIKE if self.positions == "default" else self.positions == "each"
-
 
 @dataclass
 class ScreenResult:
@@ -122,6 +62,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
     """Run the screen: baselines, then per direction attribution -> plan -> exact patching -> diagnostics
     -> findings; then the cross-direction flags. ``progress`` (output.checkpoint.Progress) saves each
     completed step and, on resume, skips the steps already saved."""
+    config = with_primary_metric(config)
     run = Steps(as_spec(model), batch, config, progress or Progress(None))
     run.check_inputs()
     scores, comps, agree, fns, attention, by_estimator, all_scores = {}, [], {}, {}, {}, {}, {}
@@ -157,7 +98,3 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
                         scores=scores, components=comps, rows=long_table(comps, config.metrics, config.metric),
                         agreement=agree, false_negatives=fns, attention=attention, estimators=by_estimator,
                         numerical=numerical, timing=run.timing, sanity=run.sanity)
-
-
-def config_dict(config: ScreenConfig) -> dict:
-    return asdict(config)

@@ -1,7 +1,7 @@
 """The steps of one screen (screening.py runs them in order): check the inputs, attribute, verify by exact
 patching, the half and frozen patches behind the measured causes, the subset bound, the diagnostics. Each
 step works on this rank's shard of the prompts, returns all-rank means, and is saved to ``progress`` once
-done (a resumed run skips it). ``config`` is a screening.ScreenConfig (read, not imported).
+done (a resumed run skips it). ``config`` is a config.ScreenConfig.
 """
 
 import time
@@ -13,6 +13,7 @@ from .analysis.baselines import check_baselines, logit_diff
 from .analysis.causes import REMOVED, removed_share
 from .analysis.sanity import clean_run_check
 from .analysis.subsets import draw_subsets, subset_bound
+from .config import ScreenConfig
 from .engine import distributed
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
@@ -28,7 +29,7 @@ from .output.checkpoint import Progress
 BACKWARD_EQUIVALENTS = 2.0  # forward-equivalents of one attribution backward with its scores (measured)
 
 
-def attribution_options(config, direction: str, estimator: str) -> dict:
+def attribution_options(config: ScreenConfig, direction: str, estimator: str) -> dict:
     """The keyword arguments of a screen's attribute call (methods/estimators/attribution.py) for one direction and
     estimator; the memory plan (planning.py) makes the same call."""
     return dict(sites=config.sites, metrics=graded(config.metrics), direction=direction,
@@ -37,7 +38,7 @@ def attribution_options(config, direction: str, estimator: str) -> dict:
                 prompt_positions={s: config.per_position(s) for s in config.sites}, ablation=config.ablation)
 
 
-def patch_options(config, direction: str) -> dict:
+def patch_options(config: ScreenConfig, direction: str) -> dict:
     """The keyword arguments a screen's patch calls share (methods/patching/exact.py); the memory plan makes the
     same call."""
     return dict(direction=direction, copies=config.copies, batch_size=config.batch_size, per_prompt=True,
@@ -48,7 +49,7 @@ class Steps:
     """The steps of one screen on this rank's shard of the prompts; every number they return is the mean
     over all ranks' prompts (``reduce``), and each step is saved to ``progress`` once done."""
 
-    def __init__(self, spec, batch: PromptBatch, config, progress: Progress):
+    def __init__(self, spec, batch: PromptBatch, config: ScreenConfig, progress: Progress):
         self.spec, self.config, self.progress = spec, config, progress
         self.batch = distributed.shard(batch.to(spec.device))  # this rank's prompts
         self.n_local, self.n_total = self.batch.n, distributed.total(self.batch.n)

@@ -29,14 +29,14 @@ import torch
 
 import attrpatch as ap
 from attrpatch.edge_planning import edge_copies, plan_edges, verified_edges
-from attrpatch.edge_screening import EdgeConfig
+from attrpatch.config import EdgeConfig
 from attrpatch.engine.forward import forward_last
 from attrpatch.engine.memory import MemoryTracker
-from attrpatch.methods.edge_patching import patch_edges
-from attrpatch.methods.edges import attribute_edges
+from attrpatch.methods.edges.patching import patch_edges
+from attrpatch.methods.edges.eap import attribute_edges
 from attrpatch.model.sites import SITES
 from attrpatch.planning import model_config, plan_screen, verified_components
-from attrpatch.screening import ScreenConfig
+from attrpatch.config import ScreenConfig
 from attrpatch.steps import attribution_options, patch_options
 
 warnings.filterwarnings("ignore", message="the model solves only")  # random weights do no task

@@ -9,7 +9,8 @@ import torch
 
 import attrpatch as ap
 from attrpatch.cli import main
-from attrpatch.screening import ScreenConfig, screen
+from attrpatch.config import ScreenConfig
+from attrpatch.screening import screen
 from conftest import random_pairs, saved_model, tiny_model, write_task
 
 

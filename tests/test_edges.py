@@ -136,7 +136,8 @@ def test_edge_names_follow_the_convention():
 
 
 def test_faithfulness_is_zero_for_the_empty_circuit_and_one_for_the_full_graph():
-    from attrpatch.edge_screening import EdgeConfig, faithfulness_curve
+    from attrpatch.config import EdgeConfig
+    from attrpatch.edge_screening import faithfulness_curve
 
     model, batch = tiny_model("llama"), ap.make_batch(random_pairs(3))
     scores = attribute_edges(model, batch)

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attrpatch.edge_screening import EdgeConfig
+from attrpatch.config import EdgeConfig
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.loading import load
 from attrpatch.prompts import pad_token, prepare_pairs
 from attrpatch.planning import plan_screen, trace_screen
-from attrpatch.screening import ScreenConfig
+from attrpatch.config import ScreenConfig
 
 DEFAULT = ScreenConfig(progress=False)  # a default screen: every default site, top-30 + 20 controls, every metric
 

@@ -17,7 +17,8 @@ from attrpatch.inputs.pairs import PromptPair
 from attrpatch.inputs.tasks import IOI_TEMPLATES
 from attrpatch.inputs.tokenization import added_bos, bos_id
 from attrpatch.model.loading import DEFAULT_MODEL
-from attrpatch.screening import ScreenConfig, screen
+from attrpatch.config import ScreenConfig
+from attrpatch.screening import screen
 from conftest import FAMILIES, random_pairs, tiny_model, write_task
 
 

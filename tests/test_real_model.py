@@ -16,7 +16,7 @@ from attrpatch.model.fetch import fetch, smollm2_gguf
 from attrpatch.model.loading import load
 from attrpatch.model.sites import Component
 from attrpatch.pipeline import run_screen
-from attrpatch.screening import ScreenConfig
+from attrpatch.config import ScreenConfig
 from reference import exact_reference
 
 pytestmark = pytest.mark.real_model

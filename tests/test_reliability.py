@@ -8,7 +8,8 @@ import torch
 
 import attrpatch as ap
 from attrpatch import steps
-from attrpatch.screening import ScreenConfig, screen
+from attrpatch.config import ScreenConfig
+from attrpatch.screening import screen
 from conftest import random_pairs, saved_model, tiny_model, write_task
 
 CONFIG = ScreenConfig(sites=("head", "resid_pre"), top_k=3, random_k=2, progress=False)

@@ -8,6 +8,7 @@ model solves, and whether the clean and corrupt runs are finite and tell the met
 import torch
 from torch import nn
 
+from ..config import ScreenConfig
 from ..engine import distributed
 from ..engine.forward import forward_last
 from ..engine.hooks import eval_mode
@@ -32,7 +33,7 @@ def solved(model: nn.Module, batch: PromptBatch, batch_size: int | None = None) 
     return torch.cat(out)
 
 
-def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config,
+def check_baselines(clean_logits, corrupt_logits, batch: PromptBatch, config: ScreenConfig,
                     reduce=lambda v: v) -> None:
     """Refuse, before any expensive work, baselines that are not finite or that the metric cannot tell
     apart (normalised effects would divide by ~0). ``reduce``: the cross-rank mean (every rank decides

@@ -5,6 +5,7 @@ measurements come in as numbers.
 
 import torch
 
+from ..config import ScreenConfig
 from ..engine.metrics import graded, normalise
 from ..methods.estimators.attribution import Scores
 from ..model.sites import HEAD_LIKE, Component
@@ -14,7 +15,7 @@ from .intervals import effect_intervals, with_intervals
 from .ranking import candidates, ranks
 
 
-def site_results(site, plan, exact, config, scores: Scores, direction, max_prob, change, n_kv, prompts):
+def site_results(site, plan, exact, config: ScreenConfig, scores: Scores, direction, max_prob, change, n_kv, prompts):
     """The entries of one site's verified components, its agreement per metric (with 95% bootstrap intervals
     over prompt pairs) and its false-negative bound. ``prompts``: per-prompt scores and exact effects
     (steps.Steps.verify)."""
@@ -72,7 +73,7 @@ def query_heads(c: Component, n_heads: int, n_kv: int) -> slice:
     return slice(c.unit * group, (c.unit + 1) * group)
 
 
-def non_finite(scores, est_scores, comps, config, n_pos: int, spec) -> dict:
+def non_finite(scores, est_scores, comps, config: ScreenConfig, n_pos: int, spec) -> dict:
     """Every non-finite score (per estimator, metric, site) and exact effect, named per component."""
     found = {"scores": [], "effects": []}
     for direction, per_est in est_scores.items():

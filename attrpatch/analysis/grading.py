@@ -5,11 +5,12 @@ Pure functions on numbers: no model here.
 
 import torch
 
+from ..config import ScreenConfig
 from .agreement import agreement, tolerance
 from .intervals import with_intervals
 
 
-def grade_estimators(plan: dict, exact: dict, config, est_scores: dict, seconds: dict,
+def grade_estimators(plan: dict, exact: dict, config: ScreenConfig, est_scores: dict, seconds: dict,
                      forward_s: float, prompts: dict) -> dict:
     """Per estimator: its cost, and per site how well its scores (primary metric) track the exact effects
     of everything verified (with 95% bootstrap intervals from ``prompts``, steps.Steps.verify), the

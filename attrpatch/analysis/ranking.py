@@ -8,6 +8,7 @@ A site's components are listed in ``model.sites.components`` order; ``approx`` i
 import torch
 from torch import Tensor
 
+from ..config import ScreenConfig
 from ..engine.metrics import graded
 from ..methods.estimators.attribution import Scores
 from ..model.sites import Component, Dims, components
@@ -52,7 +53,7 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
     return components(site, dims, n_pos, per_position=per_position), values.flatten().float().cpu()
 
 
-def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config) -> dict:
+def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config: ScreenConfig) -> dict:
     """Per site: every component, each estimator's scores per metric, and what to verify: the union of
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
     random control sample of the rest. ``config``: a ScreenConfig."""

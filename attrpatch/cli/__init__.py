@@ -16,7 +16,7 @@ Examples:
 import sys
 import warnings
 
-from ..screening import ScreenConfig
+from ..config import ScreenConfig, with_primary_metric
 from .args import build_parser
 
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError, FloatingPointError)  # bad input, not a bug
@@ -95,11 +95,11 @@ def _screen(args, argv) -> int:
 
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
     direction = args.direction or ("noise" if args.ablation else "both" if args.command == "demo" else "denoise")
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
+    config = with_primary_metric(ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
                           top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
-                          ablation=args.ablation, low_memory=args.low_memory)
+                          ablation=args.ablation, low_memory=args.low_memory))
     model, tokenizer = _load(args, device, args.device_map)
     if args.max_memory is not None:
         from .plan import fit_to_memory
@@ -160,14 +160,14 @@ def _windows(args) -> int:
 
 
 def _edges(args) -> int:
-    from ..edge_screening import EdgeConfig
+    from ..config import EdgeConfig
     from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_edges
 
-    config = EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
+    config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
                         random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
-                        copies=args.copies)
+                        copies=args.copies))
     model, tokenizer = _load(args, args.device)
     if args.max_memory is not None:
         from .plan import fit_to_memory

@@ -10,7 +10,7 @@ from ..methods.estimators.attribution import ESTIMATORS
 from ..methods.ablation import ABLATIONS
 from ..model.fetch import MODELS
 from ..model.sites import RESID_LIKE, SITES
-from ..screening import DEFAULT_SITES, POSITIONS
+from ..config import DEFAULT_SITES, POSITIONS
 
 
 EPILOG = """examples:

@@ -2,7 +2,7 @@
 (edge_planning.py), from the screen's options, printed as text or as one JSON object."""
 
 from ..planning import size_text, model_config, parse_bytes, plan_screen
-from ..screening import ScreenConfig
+from ..config import ScreenConfig, with_primary_metric
 
 
 def describe(plan: dict) -> str:
@@ -70,11 +70,11 @@ def plan_command(args) -> int:
 
     limit = None if args.max_memory is None else parse_bytes(args.max_memory)
     model_cfg = model_config(args.model, args.config, args.trust_remote_code)
-    config = ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, seed=args.seed,
+    config = with_primary_metric(ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, seed=args.seed,
                           direction=args.direction or ("noise" if args.ablation else "denoise"), top_k=args.top_k,
                           random_k=args.random_k, positions=args.positions, batch_size=args.batch_size,
                           copies=args.copies, estimator=args.estimator, ig_steps=args.ig_steps,
-                          ablation=args.ablation, low_memory=args.low_memory, progress=False)
+                          ablation=args.ablation, low_memory=args.low_memory, progress=False))
     n_prompts, seq_len = args.n_prompts, args.seq_len
     if seq_len is None:
         n_prompts, seq_len = _task_shape(args, model_cfg, any(config.per_position(s) for s in config.sites))

@@ -5,9 +5,9 @@ clean-run check first, as in the node report, then agreement and the circuit).
 ``result`` is an edge_screening.EdgeResult (read, not imported)."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
+from ..config import EdgeConfig, config_dict
 from .files import write_atomic, write_csv, write_json
 from .findings import fn_words
 from .markdown import num, table
@@ -19,10 +19,10 @@ EDGE_REPORT_VERSION = 1
 
 
 def edge_report(result, *, model: str, task: str) -> dict:
-    c = result.config
+    c: EdgeConfig = result.config
     return {
         "version": EDGE_REPORT_VERSION, "kind": "edges", "model": model, "model_class": result.model, "task": task,
-        "n_prompts": result.n_prompts, "n_edges": result.n_edges, "options": asdict(c),
+        "n_prompts": result.n_prompts, "n_edges": result.n_edges, "options": config_dict(c),
         "directions": list(c.directions), "metric": c.metric, "metrics": list(c.metrics), "estimator": c.estimator,
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,

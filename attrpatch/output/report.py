@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.groups import group_components
+from ..config import ScreenConfig, config_dict
 from . import report_md
 from .files import write_atomic, write_csv, write_json
 
@@ -15,18 +16,20 @@ REPORT_VERSION = 1
 
 
 def report_dict(result, *, model: str, task: str, tokens: list[str] | None = None) -> dict:
-    c = result.config
+    c: ScreenConfig = result.config
+    o = config_dict(c)  # the options report.json states, as the manifest states them
     return {
         "version": REPORT_VERSION, "model": model, "model_class": result.model, "task": task,
         "n_prompts": result.n_prompts, "n_pos": result.n_pos, "tokens": tokens,
-        "direction": c.direction, "directions": list(c.directions), "metric": c.metric, "metrics": list(c.metrics),
-        "sites": list(c.sites), "positions": {s: ("each" if c.per_position(s) else "all") for s in c.sites},
-        "top_k": c.top_k, "random_k": c.random_k,
+        "direction": o["direction"], "directions": list(c.directions), "metric": o["metric"],
+        "metrics": list(o["metrics"]), "sites": list(o["sites"]),
+        "positions": {s: ("each" if c.per_position(s) else "all") for s in c.sites},
+        "top_k": o["top_k"], "random_k": o["random_k"],
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "groups": group_components(result.components),
         "agreement": result.agreement,
         "false_negatives": result.false_negatives, "attention": result.attention,
-        "estimator": c.estimator, "estimators": result.estimators, "numerical": result.numerical,
+        "estimator": o["estimator"], "estimators": result.estimators, "numerical": result.numerical,
         "timing": result.timing, "sanity": result.sanity,
     }
 
