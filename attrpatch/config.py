@@ -1,4 +1,4 @@
-"""The configuration stage: what a screen is asked to do (``ScreenConfig`` for the node screen, ``EdgeConfig``
+"""Stage 5, config: what a screen is asked to do (``ScreenConfig`` for the node screen, ``EdgeConfig``
 for the edge screen), validated when built and never changed after; one serialisation (:func:`config_dict`).
 It comes before the analysis, the outputs and both screens, which all read it and import its types."""
 

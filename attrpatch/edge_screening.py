@@ -17,6 +17,7 @@ from .analysis.baselines import logit_diff
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
 from .analysis.ranking import control_sample, ranks, top_k
+from .analysis.records import Finding, finding_dicts
 from .analysis.sanity import clean_run_check
 from .config import EdgeConfig, with_primary_metric
 from .engine.forward import forward_last
@@ -74,7 +75,7 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
     first = next(iter(scores.values()))
     return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
                       clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
-                      edges=entries, agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
+                      edges=finding_dicts(entries), agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
                       sanity=sanity)
 
 
@@ -93,7 +94,7 @@ def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
 
 
 def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
-    """Exact effects of the top-k edges by |score| and a random control sample; their entries, agreement
+    """Exact effects of the top-k edges by |score| and a random control sample; their findings, agreement
     per metric and false-negative bound."""
     graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
     every = graph.edges()
@@ -116,15 +117,15 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
         edge, value, estimate = every[j], float(exact[r, primary]), float(approx[config.metric][j])
         flags = disagreement_flags(estimate, value, tol, int(rank_approx[j]), int(rank_exact[r]), k)
         where, ev = evidence[edge]
-        entries.append({
-            "sender": edge.sender, "receiver": edge.receiver, "name": str(edge), "direction": direction,
-            "selected": "top" if r < len(top) else "control", "approx": estimate, "exact": value,
-            "rank_approx": int(rank_approx[j]), "rank_exact": int(rank_exact[r]), "flags": flags,
-            "approx_metrics": {m: float(approx[m][j]) for m in config.metrics},
-            "exact_metrics": {m: float(exact[r, i]) for i, m in enumerate(config.metrics)},
-            "exact_norm": {m: normalise(float(exact[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],
-                                        offset=False) for i, m in enumerate(config.metrics)},
-            "evidence": ev, "causes": causes(flags, where, ev)})
+        entries.append(Finding(
+            where={"sender": edge.sender, "receiver": edge.receiver}, name=str(edge), direction=direction,
+            selected="top" if r < len(top) else "control", approx=estimate, exact=value,
+            rank_approx=int(rank_approx[j]), rank_exact=int(rank_exact[r]), flags=flags,
+            approx_metrics={m: float(approx[m][j]) for m in config.metrics},
+            exact_metrics={m: float(exact[r, i]) for i, m in enumerate(config.metrics)},
+            exact_norm={m: normalise(float(exact[r, i]), scores.clean_metric[m], scores.corrupt_metric[m],
+                                     offset=False) for i, m in enumerate(config.metrics)},
+            evidence=ev, causes=causes(flags, where, ev)))
     return entries, agree, fn
 
 

@@ -91,7 +91,7 @@ def verified_components(spec, n_pos: int, config: ScreenConfig) -> list:
     values = {m: {s: torch.randn(site_shape(s, spec.dims, n_pos), generator=g) for s in config.sites} for m in metrics}
     scores = Scores(values=values, direction=config.directions[0], clean_metric={}, corrupt_metric={}, n_prompts=1)
     plan = plan_verification(spec.dims, n_pos, {est: scores for est in config.estimators}, config)
-    return [c for site_plan in plan.values() for c in site_plan["verified"]]
+    return [c for site_plan in plan.values() for c in site_plan.verified]
 
 
 def trace_screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig, *,

@@ -26,6 +26,7 @@ from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
 from .analysis.ranking import plan_verification
+from .analysis.records import finding_dicts
 from .config import ScreenConfig, with_primary_metric
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import Scores
@@ -71,7 +72,7 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
         scores[direction], all_scores[direction] = est_scores[config.estimators[0]], est_scores
         plan = plan_verification(run.spec.dims, run.batch.n_pos, est_scores, config)
         exact, prompts = run.verify(direction, plan)
-        verified = [c for site_plan in plan.values() for c in site_plan["verified"]]
+        verified = [c for site_plan in plan.values() for c in site_plan.verified]
         max_prob, entropy, change = run.diagnose(direction, verified)
         attention[direction] = {"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}
         agree[direction], fns[direction], first = {}, {}, len(comps)
@@ -82,19 +83,19 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
             comps += entries
             if config.fn_subsets:
                 fns[direction][site]["subsets"] = run.subsets(direction, site, site_plan)
-        flagged = [e for e in comps[first:] if set(e["flags"]) & set(APPROX_FLAGS)]
-        flagged_comps = [c for c in verified if str(c) in {e["name"] for e in flagged}]
+        flagged = [e for e in comps[first:] if set(e.flags) & set(APPROX_FLAGS)]
+        flagged_comps = [c for c in verified if str(c) in {e.name for e in flagged}]
         slope = config.estimators[0] == "atp"  # AtP is f'(0): its error is the bend the causes locate
-        large = [e for e in flagged if "large_error" in e["flags"]]
+        large = [e for e in flagged if "large_error" in e.flags]
         frozen = run.frozen(direction, large, flagged_comps) if slope and not config.ablation else {}
         explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
         by_estimator[direction] = grade_estimators(plan, exact, config, est_scores, est_seconds,
                                                    run.timing["forward_s"], prompts)
     mark_cross_flags(comps, config.metric)
     numerical = non_finite(scores, all_scores, comps, config, run.batch.n_pos, run.spec)
-    any_scores = next(iter(scores.values()))
+    any_scores, comps = next(iter(scores.values())), finding_dicts(comps)  # the output boundary: dicts from here
     return ScreenResult(config=config, model=run.spec.name, n_prompts=run.n_total, n_pos=run.batch.n_pos,
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=long_table(comps, config.metrics, config.metric),
                         agreement=agree, false_negatives=fns, attention=attention, estimators=by_estimator,
-                        numerical=numerical, timing=run.timing, sanity=run.sanity)
+                        numerical=numerical, timing={**run.timing, **run.cost.to_dict()}, sanity=run.sanity)

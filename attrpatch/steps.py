@@ -11,6 +11,7 @@ import torch
 
 from .analysis.baselines import check_baselines, logit_diff
 from .analysis.causes import REMOVED, removed_share
+from .analysis.records import Cost, Finding, SitePlan
 from .analysis.sanity import clean_run_check
 from .analysis.subsets import draw_subsets, subset_bound
 from .config import ScreenConfig
@@ -53,7 +54,8 @@ class Steps:
         self.spec, self.config, self.progress = spec, config, progress
         self.batch = distributed.shard(batch.to(spec.device))  # this rank's prompts
         self.n_local, self.n_total = self.batch.n, distributed.total(self.batch.n)
-        self.timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0, "forward_passes": 2.0}
+        self.timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0}
+        self.cost = Cost()  # the passes every step adds to
         self.prompts: dict = {}  # direction -> estimator -> metric -> site -> [component, batch] (all ranks)
         self.runs: dict = {}  # the source and receiving runs that patch calls and diagnostics share
 
@@ -108,21 +110,21 @@ class Steps:
                 getattr(est_scores[est], f"{run}_metric").update(values)
             est_seconds[est] = time.perf_counter() - start
             self.timing["attribution_s"] += est_seconds[est]
-            self.timing["forward_passes"] += est_scores[est].passes["forward"]
+            self.cost.add_forwards(est_scores[est].passes["forward"])
         return est_scores, est_seconds
 
-    def verify(self, direction: str, plan: dict) -> tuple[dict, dict]:
+    def verify(self, direction: str, plan: dict[str, SitePlan]) -> tuple[dict, dict]:
         """Exact effects {component: [metric]} and the intervals' per-prompt inputs {"scores": .., "exact":
         {component: [metric, batch]}}; one saved step per site, the unsaved sites in one shared patch call."""
         start, start_cpu = time.perf_counter(), time.process_time()
         exact, per_prompt, todo = {}, {}, {}
         self.runs = {}  # one direction's runs at a time: verification, diagnostics and half patches share them
         for site, site_plan in plan.items():
-            effects = self.progress.effects(f"exact-{direction}-{site}", site_plan["verified"])
+            effects = self.progress.effects(f"exact-{direction}-{site}", site_plan.verified)
             if effects is None or effects.per_prompt is None:
-                todo[site] = site_plan["verified"]
+                todo[site] = site_plan.verified
             else:
-                self._count(effects.passes)
+                self.cost.add_patch(effects.passes)
                 _keep(effects, exact, per_prompt)
         if todo:
             effects = self._patch(direction, [c for comps in todo.values() for c in comps], self.config.metrics)
@@ -146,7 +148,7 @@ class Steps:
         effects.values = self.reduce(effects.values)
         effects.receiver_metric = self.reduce(effects.receiver_metric)
         effects.per_prompt = self.gather(effects.per_prompt)  # [component, metric, batch]
-        self._count(effects.passes)
+        self.cost.add_patch(effects.passes)
         return effects
 
     def _clock(self, start: float, start_cpu: float) -> None:
@@ -161,7 +163,7 @@ class Steps:
             effects = self._patch(direction, items, metrics, alpha)
             self.progress.save_effects(step, effects)
         else:
-            self._count(effects.passes)
+            self.cost.add_patch(effects.passes)
         self._clock(start, start_cpu)
         return effects
 
@@ -173,12 +175,12 @@ class Steps:
         effects = self.patched(f"half-{direction}", direction, flagged, (self.config.metric,), alpha=0.5)
         return {str(c): float(effects.values[i, 0]) for i, c in enumerate(flagged)}
 
-    def frozen(self, direction: str, large: list[dict], comps: list) -> dict[str, dict[str, tuple[float, float]]]:
+    def frozen(self, direction: str, large: list[Finding], comps: list) -> dict[str, dict[str, tuple[float, float]]]:
         """Which non-linearity carries each large AtP error (entries ``large``, their components among
         ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
         receiver's, then the norm scales for the errors the patterns leave (methods/patching/frozen.py: one RelP
         attribution per freeze, one resumed patched copy per component and freeze)."""
-        entry = {e["name"]: e for e in large}
+        entry = {e.name: e for e in large}
         todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block
         if not todo:
             return {}
@@ -186,24 +188,21 @@ class Steps:
         found, passes = frozen_measurements(
             self.spec, self.batch, todo, direction=direction, metric_name=self.config.metric, copies=self.config.copies,
             batch_size=self.config.batch_size, reduce=self.reduce, explained=lambda c, freeze, slope, effect:
-            removed_share(entry[str(c)]["exact"], entry[str(c)]["approx"], slope, effect) >= REMOVED)
+            removed_share(entry[str(c)].exact, entry[str(c)].approx, slope, effect) >= REMOVED)
         # the RelP attributions are in this step's clock, so in its count: a backward through every block, its
         # scores included, took ~2 forwards on SmolLM2 (16 x 14 tokens: RelP 4.0-4.2x one forward in all)
         attributions = passes["forward"] + BACKWARD_EQUIVALENTS * passes["backward"]
-        self._count({**passes, "forward_equivalents": passes["forward_equivalents"] + attributions})
-        self.timing["forward_passes"] += passes["forward"]
-        self.timing["frozen_forward_equivalents"] = self.timing.get("frozen_forward_equivalents", 0.0) + \
-            passes["forward_equivalents"] + attributions
+        self.cost.add_frozen(passes, attributions)
         self._clock(start, start_cpu)
         return found
 
-    def subsets(self, direction: str, site: str, site_plan: dict) -> dict | None:
+    def subsets(self, direction: str, site: str, site_plan: SitePlan) -> dict | None:
         """AtP*'s false-negative bound for the unverified components of one site: ``fn_subsets`` joint
         patches of random halves of them, the estimator's scores as a control variate (analysis/subsets.py;
         ``plain_bound``: without it)."""
-        verified = set(site_plan["verified"])
-        at = [j for j, c in enumerate(site_plan["all"]) if c not in verified]
-        rest = [site_plan["all"][j] for j in at]
+        verified = set(site_plan.verified)
+        at = [j for j, c in enumerate(site_plan.all) if c not in verified]
+        rest = [site_plan.all[j] for j in at]
         if len(rest) < 2:
             return None
         included = draw_subsets(len(rest), self.config.fn_subsets, seed=self.config.seed,
@@ -214,14 +213,8 @@ class Steps:
                                (self.config.metric,))  # the last: every unverified component, the additivity check
         joint_effects = torch.zeros(len(joint), dtype=torch.float64)
         joint_effects[nonempty] = effects.values[:-1, 0].double()
-        return subset_bound(included, joint_effects, scores=site_plan["approx"][self.config.metric][at],
+        return subset_bound(included, joint_effects, scores=site_plan.approx[self.config.metric][at],
                             joint=float(effects.values[-1, 0])).to_dict([str(c) for c in rest])
-
-    def _count(self, passes: dict) -> None:
-        """Add one patch call's passes to the screen's tally (the source and receiving runs it made included)."""
-        self.timing["forward_passes"] += passes.get("patched_rows", 0.0) + passes.get("runs", 2.0)
-        self.timing["forward_equivalents_verification"] = (
-            self.timing.get("forward_equivalents_verification", 0.0) + passes.get("forward_equivalents", 0.0))
 
     def diagnose(self, direction: str, verified: list):
         """Attention max-prob and entropy [layer, head] of the receiving run, and each verified

@@ -25,6 +25,8 @@ error: "no cause found" cannot be the verdict of a large AtP error. Which non-li
 Each cause carries its number; ``no cause found`` only when every measurement is below its threshold.
 """
 
+from .records import Finding
+
 THRESHOLD = 0.2  # relative size above which a measurement names a cause
 REMOVED = 0.5  # share of the AtP error a freeze must remove to name its non-linearity
 NO_CAUSE = "no cause found: every measurement below its threshold"
@@ -97,7 +99,7 @@ def frozen_causes(exact: float, atp: float, frozen: dict[str, tuple[float, float
     return causes
 
 
-def explain(entries: list[dict], half: dict[str, float], slope: bool = True,
+def explain(entries: list[Finding], half: dict[str, float], slope: bool = True,
             frozen: dict[str, dict[str, tuple[float, float]]] | None = None) -> None:
     """Put the measured causes of each flagged entry (findings.site_results) first in its ``causes``:
     ``half``: e(1/2) per component name; IG's score is read from the entry's ``approx_estimators`` when the
@@ -107,11 +109,11 @@ def explain(entries: list[dict], half: dict[str, float], slope: bool = True,
     when none is left."""
     frozen = frozen or {}
     for e in entries:
-        e["evidence"]["half_effect"] = half[e["name"]]
-        ig = e["approx_estimators"].get("ig")
-        measured = [c for c in measured_causes(e["exact"], half[e["name"]], e["approx"], ig, slope=slope)
+        e.evidence["half_effect"] = half[e.name]
+        ig = e.approx_estimators.get("ig")
+        measured = [c for c in measured_causes(e.exact, half[e.name], e.approx, ig, slope=slope)
                     if c != NO_CAUSE]
-        if e["name"] in frozen:
-            e["evidence"]["frozen"] = {k: list(v) for k, v in frozen[e["name"]].items()}
-            measured = frozen_causes(e["exact"], e["approx"], frozen[e["name"]]) + measured
-        e["causes"] = measured + e["causes"] or [NO_CAUSE]
+        if e.name in frozen:
+            e.evidence["frozen"] = {k: list(v) for k, v in frozen[e.name].items()}
+            measured = frozen_causes(e.exact, e.approx, frozen[e.name]) + measured
+        e.causes = measured + e.causes or [NO_CAUSE]

@@ -16,6 +16,7 @@ flag names and thresholds.
 from ..engine.metrics import DISCRETE_METRICS
 from ..inputs.directions import restored_share
 from ..model.sites import RESID_LIKE, Component
+from .records import Finding
 
 APPROX_FLAGS = ("sign_flip", "large_error", "missed", "overestimated")  # approximation vs exact
 LABELLED_FLAGS = ("sign_flip", "large_error", "missed")  # the ones figures name their points by
@@ -89,27 +90,27 @@ def corruption_comparison(runs: dict[str, list[dict]], metric: str) -> list[dict
     return out
 
 
-def mark_cross_flags(comps: list[dict], metric: str) -> None:
+def mark_cross_flags(comps: list[Finding], metric: str) -> None:
     """Flags that compare metrics with one another, and denoising with noising, for the same component."""
     for e in comps:
-        norms = {m: v for m, v in e["exact_norm"].items()  # drop NaN; discrete metrics hide small effects
+        norms = {m: v for m, v in e.exact_norm.items()  # drop NaN; discrete metrics hide small effects
                  if v == v and m not in DISCRETE_METRICS}
         if disagree(norms):
-            e["flags"].append("metrics_disagree")
-            e["causes"].append("metric non-linearity: normalised effects " +
-                               ", ".join(f"{m} {v:+.2f}" for m, v in norms.items()))
+            e.flags.append("metrics_disagree")
+            e.causes.append("metric non-linearity: normalised effects " +
+                            ", ".join(f"{m} {v:+.2f}" for m, v in norms.items()))
     by_key: dict = {}
     for e in comps:
-        by_key.setdefault(e["name"], {})[e["direction"]] = e
+        by_key.setdefault(e.name, {})[e.direction] = e
     for pair in by_key.values():
         if len(pair) < 2:
             continue
-        d = restored_share("denoise", pair["denoise"]["exact_norm"][metric])
-        n = restored_share("noise", pair["noise"]["exact_norm"][metric])
+        d = restored_share("denoise", pair["denoise"].exact_norm[metric])
+        n = restored_share("noise", pair["noise"].exact_norm[metric])
         if d == d and n == n and abs(d - n) > DIRECTION_TOL:
             kind = "sufficient but not necessary (backup/OR-like)" if abs(d) > abs(n) else \
                 "necessary but not sufficient (AND-like)"
             for e in pair.values():
-                e["flags"].append("directions_disagree")
-                e["causes"].append(f"backup behaviour: denoising restores {d:+.2f}, noising removes {n:+.2f} "
-                                   f"of the clean-corrupt gap: {kind}")
+                e.flags.append("directions_disagree")
+                e.causes.append(f"backup behaviour: denoising restores {d:+.2f}, noising removes {n:+.2f} "
+                                f"of the clean-corrupt gap: {kind}")

@@ -12,6 +12,7 @@ from ..config import ScreenConfig
 from ..engine.metrics import graded
 from ..methods.estimators.attribution import Scores
 from ..model.sites import Component, Dims, components
+from .records import SitePlan
 
 
 def magnitude_order(values: Tensor) -> list[int]:
@@ -53,10 +54,11 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
     return components(site, dims, n_pos, per_position=per_position), values.flatten().float().cpu()
 
 
-def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config: ScreenConfig) -> dict:
+def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
+                      config: ScreenConfig) -> dict[str, SitePlan]:
     """Per site: every component, each estimator's scores per metric, and what to verify: the union of
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
-    random control sample of the rest. ``config``: a ScreenConfig."""
+    random control sample of the rest: {site: SitePlan}."""
     plan = {}
     first = config.estimators[0]
     for i, site in enumerate(config.sites):
@@ -70,7 +72,6 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
         tops = {est: top_k(approx[est][config.metric], config.top_k) for est in est_scores}
         top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
         control = control_sample(len(comps), top, config.random_k, config.seed + i)
-        plan[site] = {"all": comps, "approx": approx[first], "by_estimator": approx, "tops": tops, "top": top,
-                      "control": control, "rank_approx": ranks(approx[first][config.metric]),
-                      "verified": [comps[j] for j in top + control]}
+        plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx, tops=tops, top=top,
+                              control=control, rank_approx=ranks(approx[first][config.metric]))
     return plan

@@ -1,4 +1,4 @@
-"""Stage 6, output: the files a run writes.
+"""Stage 7, output: the files a run writes.
 
     files         atomic writes: JSON (NaN as null), CSV, bytes
     provenance    the weights' hash, library versions, and the manifest that identifies a run
