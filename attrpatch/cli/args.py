@@ -59,13 +59,21 @@ def _top_k(text: str):
     return value
 
 
-def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
+def shared(task: str | None = "ioi") -> argparse.ArgumentParser:
+    """The parent of every command that runs a model on a task: --model, --task (``task``: its default; None:
+    the demo's fixed model and task, neither option) and --n-prompts. A new parser each call, so that one
+    command's defaults never change another's."""
     from ..inputs.tasks import TASKS
 
-    if not demo:
+    p = argparse.ArgumentParser(add_help=False)
+    if task is not None:
         p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
-        p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
+        p.add_argument("--task", default=task, help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
     p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
+    return p
+
+
+def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--sites", type=_csv(SITES), default=DEFAULT_SITES,
                    help=f"comma-separated, from {', '.join(SITES)} (default {','.join(DEFAULT_SITES)})")
     p.add_argument("--metric", choices=ALL_METRICS, default="logit_diff",
@@ -153,12 +161,8 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_edge_args(p: argparse.ArgumentParser) -> None:
-    from ..inputs.tasks import TASKS
     from ..methods.edges.eap import EDGE_ESTIMATORS
 
-    p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
-    p.add_argument("--task", default="ioi", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
-    p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
     p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
     p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both",
@@ -207,11 +211,6 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _add_window_args(p: argparse.ArgumentParser) -> None:
-    from ..inputs.tasks import TASKS
-
-    p.add_argument("--model", default=None, help="hub name or local folder (default: the embedded toy model)")
-    p.add_argument("--task", default="facts", help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
-    p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     p.add_argument("--site", choices=[s for s in SITES if s != "embed"], default="mlp_out")
     p.add_argument("--window", type=_widths, default=(1,), help="window widths in layers, e.g. 1,3,5 (default 1)")
     p.add_argument("--position", default=None,
@@ -241,15 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
     screen = sub.add_parser("screen", help="AtP on every component, exact patching of the top, report",
-                            epilog=EPILOG, formatter_class=_Help)
+                            epilog=EPILOG, formatter_class=_Help, parents=[shared()])
     _add_screen_args(screen)
-    demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline", formatter_class=_Help)
+    demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline", formatter_class=_Help,
+                          parents=[shared(None)])
     _add_screen_args(demo, demo=True)
     edges = sub.add_parser("edges", help="EAP for every edge, exact edge patching of the top, circuit curve",
-                           epilog=EDGES_EPILOG, formatter_class=_Help)
+                           epilog=EDGES_EPILOG, formatter_class=_Help, parents=[shared()])
     _add_edge_args(edges)
     windows = sub.add_parser("windows", help="sliding windows of layers at one position: exact and AtP, per corruption",
-                             epilog=WINDOWS_EPILOG, formatter_class=_Help)
+                             epilog=WINDOWS_EPILOG, formatter_class=_Help, parents=[shared("facts")])
     _add_window_args(windows)
     figures = sub.add_parser("figures", help="draw the figures of a screen run", formatter_class=_Help)
     figures.add_argument("run_dir", type=Path, help="the --out folder of a screen run")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     from .plan import PLAN_EPILOG, add_plan_args
     plan = sub.add_parser("plan", help="the memory a screen needs, per phase, before running it (meta weights)",
-                          epilog=PLAN_EPILOG, formatter_class=_Help)
+                          epilog=PLAN_EPILOG, formatter_class=_Help, parents=[shared()])
     _add_screen_args(plan)
     add_plan_args(plan)
     fetch = sub.add_parser("fetch", help="download a real model without the hub and print its cached folder",
