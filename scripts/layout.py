@@ -1,5 +1,7 @@
-"""Check attrpatch's layout: stages import only from themselves and earlier stages, no import circle, and
-modules and functions stay small. Prints the stage graph and the largest module and function.
+"""Check attrpatch's layout: stages import only from themselves and earlier stages (and methods' rooms only
+from themselves and earlier rooms), no import circle, modules and functions stay small, and a module that
+reads a config's fields imports the config's type (no duck typing). Prints the stage graph and the largest
+module and function.
 
     python scripts/layout.py          # exit 1 on a violation
 """
@@ -12,6 +14,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "attrpatch"
 # The stages in the order data flows; a module may import from its own stage and earlier ones.
 STAGES = ("inputs", "model", "engine", "methods", "config", "analysis", "output", "plot", "steps", "screening", "edge_screening",
           "prompts", "pipeline", "planning", "edge_planning", "cli", "__init__", "__main__")
+# methods/ in rooms, in the order they may import one another; modules directly in methods/ come first
+ROOMS = ("", "estimators", "patching", "edges")
+CONFIG_TYPES = ("ScreenConfig", "EdgeConfig")  # attrpatch/config.py's dataclasses; readers import them
+CONFIG_NAMES = ("config", "cfg")  # how the code names a config: config.x, self.config.x, result.config.x
+# fields only a Finding (analysis/records.py) has: a module reading them on an object imports Finding
+FINDING_ONLY = ("flags", "causes", "evidence", "exact_norm", "exact_metrics", "approx_metrics", "approx_estimators",
+                "rank_exact", "exact_ci")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 EXEMPT = {}  # "module:function" -> why it may be longer (none today)
@@ -21,6 +30,12 @@ def stage_of(module: str) -> str:
     """'attrpatch.methods.atp' -> 'methods'; 'attrpatch.cli' -> 'cli'; 'attrpatch' -> '__init__'."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
+
+
+def room_of(module: str) -> str:
+    """'attrpatch.methods.edges.eap' -> 'edges'; 'attrpatch.methods.ablation' -> '' (methods' own modules)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == "methods" else ""
 
 
 def module_name(path: Path) -> str:
@@ -60,12 +75,18 @@ def check() -> tuple[list[str], dict]:
         if stage not in STAGES:
             problems.append(f"{module}: stage {stage!r} is not in scripts/layout.py STAGES; add it in data-flow order")
             continue
-        deps = {d for d in imports(path, module) if d in modules and d != module}
+        found = imports(path, module)
+        deps = {d for d in found if d in modules and d != module}
         graph[module] = deps
         for dep in deps:
             dep_stage = stage_of(dep)
             if stage != "__init__" and STAGES.index(dep_stage) > STAGES.index(stage):
                 problems.append(f"{module} ({stage}) imports {dep} from the later stage {dep_stage}")
+            elif stage == dep_stage == "methods" and _room_index(dep) > _room_index(module):
+                problems.append(f"{module} (methods room {room_of(module) or 'methods'}) imports {dep} from the "
+                                f"later room {room_of(dep)}")
+        problems += _untyped_config_reads(module, path, found, config_fields())
+        problems += _untyped_finding_reads(module, path, found)
         lines = path.read_text().count("\n")
         if lines > MAX_MODULE_LINES:
             problems.append(f"{module}: {lines} lines (> {MAX_MODULE_LINES})")
@@ -76,6 +97,56 @@ def check() -> tuple[list[str], dict]:
                     problems.append(f"{module}:{node.name}: {length} lines (> {MAX_FUNCTION_LINES})")
     problems += [f"import circle: {' -> '.join(c)}" for c in _cycles(graph)]
     return problems, graph
+
+
+def _room_index(module: str) -> int:
+    room = room_of(module)
+    if room not in ROOMS:
+        raise SystemExit(f"{module}: room {room!r} is not in scripts/layout.py ROOMS; add it in import order")
+    return ROOMS.index(room)
+
+
+def config_fields() -> dict[str, set[str]]:
+    """Each config type's field names, read from attrpatch/config.py."""
+    path = PACKAGE / "config.py"
+    if not path.exists():
+        return {}
+    tree = ast.parse(path.read_text())
+    return {node.name: {f.target.id for f in node.body if isinstance(f, ast.AnnAssign)}
+            for node in tree.body if isinstance(node, ast.ClassDef) and node.name in CONFIG_TYPES}
+
+
+def _untyped_config_reads(module: str, path: Path, found: set[str], fields: dict[str, set[str]]) -> list[str]:
+    """A module that reads a config's fields (config.top_k, self.config.metric, result.config.sites) without
+    importing ScreenConfig or EdgeConfig reads it by duck typing: reported, with the fields it reads."""
+    if module == "attrpatch.config" or not fields:
+        return []
+    every = set().union(*fields.values())
+    read = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in every:
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name in CONFIG_NAMES:
+                read.add(node.attr)
+    typed = {f"attrpatch.config.{t}" for t in fields} & found
+    if read and not typed:
+        return [f"{module} reads config fields ({', '.join(sorted(read))}) without importing their type "
+                f"({' or '.join(fields)} from attrpatch.config)"]
+    return []
+
+
+def _untyped_finding_reads(module: str, path: Path, found: set[str]) -> list[str]:
+    """A module that reads a Finding's own fields as attributes (e.flags, e.exact_norm) imports Finding (or
+    the record helpers beside it); the dicts past the output boundary are read by key, not by attribute."""
+    if module == "attrpatch.analysis.records":
+        return []
+    read = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and node.attr in FINDING_ONLY and isinstance(node.ctx, ast.Load)}
+    if read and not any(f.startswith("attrpatch.analysis.records") for f in found):
+        return [f"{module} reads finding fields ({', '.join(sorted(read))}) without importing Finding from "
+                "attrpatch.analysis.records"]
+    return []
 
 
 def _cycles(graph: dict) -> list[list[str]]:
@@ -118,6 +189,14 @@ def main() -> int:
         if stage in by_stage:
             deps = sorted(by_stage[stage] - {stage}, key=STAGES.index)
             print(f"{stage:10s} <- {', '.join(deps) or '(nothing)'}")
+    by_room: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        if stage_of(module) == "methods":
+            by_room.setdefault(room_of(module), set()).update(room_of(d) for d in deps if stage_of(d) == "methods")
+    for room in ROOMS:
+        if room in by_room:
+            deps = sorted(by_room[room] - {room}, key=ROOMS.index)
+            print(f"  methods/{room or '.':11s} <- {', '.join(f'methods/{d or chr(46)}' for d in deps) or '(nothing)'}")
     (mod_lines, mod), (fn_lines, fn) = largest()
     print(f"largest module: {mod} ({mod_lines} lines); largest function: {fn} ({fn_lines} lines)")
     for p in problems:

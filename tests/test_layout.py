@@ -47,3 +47,38 @@ def test_each_package_docstring_lists_the_modules_it_has():
         missing = [p.stem for p in sorted(init.parent.glob("*.py")) if p.stem != "__init__"
                    and not re.search(rf"^\s+{p.stem}\b", doc, re.M)]
         assert missing == [], f"{init.relative_to(package.parent)}: no docstring line for {missing}"
+
+
+def test_the_check_catches_a_backward_import_between_methods_rooms(tmp_path, monkeypatch):
+    """methods/ imports in room order (estimators, patching, edges): an estimator importing edges is reported."""
+    layout = _layout()
+    pkg = tmp_path / "attrpatch"
+    for d in (pkg, pkg / "methods", pkg / "methods" / "estimators", pkg / "methods" / "edges"):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "__init__.py").write_text("")
+    (pkg / "methods" / "estimators" / "a.py").write_text("from ..edges import b\n")
+    (pkg / "methods" / "edges" / "b.py").write_text("x = 1\n")
+    monkeypatch.setattr(layout, "PACKAGE", pkg)
+    problems, _ = layout.check()
+    assert any("imports attrpatch.methods.edges.b from the later room edges" in p for p in problems)
+
+
+def test_the_check_catches_a_config_or_finding_read_by_duck_typing(tmp_path, monkeypatch):
+    """A module reading config.top_k without importing ScreenConfig, or e.flags without importing Finding, is
+    reported; importing the types clears it."""
+    layout = _layout()
+    pkg = tmp_path / "attrpatch"
+    (pkg / "analysis").mkdir(parents=True)
+    for d in (pkg, pkg / "analysis"):
+        (d / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("class ScreenConfig:\n    top_k: int = 30\n")
+    (pkg / "analysis" / "records.py").write_text("class Finding:\n    flags: list\n")
+    (pkg / "analysis" / "a.py").write_text("def f(config, e):\n    return config.top_k, e.flags\n")
+    monkeypatch.setattr(layout, "PACKAGE", pkg)
+    problems, _ = layout.check()
+    assert any("attrpatch.analysis.a reads config fields (top_k)" in p for p in problems)
+    assert any("attrpatch.analysis.a reads finding fields (flags)" in p for p in problems)
+    (pkg / "analysis" / "a.py").write_text("from ..config import ScreenConfig\nfrom .records import Finding\n\n\n"
+                                           "def f(config: ScreenConfig, e: Finding):\n    return config.top_k, e.flags\n")
+    problems, _ = layout.check()
+    assert problems == []

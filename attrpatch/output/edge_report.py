@@ -56,7 +56,7 @@ def write_edge_scores(path: Path, result) -> None:
 
 def write_edges(out: Path, result, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
     """Write report.json, report.md, circuit.json, results.csv and edge_scores.safetensors into ``out``;
-    prompt_selection: how the prompts were chosen (pipeline.prepare_pairs), recorded in the report."""
+    prompt_selection: how the prompts were chosen (prompts.prepare_pairs), recorded in the report."""
     out = Path(out)
     report = {**edge_report(result, model=model_name, task=task), "prompt_selection": prompt_selection}
     write_json(out / "report.json", report)

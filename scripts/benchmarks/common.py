@@ -73,7 +73,7 @@ def build_model(preset: dict, device: str, dtype: torch.dtype):
 
 
 def task_batch(model, tokenizer, task: str, n: int):
-    """The prompt batch the CLI's default screen of ``task`` runs on (pipeline.prepare_pairs)."""
+    """The prompt batch the CLI's default screen of ``task`` runs on (prompts.prepare_pairs)."""
     from attrpatch.prompts import pad_token, prepare_pairs
 
     pairs, _ = prepare_pairs(model, tokenizer, task=task, n_prompts=n, per_position=True)
