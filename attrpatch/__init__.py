@@ -13,11 +13,11 @@ from .inputs.batch import PromptBatch, make_batch
 from .inputs.directions import DIRECTIONS
 from .inputs.pairs import PromptPair, load_jsonl
 from .inputs.tasks import TASKS, builtin_task
-from .methods.estimators.attribution import ESTIMATORS, Scores, attribute
+from .methods.ablation import ABLATIONS
+from .methods.edges.eap import EdgeScores, attribute_edges
 from .methods.edges.graph import Edge
 from .methods.edges.patching import EdgeEffects, patch_edges
-from .methods.edges.eap import EdgeScores, attribute_edges
-from .methods.ablation import ABLATIONS
+from .methods.estimators.attribution import ESTIMATORS, Scores, attribute
 from .methods.patching.exact import Effects, patch
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.fetch import fetch

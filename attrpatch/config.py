@@ -12,11 +12,11 @@ from .methods.estimators.attribution import ESTIMATORS, check_estimator
 from .model.sites import RESID_LIKE, SITES, check_site
 
 
-def check_metrics_and_direction(config, discrete: bool = False) -> None:
+def check_metrics_and_direction(config: "ScreenConfig | EdgeConfig", discrete: bool = False) -> None:
     """Validate a screen config's ``metric``, ``metrics`` and ``direction`` (denoise | noise | both), node and
-    edge screens alike (:func:`with_primary_metric` adds the primary metric to ``metrics``). The primary metric ranks by
-    attribution, so it needs a gradient; ``discrete``: ``metrics`` may hold discrete ones (read from the
-    patched runs only)."""
+    edge screens alike (:func:`with_primary_metric` adds the primary metric to ``metrics``). The primary
+    metric ranks by attribution, so it needs a gradient; ``discrete``: ``metrics`` may hold discrete ones
+    (read from the patched runs only)."""
     check_metric(config.metric, gradient=True)
     for m in config.metrics:
         check_metric(m, gradient=not discrete)
@@ -28,7 +28,9 @@ def with_primary_metric(config: "ScreenConfig | EdgeConfig") -> "ScreenConfig | 
     """``config`` with its primary metric first in ``metrics`` when missing there: a new config (configs are
     never changed after validation). Every entry point (screen, screen_edges, the pipeline, the CLI) reads
     the config through this."""
-    return config if config.metric in config.metrics else replace(config, metrics=(config.metric, *config.metrics))
+    if config.metric in config.metrics:
+        return config
+    return replace(config, metrics=(config.metric, *config.metrics))
 
 
 def config_dict(config: "ScreenConfig | EdgeConfig") -> dict:

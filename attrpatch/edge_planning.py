@@ -28,9 +28,9 @@ from .analysis.ranking import control_sample, top_k
 from .config import EdgeConfig, with_primary_metric
 from .engine.memory import MemoryTracker, fused_attention
 from .inputs.batch import PromptBatch
+from .methods.edges.eap import attribute_edges
 from .methods.edges.graph import EdgeModel
 from .methods.edges.patching import patch_edges
-from .methods.edges.eap import attribute_edges
 from .methods.patching.passes import DEFAULT_ROWS
 from .model import hf_compat
 from .model.sites import as_spec

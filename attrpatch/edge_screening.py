@@ -14,8 +14,8 @@ from torch import nn
 from .analysis import circuits
 from .analysis.agreement import agreement, false_negatives, tolerance
 from .analysis.baselines import logit_diff
-from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
+from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.records import Finding, finding_dicts
 from .analysis.sanity import clean_run_check
@@ -24,10 +24,10 @@ from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import normalise
 from .inputs.batch import PromptBatch
-from .methods.patching.diagnostics import activation_change, attention_stats
+from .methods.edges.eap import EdgeScores, attribute_edges
 from .methods.edges.graph import Edge, Node
 from .methods.edges.patching import patch_edges
-from .methods.edges.eap import EdgeScores, attribute_edges
+from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
 
 

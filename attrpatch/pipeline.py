@@ -5,6 +5,7 @@ from pathlib import Path
 from torch import nn
 
 from .analysis.sanity import by_group
+from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
 from .engine import distributed
 from .inputs.alignment import position_labels
 from .inputs.batch import make_batch
@@ -14,7 +15,6 @@ from .output.checkpoint import Progress
 from .output.provenance import manifest_dict
 from .output.report import write_run
 from .prompts import corrupted, pad_token, prepare_pairs
-from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
 from .screening import screen
 
 

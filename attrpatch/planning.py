@@ -38,16 +38,16 @@ import torch
 from torch import nn
 
 from .analysis.ranking import plan_verification
+from .config import ScreenConfig
 from .engine.memory import MemoryTracker, fused_attention
 from .engine.metrics import graded
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import Scores, attribute
-from .methods.patching.passes import default_rows
 from .methods.patching.exact import patch
+from .methods.patching.passes import default_rows
 from .model import hf_compat
 from .model.loading import parse_dtype
 from .model.sites import as_spec, site_shape
-from .config import ScreenConfig
 from .steps import attribution_options, patch_options
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

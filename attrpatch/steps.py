@@ -22,8 +22,8 @@ from .engine.metrics import DISCRETE_METRICS, Target, graded, metric
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import Scores, attribute
 from .methods.patching.diagnostics import activation_change, attention_stats
-from .methods.patching.frozen import frozen_measurements
 from .methods.patching.exact import Effects, patch
+from .methods.patching.frozen import frozen_measurements
 from .output.checkpoint import Progress
 
 

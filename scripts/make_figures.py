@@ -28,12 +28,12 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 
 from attrpatch import plot  # noqa: E402
+from attrpatch.config import DEFAULT_SITES, ScreenConfig  # noqa: E402
 from attrpatch.inputs import tasks  # noqa: E402
 from attrpatch.inputs.pairs import save_jsonl, tokenize_pair  # noqa: E402
 from attrpatch.model.loading import DEFAULT_MODEL, load  # noqa: E402
-from attrpatch.pipeline import run_screen  # noqa: E402
-from attrpatch.config import DEFAULT_SITES, ScreenConfig  # noqa: E402
 from attrpatch.model.sites import SITES  # noqa: E402
+from attrpatch.pipeline import run_screen  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
 

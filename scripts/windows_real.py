@@ -23,9 +23,9 @@ import torch
 import attrpatch as ap
 from attrpatch.inputs.corruption import with_embedding_noise
 from attrpatch.methods.patching.windows import sweep_windows
-from attrpatch.prompts import prepare_pairs
 from attrpatch.plot.style import save
 from attrpatch.plot.windows import normalised, plot_windows
+from attrpatch.prompts import prepare_pairs
 
 MODEL = Path.home() / ".cache/attrpatch/smollm2-135m-instruct"
 METRICS = ("logit_diff", "prob", "rank", "accuracy")

@@ -9,11 +9,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from attrpatch.cli import main
+from attrpatch.config import ScreenConfig
 from attrpatch.inputs import tasks
 from attrpatch.inputs.corruption import check_corruption
 from attrpatch.model.loading import DEFAULT_MODEL, load
 from attrpatch.pipeline import run_screen
-from attrpatch.config import ScreenConfig
 from conftest import random_pairs, write_task
 
 SAME = ("clean_metric", "corrupt_metric", "components", "agreement", "false_negatives", "corruption", "tokens")

@@ -13,9 +13,9 @@ matplotlib.use("Agg")
 
 import attrpatch as ap  # noqa: E402
 from attrpatch.cli import main  # noqa: E402
+from attrpatch.config import ScreenConfig
 from attrpatch.pipeline import run_screen  # noqa: E402
 from attrpatch.plot import figures  # noqa: E402
-from attrpatch.config import ScreenConfig
 from attrpatch.screening import screen  # noqa: E402
 from conftest import random_pairs, saved_model, tiny_model, write_task  # noqa: E402
 from reference import ablation_reference  # noqa: E402

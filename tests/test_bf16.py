@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import attrpatch as ap
-from attrpatch.methods.edges.patching import patch_edges
-from attrpatch.methods.edges.graph import Edge
-from attrpatch.methods.edges.eap import attribute_edges
-from attrpatch.pipeline import run_screen
 from attrpatch.config import ScreenConfig
+from attrpatch.methods.edges.eap import attribute_edges
+from attrpatch.methods.edges.graph import Edge
+from attrpatch.methods.edges.patching import patch_edges
+from attrpatch.pipeline import run_screen
 from conftest import random_pairs, tiny_model
 
 ESTIMATORS = ("atp", "atp_star", "ig", "graddrop", "relp")

@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 
 from attrpatch.analysis.flags import corruption_comparison  # noqa: E402
 from attrpatch.cli import main  # noqa: E402
+from attrpatch.config import ScreenConfig  # noqa: E402
 from attrpatch.pipeline import run_screen  # noqa: E402
 from attrpatch.plot.corruptions import key_lines, plot_corruptions  # noqa: E402
-from attrpatch.config import ScreenConfig  # noqa: E402
 from conftest import random_pairs, tiny_model, write_task  # noqa: E402
 
 CONFIG = dict(sites=("resid_pre", "mlp_out", "head"), top_k=None, random_k=0, direction="both", progress=False)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import attrpatch as ap
+from attrpatch.methods.edges.eap import attribute_edges
 from attrpatch.methods.edges.graph import Edge, Graph
 from attrpatch.methods.edges.patching import patch_edges
-from attrpatch.methods.edges.eap import attribute_edges
 from attrpatch.model.archs import UnsupportedModel
 from conftest import random_pairs, tiny_model
 from edge_reference import (eap_reference, edge_patch_reference, input_delta, patch_input_reference,

@@ -6,12 +6,12 @@ import torch
 
 import attrpatch as ap
 from attrpatch.cli import main
-from attrpatch.edge_planning import fit_edges
 from attrpatch.config import EdgeConfig
+from attrpatch.config import ScreenConfig
+from attrpatch.edge_planning import fit_edges
 from attrpatch.methods.edges import patching as edge_patching
 from attrpatch.methods.edges.graph import Edge
 from attrpatch.planning import fit, plan_screen
-from attrpatch.config import ScreenConfig
 from conftest import random_pairs, tiny_model
 
 CONFIG = ScreenConfig(sites=("head", "mlp_out", "resid_pre"), top_k=4, random_k=2, metrics=("logit_diff", "kl"),

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import attrpatch as ap
-from attrpatch.methods.patching.passes import same_prefix
 from attrpatch.analysis.causes import frozen_causes
 from attrpatch.methods.patching.frozen import frozen_effects
+from attrpatch.methods.patching.passes import same_prefix
 from attrpatch.model.sites import components
 from conftest import N_POS, random_pairs, tiny_model
 

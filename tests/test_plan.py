@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from attrpatch.cli import main
+from attrpatch.config import ScreenConfig
 from attrpatch.engine.memory import MemoryTracker
 from attrpatch.inputs.batch import make_batch
 from attrpatch.planning import meta_model, model_config, parse_bytes, synthetic_batch, trace_screen
-from attrpatch.config import ScreenConfig
 from conftest import random_pairs, tiny_model
 
 CONFIGS = Path(__file__).parent / "configs"

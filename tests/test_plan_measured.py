@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from attrpatch.config import EdgeConfig
+from attrpatch.config import ScreenConfig
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.loading import load
-from attrpatch.prompts import pad_token, prepare_pairs
 from attrpatch.planning import plan_screen, trace_screen
-from attrpatch.config import ScreenConfig
+from attrpatch.prompts import pad_token, prepare_pairs
 
 DEFAULT = ScreenConfig(progress=False)  # a default screen: every default site, top-30 + 20 controls, every metric
 

@@ -14,9 +14,9 @@ matplotlib.use("Agg")
 
 from attrpatch import plot  # noqa: E402
 from attrpatch.cli import main  # noqa: E402
-from attrpatch.pipeline import run_screen  # noqa: E402
-from attrpatch.output.report import load_scores  # noqa: E402
 from attrpatch.config import ScreenConfig  # noqa: E402
+from attrpatch.output.report import load_scores  # noqa: E402
+from attrpatch.pipeline import run_screen  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 

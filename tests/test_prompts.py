@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import attrpatch as ap
 from attrpatch.cli import main
+from attrpatch.config import ScreenConfig
 from attrpatch.inputs.alignment import VARIES, check_one_layout, keep_one_layout, position_labels
 from attrpatch.inputs.pairs import PromptPair
 from attrpatch.inputs.tasks import IOI_TEMPLATES
 from attrpatch.inputs.tokenization import added_bos, bos_id
 from attrpatch.model.loading import DEFAULT_MODEL
-from attrpatch.config import ScreenConfig
 from attrpatch.screening import screen
 from conftest import FAMILIES, random_pairs, tiny_model, write_task
 

@@ -11,12 +11,12 @@ import random
 import pytest
 import torch
 
+from attrpatch.config import ScreenConfig
 from attrpatch.inputs.batch import make_batch
 from attrpatch.model.fetch import fetch, smollm2_gguf
 from attrpatch.model.loading import load
 from attrpatch.model.sites import Component
 from attrpatch.pipeline import run_screen
-from attrpatch.config import ScreenConfig
 from reference import exact_reference
 
 pytestmark = pytest.mark.real_model

@@ -8,9 +8,9 @@ import torch
 
 import attrpatch as ap
 from attrpatch.analysis.causes import NO_CAUSE, frozen_causes, measured_causes
+from attrpatch.config import ScreenConfig
 from attrpatch.output import report_md
 from attrpatch.output.report import report_dict
-from attrpatch.config import ScreenConfig
 from attrpatch.screening import screen
 from conftest import random_pairs, tiny_model
 from test_attribute import _saturated_gpt2

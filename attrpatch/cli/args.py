@@ -4,13 +4,13 @@ examples. Parsing only: what each command does is in cli/__init__.py."""
 import argparse
 from pathlib import Path
 
+from ..config import DEFAULT_SITES, POSITIONS
 from ..engine.metrics import ALL_METRICS, METRICS
 from ..inputs.corruption import CORRUPTIONS
-from ..methods.estimators.attribution import ESTIMATORS
 from ..methods.ablation import ABLATIONS
+from ..methods.estimators.attribution import ESTIMATORS
 from ..model.fetch import MODELS
 from ..model.sites import RESID_LIKE, SITES
-from ..config import DEFAULT_SITES, POSITIONS
 
 
 EPILOG = """examples:

@@ -1,8 +1,8 @@
 """``attrpatch plan``: the memory plan of a screen (planning.py) and, with --edges, of an edges run
 (edge_planning.py), from the screen's options, printed as text or as one JSON object."""
 
-from ..planning import size_text, model_config, parse_bytes, plan_screen
 from ..config import ScreenConfig, with_primary_metric
+from ..planning import size_text, model_config, parse_bytes, plan_screen
 
 
 def describe(plan: dict) -> str:

@@ -42,9 +42,9 @@ from ...engine.metrics import check_metric, wide
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import ModelSpec, as_spec
-from .graph import QKV, Edge, EdgeModel, Graph
 from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
+from .graph import QKV, Edge, EdgeModel, Graph
 
 EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
 

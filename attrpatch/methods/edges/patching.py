@@ -30,8 +30,8 @@ from ...engine.partial import run_blocks
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import ModelSpec, as_spec
-from .graph import Edge, EdgeModel, Node
 from ..patching.passes import DEFAULT_ROWS
+from .graph import Edge, EdgeModel, Node
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 

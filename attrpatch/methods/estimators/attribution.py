@@ -24,8 +24,8 @@ from ...engine.metrics import check_metric, wide
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
-from . import atp, atp_star, graddrop, ig, relp
 from ..ablation import check_ablation, site_values
+from . import atp, atp_star, graddrop, ig, relp
 from .gradients import Chunk
 
 ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp}  # name -> module

@@ -36,8 +36,8 @@ from ..estimators import qk_fix
 from ..estimators.attribution import attribute
 from .passes import (block_share, copy_entries, default_rows, equivalents, first_position, group_passes, no_op,
                      same_prefix)  # exact patching's grouping and count
-from .exact import patcher  # the exact patcher, alpha = 1
 from ..estimators.relp import is_layer_norm, is_norm, ratio
+from .exact import patcher  # the exact patcher, alpha = 1
 
 FREEZES = ("pattern", "norm")
 NAME = "attrpatch_frozen"
