@@ -81,7 +81,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         f"{', '.join(RESID_LIKE)}, all for the others")
     p.add_argument("--estimator", choices=(*ESTIMATORS, "all"), default="atp",
                    help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop, relp (LRP "
-                        "rules in the backward pass, the cost of atp); "
+                        "rules in the backward pass, the cost of atp), gim (GIM's rules in the backward pass, the "
+                        "cost of atp), relp_gim (both); "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
