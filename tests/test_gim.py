@@ -6,6 +6,7 @@ import torch
 
 import attrpatch as ap
 from attrpatch.methods import gim, relp
+from attrpatch.methods.edges import attribute_edges
 from attrpatch.model.sites import as_spec
 from conftest import FAMILIES, random_pairs, tiny_model
 from gim_reference import FORWARDS
@@ -112,6 +113,24 @@ def test_relp_gim_is_relp_plus_the_attention_rules():
         assert torch.equal(only_norm[site], plain_gim[site]), site  # GIM's norm rule is RelP's
         assert torch.equal(as_relp[site], plain_relp[site]), site
     assert max(float((both[s] - plain_gim[s]).abs().max()) for s in ap.SITES) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def test_gim_edge_scores_out_of_a_sender_sum_to_its_node_score(family):
+    model = tiny_model(family, dtype=torch.float64)
+    batch = ap.make_batch(random_pairs(3))
+    for estimator in ("gim", "relp_gim"):
+        edges = attribute_edges(model, batch, estimator=estimator)
+        scores, graph = edges.values["logit_diff"], edges.graph
+        node = ap.attribute(model, batch, sites=["resid_pre", "head", "mlp_out"],
+                            estimator=estimator).values["logit_diff"]
+        assert scores[0].sum().item() == pytest.approx(node["resid_pre"][0].sum().item(), abs=1e-6)  # embed
+        for layer in range(3):
+            heads = scores[[graph.sender_index[f"L{layer}H{h}"] for h in range(4)]].sum(1)
+            torch.testing.assert_close(heads, node["head"][layer].sum(0).to(heads.dtype), atol=1e-6, rtol=1e-6)
+            mlp = scores[graph.sender_index[f"L{layer}.mlp"]].sum().item()
+            assert mlp == pytest.approx(node["mlp_out"][layer].sum().item(), abs=1e-6)
+        assert not torch.equal(scores, attribute_edges(model, batch).values["logit_diff"])
 
 
 def test_bad_rules_name_the_value_and_the_fix():

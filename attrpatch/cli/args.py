@@ -166,7 +166,7 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
                    help="denoise: clean values into the corrupt run; noise: corrupt into clean")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
-    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP) or ig (EAP-IG)")
+    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's)")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
     p.add_argument("--out", type=Path, default=Path("runs/edges"),
