@@ -59,14 +59,16 @@ def test_gim_with_every_rule_off_is_atp(family):
 
 
 def test_the_attention_route_with_identity_rules_has_the_plain_gradient(family):
-    """With temperature 1 and factors 1 forced through the routed attention, the gradient is the model's."""
+    """With temperature 1 and factors 1 forced through the routed attention, the gradient is the model's
+    (padded prompts: the masks of eager and sdpa both reach the rules' eager re-computation)."""
     model = tiny_model(family, dtype=torch.float64)
     spec = as_spec(model)
-    ids = torch.tensor([p.clean_ids for p in random_pairs()])
+    batch = ap.make_batch(random_pairs(lengths=[7, 5, 6]))
 
     def grad():
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        return torch.autograd.grad(model(inputs_embeds=embeds).logits[:, -1, :5].sum(), embeds)[0]
+        embeds = model.get_input_embeddings()(batch.clean).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=batch.mask).logits
+        return torch.autograd.grad(logits[torch.arange(batch.n), batch.last, :5].sum(), embeds)[0]
     plain = grad()
     with gim.attention_rules(spec, OFF):
         routed = grad()
