@@ -38,7 +38,7 @@ class EdgeConfig:
     direction: str = "both"  # denoise | noise | both
     top_k: int = 50
     random_k: int = 30
-    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG)
+    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG) | gim | relp_gim (EAP under GIM's rules, with RelP's)
     ig_steps: int = 8
     circuit_points: int = 12  # circuit sizes on the faithfulness curve
     seed: int = 0

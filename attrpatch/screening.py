@@ -66,7 +66,7 @@ class ScreenConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
-    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | all
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | gim | relp_gim | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
     low_memory: bool = False  # attribution's backward block by block (methods/blockwise.py): less memory, ~+2 forwards
