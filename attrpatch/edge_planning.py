@@ -7,7 +7,7 @@ Traced, through the functions the edges run calls, with its arguments (edge_scre
   edges          methods/edges.attribute_edges on every prompt (--batch-size chunks), for the first
                  direction: the source run, the deltas of every sender [sender, batch, pos, d_model] (the
                  largest buffer at width), the receiving run with grad and one backward per metric.
-  edge_patching  methods/edge_patching.patch_edges of the verified edges (top-k + control sample) on every
+  edge_patching  methods/edges/patching.patch_edges of the verified edges (top-k + control sample) on every
                  prompt, --copies edge sets per pass (default: the device's rows, as the run takes them).
 
 Not traced, or traced differently from a real run:

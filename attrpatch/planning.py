@@ -6,7 +6,7 @@ seconds on a CPU. The same function on a real model (``trace_screen``) measures 
 Traced, through the functions the screen calls, with the screen's arguments (steps.attribution_options,
 steps.patch_options):
   load          the weights: every parameter and buffer storage, once.
-  attribution   methods/attribution.attribute on every prompt, for the first direction, once per estimator
+  attribution   methods/estimators/attribution.attribute on every prompt, for the first direction, once per estimator
                 (the other direction has the same shapes), with --batch-size and --low-memory.
   verification  methods/patching.patch of the first chunk of prompts (--batch-size; later chunks repeat its
                 shapes) for every verified component of every site, in one call as Steps.verify makes it,

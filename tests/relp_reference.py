@@ -120,10 +120,11 @@ def neox(model, ids, rules, at):
 FORWARDS = {"gpt2": gpt2, "llama": llama, "gpt_neox": neox}
 
 
-def relp_reference(model, batch, site, rules, direction="denoise", metric_name="logit_diff"):
+def relp_reference(model, batch, site, rules, direction="denoise", metric_name="logit_diff", forwards=FORWARDS):
     """RelP scores [layer, pos, (unit)] of ``site``, mean over prompts: for each layer, the receiver's
-    activation is a leaf, and the gradient of the metric under ``rules`` multiplies (source - receiver)."""
-    forward = FORWARDS[model.config.model_type]
+    activation is a leaf, and the gradient of the metric under ``rules`` multiplies (source - receiver).
+    forwards: {model_type: forward(model, ids, rules, at)}, rules () meaning none (gim_reference.py's too)."""
+    forward = forwards[model.config.model_type]
     source_ids, receiver_ids = (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
     last = torch.arange(batch.n), batch.last
 

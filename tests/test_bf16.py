@@ -14,7 +14,7 @@ from attrpatch.methods.edges.patching import patch_edges
 from attrpatch.pipeline import run_screen
 from conftest import random_pairs, tiny_model
 
-ESTIMATORS = ("atp", "atp_star", "ig", "graddrop", "relp")
+ESTIMATORS = ("atp", "atp_star", "ig", "graddrop", "relp", "gim", "relp_gim")
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

@@ -134,7 +134,7 @@ def test_estimator_all_verifies_the_union_and_grades_each(tmp_path):
           "--top-k", "3", "--random-k", "2", "--sites", "head,k", "--estimator", "all", "--ig-steps", "2"])
     report = json.loads((out / "report.json").read_text())
     per = report["estimators"]["denoise"]
-    assert set(per) == {"atp", "atp_star", "ig", "graddrop", "relp"}
+    assert set(per) == {"atp", "atp_star", "ig", "graddrop", "relp", "gim", "relp_gim"}
     assert per["ig"]["cost"]["backward"] == 2 * len(ap.METRICS)
     verified = {c["name"] for c in report["components"] if c["site"] == "head"}
     batch = ap.make_batch(pairs)

@@ -26,8 +26,11 @@ def test_the_verdict_states_which_goal_is_missed_with_the_numbers():
     results, _ = script.load(ROOT / "docs" / "estimators.json")
     words = "\n".join(script.verdict(results))
     assert "**Missed: no estimator within the budget reaches it.**" in words
-    assert "- relp (4 forward-equivalents): below the goal on de. resid_pre 0.925" in words
-    assert "- the cheapest that reaches it: ig (8 steps) (26 forward-equivalents)" in words
+    assert "- relp (4 forward-equivalents): Pearson below 0.95 on de. resid_pre 0.925" in words
+    assert ("- relp + gim temperature 4 (4 forward-equivalents): Pearson below 0.95 on no. resid_pre 0.927 "
+            "[0.89, 0.96]; no. mlp_out 0.949 [0.91, 0.96]. Spearman below AtP's - 0.05 on de. resid_pre 0.644") in words
+    assert "- the cheapest that reaches the goal: none" in words
+    assert "- the cheapest that reaches its Pearson part: ig (8 steps) (26 forward-equivalents)" in words
 
 
 def test_rewriting_the_section_keeps_the_hand_written_rest(tmp_path):

@@ -18,6 +18,8 @@ Definitions (docs/methods.md#edges; names in graph.py):
                  prompts (EAP). Scores out of A sum to A's node AtP score; into B, to input_B's score.
     EAP-IG       the gradient averaged over the runs whose token embeddings lie on the line from receiver
                  to source (ig.py's midpoints); deltas from the plain runs.
+    GIM          EAP with the receiving run's backward under GIM's rules (gim.py; ``relp_gim``: with RelP's
+                 too); the receivers' norm VJPs then hold the norm scale constant as well.
 
 Receiver gradients come from one backward: at each q/k/v projection output and each MLP / final norm
 output, a tensor hook pulls the gradient back through the head's projection columns and the norm (its
@@ -42,11 +44,13 @@ from ...engine.metrics import check_metric, wide
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import ModelSpec, as_spec
+from ..estimators import gim, relp
 from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
 from .graph import QKV, Edge, EdgeModel, Graph
 
-EDGE_ESTIMATORS = ("atp", "ig")  # EAP, EAP-IG
+EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim")  # EAP, EAP-IG, EAP under GIM's rules (with RelP's)
+_RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES}}  # gim.modifying's options
 
 
 @dataclass
@@ -94,12 +98,14 @@ def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: tor
     return out.mul_(mask[None, :, :, None].to(dtype))  # pads zeroed
 
 
-def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
+def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor, frozen_scale: bool = False) -> Tensor:
     """d metric / d norm input, one per receiver: x [batch, pos, d_model], grad [unit, batch, pos, d_model]
-    (the gradient at the norm's output through each receiver alone) -> [unit, batch, pos, d_model]."""
+    (the gradient at the norm's output through each receiver alone) -> [unit, batch, pos, d_model].
+    frozen_scale: the norm's scale held constant (GIM's and RelP's norm rule, relp.norm_rule)."""
     with torch.enable_grad():
         xs = x.detach().expand(grad.shape[0], *x.shape).clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(norm.forward(xs), xs, grad.to(x.dtype))  # .forward: no hooks
+        y = norm.forward(xs)  # .forward: no hooks
+        (g,) = torch.autograd.grad(relp.norm_rule(norm, xs, y) if frozen_scale else y, xs, grad.to(x.dtype))
     return g
 
 
@@ -114,6 +120,7 @@ class _Scorer(Receiving):
         self.norm_in: dict = {}
         self.delta: Tensor | None = None
         self.weight = 1.0
+        self.frozen_scale = False  # the norm rule is on (GIM)
 
     def run(self, run, store: dict, hooks: list = ()) -> Tensor:
         hooks = record(self.em.sender_points(), store, self.batch.n_pos) + list(hooks)
@@ -160,7 +167,7 @@ class _Scorer(Receiving):
                 g_out = point.read(grad, n, n_pos)  # [batch, pos, unit, d_head]
                 g_norm = torch.bmm(g_out.movedim(2, 0).flatten(1, 2), w.to(g_out.dtype).permute(1, 2, 0))
                 g_norm = g_norm.unflatten(1, (n, n_pos))  # [unit, batch, pos, d_model]: through each head alone
-                self.add(j0, norm_vjp(norm, self.norm_in[("q", layer)], g_norm))
+                self.add(j0, norm_vjp(norm, self.norm_in[("q", layer)], g_norm, self.frozen_scale))
             raw.register_hook(on_grad)
         return callback
 
@@ -168,7 +175,7 @@ class _Scorer(Receiving):
         norm = self.em.norm(key[0], key[1])
 
         def callback(raw):
-            raw.register_hook(lambda grad: self.add(j, norm_vjp(norm, self.norm_in[key], grad[None])))
+            raw.register_hook(lambda grad: self.add(j, norm_vjp(norm, self.norm_in[key], grad[None], self.frozen_scale)))
         return callback
 
     def backward(self, embed=None, receiver: dict | None = None, source: dict | None = None) -> None:
@@ -200,6 +207,11 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
     if estimator == "atp":
         scorer.backward(source=source)
         return
+    if estimator in _RULES:
+        scorer.frozen_scale = True
+        with gim.modifying(scorer.em.spec, **_RULES[estimator]):
+            scorer.backward(source=source)
+        return
     receiver: dict = {}
     with torch.no_grad():
         scorer.logits["receiver"] = scorer.run(scorer.receiver_run, receiver, record(token, receiver, n_pos))
@@ -213,7 +225,8 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
 def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics: Sequence[str] = ("logit_diff",),
                     direction: str = "denoise", estimator: str = "atp", ig_steps: int = 8,
                     batch_size: int | None = None) -> EdgeScores:
-    """The score of every edge under each metric, in ``direction``: EAP (``atp``) or EAP-IG (``ig``)."""
+    """The score of every edge under each metric, in ``direction``: EAP (``atp``), EAP-IG (``ig``), or EAP
+    under GIM's default rules (``gim``; ``relp_gim``: with RelP's default rules)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
@@ -222,7 +235,7 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     check_direction(direction)
     if estimator not in EDGE_ESTIMATORS:
         raise ValueError(f"Unknown edge estimator {estimator!r}; known: {', '.join(EDGE_ESTIMATORS)} "
-                         "(atp: EAP, ig: EAP-IG)")
+                         "(atp: EAP, ig: EAP-IG, gim: EAP under GIM's rules, relp_gim: under GIM's and RelP's)")
     if estimator == "ig" and ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
     graph, batch = em.graph, batch.to(spec.device)
@@ -241,7 +254,7 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
             n_chunks += 1
     for t in values.values():
         t /= batch.n
-    cost = {"forward": 2, "backward": len(metrics)} if estimator == "atp" else \
+    cost = {"forward": 2, "backward": len(metrics)} if estimator != "ig" else \
         {"forward": 2 + ig_steps, "backward": len(metrics) * ig_steps}
     return EdgeScores(graph=graph, values={m: v.cpu() for m, v in values.items()}, direction=direction,
                       clean_metric={m: v / batch.n for m, v in sums["clean"].items()},

@@ -6,6 +6,8 @@
     qk_fix        AtP*'s QK fix: the attention pattern change from a query or key, computed exactly
     atp_star      AtP*: the QK fix for q and k, GradDrop for every other site
     relp          relevance patching: AtP with LRP rules in the backward pass
+    gim           gradient interaction modifications: AtP with GIM's norm, softmax-temperature and q/k/v rules
+                  in the backward pass (``relp_gim``: with RelP's rules)
     gradients     the core they share: the source cache, the receiving run with grad, the products
     blockwise     the same backward block by block (``recompute=True``): less memory, ~2 more forwards
     attribution   ``attribute``: any estimator over a prompt set, in chunks (``Scores``); ``ESTIMATORS``

@@ -25,10 +25,11 @@ from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
 from ..ablation import check_ablation, site_values
-from . import atp, atp_star, graddrop, ig, relp
+from . import atp, atp_star, gim, graddrop, ig, relp
 from .gradients import Chunk
 
-ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp}  # name -> module
+ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp, "gim": gim,
+              "relp_gim": gim.RELP_GIM}  # name -> module (relp_gim: RelP's rules with GIM's, gim.py)
 
 
 def check_estimator(name: str) -> None:
@@ -64,7 +65,8 @@ class Scores:
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
               batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
-              relp_rules: Sequence[str] = relp.DEFAULT_RULES, recompute: bool = False,
+              relp_rules: Sequence[str] = relp.DEFAULT_RULES, gim_rules: gim.GimRules = gim.GimRules(),
+              recompute: bool = False,
               prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
               ablation: str | None = None) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
@@ -72,7 +74,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
     estimator: a key of ``ESTIMATORS``: ``atp`` (atp.py), ``ig`` (integrated gradients over ``ig_steps``
         points, ig.py), ``graddrop`` (graddrop.py), ``atp_star`` (QK fix + GradDrop, atp_star.py) or ``relp``
-        (LRP rules ``relp_rules`` in the backward pass, relp.py).
+        (LRP rules ``relp_rules`` in the backward pass, relp.py), ``gim`` (GIM's rules ``gim_rules`` in the
+        backward pass, gim.py) or ``relp_gim`` (both: ``relp_rules`` and ``gim_rules``).
     ablation: zero | mean | resample: the source values are that ablation of the clean run (ablation.py;
         direction "noise" and estimator "atp" only); the source run's metric stays as ``corrupt_metric``.
     recompute: the backward block by block, each source and receiving block rerun when the gradient reaches
@@ -107,7 +110,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                            device=device, dtype=acc) for s in sites} for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
     start, reruns = 0, 0
-    options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}}.get(estimator, {})
+    options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}, "gim": {"rules": gim_rules},
+               "relp_gim": {"rules": gim_rules, "relp_rules": relp.check_rules(relp_rules)}}.get(estimator, {})
     fixed = None if ablation is None else site_values(spec, batch, sites, ablation, batch_size)
     with eval_mode(spec.model), frozen_weights(spec.model):
         for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
