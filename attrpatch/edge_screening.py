@@ -25,6 +25,7 @@ from .inputs.batch import PromptBatch
 from .inputs.directions import DIRECTIONS
 from .methods.diagnostics import activation_change, attention_stats
 from .methods.edge_graph import Edge, Node
+from .methods.circuit_patching import outside_circuits, patch_circuits
 from .methods.edge_patching import patch_edges
 from .methods.edges import EDGE_ESTIMATORS, EdgeScores, attribute_edges
 from .model.sites import Component, as_spec
@@ -186,14 +187,15 @@ def _evidence(spec, batch, direction: str, edges: list[Edge], graph) -> dict:
 
 def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig) -> dict:
     """The circuit of the top-n edges by |score| (primary metric) for n on ``circuits.circuit_sizes``: the
-    clean run with every edge outside the circuit patched to its corrupted value (noising), all sizes as
-    batch copies of the same passes; normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
+    clean run with every edge outside the circuit patched to its corrupted value (noising), each size one
+    copy of a pass that computes every sender's write once (methods/circuit_patching.py);
+    normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
     every = scores.graph.edges()
     order = top_k(scores.flat(config.metric).float(), None)
     sizes = circuits.circuit_sizes(len(every), config.circuit_points)
-    items = [tuple(every[j] for j in sorted(order[n:])) for n in sizes]  # the edges outside each circuit
-    effects = patch_edges(spec, batch, items, metrics=[config.metric], direction="noise", copies=config.copies,
-                          batch_size=config.batch_size)
+    masks = outside_circuits(scores.graph.exists, order, sizes)  # [size, sender, receiver]
+    effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
+                             batch_size=config.batch_size)
     clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
     faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
     ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,

@@ -104,8 +104,16 @@ class _Pass:
         graph, n_layers = self.em.graph, self.em.spec.dims.n_layers
         starts = [min((min(graph.receivers[j].layer, n_layers - 1) for _, j in s), default=n_layers - 1)
                   for s in sets]
-        order = sorted(range(len(sets)), key=lambda i: (starts[i], i))
-        effects = torch.zeros(len(sets), len(self.metrics), self.batch.n, dtype=wide(self.base[self.metrics[0]].dtype),
+        return self.patch_groups(starts, lambda group, start: self._run([sets[i] for i in group], start, resume),
+                                 copies, resume, passes)
+
+    def patch_groups(self, starts: list[int], run, copies: int, resume: bool, passes: dict):
+        """Effects [item, metric, batch] of items whose passes start at ``starts`` (one per item), ``copies``
+        items per pass, ``run(group, start)`` giving a pass's last-token logits; and the receiving run's
+        summed metrics."""
+        n_layers = self.em.spec.dims.n_layers
+        order = sorted(range(len(starts)), key=lambda i: (starts[i], i))
+        effects = torch.zeros(len(starts), len(self.metrics), self.batch.n, dtype=wide(self.base[self.metrics[0]].dtype),
                               device=self.batch.clean.device)
         groups: list[list[int]] = []
         for i in order:  # a pass never spans start blocks
@@ -117,7 +125,7 @@ class _Pass:
             group = groups.pop(0)
             start = starts[group[0]] if resume else 0
             try:
-                logits = self._run([sets[i] for i in group], start, resume)
+                logits = run(group, start)
             except torch.OutOfMemoryError:
                 if len(group) == 1:
                     raise
@@ -187,23 +195,29 @@ class _Writer:
             total = total + part
         return total
 
+    def receiver_delta(self, j: int, mask: Tensor, copies: Tensor, last: bool = False) -> Tensor:
+        """``delta`` for receiver ``j`` (whose mask is ``mask``); a writer may compute it with its layer's."""
+        return self.delta(mask, copies, last)
+
     def hooks(self, masks: dict[int, Tensor]) -> list:
         graph, hooks, norm_in = self.em.graph, [], {}
         by_layer: dict = {}
         for j, mask in masks.items():
             r = graph.receivers[j]
-            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((r, mask))
+            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((j, mask))
         for (kind, layer), entries in by_layer.items():
             if kind == "qkv":
                 hooks.append((self.em.norm_point("q", layer), lambda raw, key=layer: norm_in.__setitem__(key, raw)))
-                for r, mask in entries:
-                    hooks.append((self.em.spec.hook_point(r.kind, layer), self._head_input(r, mask, norm_in)))
+                for j, mask in entries:
+                    hooks.append((self.em.spec.hook_point(graph.receivers[j].kind, layer),
+                                  self._head_input(j, mask, norm_in)))
             else:
-                hooks.append((self.em.norm_point(kind, layer), self._norm_input(entries[0][1], kind == "logits")))
+                hooks.append((self.em.norm_point(kind, layer), self._norm_input(*entries[0], kind == "logits")))
         return hooks
 
-    def _head_input(self, r: Node, mask: Tensor, norm_in: dict):
+    def _head_input(self, j: int, mask: Tensor, norm_in: dict):
         """q, k or v of head r.unit recomputed from norm(input + delta) in the copies that patch it."""
+        r = self.em.graph.receivers[j]
         point = self.em.spec.hook_point(r.kind, r.layer)
         w, bias = self.em.in_slices(r.kind, r.layer)
         norm = self.em.norm("q", r.layer)
@@ -212,7 +226,7 @@ class _Writer:
         def callback(raw):
             x = norm_in[r.layer]
             x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
-            head = norm.forward(x + self.delta(mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
+            head = norm.forward(x + self.receiver_delta(j, mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
             new = raw.clone()
             rows, n_pos = batch_pos(new, self.batch.n_pos)
             view = point.read(new, rows, n_pos).unflatten(0, (self.n, rows // self.n))  # [copy, batch, pos, unit, d_head]
@@ -220,13 +234,13 @@ class _Writer:
             return new
         return callback
 
-    def _norm_input(self, mask: Tensor, last: bool):
+    def _norm_input(self, j: int, mask: Tensor, last: bool):
         """The MLP's or the final norm's input plus delta in the copies that patch it (at the last real
         position for the logits; the final norm sees [rows, d_model] in a resumed pass)."""
         copies = mask.any(1).nonzero().flatten()
 
         def callback(raw):
-            delta = self.delta(mask, copies, last=last)  # [copy, batch, pos | 1, d_model]
+            delta = self.receiver_delta(j, mask, copies, last)  # [copy, batch, pos | 1, d_model]
             new = raw.clone()
             view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, (pos), d_model]
             if not last:
