@@ -16,6 +16,7 @@ from .analysis.agreement import agreement, false_negatives, tolerance
 from .analysis.baselines import logit_diff
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.findings import query_heads
+from .analysis.intervals import effect_intervals
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.sanity import clean_run_check
 from .engine.forward import forward_last
@@ -131,8 +132,9 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
     control = control_sample(len(every), top, config.random_k, config.seed)
     idx = top + control
     effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
-                          copies=config.copies, batch_size=config.batch_size)
+                          copies=config.copies, batch_size=config.batch_size, per_prompt=True)
     exact = effects.values.float()  # [verified, metric]
+    low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
     k = min(config.top_k, len(top))
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
@@ -148,6 +150,7 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
         entries.append({
             "sender": edge.sender, "receiver": edge.receiver, "name": str(edge), "direction": direction,
             "selected": "top" if r < len(top) else "control", "approx": estimate, "exact": value,
+            "exact_ci": [float(low[r]), float(high[r])],
             "rank_approx": int(rank_approx[j]), "rank_exact": int(rank_exact[r]), "flags": flags,
             "approx_metrics": {m: float(approx[m][j]) for m in config.metrics},
             "exact_metrics": {m: float(exact[r, i]) for i, m in enumerate(config.metrics)},

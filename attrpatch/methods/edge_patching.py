@@ -39,7 +39,8 @@ EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 
 @dataclass
 class EdgeEffects:
-    """Exact effects. ``values``: [item, metric] float32 (float64 for float64 models), mean over prompts."""
+    """Exact effects. ``values``: [item, metric] float32 (float64 for float64 models), mean over prompts;
+    ``per_prompt``: [item, metric, batch] when asked for (the bootstrap's input, analysis/intervals.py)."""
 
     items: list[EdgeSet]
     metrics: list[str]
@@ -47,6 +48,7 @@ class EdgeEffects:
     direction: str
     receiver_metric: dict[str, float]
     passes: dict[str, float] = field(default_factory=dict)
+    per_prompt: Tensor | None = None
 
     def effect(self, item: EdgeSet, metric_name: str) -> float:
         return float(self.values[self.items.index(item), self.metrics.index(metric_name)])
@@ -58,8 +60,9 @@ def _members(item: EdgeSet) -> tuple[Edge, ...]:
 
 def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequence[EdgeSet], *,
                 metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
-                resume: bool = True, batch_size: int | None = None) -> EdgeEffects:
-    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly)."""
+                resume: bool = True, batch_size: int | None = None, per_prompt: bool = False) -> EdgeEffects:
+    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly); per prompt
+    too with ``per_prompt``."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     items, metrics = list(items), list(dict.fromkeys(metrics))
@@ -72,15 +75,18 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
     sums = torch.zeros(len(items), len(metrics), dtype=acc)
     receiver = {m: 0.0 for m in metrics}
     passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    prompts = []  # [item, metric, chunk] per chunk, with per_prompt
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
             n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
             effects, base = _Pass(em, chunk, metrics, direction).patch(sets, n_copies, resume, passes)
             sums += effects.sum(-1).cpu()
+            prompts += [effects.cpu()] if per_prompt else []
             for m in metrics:
                 receiver[m] += base[m]
     return EdgeEffects(items=items, metrics=metrics, values=sums / batch.n, direction=direction,
-                       receiver_metric={m: v / batch.n for m, v in receiver.items()}, passes=passes)
+                       receiver_metric={m: v / batch.n for m, v in receiver.items()}, passes=passes,
+                       per_prompt=torch.cat(prompts, -1) if per_prompt else None)
 
 
 class _Pass:
