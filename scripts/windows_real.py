@@ -65,7 +65,7 @@ def main() -> None:
         sweeps = {label: {"model": MODEL.name, "task": "facts"} | sweep
                   for label, sweep in json.loads(out.with_suffix(".json").read_text()).items()}
         out.with_suffix(".json").write_text(json.dumps(sweeps, indent=1) + "\n")
-        save(plot_windows(sweeps), out)
+        save(plot_windows(sweeps), out, ("png", "pdf"))
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(sweeps, indent=1) + "\n")
-    save(plot_windows(sweeps), out)
+    save(plot_windows(sweeps), out, ("png", "pdf"))
     print(f"{len(pairs)} pairs x {batch.n_pos} tokens (template {record['template']!r}, "
           f"{record['dropped_unsolved']} unsolved dropped), e.g. {pairs[0].clean!r} -> {pairs[0].answer!r} "
           f"vs {pairs[0].corrupt!r} -> {pairs[0].wrong!r}; subject token at position {subject}; {seconds:.0f} s")
