@@ -26,4 +26,6 @@ Edges:
     edge_graph    senders, receivers, edges, their names, and where each lives in the model
     edges         ``attribute_edges``: EAP and EAP-IG, every edge's score from one backward
     edge_patching ``patch_edges``: exact edge (path) patching
+    circuit_patching ``patch_circuits``: many large edge sets (a faithfulness curve's circuits) as dense masks,
+                  each sender's write computed once per pass
 """
