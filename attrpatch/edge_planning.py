@@ -14,9 +14,9 @@ Not traced, or traced differently from a real run:
   - The prompts are synthetic, as in planning.py (full length, no shared prefix).
   - Which edges are verified depends on the scores: the plan verifies as many, chosen by the library's
     ranking (analysis/ranking.top_k and control_sample) from seeded random scores.
-  - The faithfulness curve (joint edge sets, one per copy: passes as wide as edge patching's, plus a
-    [copy, sender] mask per receiver) and the evidence (activation changes, attention statistics: one
-    forward each).
+  - The faithfulness curve (methods/edges/circuits.py: one circuit per pass, holding every sender's
+    write [sender, batch, pos, d_model], as large as EAP's deltas, without EAP's gradients) and the
+    evidence (activation changes, attention statistics: one forward each).
 """
 
 from dataclasses import replace

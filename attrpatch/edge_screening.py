@@ -16,6 +16,7 @@ from .analysis.agreement import agreement, false_negatives, tolerance
 from .analysis.baselines import logit_diff
 from .analysis.findings import query_heads
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
+from .analysis.intervals import effect_intervals
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.records import Finding, finding_dicts
 from .analysis.sanity import clean_run_check
@@ -24,6 +25,7 @@ from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import normalise
 from .inputs.batch import PromptBatch
+from .methods.edges.circuits import outside_circuits, patch_circuits
 from .methods.edges.eap import EdgeScores, attribute_edges
 from .methods.edges.graph import Edge, Node
 from .methods.edges.patching import patch_edges
@@ -103,8 +105,9 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
     control = control_sample(len(every), top, config.random_k, config.seed)
     idx = top + control
     effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
-                          copies=config.copies, batch_size=config.batch_size)
+                          copies=config.copies, batch_size=config.batch_size, per_prompt=True)
     exact = effects.values.float()  # [verified, metric]
+    low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
     k = min(config.top_k, len(top))
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
@@ -120,6 +123,7 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
         entries.append(Finding(
             where={"sender": edge.sender, "receiver": edge.receiver}, name=str(edge), direction=direction,
             selected="top" if r < len(top) else "control", approx=estimate, exact=value,
+            exact_ci=[float(low[r]), float(high[r])],
             rank_approx=int(rank_approx[j]), rank_exact=int(rank_exact[r]), flags=flags,
             approx_metrics={m: float(approx[m][j]) for m in config.metrics},
             exact_metrics={m: float(exact[r, i]) for i, m in enumerate(config.metrics)},
@@ -159,14 +163,15 @@ def _evidence(spec, batch, direction: str, edges: list[Edge], graph) -> dict:
 
 def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig) -> dict:
     """The circuit of the top-n edges by |score| (primary metric) for n on ``circuits.circuit_sizes``: the
-    clean run with every edge outside the circuit patched to its corrupted value (noising), all sizes as
-    batch copies of the same passes; normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
+    clean run with every edge outside the circuit patched to its corrupted value (noising), each size one
+    copy of a pass that computes every sender's write once (methods/edges/circuits.py);
+    normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
     every = scores.graph.edges()
     order = top_k(scores.flat(config.metric).float(), None)
     sizes = circuits.circuit_sizes(len(every), config.circuit_points)
-    items = [tuple(every[j] for j in sorted(order[n:])) for n in sizes]  # the edges outside each circuit
-    effects = patch_edges(spec, batch, items, metrics=[config.metric], direction="noise", copies=config.copies,
-                          batch_size=config.batch_size)
+    masks = outside_circuits(scores.graph.exists, order, sizes)  # [size, sender, receiver]
+    effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
+                             batch_size=config.batch_size)
     clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
     faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
     ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,

@@ -22,10 +22,12 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
                 widths: tuple[int, ...] = (1,), position: str | None = None, corruptions: tuple[str, ...] = ("str",),
                 metrics: tuple[str, ...] = ("logit_diff",), direction: str = "denoise", n_prompts: int = 16,
                 seed: int = 0, noise_std: float = 3.0, prepend_bos: str = "auto", template: int | str | None = None,
-                keep_correct: bool = False, batch_size: int | None = None, figures: bool = True) -> dict:
+                keep_correct: bool = False, batch_size: int | None = None, figures: bool = True,
+                model_name: str | None = None) -> dict:
     """Sliding windows (methods/patching/windows.py) of ``site`` at one position, per corruption: out/windows.json
-    ({corruption: sweep}) and out/figures/windows.png. position: a role (S2, subject, ...) or an index;
-    default: the task's key role (output/corruptions.KEY_ROLES)."""
+    ({corruption: sweep}, each sweep naming the model and task for the figure's title) and
+    out/figures/windows.png. position: a role (S2, subject, ...) or an index; default: the task's key role
+    (output/corruptions.KEY_ROLES)."""
     from .methods.patching.windows import sweep_windows
     from .output.corruptions import KEY_ROLES
     from .output.files import write_json
@@ -47,7 +49,8 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
     sweeps = {c: sweep_windows(model, corrupted(model, batches[prompts_of(c)], c, noise_std, seed), site=site,
                                widths=widths, pos=pos,
                                metrics=metrics, direction=direction, batch_size=batch_size).to_dict()
-              | {"pos_label": None if str(name).isdigit() else name} for c in corruptions}
+              | {"pos_label": None if str(name).isdigit() else name, "task": task,
+                 "model": model_name or getattr(model.config, "_name_or_path", None)} for c in corruptions}
     write_json(Path(out) / "windows.json", sweeps)
     if figures:
         from .plot.style import save

@@ -8,6 +8,8 @@ including the discrete ones. Writes figures/windows_facts.{json,png,pdf} and pri
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python3 scripts/windows_real.py [--pairs 16] [--device cpu]
 
+    PYTHONPATH=. python3 scripts/windows_real.py --replot   # redraw the figure from figures/windows_facts.json
+
 Pairs: one template, one layout (the subject's last token at one position), BOS as the tokenizer adds it,
 only pairs the model solves on the clean prompt (--keep-correct). Needs the model folder
 ~/.cache/attrpatch/smollm2-135m-instruct (a plain HF folder).
@@ -56,7 +58,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="figures/windows_facts")
+    parser.add_argument("--replot", action="store_true", help="redraw OUT.png/.pdf from OUT.json, no model run")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        sweeps = {label: {"model": MODEL.name, "task": "facts"} | sweep
+                  for label, sweep in json.loads(out.with_suffix(".json").read_text()).items()}
+        out.with_suffix(".json").write_text(json.dumps(sweeps, indent=1) + "\n")
+        save(plot_windows(sweeps), out, ("png", "pdf"))
+        return
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
@@ -70,12 +80,12 @@ def main() -> None:
     sweeps, start = {}, time.perf_counter()
     for label, b in batches.items():
         sweeps[label] = sweep_windows(model, b, site="mlp_out", widths=WIDTHS, pos=subject, metrics=METRICS,
-                                      direction="denoise").to_dict() | {"pos_label": "last subject token"}
+                                      direction="denoise").to_dict() | {"pos_label": "last subject token",
+                                                                       "model": MODEL.name, "task": "facts"}
     seconds = time.perf_counter() - start
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(sweeps, indent=1) + "\n")
-    save(plot_windows(sweeps), out)
+    save(plot_windows(sweeps), out, ("png", "pdf"))
     print(f"{len(pairs)} pairs x {batch.n_pos} tokens (template {record['template']!r}, "
           f"{record['dropped_unsolved']} unsolved dropped), e.g. {pairs[0].clean!r} -> {pairs[0].answer!r} "
           f"vs {pairs[0].corrupt!r} -> {pairs[0].wrong!r}; subject token at position {subject}; {seconds:.0f} s")

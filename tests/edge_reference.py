@@ -163,3 +163,22 @@ def eap_reference(model, batch, edge, direction="denoise", metric_name="logit_di
     """(a_A(source) - a_A(receiver)) . d metric / d input_B."""
     delta = sender_delta(model, batch, edge.sender, direction)
     return float((delta * receiver_grad(model, batch, edge.receiver, direction, metric_name)).sum())
+
+
+def faithfulness_reference(model, batch, scores, sizes, metric_name="logit_diff"):
+    """The faithfulness curve as it was computed before methods/edges/circuits.py: per circuit size n, one full
+    forward (copies=1, resume=False) patching every edge outside the top n by |score| (ties in edge order)
+    jointly, through edge_patching's per-receiver writer; normalised 0 = corrupt, 1 = clean."""
+    from attrpatch.methods.edges.patching import patch_edges
+
+    every = scores.graph.edges()
+    flat = scores.flat(metric_name).tolist()
+    order = sorted(range(len(every)), key=lambda j: (-abs(flat[j]), j))
+    clean, corrupt = scores.clean_metric[metric_name], scores.corrupt_metric[metric_name]
+    out = []
+    for n in sizes:
+        outside = tuple(every[j] for j in sorted(order[n:]))
+        effect = patch_edges(model, batch, [outside], metrics=[metric_name], direction="noise", copies=1,
+                             resume=False).values[0, 0].item()
+        out.append((clean + effect - corrupt) / (clean - corrupt))
+    return out

@@ -14,8 +14,8 @@ from ..model.sites import Component
 NODE_KEYS = ("direction", "site", "layer", "head", "neuron", "pos", "name", "selected", "approx", "exact",
              "exact_ci", "approx_estimators", "approx_metrics", "exact_metrics", "exact_norm", "rank_approx",
              "rank_exact", "flags", "evidence", "causes")
-EDGE_KEYS = ("sender", "receiver", "name", "direction", "selected", "approx", "exact", "rank_approx", "rank_exact",
-             "flags", "approx_metrics", "exact_metrics", "exact_norm", "evidence", "causes")
+EDGE_KEYS = ("sender", "receiver", "name", "direction", "selected", "approx", "exact", "exact_ci", "rank_approx",
+             "rank_exact", "flags", "approx_metrics", "exact_metrics", "exact_norm", "evidence", "causes")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Finding:
     metric and every metric, ranks, why it was verified (``selected``: top | control), and what the screen
     found: ``flags`` (analysis/flags.py), the measured ``evidence`` and the ``causes`` (analysis/causes.py),
     which later stages add to. ``where``: the component's site, layer, head, neuron and pos, or the edge's
-    sender and receiver. ``exact_ci`` and ``approx_estimators``: node screens only."""
+    sender and receiver. ``approx_estimators``: node screens only."""
 
     where: dict
     name: str

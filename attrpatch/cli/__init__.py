@@ -149,7 +149,8 @@ def _windows(args) -> int:
                          position=args.position, corruptions=args.corruption, metrics=args.metrics,
                          direction=args.direction, n_prompts=args.n_prompts, seed=args.seed,
                          noise_std=args.noise_std, prepend_bos=args.prepend_bos, template=args.template,
-                         keep_correct=args.keep_correct, batch_size=args.batch_size, figures=not args.no_figures)
+                         keep_correct=args.keep_correct, batch_size=args.batch_size, figures=not args.no_figures,
+                         model_name=args.model or f"embedded:{DEFAULT_MODEL.name}")
     for label, sweep in sweeps.items():
         for w, rows in sweep["exact"].items():
             best = max(range(len(rows)), key=lambda i: abs(rows[i][0]))

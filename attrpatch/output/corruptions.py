@@ -34,7 +34,8 @@ def comparison(reports: dict[str, dict]) -> dict:
     """The comparison of the per-corruption reports (label -> report.json dict)."""
     first = next(iter(reports.values()))
     metric = first["metric"]
-    return {"corruptions": list(reports), "metric": metric, "key_position": key_position(first),
+    return {"corruptions": list(reports), "model": first.get("model"), "task": first.get("task"), "metric": metric,
+            "key_position": key_position(first),
             "tokens": first.get("tokens"),
             "baselines": {k: {"clean": r["clean_metric"][metric], "corrupt": r["corrupt_metric"][metric]}
                           for k, r in reports.items()},

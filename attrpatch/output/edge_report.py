@@ -80,11 +80,12 @@ def edge_summary(report: dict) -> list[str]:
         lines.append(f"- {d}: {len(report['edges']) // len(report['directions'])} edges verified; Pearson "
                      f"{a['pearson']:.3f}, Spearman {a['spearman']:.3f}, sign agreement {a['sign_agreement']:.2f}, "
                      f"recall@{a['k']} {a['recall_at_k']:.2f}. False negatives: {fn_words(fn)}.")
-    lines += [""] + _top_edges(report)
+    lines += [""] + _top_edges(report) + control_edges(report)
     c = report["circuit"]
     lines += ["## Circuit", "", f"CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}; the smallest circuit with faithfulness "
               f">= {c['threshold']}: {c['smallest_faithful']} edges (circuit.json, figures/). Faithfulness "
-              "(0 = corrupt, 1 = clean) of the top edges by |score|, every other edge corrupted:", ""]
+              "(0 = corrupt, 1 = clean) of the top edges by |score|, every other edge corrupted"
+              f"{_curve_cost(report)}:", ""]
     lines += table(["edges", *map(str, c["sizes"])], [["faithfulness", *(
         "n/a" if f is None else f"{round(f, 2) + 0.0:.2f}" for f in c["faithfulness"])]])
     return lines
@@ -105,10 +106,47 @@ def _top_edges(report: dict) -> list[str]:
     for e in edges:
         kinds.setdefault(receiver_kind(e["receiver"]), []).append(e)
     lines = [f"## Top edges by exact effect ({d}), per receiver kind", "",
-             "Rank within the verified edges of the run; `control`: drawn at random, not by the estimator.", ""]
+             "Rank within the verified edges of the run; `control`: drawn at random, not by the estimator; "
+             "[95% CI]: bootstrap over prompt pairs.", ""]
     for kind, rows in kinds.items():
         lines += [f"### into {kind}", ""]
-        lines += table(["edge", report["estimator"], "exact", "rank: score / exact", "selected", "flags"],
-                       [[e["name"], num(e["approx"]), num(e["exact"]), f"{e['rank_approx']} / {e['rank_exact']}",
+        lines += table(["edge", report["estimator"], "exact [95% CI]", "rank: score / exact", "selected", "flags"],
+                       [[e["name"], num(e["approx"]), exact_text(e), f"{e['rank_approx']} / {e['rank_exact']}",
                          e["selected"], ", ".join(e["flags"]) or "-"] for e in rows[:EDGE_ROWS]])
     return lines
+
+
+def exact_text(e: dict) -> str:
+    """An edge's exact effect with its bootstrap interval over prompt pairs (none in reports before it)."""
+    low, high = e.get("exact_ci") or (None, None)
+    return num(e["exact"]) + ("" if low is None else f" [{num(low)}, {num(high)}]")
+
+
+def control_edges(report: dict) -> list[str]:
+    """Per direction: the random control edges (drawn outside the top-k), the largest of them by |exact|, and
+    how many beat the weakest top-k edge: where the estimator's ranking missed something."""
+    lines = ["## Control edges", "", "Edges drawn at random from those outside the estimator's top-k, verified "
+             "as the top-k were: an estimate of what the ranking leaves out.", ""]
+    for d in report["directions"]:
+        mine = [e for e in report["edges"] if e["direction"] == d and e["exact"] is not None]
+        controls = sorted((e for e in mine if e["selected"] == "control"), key=lambda e: -abs(e["exact"]))
+        top = [abs(e["exact"]) for e in mine if e["selected"] == "top"]
+        if not controls:
+            lines += [f"- {d}: no control edges (--random-k 0).", ""]
+            continue
+        weakest = min(top, default=0.0)
+        beat = sum(abs(e["exact"]) > weakest for e in controls)
+        lines += [f"- {d}: {len(controls)} controls; the largest |exact| {abs(controls[0]['exact']):.3g} "
+                  f"({controls[0]['name']}); {beat} beat the weakest top-{len(top)} edge (|exact| {weakest:.3g}).", ""]
+        lines += table(["control edge", report["estimator"], "exact [95% CI]", "rank: score / exact"],
+                       [[e["name"], num(e["approx"]), exact_text(e), f"{e['rank_approx']} / {e['rank_exact']}"]
+                        for e in controls[:EDGE_ROWS]])
+    return lines
+
+
+def _curve_cost(report: dict) -> str:
+    """`` (N patched copies, S s)`` of the faithfulness curve, from report.json's circuit and timing."""
+    c, seconds = report["circuit"], report.get("timing", {}).get("circuit_s")
+    if seconds is None or "forward_equivalents" not in c:
+        return ""
+    return f" ({c['forward_equivalents']:.1f} forward-equivalents of patched passes, {seconds:.1f} s)"

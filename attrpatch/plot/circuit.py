@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..inputs.directions import GERUND
-from .style import (CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, METRIC_LABELS, SINGLE, TOP_C, _panels, _square_limits,
+from .run import report_title, suptitle
+from .style import (CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, SINGLE, TOP_C, _panels, _square_limits,
                     _style, save)
 
 POS_C, NEG_C = "#D55E00", "#0072B2"  # positive / negative effect (Okabe-Ito vermillion / blue)
@@ -128,15 +128,15 @@ def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool
         "; grey: layers skipped" if skipped else "")
     if report is None:
         return head
-    model = str(report.get("model", "")).rstrip("/").split("/")[-1].split(":")[-1]
-    way, metric = GERUND[report["directions"][0]], METRIC_LABELS.get(report.get("metric"), report.get("metric"))
-    return f"{model}, {report.get('task')}: {way}, {metric}\n{head}"
+    return f"{report_title(report, report['directions'][0], report.get('metric'))}\n{head}"
 
 
-def plot_faithfulness(circuit: dict, ax=None):
-    """Faithfulness (0 = corrupted, 1 = clean) against the number of edges in the circuit."""
+def plot_faithfulness(circuit: dict, ax=None, report: dict | None = None):
+    """Faithfulness (0 = corrupted, 1 = clean) against the number of edges in the circuit; titled with the
+    model and task of ``report`` (report.json) when given: noising, the circuits ranked by ``ranked_by``."""
     sizes = np.array(circuit["sizes"], dtype=float)
     faith = np.array([np.nan if f is None else f for f in circuit["faithfulness"]], dtype=float)
+    own = ax is None
     with _style():
         fig, (ax,) = _panels(1, ax, None, (SINGLE, 2.3))
         ax.plot(np.maximum(sizes, 0.5), faith, marker="o", ms=2.5, color=TOP_C)
@@ -145,7 +145,10 @@ def plot_faithfulness(circuit: dict, ax=None):
         ax.set_xscale("log")
         ax.set_xlabel("edges in the circuit (top by |score|; 0 plotted at 0.5)")
         ax.set_ylabel("faithfulness (0 corrupt, 1 clean)")
-        ax.set_title(f"CPR {circuit['cpr']:.3f}, CMD {circuit['cmd']:.3f}  ({circuit['n_edges']} edges)", loc="left")
+        ax.set_title(f"CPR {circuit['cpr']:.3f}, CMD {circuit['cmd']:.3f}  ({circuit['n_edges']} edges; ranked by "
+                     f"{circuit.get('ranked_by', 'score')})", loc="left", fontsize=6.5)
+        if report is not None and own:
+            suptitle(fig, report, "noise", circuit.get("metric", report.get("metric")))
     return fig
 
 
@@ -157,6 +160,7 @@ def plot_edge_scatter(report: dict, direction: str, ax=None):
     colours = [FLAG_C if set(e["flags"]) & {"sign_flip", "large_error", "missed"} else
                (TOP_C if e["selected"] == "top" else CONTROL_C) for e in entries]
     a = report["agreement"][direction][report["metric"]]
+    own = ax is None
     with _style():
         fig, (ax,) = _panels(1, ax, None, (SINGLE, SINGLE))
         if len(entries):
@@ -166,7 +170,9 @@ def plot_edge_scatter(report: dict, direction: str, ax=None):
         ax.set_xlabel(f"edge score ({report['estimator']})")
         ax.set_ylabel("exact edge patching")
         pearson = "n/a" if a.get("pearson") is None else f"{a['pearson']:.2f}"
-        ax.set_title(f"{direction}: {len(entries)} edges, r = {pearson}", loc="left")
+        ax.set_title(f"{len(entries)} edges verified, r = {pearson}", loc="left")
+        if own:  # a figure of its own, not a caller's axes
+            suptitle(fig, report, direction, report["metric"])
     return fig
 
 
@@ -177,7 +183,7 @@ def draw_edges(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) ->
     circuit = json.loads((run_dir / "circuit.json").read_text())
     out, written = run_dir / "figures", []
     written += save(plot_circuit(circuit, report), out / "circuit_graph", formats)
-    written += save(plot_faithfulness(circuit), out / "faithfulness", formats)
+    written += save(plot_faithfulness(circuit, report=report), out / "faithfulness", formats)
     for d in report["directions"]:
         written += save(plot_edge_scatter(report, d), out / f"edges_scatter_{d}", formats)
     return written

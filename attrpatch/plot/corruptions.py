@@ -5,6 +5,7 @@ Only verified components are drawn (markers); flagged ``corruptions_disagree`` o
 import json
 from pathlib import Path
 
+from .run import suptitle
 from .style import DOUBLE, FLAG_C, METRIC_LABELS, PALETTE, SINGLE, _panels, _style
 
 
@@ -25,8 +26,9 @@ def key_lines(comp: dict, site: str, direction: str) -> dict[str, list[tuple[int
 
 def plot_corruptions(comp, direction: str = "denoise", *, ax=None, fig=None):
     """One panel per site with components at the key position; x: layer, y: normalised exact effect,
-    ``ax.lines[j]``: corruption j."""
+    ``ax.lines[j]``: corruption j. A figure of its own is titled with the model, task, direction and metric."""
     comp = comp if isinstance(comp, dict) else load_comparison(comp)
+    own = ax is None
     sites = [s for s in dict.fromkeys(e["site"] for e in comp["components"])
              if any(key_lines(comp, s, direction).values())]
     if not sites:
@@ -45,8 +47,10 @@ def plot_corruptions(comp, direction: str = "denoise", *, ax=None, fig=None):
                 a.scatter([x for x, _ in flagged], [y for _, y in flagged], s=30, facecolors="none",
                           edgecolors=FLAG_C, linewidths=0.8, zorder=3)
             a.axhline(0, color="#777777", linewidth=0.5, zorder=0)
-            a.set_title(f"{site} at {where}, {direction}")
+            a.set_title(f"{site} at {where}")
             a.set_xlabel("layer")
         axes[0].set_ylabel(f"{METRIC_LABELS.get(comp['metric'], comp['metric'])} effect / (clean - corrupt)")
         axes[-1].legend(loc="best")
+        if own and comp.get("model"):  # comparisons written before they named it: no title
+            suptitle(fig, comp, direction, comp["metric"])
     return fig

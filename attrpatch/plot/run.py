@@ -139,20 +139,31 @@ def position_labels(run: Run) -> list[str]:
 def figure_title(run: Run, direction: str | None, metric: str | None, width: float | None = None) -> str:
     """What a figure shows, for its title: model, task, direction, metric ('smollm2-135m-instruct, ioi:
     denoising, logit diff'). ``direction`` None: both; ``metric`` None: every metric, normalised."""
-    model = str(run.report.get("model", "model")).rstrip("/")
+    return report_title(run.report, direction, metric, width)
+
+
+def report_title(report: dict, direction: str | None, metric: str | None, width: float | None = None) -> str:
+    """:func:`figure_title` from any dict with ``model`` and ``task`` (an edge screen's report.json, a windows
+    sweep, a corruption comparison)."""
+    model = str(report.get("model") or "model").rstrip("/")
     model = model.split(":", 1)[-1] if model.startswith("embedded:") else Path(model).name or model
     way = "denoising vs noising" if direction is None else _DIR_WORD[direction]
     what = "every metric, normalised" if metric is None else METRIC_LABELS.get(metric, metric)
-    task = str(run.report.get("task", "task"))
+    task = str(report.get("task") or "task")
     task = Path(task).stem if task.endswith((".jsonl", ".json")) else task  # a task file: its name, not its folder
     text = f"{model}, {task}: {way}, {what}"
     fits = width is None or len(text) * 0.6 * STYLE["figure.titlesize"] <= width * 72  # DejaVu Sans ~0.6 em
     return text if fits else text.replace(": ", ":\n", 1)  # a single column: model and task over the rest
 
 
+def suptitle(fig, report: dict, direction: str | None, metric: str | None) -> None:
+    """Put :func:`report_title` above a figure the plot function made (not into a caller's axes)."""
+    fig.suptitle(report_title(report, direction, metric, fig.get_figwidth()), fontsize=STYLE["figure.titlesize"])
+
+
 def title(fig, run: Run, direction: str | None, metric: str | None) -> None:
     """Put :func:`figure_title` above a figure the plot function made (not into a caller's axes)."""
-    fig.suptitle(figure_title(run, direction, metric, fig.get_figwidth()), fontsize=STYLE["figure.titlesize"])
+    suptitle(fig, run.report, direction, metric)
 
 
 def titled(fig, run: Run, direction: str | None, metric: str | None) -> dict:

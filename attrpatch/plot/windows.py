@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from .run import suptitle
 from .style import DOUBLE, METRIC_LABELS, PALETTE, SINGLE, _panels, _style
 
 
@@ -30,9 +31,11 @@ def normalised(sweep: dict, kind: str, width: int, metric: str) -> list[float]:
 
 def plot_windows(sweeps, metric: str = "logit_diff", *, ax=None, fig=None):
     """One panel per corruption: normalised effect against centre layer, one colour per window width;
-    solid: exact (joint patch), dashed: AtP (sum over the window). ``ax.lines``: per width, exact then AtP."""
+    solid: exact (joint patch), dashed: AtP (sum over the window). ``ax.lines``: per width, exact then AtP.
+    A figure of its own is titled with the model, task (the sweeps' ``model`` and ``task``), direction and
+    metric."""
     sweeps = sweeps if isinstance(sweeps, dict) else load_sweeps(sweeps)
-    labels = list(sweeps)
+    labels, own = list(sweeps), ax is None
     with _style():
         fig, axes = _panels(len(labels), ax, fig, (DOUBLE if len(labels) > 1 else SINGLE, 2.3), sharey=True)
         for a, label in zip(axes, labels):
@@ -47,8 +50,11 @@ def plot_windows(sweeps, metric: str = "logit_diff", *, ax=None, fig=None):
             a.axhline(0, color="#777777", linewidth=0.5, zorder=0)
             where = "all positions" if sweep["pos"] is None else f"position {sweep['pos']}"
             where = f"{sweep['pos_label']} ({where})" if sweep.get("pos_label") else where
-            a.set_title(f"{label}: {sweep['site']} at {where}, {sweep['direction']}")
+            a.set_title(f"{label}: {sweep['site']} at {where}")
             a.set_xlabel("centre layer of the window")
         axes[0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} effect / (clean - corrupt)")
         axes[-1].legend(loc="best")
+        first = sweeps[labels[0]]
+        if own and first.get("model"):  # sweeps written before they named it: no title
+            suptitle(fig, first, first["direction"], metric)
     return fig

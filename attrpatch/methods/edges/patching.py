@@ -38,7 +38,8 @@ EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 
 @dataclass
 class EdgeEffects:
-    """Exact effects. ``values``: [item, metric] float32 (float64 for float64 models), mean over prompts."""
+    """Exact effects. ``values``: [item, metric] float32 (float64 for float64 models), mean over prompts;
+    ``per_prompt``: [item, metric, batch] when asked for (the bootstrap's input, analysis/intervals.py)."""
 
     items: list[EdgeSet]
     metrics: list[str]
@@ -46,6 +47,7 @@ class EdgeEffects:
     direction: str
     receiver_metric: dict[str, float]
     passes: dict[str, float] = field(default_factory=dict)
+    per_prompt: Tensor | None = None
 
     def effect(self, item: EdgeSet, metric_name: str) -> float:
         return float(self.values[self.items.index(item), self.metrics.index(metric_name)])
@@ -57,8 +59,9 @@ def _members(item: EdgeSet) -> tuple[Edge, ...]:
 
 def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequence[EdgeSet], *,
                 metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
-                resume: bool = True, batch_size: int | None = None) -> EdgeEffects:
-    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly)."""
+                resume: bool = True, batch_size: int | None = None, per_prompt: bool = False) -> EdgeEffects:
+    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly); per prompt
+    too with ``per_prompt``."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     items, metrics = list(items), list(dict.fromkeys(metrics))
@@ -71,15 +74,18 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
     sums = torch.zeros(len(items), len(metrics), dtype=acc)
     receiver = {m: 0.0 for m in metrics}
     passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
+    prompts = []  # [item, metric, chunk] per chunk, with per_prompt
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
             n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
             effects, base = _Pass(em, chunk, metrics, direction).patch(sets, n_copies, resume, passes)
             sums += effects.sum(-1).cpu()
+            prompts += [effects.cpu()] if per_prompt else []
             for m in metrics:
                 receiver[m] += base[m]
     return EdgeEffects(items=items, metrics=metrics, values=sums / batch.n, direction=direction,
-                       receiver_metric={m: v / batch.n for m, v in receiver.items()}, passes=passes)
+                       receiver_metric={m: v / batch.n for m, v in receiver.items()}, passes=passes,
+                       per_prompt=torch.cat(prompts, -1) if per_prompt else None)
 
 
 class _Pass:
@@ -103,8 +109,16 @@ class _Pass:
         graph, n_layers = self.em.graph, self.em.spec.dims.n_layers
         starts = [min((min(graph.receivers[j].layer, n_layers - 1) for _, j in s), default=n_layers - 1)
                   for s in sets]
-        order = sorted(range(len(sets)), key=lambda i: (starts[i], i))
-        effects = torch.zeros(len(sets), len(self.metrics), self.batch.n, dtype=wide(self.base[self.metrics[0]].dtype),
+        return self.patch_groups(starts, lambda group, start: self._run([sets[i] for i in group], start, resume),
+                                 copies, resume, passes)
+
+    def patch_groups(self, starts: list[int], run, copies: int, resume: bool, passes: dict):
+        """Effects [item, metric, batch] of items whose passes start at ``starts`` (one per item), ``copies``
+        items per pass, ``run(group, start)`` giving a pass's last-token logits; and the receiving run's
+        summed metrics."""
+        n_layers = self.em.spec.dims.n_layers
+        order = sorted(range(len(starts)), key=lambda i: (starts[i], i))
+        effects = torch.zeros(len(starts), len(self.metrics), self.batch.n, dtype=wide(self.base[self.metrics[0]].dtype),
                               device=self.batch.clean.device)
         groups: list[list[int]] = []
         for i in order:  # a pass never spans start blocks
@@ -116,7 +130,7 @@ class _Pass:
             group = groups.pop(0)
             start = starts[group[0]] if resume else 0
             try:
-                logits = self._run([sets[i] for i in group], start, resume)
+                logits = run(group, start)
             except torch.OutOfMemoryError:
                 if len(group) == 1:
                     raise
@@ -186,23 +200,29 @@ class _Writer:
             total = total + part
         return total
 
+    def receiver_delta(self, j: int, mask: Tensor, copies: Tensor, last: bool = False) -> Tensor:
+        """``delta`` for receiver ``j`` (whose mask is ``mask``); a writer may compute it with its layer's."""
+        return self.delta(mask, copies, last)
+
     def hooks(self, masks: dict[int, Tensor]) -> list:
         graph, hooks, norm_in = self.em.graph, [], {}
         by_layer: dict = {}
         for j, mask in masks.items():
             r = graph.receivers[j]
-            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((r, mask))
+            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((j, mask))
         for (kind, layer), entries in by_layer.items():
             if kind == "qkv":
                 hooks.append((self.em.norm_point("q", layer), lambda raw, key=layer: norm_in.__setitem__(key, raw)))
-                for r, mask in entries:
-                    hooks.append((self.em.spec.hook_point(r.kind, layer), self._head_input(r, mask, norm_in)))
+                for j, mask in entries:
+                    hooks.append((self.em.spec.hook_point(graph.receivers[j].kind, layer),
+                                  self._head_input(j, mask, norm_in)))
             else:
-                hooks.append((self.em.norm_point(kind, layer), self._norm_input(entries[0][1], kind == "logits")))
+                hooks.append((self.em.norm_point(kind, layer), self._norm_input(*entries[0], kind == "logits")))
         return hooks
 
-    def _head_input(self, r: Node, mask: Tensor, norm_in: dict):
+    def _head_input(self, j: int, mask: Tensor, norm_in: dict):
         """q, k or v of head r.unit recomputed from norm(input + delta) in the copies that patch it."""
+        r = self.em.graph.receivers[j]
         point = self.em.spec.hook_point(r.kind, r.layer)
         w, bias = self.em.in_slices(r.kind, r.layer)
         norm = self.em.norm("q", r.layer)
@@ -211,7 +231,7 @@ class _Writer:
         def callback(raw):
             x = norm_in[r.layer]
             x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
-            head = norm.forward(x + self.delta(mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
+            head = norm.forward(x + self.receiver_delta(j, mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
             new = raw.clone()
             rows, n_pos = batch_pos(new, self.batch.n_pos)
             view = point.read(new, rows, n_pos).unflatten(0, (self.n, rows // self.n))  # [copy, batch, pos, unit, d_head]
@@ -219,13 +239,13 @@ class _Writer:
             return new
         return callback
 
-    def _norm_input(self, mask: Tensor, last: bool):
+    def _norm_input(self, j: int, mask: Tensor, last: bool):
         """The MLP's or the final norm's input plus delta in the copies that patch it (at the last real
         position for the logits; the final norm sees [rows, d_model] in a resumed pass)."""
         copies = mask.any(1).nonzero().flatten()
 
         def callback(raw):
-            delta = self.delta(mask, copies, last=last)  # [copy, batch, pos | 1, d_model]
+            delta = self.receiver_delta(j, mask, copies, last)  # [copy, batch, pos | 1, d_model]
             new = raw.clone()
             view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, (pos), d_model]
             if not last:
