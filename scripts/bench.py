@@ -672,6 +672,10 @@ def table(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--preset" in argv and argv[argv.index("--preset") + 1:][:1] == ["fullwidth"]:  # scripts/benchmarks/fullwidth.py
+        from benchmarks import fullwidth
+        return fullwidth.main([a for i, a in enumerate(argv) if a != "--preset" and argv[i - 1:i] != ["--preset"]])
     ap_ = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap_.add_argument("--preset", choices=sorted(PRESETS), default="gpt2-small")
     ap_.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the preset's")
