@@ -57,16 +57,21 @@ class Settings:
     edge_top_k: int = 2
     edge_random_k: int = 1
     seed: int = 0
+    metrics: tuple[str, ...] | None = None  # None: every metric (one backward each); fewer: fewer backwards
+
+    def _metrics(self) -> dict:
+        return {} if self.metrics is None else {"metrics": self.metrics}
 
     def screen_config(self):
         from attrpatch.model.sites import SITES
         from attrpatch.screening import ScreenConfig
-        return ScreenConfig(sites=SITES, top_k=self.top_k, random_k=self.random_k, seed=self.seed, progress=False)
+        return ScreenConfig(sites=SITES, top_k=self.top_k, random_k=self.random_k, seed=self.seed, progress=False,
+                            **self._metrics())
 
     def edge_config(self):
         from attrpatch.edge_screening import EdgeConfig
         return EdgeConfig(direction="denoise", top_k=self.edge_top_k, random_k=self.edge_random_k,
-                          circuit_points=2, seed=self.seed)
+                          circuit_points=2, seed=self.seed, **self._metrics())
 
 
 def model_config(name: str, layers: int | None = None, vocab: int | None = None, intermediate: int | None = None):
@@ -302,7 +307,7 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", default="1,2,4", help="depths to run (default 1,2,4)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--out", default="fullwidth_results.json", help="JSON results path")
-    for field_ in fields(Settings):
+    for field_ in (f for f in fields(Settings) if f.type is int):
         p.add_argument(f"--{field_.name.replace('_', '-')}", type=int, default=field_.default)
     p.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a quick check; not the benchmark)")
     p.add_argument("--intermediate", type=int, default=None, help="a smaller MLP (a quick check; not the benchmark)")
@@ -312,7 +317,7 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.type is int})
     load_before, start = os.getloadavg(), time.perf_counter()
     rows = []
     for name in models:
