@@ -11,6 +11,7 @@ machine. Models are random-weight, built from configs (no hub access needed).
     python scripts/bench.py --preset tiny        # 2-layer d_model 64 smoke run (~10 s)
     python scripts/bench.py --preset llama3-8b   # Llama-3-8B shape, batch 16 x 128, bf16, CUDA
     python scripts/bench.py --preset smollm2     # the real SmolLM2-135M on its IOI screen prompts, + the screen
+    python scripts/bench.py --preset fullwidth   # Llama-3-8B / Qwen2.5-7B / Gemma-2-9B widths at 1, 2, 4 layers, bf16 (benchmarks/fullwidth.py)
 
 Measured:
   atp         ap.attribute over resid_pre, attn_out, mlp_out, head, neuron (per position), one metric; the
@@ -122,6 +123,10 @@ def _setup(args, t_start: float) -> Bench:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--preset" in argv and argv[argv.index("--preset") + 1:][:1] == ["fullwidth"]:  # benchmarks/fullwidth.py
+        from benchmarks import fullwidth
+        return fullwidth.main([a for i, a in enumerate(argv) if a != "--preset" and argv[i - 1:i] != ["--preset"]])
     args = _parser().parse_args(argv)
     t_start = time.perf_counter()
     code = git_state()  # at start: the code this process imported
