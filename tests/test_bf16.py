@@ -2,6 +2,7 @@
 the dtype, and on SmolLM2 a bf16 screen agrees with a float32 one within bf16's own spread."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -93,3 +94,11 @@ def _top(values: torch.Tensor, site: str, k: int) -> list:
         out.append(ap.Component(site, layer=at[0], pos=None, unit=at[2]) if site == "head"
                    else ap.Component(site, layer=at[0], pos=at[1]))
     return out
+
+
+def test_half_precision_on_the_cpu_warns_that_its_backward_is_slow_and_float32_does_not():
+    with pytest.warns(UserWarning, match=r"--dtype bfloat16 on the CPU.*use --dtype float32"):
+        ap.load(dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ap.load(dtype="float32")

@@ -5,6 +5,7 @@ embedded toy model when no name is given."""
 import contextlib
 import functools
 import json
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -14,6 +15,14 @@ from . import hf_compat
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "toy-gpt2"  # the embedded toy model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+# Measured (docs/benchmarks.md, AVX2 CPU): a bf16 [8, 4096] x [4096, 4096] product in the backward's layout
+# (grad @ W) takes 41x the forward's (x @ W.T), and 38x the same product in float32.
+HALF_ON_CPU = {d: f"--dtype {d} on the CPU: half-precision matrix products in the backward pass are ~40x slower "
+                  "than float32 on CPUs without native bf16/fp16 units (measured on AVX2), so attribution will be "
+                  "far slower than in float32; use --dtype float32 on the CPU unless the model only fits in half "
+                  "precision" for d in ("bfloat16", "float16")}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -37,6 +46,8 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str = "f
 
     source = str(DEFAULT_MODEL if name is None else name)
     kwargs = dict(dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    if dtype in HALF_ON_CPU and device == "cpu" and device_map is None:
+        warnings.warn(HALF_ON_CPU[dtype], stacklevel=2)
     if source.endswith(".gguf"):
         path = Path(source)
         if not path.is_file():
