@@ -1,6 +1,6 @@
 """Stage 7, output: the files a run writes.
 
-    files         atomic writes: JSON (NaN as null), CSV, bytes
+    files         atomic writes: JSON (NaN as null), CSV, bytes; safetensors with a canonical header (same bytes)
     provenance    the weights' hash, library versions, and the manifest that identifies a run
     checkpoint    progress saved step by step, for ``--resume``
     report        a node screen's report.json, results.csv, scores.safetensors, manifest.json

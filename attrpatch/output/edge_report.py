@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..config import EdgeConfig, config_dict
-from .files import write_atomic, write_csv, write_json
+from .files import safetensors_bytes, write_atomic, write_csv, write_json
 from .findings import fn_words
 from .markdown import num, table
 from .report_md import _sanity_section
@@ -40,8 +40,6 @@ def edge_rows(entries: list[dict], metrics) -> list[dict]:
 
 
 def write_edge_scores(path: Path, result) -> None:
-    from safetensors.torch import save
-
     tensors, graph = {}, None
     for direction, scores in result.scores.items():
         graph = scores.graph
@@ -50,7 +48,7 @@ def write_edge_scores(path: Path, result) -> None:
     meta = {"axes": "sender receiver", "senders": json.dumps([s.name for s in graph.senders]),
             "receivers": json.dumps([r.name for r in graph.receivers]), "note": "EAP scores, mean over prompts; "
             "zero where no edge exists"}
-    data = save(tensors, metadata=meta)
+    data = safetensors_bytes(tensors, meta)
     write_atomic(path, lambda f: f.write(data), binary=True)
 
 

@@ -10,7 +10,7 @@ import torch
 from ..analysis.groups import group_components
 from ..config import ScreenConfig, config_dict
 from . import report_md
-from .files import write_atomic, write_csv, write_json
+from .files import safetensors_bytes, write_atomic, write_csv, write_json
 
 REPORT_VERSION = 1
 
@@ -37,8 +37,6 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
 def write_scores(path: Path, result) -> None:
     """Every AtP score as float32 tensors named ``{direction}/{metric}/{site}``; the axis names of each
     (``layer pos``, ``layer pos head``, ``layer pos neuron``) are in the file's metadata."""
-    from safetensors.torch import save
-
     tensors, axes = {}, {}
     for direction, scores in result.scores.items():
         for m, per_site in scores.values.items():
@@ -48,7 +46,7 @@ def write_scores(path: Path, result) -> None:
                 unit = {"neuron": " neuron", "head": " head", "q": " head", "k": " kv_head", "v": " kv_head"}
                 axes[name] = ("batch " if scores.per_prompt else "") + "layer pos" + unit.get(site, "")
     meta = {"axes": json.dumps(axes), "note": "AtP scores per position, mean over prompts"}
-    data = save(tensors, metadata=meta)
+    data = safetensors_bytes(tensors, meta)
     write_atomic(path, lambda f: f.write(data), binary=True)
 
 

@@ -57,6 +57,7 @@ class Settings:
     edge_top_k: int = 2
     edge_random_k: int = 1
     seed: int = 0
+    dtype: str = "bfloat16"  # float32: the same run with the CPU's fast kernels (bf16's backward is ~40x slower here)
     metrics: tuple[str, ...] | None = None  # None: every metric (one backward each); fewer: fewer backwards
 
     def _metrics(self) -> dict:
@@ -190,11 +191,11 @@ def measure_edges(model, batch, config) -> dict:
 
 def plan(model_cfg, settings: Settings, screen_config, edge_config) -> dict:
     """planning.plan_screen and edge_planning.plan_edges (``attrpatch plan [--edges]``) of ``model_cfg`` in
-    bf16 on the CPU with the run's settings; {phase: peak bytes, "weights": bytes, "largest": ..}."""
+    the run's dtype on the CPU with its settings; {phase: peak bytes, "weights": bytes, "largest": ..}."""
     from attrpatch.edge_planning import plan_edges
     from attrpatch.planning import plan_screen
 
-    kw = dict(n_prompts=settings.n_prompts, seq_len=settings.seq_len, dtype="bfloat16", device="cpu")
+    kw = dict(n_prompts=settings.n_prompts, seq_len=settings.seq_len, dtype=settings.dtype, device="cpu")
     screen = plan_screen(model_cfg, screen_config, **kw)
     edges = plan_edges(model_cfg, edge_config, **kw)
     out = {p: (screen if src == "screen" else edges)["phases"][p]["peak_bytes"] for p, src in PLANNED.items()}
@@ -208,7 +209,7 @@ def run_depth(name: str, layers: int, settings: Settings, vocab: int | None = No
     """Build, plan, screen and edges-run one model at one depth; the plan's copies per pass are the run's."""
     cfg = model_config(name, layers, vocab, intermediate)
     start = time.perf_counter()
-    model = build(cfg, seed=settings.seed)
+    model = build(cfg, getattr(torch, settings.dtype), seed=settings.seed)
     build_s = time.perf_counter() - start
     planned = plan(cfg, settings, settings.screen_config(), settings.edge_config())
     screen_config = replace(settings.screen_config(), copies=planned["copies"]["screen"])
@@ -309,6 +310,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="fullwidth_results.json", help="JSON results path")
     for field_ in (f for f in fields(Settings) if f.type is int):
         p.add_argument(f"--{field_.name.replace('_', '-')}", type=int, default=field_.default)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="bfloat16 (the benchmark); float32: the CPU's fast kernels, for time ratios on a CPU without bf16 units")
     p.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (a quick check; not the benchmark)")
     p.add_argument("--intermediate", type=int, default=None, help="a smaller MLP (a quick check; not the benchmark)")
     args = p.parse_args(argv)
@@ -317,7 +320,7 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.type is int})
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.type is int}, dtype=args.dtype)
     load_before, start = os.getloadavg(), time.perf_counter()
     rows = []
     for name in models:
