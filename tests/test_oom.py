@@ -11,16 +11,18 @@ from attrpatch.methods.estimators import gradients
 from conftest import random_pairs, tiny_model
 
 
-def fragile(monkeypatch, cls, at_most: int, calls: list | None = None):
+def fragile(monkeypatch, cls, at_most: int | None = None, calls: list | None = None, when=None):
     """``cls.add`` (every score a chunk adds) raises a simulated CUDA out-of-memory error AFTER adding, whenever
-    the chunk has more than ``at_most`` prompts: the failed chunk has already written part of its sums."""
+    the chunk has more than ``at_most`` prompts (or ``when(chunk)``): the failed chunk has already written part
+    of its sums."""
     real = cls.add
+    when = when or (lambda chunk: chunk.batch.n > at_most)
 
     def add(self, *args):
         real(self, *args)
         if calls is not None:
             calls.append(self.batch.n)
-        if self.batch.n > at_most:
+        if when(self):
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
     monkeypatch.setattr(cls, "add", add)
 
