@@ -3,9 +3,9 @@
     exact patching (patching/exact.py), edge patching (edges/patching.py):
         a pass of ``copies`` patched copies  ->  two passes of copies // 2 and the rest     (``halve``)
     attribution, node (estimators/attribution.py) and edge (edges/eap.py):
-        a chunk of ``n`` prompts             ->  two chunks of n // 2 and the rest           (``run_chunks``)
+        a chunk of ``n`` prompts             ->  the rest of the run at n // 2 prompts per chunk (``run_chunks``)
 
-Attribution's scores are sums over prompts, so the split chunks add up to the scores of the whole one (to
+Attribution's scores are sums over prompts, so smaller chunks add up to the scores of the whole run (to
 float rounding). A chunk that fails leaves no trace: its sums reach the totals only when it completes, and
 the rows it wrote are zeroed. Each retry is warned (the CLI prints it as ``attrpatch: warning: ...``), with
 the setting that would have started there; one prompt, or one copy, that still does not fit re-raises.
@@ -57,14 +57,17 @@ def run_chunks(batch: PromptBatch, batch_size: int | None, run: Callable[[Prompt
         into = summed if start == 0 else scratch
         try:
             run(batch.rows(slice(start, start + n)), start, into)
+            failed = False
         except torch.OutOfMemoryError as err:
-            _tree(into, Tensor.zero_)
-            _tree(rows or {}, lambda t: t[start:start + n].zero_())
             if n == 1:
                 raise torch.OutOfMemoryError(
                     f"out of memory {what} even one prompt at a time (device {device}): {err}. Needs less "
-                    "memory: --low-memory, --dtype bfloat16, --device-map auto, or a larger device; a screen's "
+                    "memory: --low-memory, --dtype bfloat16, --device-map auto, or a larger device; the run's "
                     "completed steps are saved, so rerun with --resume to continue") from err
+            failed = True  # out of the except block: the error's frames, and the chunk's tensors, are freed
+        if failed:
+            _tree(into, Tensor.zero_)
+            _tree(rows or {}, lambda t: t[start:start + n].zero_())
             size = n // 2
             warnings.warn(f"out of memory {what} {n} prompts at once; retrying with {size} prompts per batch "
                           f"(pass batch_size={size}, --batch-size {size}, to start there)")
