@@ -6,7 +6,6 @@ on this; verification reuses the node screen's analysis (ranking, agreement, fla
 
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.intervals import effect_intervals
 from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.records import Finding, finding_dicts
+from .analysis.results import EdgeResult
 from .analysis.sanity import clean_run_check
 from .config import EdgeConfig, with_primary_metric
 from .engine.forward import forward_last
@@ -31,25 +31,6 @@ from .methods.edges.graph import Edge, Node
 from .methods.edges.patching import patch_edges
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
-
-
-@dataclass
-class EdgeResult:
-    """``edges``: one entry per verified edge x direction; ``circuit``: the faithfulness curve."""
-
-    config: EdgeConfig
-    model: str
-    n_prompts: int
-    n_edges: int
-    clean_metric: dict[str, float]
-    corrupt_metric: dict[str, float]
-    scores: dict[str, EdgeScores]
-    edges: list[dict]
-    agreement: dict  # direction -> metric -> Agreement dict
-    false_negatives: dict  # direction -> FalseNegatives dict
-    circuit: dict
-    timing: dict = field(default_factory=dict)
-    sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
 
 
 def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .analysis.results import EdgeResult, ScreenResult
 from .analysis.sanity import by_group
 from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
 from .engine import distributed
@@ -102,7 +103,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
                 "corruption": manifest["corruption"], "prompt_selection": prompts}
-    result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
+    result: ScreenResult = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     if distributed.rank() != 0:  # rank 0 writes for everyone
         return {}
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
@@ -163,7 +164,7 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
-    result = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config)
+    result: EdgeResult = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config)
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = prompts
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)
