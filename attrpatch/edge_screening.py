@@ -16,7 +16,7 @@ from .analysis.baselines import logit_diff
 from .analysis.findings import query_heads
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.intervals import effect_intervals
-from .analysis.ranking import control_sample, ranks, top_k
+from .analysis.ranking import plan_site, ranks, top_k
 from .analysis.records import Finding, finding_dicts
 from .analysis.results import EdgeResult
 from .analysis.sanity import clean_run_check
@@ -77,15 +77,15 @@ def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
 
 
 def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
-    """Exact effects of the top-k edges by |score| and a random control sample; their findings, agreement
-    per metric and false-negative bound."""
+    """Exact effects of the top-k edges by |score| and a random control sample (the edges' SitePlan, drawn
+    as a node site's is); their findings, agreement per metric and false-negative bound."""
     graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
     every = graph.edges()
     approx = {m: scores.flat(m).float() for m in config.metrics}  # [edge]
-    top = top_k(approx[config.metric], config.top_k)
-    control = control_sample(len(every), top, config.random_k, config.seed)
-    idx = top + control
-    effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
+    plan = plan_site("edges", every, {config.estimator: approx}, first=config.estimator, metric=config.metric,
+                     k=config.top_k, random_k=config.random_k, seed=config.seed)
+    top, idx, rank_approx = plan.top, plan.indices, plan.rank_approx
+    effects = patch_edges(spec, batch, plan.verified, metrics=config.metrics, direction=direction,
                           copies=config.copies, batch_size=config.batch_size, per_prompt=True)
     exact = effects.values.float()  # [verified, metric]
     low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
@@ -93,8 +93,8 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
     fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(idx)).to_dict()
-    rank_approx, rank_exact = ranks(approx[config.metric]), ranks(exact[:, primary])
-    evidence = _evidence(spec, batch, direction, [every[j] for j in idx], graph)
+    rank_exact = ranks(exact[:, primary])
+    evidence = _evidence(spec, batch, direction, plan.verified, graph)
     tol = tolerance(scores, config.metric)
     entries = []
     for r, j in enumerate(idx):
