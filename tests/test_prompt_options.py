@@ -108,3 +108,11 @@ def test_the_edge_screen_refuses_a_corruption_other_than_the_tasks_own(tmp_path)
         pipeline.run_edges(tiny_model("gpt2"), None, task=str(task), config=EdgeConfig(), out=tmp_path / "e",
                            model_name="tiny", prompts=PromptOptions(corruption=("str", "noise")))
 
+
+def test_windows_runs_on_the_embedded_model_without_model(tmp_path):
+    """`attrpatch windows` with no --model names the embedded model (it raised a NameError before)."""
+    out = tmp_path / "w"
+    assert main(["windows", "--task", "ioi", "--site", "resid_pre", "--window", "1", "--n-prompts", "2",
+                 "--no-figures", "--quiet", "--out", str(out)]) == 0
+    sweeps = json.loads((out / "windows.json").read_text())
+    assert sweeps["str"]["model"].startswith("embedded:")

@@ -141,6 +141,7 @@ def _load(args, device: str, device_map: str | None = None):
 
 
 def _windows(args) -> int:
+    from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_windows
 
     model, tokenizer = _load(args, args.device)
