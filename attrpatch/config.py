@@ -1,11 +1,15 @@
 """Stage 5, config: what a screen is asked to do (``ScreenConfig`` for the node screen, ``EdgeConfig``
-for the edge screen), validated when built and never changed after; one serialisation (:func:`config_dict`).
-It comes before the analysis, the outputs and both screens, which all read it and import its types."""
+for the edge screen) and how its prompts are chosen and encoded (``PromptOptions``, shared by the screen,
+the edge screen and the windows), validated when built and never changed after; one serialisation
+(:func:`config_dict`). It comes before the analysis, the outputs and both screens, which all read it and
+import its types."""
 
 from dataclasses import asdict, dataclass, replace
 
 from .engine.metrics import METRICS, check_metric
+from .inputs.corruption import check_corruption
 from .inputs.directions import DIRECTIONS, check_direction
+from .inputs.tokenization import check_bos_mode
 from .methods.ablation import check_ablation
 from .methods.edges.eap import EDGE_ESTIMATORS
 from .methods.estimators.attribution import ESTIMATORS, check_estimator
@@ -122,3 +126,57 @@ class EdgeConfig:
     @property
     def directions(self) -> tuple[str, ...]:
         return DIRECTIONS if self.direction == "both" else (self.direction,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptOptions:
+    """How a run's prompts are chosen and encoded (prompts.prepare_pairs) and which corrupt run they get
+    (prompts.corrupted): the same for the screen, the edge screen and the windows. ``corruption``: one or
+    more of str | abc | noise (several: one screen each, compared; the edge screen takes str alone);
+    ``noise_std``: the noise corruption's std, in units of the embeddings' std; ``prepend_bos``: auto | yes |
+    no | a token; ``template``: a built-in task's template index or a task file's label; ``keep_correct``: keep
+    only the pairs the model solves. The draw's seed and the batch size are the screen config's (``seed``
+    also draws the controls; both are in the manifest's options), not here."""
+
+    n_prompts: int = 16
+    corruption: tuple[str, ...] = ("str",)
+    noise_std: float = 3.0
+    prepend_bos: str = "auto"
+    template: int | str | None = None
+    keep_correct: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.n_prompts, bool) or not isinstance(self.n_prompts, int) or self.n_prompts < 1:
+            raise ValueError(f"n_prompts must be an integer >= 1, got {self.n_prompts!r}")
+        if not isinstance(self.corruption, tuple) or not self.corruption:
+            raise ValueError(f"corruption takes a non-empty tuple of names, e.g. ('str',) or ('str', 'noise'), "
+                             f"got {self.corruption!r}")
+        for name in self.corruption:
+            check_corruption(name)
+        if len(set(self.corruption)) < len(self.corruption):
+            raise ValueError(f"corruption {self.corruption!r} names one twice; give each once")
+        if not self.noise_std > 0:
+            raise ValueError(f"noise_std must be > 0 (units of the embeddings' std; 3.0 is causal tracing's), "
+                             f"got {self.noise_std!r}")
+        check_bos_mode(self.prepend_bos)
+        if isinstance(self.template, int) and self.template < 0:
+            raise ValueError(f"template must be a template index >= 0 or a task file's label, got {self.template}")
+
+
+def prompt_options(prompts: PromptOptions | None, keywords: dict, caller: str) -> PromptOptions:
+    """``prompts``, or one built from PromptOptions' field names passed as keywords (run_screen's keywords
+    before the options had a type; ``corruption`` may be a comma-separated string "str,noise"); both at once
+    is refused, as is a keyword PromptOptions lacks (``caller``: the function, for the message)."""
+    unknown = sorted(set(keywords) - set(PromptOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(unknown)}; its prompt keywords "
+                        f"are PromptOptions' fields: {', '.join(PromptOptions.__dataclass_fields__)}")
+    if prompts is not None and keywords:
+        raise TypeError(f"{caller}() takes prompts=PromptOptions(...) or the keywords {', '.join(keywords)}, not "
+                        "both; put them into the PromptOptions")
+    if prompts is not None:
+        return prompts
+    corruption = keywords.get("corruption", ("str",))
+    if isinstance(corruption, str):  # "str,noise", spaces allowed
+        corruption = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip())) or (corruption,)
+    return PromptOptions(**{**keywords, "corruption": tuple(corruption)})

@@ -6,7 +6,6 @@ on this; verification reuses the node screen's analysis (ranking, agreement, fla
 
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,8 +16,9 @@ from .analysis.baselines import logit_diff
 from .analysis.findings import query_heads
 from .analysis.flags import causes, disagreement_flags, mark_cross_flags
 from .analysis.intervals import effect_intervals
-from .analysis.ranking import control_sample, ranks, top_k
+from .analysis.ranking import plan_site, ranks, top_k
 from .analysis.records import Finding, finding_dicts
+from .analysis.results import EdgeResult
 from .analysis.sanity import clean_run_check
 from .config import EdgeConfig, with_primary_metric
 from .engine.forward import forward_last
@@ -32,25 +32,6 @@ from .methods.edges.patching import patch_edges
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
 from .output.checkpoint import Progress
-
-
-@dataclass
-class EdgeResult:
-    """``edges``: one entry per verified edge x direction; ``circuit``: the faithfulness curve."""
-
-    config: EdgeConfig
-    model: str
-    n_prompts: int
-    n_edges: int
-    clean_metric: dict[str, float]
-    corrupt_metric: dict[str, float]
-    scores: dict[str, EdgeScores]
-    edges: list[dict]
-    agreement: dict  # direction -> metric -> Agreement dict
-    false_negatives: dict  # direction -> FalseNegatives dict
-    circuit: dict
-    timing: dict = field(default_factory=dict)
-    sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
 
 
 def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig(),
@@ -107,17 +88,17 @@ def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
 
 
 def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, progress: Progress):
-    """Exact effects of the top-k edges by |score| and a random control sample (a saved step); their findings,
-    agreement per metric and false-negative bound."""
+    """Exact effects of the top-k edges by |score| and a random control sample (the edges' SitePlan, drawn
+    as a node site's is; a saved step); their findings, agreement per metric and false-negative bound."""
     graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
     every = graph.edges()
     approx = {m: scores.flat(m).float() for m in config.metrics}  # [edge]
-    top = top_k(approx[config.metric], config.top_k)
-    control = control_sample(len(every), top, config.random_k, config.seed)
-    idx = top + control
-    effects = progress.edge_effects(f"edge-exact-{direction}", [every[j] for j in idx])
+    plan = plan_site("edges", every, {config.estimator: approx}, first=config.estimator, metric=config.metric,
+                     k=config.top_k, random_k=config.random_k, seed=config.seed)
+    top, idx, rank_approx = plan.top, plan.indices, plan.rank_approx
+    effects = progress.edge_effects(f"edge-exact-{direction}", plan.verified)
     if effects is None or effects.per_prompt is None:
-        effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
+        effects = patch_edges(spec, batch, plan.verified, metrics=config.metrics, direction=direction,
                               copies=config.copies, batch_size=config.batch_size, per_prompt=True)
         progress.save_effects(f"edge-exact-{direction}", effects)
     exact = effects.values.float()  # [verified, metric]
@@ -126,8 +107,8 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, pr
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
     fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(idx)).to_dict()
-    rank_approx, rank_exact = ranks(approx[config.metric]), ranks(exact[:, primary])
-    evidence = _evidence(spec, batch, direction, [every[j] for j in idx], graph)
+    rank_exact = ranks(exact[:, primary])
+    evidence = _evidence(spec, batch, direction, plan.verified, graph)
     tol = tolerance(scores, config.metric)
     entries = []
     for r, j in enumerate(idx):

@@ -1,11 +1,13 @@
 """One run end to end, as the CLI does it: task -> prompt batch (prompts.py) -> screen -> files -> figures."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
+from .analysis.results import EdgeResult, ScreenResult
 from .analysis.sanity import by_group
-from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
+from .config import EdgeConfig, PromptOptions, ScreenConfig, config_dict, prompt_options, with_primary_metric
 from .engine import distributed
 from .inputs.alignment import position_labels
 from .inputs.batch import make_batch
@@ -19,24 +21,24 @@ from .screening import screen
 
 
 def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str = "mlp_out",
-                widths: tuple[int, ...] = (1,), position: str | None = None, corruptions: tuple[str, ...] = ("str",),
-                metrics: tuple[str, ...] = ("logit_diff",), direction: str = "denoise", n_prompts: int = 16,
-                seed: int = 0, noise_std: float = 3.0, prepend_bos: str = "auto", template: int | str | None = None,
-                keep_correct: bool = False, batch_size: int | None = None, figures: bool = True,
-                model_name: str | None = None) -> dict:
-    """Sliding windows (methods/patching/windows.py) of ``site`` at one position, per corruption: out/windows.json
-    ({corruption: sweep}, each sweep naming the model and task for the figure's title) and
-    out/figures/windows.png. position: a role (S2, subject, ...) or an index; default: the task's key role
-    (output/corruptions.KEY_ROLES)."""
+                widths: tuple[int, ...] = (1,), position: str | None = None, metrics: tuple[str, ...] = ("logit_diff",),
+                direction: str = "denoise", seed: int = 0, batch_size: int | None = None,
+                prompts: PromptOptions | None = None, figures: bool = True, model_name: str | None = None,
+                **prompt_keywords) -> dict:
+    """Sliding windows (methods/patching/windows.py) of ``site`` at one position, per corruption of ``prompts``
+    (config.PromptOptions, or its fields as keywords): out/windows.json ({corruption: sweep}, each sweep naming
+    the model and task for the figure's title) and out/figures/windows.png. position: a role (S2, subject, ...)
+    or an index; default: the task's key role (output/corruptions.KEY_ROLES)."""
     from .methods.patching.windows import sweep_windows
     from .output.corruptions import KEY_ROLES
     from .output.files import write_json
 
+    prompts = prompt_options(prompts, prompt_keywords, "run_windows")
+    corruptions = prompts.corruption
     for c in corruptions:
         check_corruption(c, task)
-    drawn = {p: prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=seed, per_position=True,
-                              prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
-                              batch_size=batch_size, corruption=p)[0]
+    drawn = {p: _draw(model, tokenizer, task, prompts, seed=seed, batch_size=batch_size, per_position=True,
+                      corruption=p)[0]
              for p in dict.fromkeys(prompts_of(c) for c in corruptions)}
     pairs = next(iter(drawn.values()))
     roles = pairs[0].role_positions
@@ -46,7 +48,7 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
                          f"{', '.join(roles) or 'none'}); pass --position with one of them or an index")
     pos = int(name) if str(name).isdigit() else roles[name]
     batches = {p: make_batch(found, pad_id=pad_token(tokenizer)) for p, found in drawn.items()}
-    sweeps = {c: sweep_windows(model, corrupted(model, batches[prompts_of(c)], c, noise_std, seed), site=site,
+    sweeps = {c: sweep_windows(model, corrupted(model, batches[prompts_of(c)], c, prompts.noise_std, seed), site=site,
                                widths=widths, pos=pos,
                                metrics=metrics, direction=direction, batch_size=batch_size).to_dict()
               | {"pos_label": None if str(name).isdigit() else name, "task": task,
@@ -60,59 +62,63 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
 
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
-               n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
-               resume: bool = False, corruption: str = "str", noise_std: float = 3.0, prepend_bos: str = "auto",
-               template: int | str | None = None, keep_correct: bool = False,
-               formats: tuple[str, ...] = ("png",)) -> dict:
+               prompts: PromptOptions | None = None, argv: list[str] | None = None, figures: bool = True,
+               resume: bool = False, formats: tuple[str, ...] = ("png",), **prompt_keywords) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
     (same model, prompts and options) and gives the same report as an uninterrupted run.
-    corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
-    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several,
-    comma-separated ("str,noise"): one whole run per corruption in ``out/<corruption>/``, each the same as
-    that corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
+    prompts: how prompts are chosen and encoded and their corruption (config.PromptOptions); or its fields as
+    keywords (``n_prompts=8, corruption="str,noise"``), as before the options had a type.
+    Its corruption: ``str`` (symmetric token replacement, the task's corrupt prompts) or ``noise`` (Gaussian
+    noise of ``noise_std`` x the embeddings' std on the clean prompt's key tokens: causal tracing); several
+    (("str", "noise")): one whole run per corruption in ``out/<corruption>/``, each the same as that
+    corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
     ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
     run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
-    prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`).
     formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default)."""
-    config = with_primary_metric(config)
-    labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
-    for label in labels or (corruption,):
+    config, prompts = with_primary_metric(config), prompt_options(prompts, prompt_keywords, "run_screen")
+    for label in prompts.corruption:
         check_corruption(label, task)
     if config.ablation is not None:
-        _check_ablation_run(config.ablation, labels)
-    if len(labels) > 1:
-        options = dict(task=task, config=config, model_name=model_name, n_prompts=n_prompts, argv=argv,
-                       figures=figures, resume=resume, noise_std=noise_std, prepend_bos=prepend_bos,
-                       template=template, keep_correct=keep_correct, formats=formats)
-        return run_corruptions(model, tokenizer, labels, out=Path(out), **options)
-    pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
-                                   per_position=any(config.per_position(s) for s in config.sites),
-                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
-                                   batch_size=config.batch_size, corruption=corruption)
-    batch = corrupted(model, make_batch(pairs, pad_id=pad_token(tokenizer)), corruption, noise_std, config.seed)
+        _check_ablation_run(config.ablation, prompts.corruption)
+    if len(prompts.corruption) > 1:
+        return run_corruptions(model, tokenizer, out=Path(out), prompts=prompts, task=task, config=config,
+                               model_name=model_name, argv=argv, figures=figures, resume=resume, formats=formats)
+    corruption = prompts.corruption[0]
+    pairs, selection = _draw(model, tokenizer, task, prompts, seed=config.seed, batch_size=config.batch_size,
+                             per_position=any(config.per_position(s) for s in config.sites), corruption=corruption)
+    batch = corrupted(model, make_batch(pairs, pad_id=pad_token(tokenizer)), corruption, prompts.noise_std,
+                      config.seed)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
                              options=config_dict(config), argv=argv)
-    manifest["corruption"] = {"method": corruption, "noise_std": noise_std if corruption == "noise" else None}
+    manifest["corruption"] = {"method": corruption, "noise_std": prompts.noise_std if corruption == "noise" else None}
     if config.ablation is not None:  # labelled as the ablation; the corruption is the unit of scale only
         manifest["corruption"] = {"method": ablation_label(config.ablation), "ablation": config.ablation,
                                   "scale": manifest["corruption"]}
-    manifest["prompt_selection"] = prompts
+    manifest["prompt_selection"] = selection
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
-                "corruption": manifest["corruption"], "prompt_selection": prompts}
-    result = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
+                "corruption": manifest["corruption"], "prompt_selection": selection}
+    result: ScreenResult = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     if distributed.rank() != 0:  # rank 0 writes for everyone
         return {}
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
-    result.sanity["prompt_selection"] = prompts
+    result.sanity["prompt_selection"] = selection
     report = write_run(Path(out), result, model_name=model_name, task=task,
                        tokens=position_labels(pairs, tokenizer), manifest=manifest)
     if figures:
         from .plot import draw_run
         draw_run(out, formats)
     return report
+
+
+def _draw(model: nn.Module, tokenizer, task: str, prompts: PromptOptions, *, seed: int, batch_size: int | None,
+          per_position: bool = False, corruption: str = "str") -> tuple[list, dict]:
+    """prompts.prepare_pairs with ``prompts``' choice and encoding; ``corruption``: one of its corruptions."""
+    return prepare_pairs(model, tokenizer, task=task, n_prompts=prompts.n_prompts, seed=seed,
+                         per_position=per_position, prepend_bos=prompts.prepend_bos, template=prompts.template,
+                         keep_correct=prompts.keep_correct, batch_size=batch_size, corruption=corruption)
 
 
 def _check_ablation_run(ablation: str, corruptions: tuple[str, ...]) -> None:
@@ -127,15 +133,16 @@ def _check_ablation_run(ablation: str, corruptions: tuple[str, ...]) -> None:
                          "(the prompts are split between processes here)")
 
 
-def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *, out: Path, figures: bool = True,
+def run_corruptions(model: nn.Module, tokenizer, *, out: Path, prompts: PromptOptions, figures: bool = True,
                     formats: tuple[str, ...] = ("png",), **options) -> dict:
-    """One :func:`run_screen` per corruption into ``out/<corruption>/``, then their comparison in ``out``:
-    corruptions.json, corruptions.md (the ``corruptions_disagree`` flags) and figures/corruptions_*.png.
-    Returns {"corruptions": the comparison, "runs": {corruption: report}}."""
+    """One :func:`run_screen` per corruption of ``prompts`` into ``out/<corruption>/``, then their comparison in
+    ``out``: corruptions.json, corruptions.md (the ``corruptions_disagree`` flags) and
+    figures/corruptions_*.png. Returns {"corruptions": the comparison, "runs": {corruption: report}}."""
     from .output.corruptions import write_corruptions
 
-    reports = {c: run_screen(model, tokenizer, out=out / c, corruption=c, figures=figures, formats=formats, **options)
-               for c in corruptions}
+    reports = {c: run_screen(model, tokenizer, out=out / c, prompts=replace(prompts, corruption=(c,)),
+                             figures=figures, formats=formats, **options)
+               for c in prompts.corruption}
     if distributed.rank() != 0:
         return {}
     comp = write_corruptions(out, reports)
@@ -150,28 +157,30 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
     return {"corruptions": comp, "runs": reports}
 
 
-def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str, n_prompts: int = 16,
-              figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
-              keep_correct: bool = False, resume: bool = False) -> dict:
+def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str,
+              prompts: PromptOptions | None = None, figures: bool = True, resume: bool = False,
+              **prompt_keywords) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
-    report dict. Edges are summed over positions, so prompts of several
-    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`. Each completed step is
-    saved under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does."""
+    report dict. Edges are summed over positions, so prompts of several templates mix. prompts: as for
+    :func:`run_screen` (or its fields as keywords), its corruption str alone. Each completed step is saved
+    under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
-    config = with_primary_metric(config)
-    pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
-                                   prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
-                                   batch_size=config.batch_size)
+    config, prompts = with_primary_metric(config), prompt_options(prompts, prompt_keywords, "run_edges")
+    if prompts.corruption != ("str",):
+        raise ValueError(f"the edge screen runs on the task's own corrupt prompts (corruption str), got corruption "
+                         f"{', '.join(prompts.corruption)}; leave corruption at ('str',), or screen components "
+                         "(run_screen, attrpatch screen --corruption) for the others")
+    pairs, selection = _draw(model, tokenizer, task, prompts, seed=config.seed, batch_size=config.batch_size)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task, options=config_dict(config))
     identity = {"kind": "edges", "weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
-                "options": manifest["options"], "prompt_selection": prompts}
-    result = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config,
-                          progress=Progress(Path(out), identity, resume=resume))
+                "options": manifest["options"], "prompt_selection": selection}
+    result: EdgeResult = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config,
+                                      progress=Progress(Path(out), identity, resume=resume))
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
-    result.sanity["prompt_selection"] = prompts
-    report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)
+    result.sanity["prompt_selection"] = selection
+    report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=selection)
     if figures:
         from .plot.circuit import draw_edges
         draw_edges(out)

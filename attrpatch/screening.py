@@ -17,8 +17,6 @@ a control variate, and of all of them, the additivity check (analysis/subsets.py
 against that ablation of the clean run, noising only (methods/ablation.py).
 """
 
-from dataclasses import dataclass, field
-
 from torch import nn
 
 from .analysis.causes import explain
@@ -27,35 +25,13 @@ from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
 from .analysis.ranking import plan_verification
 from .analysis.records import finding_dicts
+from .analysis.results import ScreenResult
 from .config import ScreenConfig, with_primary_metric
 from .inputs.batch import PromptBatch
-from .methods.estimators.attribution import Scores
 from .model.sites import as_spec
 from .output.checkpoint import Progress
 from .output.report import long_table
 from .steps import Steps
-
-@dataclass
-class ScreenResult:
-    """Everything a report or a figure needs. ``rows`` is the long table: one row per verified component
-    x direction x metric. ``components``: one entry per verified component x direction."""
-
-    config: ScreenConfig
-    model: str
-    n_prompts: int
-    n_pos: int
-    clean_metric: dict[str, float]
-    corrupt_metric: dict[str, float]
-    scores: dict[str, Scores]
-    components: list[dict]
-    rows: list[dict]
-    agreement: dict  # direction -> site -> metric -> Agreement dict
-    false_negatives: dict  # direction -> site -> FalseNegatives dict
-    attention: dict  # direction -> {"max_prob": [[..]], "entropy": [[..]]} per layer x head (receiver run)
-    estimators: dict  # direction -> estimator -> {"cost": .., "sites": site -> agreement + false negatives}
-    numerical: dict  # non-finite scores and effects, named per component
-    timing: dict = field(default_factory=dict)
-    sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity)
 
 
 def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenConfig(),

@@ -1,6 +1,6 @@
 """Check attrpatch's layout: stages import only from themselves and earlier stages (and methods' rooms only
 from themselves and earlier rooms), no import circle, modules and functions stay small, and a module that
-reads a config's fields imports the config's type (no duck typing). Prints the stage graph and the largest
+reads a config's, a finding's or a screen result's fields imports its type (no duck typing). Prints the stage graph and the largest
 module and function.
 
     python scripts/layout.py          # exit 1 on a violation
@@ -21,6 +21,8 @@ CONFIG_NAMES = ("config", "cfg")  # how the code names a config: config.x, self.
 # fields only a Finding (analysis/records.py) has: a module reading them on an object imports Finding
 FINDING_ONLY = ("flags", "causes", "evidence", "exact_norm", "exact_metrics", "approx_metrics", "approx_estimators",
                 "rank_exact", "exact_ci")
+RESULT_TYPES = ("ScreenResult", "EdgeResult")  # attrpatch/analysis/results.py's dataclasses; readers import them
+RESULT_NAMES = ("result",)  # how the code names a screen's result: result.rows, self.result.edges
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 EXEMPT = {}  # "module:function" -> why it may be longer (none today)
@@ -87,6 +89,7 @@ def check() -> tuple[list[str], dict]:
                                 f"later room {room_of(dep)}")
         problems += _untyped_config_reads(module, path, found, config_fields())
         problems += _untyped_finding_reads(module, path, found)
+        problems += _untyped_result_reads(module, path, found, result_fields())
         lines = path.read_text().count("\n")
         if lines > MAX_MODULE_LINES:
             problems.append(f"{module}: {lines} lines (> {MAX_MODULE_LINES})")
@@ -108,12 +111,53 @@ def _room_index(module: str) -> int:
 
 def config_fields() -> dict[str, set[str]]:
     """Each config type's field names, read from attrpatch/config.py."""
-    path = PACKAGE / "config.py"
+    return _fields(PACKAGE / "config.py", CONFIG_TYPES)
+
+
+def result_fields() -> dict[str, set[str]]:
+    """Each screen result type's field names, read from attrpatch/analysis/results.py."""
+    return _fields(PACKAGE / "analysis" / "results.py", RESULT_TYPES)
+
+
+def _fields(path: Path, types: tuple[str, ...]) -> dict[str, set[str]]:
     if not path.exists():
         return {}
     tree = ast.parse(path.read_text())
     return {node.name: {f.target.id for f in node.body if isinstance(f, ast.AnnAssign)}
-            for node in tree.body if isinstance(node, ast.ClassDef) and node.name in CONFIG_TYPES}
+            for node in tree.body if isinstance(node, ast.ClassDef) and node.name in types}
+
+
+def _owner(node: ast.expr) -> str:
+    """The name an attribute or key is read from: result (result.x), result (self.result.x), ''."""
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+
+
+def _untyped_result_reads(module: str, path: Path, found: set[str], fields: dict[str, set[str]]) -> list[str]:
+    """A module that reads a screen result's fields (result.rows, self.result.edges) without importing
+    ScreenResult or EdgeResult, or reads them dict-style (result["rows"], getattr(result, "rows")) at all:
+    reported, with the fields it reads. The result's type is imported from wherever it is re-exported."""
+    if module == "attrpatch.analysis.results" or not fields:
+        return []
+    every = set().union(*fields.values())
+    read, keyed = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in every and _owner(node.value) in RESULT_NAMES:
+            read.add(node.attr)
+        elif isinstance(node, ast.Subscript) and _owner(node.value) in RESULT_NAMES \
+                and isinstance(node.slice, ast.Constant) and node.slice.value in every:
+            keyed.add(node.slice.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
+                and len(node.args) >= 2 and _owner(node.args[0]) in RESULT_NAMES \
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value in every:
+            keyed.add(node.args[1].value)
+    problems = []
+    if read and not any(f.rpartition(".")[2] in fields for f in found):
+        problems.append(f"{module} reads screen result fields ({', '.join(sorted(read))}) without importing their "
+                        f"type ({' or '.join(fields)} from attrpatch.analysis.results)")
+    if keyed:
+        problems.append(f"{module} reads screen result fields ({', '.join(sorted(keyed))}) by key or getattr; "
+                        f"import {' or '.join(fields)} from attrpatch.analysis.results and read them as attributes")
+    return problems
 
 
 def _untyped_config_reads(module: str, path: Path, found: set[str], fields: dict[str, set[str]]) -> list[str]:
@@ -124,11 +168,8 @@ def _untyped_config_reads(module: str, path: Path, found: set[str], fields: dict
     every = set().union(*fields.values())
     read = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Attribute) and node.attr in every:
-            owner = node.value
-            name = owner.id if isinstance(owner, ast.Name) else owner.attr if isinstance(owner, ast.Attribute) else ""
-            if name in CONFIG_NAMES:
-                read.add(node.attr)
+        if isinstance(node, ast.Attribute) and node.attr in every and _owner(node.value) in CONFIG_NAMES:
+            read.add(node.attr)
     typed = {f"attrpatch.config.{t}" for t in fields} & found
     if read and not typed:
         return [f"{module} reads config fields ({', '.join(sorted(read))}) without importing their type "

@@ -82,3 +82,51 @@ def test_the_check_catches_a_config_or_finding_read_by_duck_typing(tmp_path, mon
                                            "def f(config: ScreenConfig, e: Finding):\n    return config.top_k, e.flags\n")
     problems, _ = layout.check()
     assert problems == []
+
+
+def test_the_check_catches_a_screen_result_read_untyped_or_by_key(tmp_path, monkeypatch):
+    """An output module reading result.rows without importing ScreenResult, or result["edges"] /
+    getattr(result, "circuit") at all, is reported; importing the type and reading attributes clears it."""
+    layout = _layout()
+    pkg = tmp_path / "attrpatch"
+    (pkg / "analysis").mkdir(parents=True)
+    (pkg / "output").mkdir()
+    for d in (pkg, pkg / "analysis", pkg / "output"):
+        (d / "__init__.py").write_text("")
+    (pkg / "analysis" / "results.py").write_text("class ScreenResult:\n    rows: list\n\n\n"
+                                                 "class EdgeResult:\n    edges: list\n    circuit: dict\n")
+    (pkg / "output" / "a.py").write_text("def f(result):\n    return result.rows\n")
+    (pkg / "output" / "b.py").write_text("from ..analysis.results import EdgeResult\n\n\n"
+                                         "def g(result: EdgeResult):\n"
+                                         "    return result['edges'], getattr(result, 'circuit')\n")
+    monkeypatch.setattr(layout, "PACKAGE", pkg)
+    problems, _ = layout.check()
+    assert any("attrpatch.output.a reads screen result fields (rows) without importing" in p for p in problems)
+    assert any("attrpatch.output.b reads screen result fields (circuit, edges) by key or getattr" in p
+               for p in problems)
+    (pkg / "output" / "a.py").write_text("from ..analysis.results import ScreenResult\n\n\n"
+                                         "def f(result: ScreenResult):\n    return result.rows\n")
+    (pkg / "output" / "b.py").write_text("from ..analysis.results import EdgeResult\n\n\n"
+                                         "def g(result: EdgeResult):\n    return result.edges, result.circuit\n")
+    problems, _ = layout.check()
+    assert problems == []
+
+
+def test_the_outputs_read_the_screen_results_as_their_types(tmp_path):
+    """output/report.py and output/edge_report.py import ScreenResult and EdgeResult (their reads are typed),
+    and the types the screens return are those."""
+    from attrpatch.analysis.results import EdgeResult, ScreenResult
+    from attrpatch.edge_screening import screen_edges
+    from attrpatch.output import edge_report, report
+    from attrpatch.screening import screen
+
+    assert report.ScreenResult is ScreenResult and edge_report.EdgeResult is EdgeResult
+    assert screen.__annotations__["return"] is ScreenResult and screen_edges.__annotations__["return"] is EdgeResult
+    layout = _layout()
+    for name in ("report", "edge_report"):
+        path = SCRIPT.parent.parent / "attrpatch" / "output" / f"{name}.py"
+        untyped = path.read_text().replace("from ..analysis.results import", "from ..analysis.sanity import")
+        found = {f for f in layout.imports(path, f"attrpatch.output.{name}") if "results" not in f}
+        (tmp_path / f"{name}.py").write_text(untyped)  # the module as it was: results read without their type
+        assert layout._untyped_result_reads(f"attrpatch.output.{name}", tmp_path / f"{name}.py", found,
+                                            layout.result_fields())

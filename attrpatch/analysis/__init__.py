@@ -1,6 +1,7 @@
 """Stage 6, analysis: pure functions on numbers (no model; baselines.solved alone runs the clean prompts).
 
     records      what flows between stages: SitePlan, Finding, Cost (dicts only at the output boundary)
+    results      what a screen returns: ScreenResult, EdgeResult (read by the outputs)
     ranking      the top-k by |score| and the seeded control sample: what to verify
     agreement    correlations, sign agreement, recall@k; the control sample's false-negative bound
     intervals    bootstrap intervals over prompt pairs

@@ -60,7 +60,6 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
     random control sample of the rest: {site: SitePlan}."""
     plan = {}
-    first = config.estimators[0]
     for i, site in enumerate(config.sites):
         per_pos = config.per_position(site)
         comps = None
@@ -69,9 +68,19 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
             approx[est] = {}
             for m in graded(config.metrics):  # discrete metrics have no scores
                 comps, approx[est][m] = candidates(scores, site, m, dims, n_pos, per_pos)
-        tops = {est: top_k(approx[est][config.metric], config.top_k) for est in est_scores}
-        top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
-        control = control_sample(len(comps), top, config.random_k, config.seed + i)
-        plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx, tops=tops, top=top,
-                              control=control, rank_approx=ranks(approx[first][config.metric]))
+        plan[site] = plan_site(site, comps, approx, first=config.estimators[0], metric=config.metric,
+                               k=config.top_k, random_k=config.random_k, seed=config.seed + i)
     return plan
+
+
+def plan_site(site: str, every: list, approx: dict[str, dict[str, Tensor]], *, first: str, metric: str,
+              k: int | None, random_k: int, seed: int) -> SitePlan:
+    """What to verify among one site's candidates ``every`` (components, or the edge screen's edges), scored
+    per estimator and metric (``approx``: {estimator: {metric: [candidate]}}; ``first`` ranks): the union of
+    the estimators' top-k by |score| under ``metric`` (``first``'s order first) and a seeded uniform control
+    sample of ``random_k`` of the rest."""
+    tops = {est: top_k(by_metric[metric], k) for est, by_metric in approx.items()}
+    top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
+    control = control_sample(len(every), top, random_k, seed)
+    return SitePlan(site=site, all=every, approx=approx[first], by_estimator=approx, tops=tops, top=top,
+                    control=control, rank_approx=ranks(approx[first][metric]))

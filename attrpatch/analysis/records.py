@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..methods.edges.graph import Edge
 from ..model.sites import Component
 
 # report.json's keys of one finding, in its order: a node screen's component, an edge screen's edge
@@ -20,15 +21,15 @@ EDGE_KEYS = ("sender", "receiver", "name", "direction", "selected", "approx", "e
 
 @dataclass(frozen=True)
 class SitePlan:
-    """What one site verifies and why. ``all``: every component of the site (``model.sites.components``
-    order); ``approx``: the ranking estimator's scores per graded metric, [component]; ``by_estimator``:
+    """What one site verifies and why (the edge screen: its edges, as one site). ``all``: every component of
+    the site (``model.sites.components`` order), or every edge (``EdgeGraph.edges`` order); ``approx``: the ranking estimator's scores per graded metric, [component]; ``by_estimator``:
     every estimator's; ``tops``: each estimator's top-k by |score| under the primary metric (all of them when
     top_k is None: the exhaustive sweep); ``top``: their union, the ranking estimator's order first;
     ``control``: the seeded uniform sample of the rest (what the top-k missed); ``rank_approx``: each
     component's rank under the ranking estimator."""
 
     site: str
-    all: list[Component]
+    all: list[Component] | list[Edge]
     approx: dict[str, Tensor]
     by_estimator: dict[str, dict[str, Tensor]]
     tops: dict[str, list[int]]

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from ..config import ScreenConfig, with_primary_metric
-from .args import build_parser
+from .args import build_parser, prompts_from
 
 USER_ERRORS = (ValueError, KeyError, OSError, ImportError, FloatingPointError)  # bad input, not a bug
 
@@ -114,9 +114,8 @@ def _screen(args, argv) -> int:
         config = fit_to_memory(args, model, tokenizer, config)
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
-               n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
-               corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
-               template=args.template, keep_correct=args.keep_correct, formats=args.format)
+               prompts=prompts_from(args), argv=argv, figures=not args.no_figures, resume=args.resume,
+               formats=args.format)
     if distributed.rank() != 0:
         return 0
     if len(args.corruption) > 1:
@@ -150,14 +149,13 @@ def _load(args, device: str, device_map: str | None = None):
 
 
 def _windows(args) -> int:
+    from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_windows
 
     model, tokenizer = _load(args, args.device)
     sweeps = run_windows(model, tokenizer, task=args.task, out=args.out, site=args.site, widths=args.window,
-                         position=args.position, corruptions=args.corruption, metrics=args.metrics,
-                         direction=args.direction, n_prompts=args.n_prompts, seed=args.seed,
-                         noise_std=args.noise_std, prepend_bos=args.prepend_bos, template=args.template,
-                         keep_correct=args.keep_correct, batch_size=args.batch_size, figures=not args.no_figures,
+                         position=args.position, metrics=args.metrics, direction=args.direction, seed=args.seed,
+                         batch_size=args.batch_size, prompts=prompts_from(args), figures=not args.no_figures,
                          model_name=args.model or f"embedded:{DEFAULT_MODEL.name}")
     for label, sweep in sweeps.items():
         for w, rows in sweep["exact"].items():
@@ -181,9 +179,8 @@ def _edges(args) -> int:
     if args.max_memory is not None:
         from .plan import fit_to_memory
         config = fit_to_memory(args, model, tokenizer, config, edges=True)
-    report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
+    report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, prompts=prompts_from(args),
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
-                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct,
                        resume=args.resume)
     for d in report["directions"]:
         a = report["agreement"][d][report["metric"]]

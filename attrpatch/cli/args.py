@@ -4,7 +4,7 @@ examples. Parsing only: what each command does is in cli/__init__.py."""
 import argparse
 from pathlib import Path
 
-from ..config import DEFAULT_SITES, POSITIONS
+from ..config import DEFAULT_SITES, POSITIONS, PromptOptions
 from ..engine.metrics import ALL_METRICS, METRICS
 from ..inputs.corruption import CORRUPTIONS
 from ..methods.ablation import ABLATIONS
@@ -71,6 +71,15 @@ def shared(task: str | None = "ioi") -> argparse.ArgumentParser:
         p.add_argument("--task", default=task, help=f"built-in task ({', '.join(TASKS)}) or a JSONL file")
     p.add_argument("--n-prompts", type=int, default=16, help="pairs drawn from a built-in task (default 16)")
     return p
+
+
+def prompts_from(args: argparse.Namespace) -> PromptOptions:
+    """The one PromptOptions of a parsed command: --n-prompts (the shared parent), the prompt options
+    (--prepend-bos, --template, --keep-correct) and, where the command has them, --corruption and --noise-std
+    (edges: the task's own corrupt prompts)."""
+    return PromptOptions(n_prompts=args.n_prompts, corruption=tuple(getattr(args, "corruption", ("str",))),
+                         noise_std=getattr(args, "noise_std", 3.0), prepend_bos=args.prepend_bos,
+                         template=args.template, keep_correct=args.keep_correct)
 
 
 def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:

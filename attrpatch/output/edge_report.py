@@ -2,11 +2,12 @@
 circuit.json (the faithfulness curve), results.csv (one row per verified edge x direction x metric),
 edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata), report.md (the
 clean-run check first, as in the node report, then agreement and the circuit).
-``result`` is an edge_screening.EdgeResult (read, not imported)."""
+``result``: the edge screen's EdgeResult (analysis/results.py)."""
 
 import json
 from pathlib import Path
 
+from ..analysis.results import EdgeResult
 from ..config import EdgeConfig, config_dict
 from .files import safetensors_bytes, write_atomic, write_csv, write_json
 from .findings import fn_words
@@ -18,7 +19,7 @@ EDGE_ROWS = 5  # rows per receiver kind
 EDGE_REPORT_VERSION = 1
 
 
-def edge_report(result, *, model: str, task: str) -> dict:
+def edge_report(result: EdgeResult, *, model: str, task: str) -> dict:
     c: EdgeConfig = result.config
     return {
         "version": EDGE_REPORT_VERSION, "kind": "edges", "model": model, "model_class": result.model, "task": task,
@@ -40,7 +41,7 @@ def edge_rows(entries: list[dict], metrics) -> list[dict]:
              "flags": ";".join(e["flags"])} for e in entries for m in metrics]
 
 
-def write_edge_scores(path: Path, result) -> None:
+def write_edge_scores(path: Path, result: EdgeResult) -> None:
     tensors, graph = {}, None
     for direction, scores in result.scores.items():
         graph = scores.graph
@@ -53,7 +54,7 @@ def write_edge_scores(path: Path, result) -> None:
     write_atomic(path, lambda f: f.write(data), binary=True)
 
 
-def write_edges(out: Path, result, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
+def write_edges(out: Path, result: EdgeResult, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
     """Write report.json, report.md, circuit.json, results.csv and edge_scores.safetensors into ``out``;
     prompt_selection: how the prompts were chosen (prompts.prepare_pairs), recorded in the report."""
     out = Path(out)

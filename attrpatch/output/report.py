@@ -1,5 +1,5 @@
 """Writing a screen's results: report.json, report.md, results.csv (the long table), scores.safetensors,
-manifest.json; every file atomically (files.py). ``result`` is a screening.ScreenResult (read, not imported).
+manifest.json; every file atomically (files.py). ``result``: the node screen's ScreenResult (analysis/results.py).
 """
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..analysis.groups import group_components
+from ..analysis.results import ScreenResult
 from ..config import ScreenConfig, config_dict
 from . import report_md
 from .files import safetensors_bytes, write_atomic, write_csv, write_json
@@ -15,7 +16,7 @@ from .files import safetensors_bytes, write_atomic, write_csv, write_json
 REPORT_VERSION = 1
 
 
-def report_dict(result, *, model: str, task: str, tokens: list[str] | None = None) -> dict:
+def report_dict(result: ScreenResult, *, model: str, task: str, tokens: list[str] | None = None) -> dict:
     c: ScreenConfig = result.config
     o = config_dict(c)  # the options report.json states, as the manifest states them
     return {
@@ -34,7 +35,7 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
     }
 
 
-def write_scores(path: Path, result) -> None:
+def write_scores(path: Path, result: ScreenResult) -> None:
     """Every AtP score as float32 tensors named ``{direction}/{metric}/{site}``; the axis names of each
     (``layer pos``, ``layer pos head``, ``layer pos neuron``) are in the file's metadata."""
     tensors, axes = {}, {}
@@ -60,7 +61,7 @@ def load_scores(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(str(path)), axes
 
 
-def write_run(out: Path, result, *, model_name: str, task: str, tokens, manifest: dict) -> dict:
+def write_run(out: Path, result: ScreenResult, *, model_name: str, task: str, tokens, manifest: dict) -> dict:
     """Write every output file into ``out``; returns the report dict."""
     out = Path(out)
     report = report_dict(result, model=model_name, task=task, tokens=tokens)
