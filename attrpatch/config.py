@@ -110,6 +110,7 @@ class EdgeConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
+    mib: bool = False  # MIB's scores and faithfulness curve (edge_mib.py), report.json's "mib"
 
     def __post_init__(self):
         check_metrics_and_direction(self)

@@ -21,6 +21,7 @@ from .analysis.ranking import control_sample, ranks, top_k
 from .analysis.records import Finding, finding_dicts
 from .analysis.sanity import clean_run_check
 from .config import EdgeConfig, with_primary_metric
+from .edge_mib import evaluate_mib
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import normalise
@@ -50,6 +51,8 @@ class EdgeResult:
     circuit: dict
     timing: dict = field(default_factory=dict)
     sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
+    mib: dict = field(default_factory=dict)  # MIB's CPR, CMD and curve (edge_mib.py), with config.mib
+    mib_export: object = None  # edge_mib.MibScores: what --mib FILE writes
 
 
 def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:
@@ -74,11 +77,16 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
     ranking = scores[config.directions[0]]
     circuit = faithfulness_curve(spec, batch, ranking, config)
     timing["circuit_s"] = time.perf_counter() - start
+    mib, export = {}, None
+    if config.mib:
+        start = time.perf_counter()
+        mib, export = evaluate_mib(spec, batch, scores, config)
+        timing["mib_s"] = time.perf_counter() - start
     first = next(iter(scores.values()))
     return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
                       clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
                       edges=finding_dicts(entries), agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
-                      sanity=sanity)
+                      sanity=sanity, mib=mib, mib_export=export)
 
 
 def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:

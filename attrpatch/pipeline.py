@@ -1,5 +1,6 @@
 """One run end to end, as the CLI does it: task -> prompt batch (prompts.py) -> screen -> files -> figures."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -152,14 +153,15 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
 
 def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str, n_prompts: int = 16,
               figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
-              keep_correct: bool = False) -> dict:
+              keep_correct: bool = False, mib: Path | None = None) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
     report dict. Edges are summed over positions, so prompts of several
-    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`."""
+    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`; ``mib``: write MIB's
+    edge-score JSON there (needs ``config.mib``, which scores the run as MIB does)."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
-    config = with_primary_metric(config)
+    config = with_primary_metric(replace(config, mib=True) if mib is not None else config)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
@@ -167,6 +169,9 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = prompts
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)
+    if mib is not None:
+        from .output.mib import write_export
+        write_export(Path(mib), result.mib_export)
     if figures:
         from .plot.circuit import draw_edges
         draw_edges(out)

@@ -175,7 +175,8 @@ def _edges(args) -> int:
         config = fit_to_memory(args, model, tokenizer, config, edges=True)
     report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
-                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)
+                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct,
+                       mib=args.mib)
     for d in report["directions"]:
         a = report["agreement"][d][report["metric"]]
         print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "
@@ -184,6 +185,8 @@ def _edges(args) -> int:
     c = report["circuit"]
     print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
           f"{c['smallest_faithful']} edges")
+    if "mib" in report:
+        print(f"MIB: CPR {report['mib']['cpr']:.3f}, CMD {report['mib']['cmd']:.3f}; wrote {args.mib}")
     print(f"wrote {args.out}/report.md, report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0

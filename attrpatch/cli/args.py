@@ -179,6 +179,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory of one device, e.g. 24GB: choose --batch-size and --copies from the memory plan "
                         "(attrpatch plan --edges) so the run fits, and print the choice")
+    p.add_argument("--mib", type=Path, default=None, metavar="FILE.json",
+                   help="also score the run as MIB's circuit track does (CPR, CMD at its edge shares; report.json "
+                        "'mib') and write the edge scores in MIB's / EAP-IG's graph JSON to FILE.json")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     _add_run_args(p)
 

@@ -11,6 +11,7 @@ from ..config import EdgeConfig, config_dict
 from .files import safetensors_bytes, write_atomic, write_csv, write_json
 from .findings import fn_words
 from .markdown import num, table
+from .mib import mib_lines
 from .report_md import _sanity_section
 
 EDGE_ROWS = 5  # rows per receiver kind
@@ -27,7 +28,7 @@ def edge_report(result, *, model: str, task: str) -> dict:
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
         "circuit": {k: v for k, v in result.circuit.items() if k != "edges"}, "timing": result.timing,
-        "sanity": result.sanity,
+        "sanity": result.sanity, **({"mib": result.mib} if result.mib else {}),
     }
 
 
@@ -86,7 +87,7 @@ def edge_summary(report: dict) -> list[str]:
               f"{_curve_cost(report)}:", ""]
     lines += table(["edges", *map(str, c["sizes"])], [["faithfulness", *(
         "n/a" if f is None else f"{round(f, 2) + 0.0:.2f}" for f in c["faithfulness"])]])
-    return lines
+    return lines + ([""] + mib_lines(report["mib"]) if report.get("mib") else [])
 
 
 def receiver_kind(receiver: str) -> str:
