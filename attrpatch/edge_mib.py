@@ -12,7 +12,9 @@ the definitions).
              noising attribution on the ungrouped model with the run's estimator.
     curve    each circuit measured by exact patching (methods/edges/circuits.py: every edge outside it patched
              to its corrupted value in the clean run, one pass per circuit): 10 shares x (signed, absolute)
-             plus the empty circuit, MIB's m(empty); m(full) is the clean run's metric.
+             plus the empty circuit, MIB's m(empty); m(full) is the clean run's metric. With
+             ``config.ablation`` (zero | mean), MIB's zero / mean-positional intervention: the edges outside are ablated
+             (methods/edges/sources.py) and the scores are EAP's against that ablation.
 
 Cost: 21 patched passes (about one forward each), plus, for a grouped-query model or a run without the
 noising direction, one more attribution. Memory: the ungrouped copy's k and v weights (model/ungroup.py).
@@ -31,6 +33,8 @@ from .methods.edges.eap import EdgeScores, attribute_edges
 from .model.sites import ModelSpec, as_spec
 from .model.ungroup import ungrouped
 
+INTERVENTIONS = {None: "patching", "zero": "zero", "mean": "mean-positional"}  # MIB's names (its "mean" also
+# averages over positions; attrpatch's mean ablation is per position, as for nodes)
 THRESHOLD = 0.8  # the exported circuit: the smallest signed-score circuit this faithful
 
 
@@ -55,7 +59,8 @@ def mib_scores(spec: ModelSpec, batch: PromptBatch, scores: dict[str, EdgeScores
     else:
         target = as_spec(model)
         base = attribute_edges(target, batch, metrics=[config.metric], direction="noise",
-                               estimator=config.estimator, ig_steps=config.ig_steps, batch_size=config.batch_size)
+                               estimator=config.estimator, ig_steps=config.ig_steps, batch_size=config.batch_size,
+                               ablation=config.ablation)
     return target, replace(base, values={m: -v for m, v in base.values.items()})
 
 
@@ -69,7 +74,7 @@ def evaluate_mib(spec: ModelSpec, batch: PromptBatch, scores: dict[str, EdgeScor
     by_abs = mib.circuits(table, graph.exists, owner, absolute=True)
     kept = torch.cat([torch.zeros_like(graph.exists)[None], by_sign, by_abs])  # the empty circuit first
     effects = patch_circuits(target, batch, graph.exists & ~kept, metrics=[config.metric], direction="noise",
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size, ablation=config.ablation)
     full = signed.clean_metric[config.metric]
     metric = [full + float(v) for v in effects.values[:, 0]]
     n = len(mib.SHARES)
@@ -81,6 +86,7 @@ def evaluate_mib(spec: ModelSpec, batch: PromptBatch, scores: dict[str, EdgeScor
              "full_metric": full, "empty_metric": metric[0], "corrupt_metric": signed.corrupt_metric[config.metric]}
     ungrouped_graph = graph.n_kv != spec.dims.n_kv_heads
     report = {**mib.summary(f_sign, f_abs), "metric": config.metric, "n_edges": graph.n_edges,
+              "intervention": INTERVENTIONS[config.ablation],
               "ranked_by": f"{signed.estimator} noise scores, MIB's sign (CPR: signed, CMD: absolute)",
               "graph": "ungrouped: one k and v receiver per query head" if ungrouped_graph else "the model's own",
               "curve": curve, "forward_equivalents": effects.passes["forward_equivalents"]}

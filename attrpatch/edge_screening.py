@@ -66,7 +66,7 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
         start = time.perf_counter()
         scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
                                             estimator=config.estimator, ig_steps=config.ig_steps,
-                                            batch_size=config.batch_size)
+                                            batch_size=config.batch_size, ablation=config.ablation)
         timing[f"attribution_{direction}_s"] = time.perf_counter() - start
         start = time.perf_counter()
         found, agree[direction], fns[direction] = _verify(spec, batch, scores[direction], config)
@@ -113,7 +113,8 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
     control = control_sample(len(every), top, config.random_k, config.seed)
     idx = top + control
     effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
-                          copies=config.copies, batch_size=config.batch_size, per_prompt=True)
+                          copies=config.copies, batch_size=config.batch_size, per_prompt=True,
+                          ablation=config.ablation)
     exact = effects.values.float()  # [verified, metric]
     low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
     k = min(config.top_k, len(top))
@@ -173,14 +174,17 @@ def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: Edg
     """The circuit of the top-n edges by |score| (primary metric) for n on ``circuits.circuit_sizes``: the
     clean run with every edge outside the circuit patched to its corrupted value (noising), each size one
     copy of a pass that computes every sender's write once (methods/edges/circuits.py);
-    normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
+    normalised 0 = corrupted, 1 = clean, with CPR and CMD. With ``config.ablation`` every edge outside is
+    ablated instead, and 0 is the empty circuit (every edge ablated)."""
     every = scores.graph.edges()
     order = top_k(scores.flat(config.metric).float(), None)
     sizes = circuits.circuit_sizes(len(every), config.circuit_points)
     masks = outside_circuits(scores.graph.exists, order, sizes)  # [size, sender, receiver]
     effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size, ablation=config.ablation)
     clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
+    if config.ablation is not None:  # 0 = every edge ablated (the empty circuit, sizes[0] = 0), as MIB's
+        corrupt = clean + float(effects.values[0, 0])
     faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
     ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,
                "score": float(scores.flat(config.metric)[j])} for j in order[:max(sizes[1:-1] or [1])]]

@@ -174,16 +174,22 @@ def test_mibs_curve_measures_each_pruned_circuit_by_exact_patching():
     assert curve["edges_signed"][k] == int(inside.sum())
 
 
-def test_cli_edges_mib_writes_the_graph_and_reports_cpr_and_cmd(tmp_path):
+def run_edges_cli(tmp_path, family: str, *options: str):
+    """``attrpatch edges ... --mib tmp_path/mib.json`` on a saved tiny model: the output folder."""
     from attrpatch.cli import main
     from conftest import saved_model, write_task
 
-    _, folder = saved_model(tmp_path / "model", "qwen2")
+    _, folder = saved_model(tmp_path / "model", family)
     task = write_task(tmp_path / "task.jsonl", random_pairs(3))
     out = tmp_path / "run"
     assert main(["edges", "--model", str(folder), "--task", str(task), "--top-k", "3", "--random-k", "2",
-                 "--direction", "denoise", "--circuit-points", "3", "--out", str(out), "--no-figures",
-                 "--mib", str(tmp_path / "mib.json")]) == 0
+                 "--circuit-points", "3", "--out", str(out), "--no-figures", "--mib", str(tmp_path / "mib.json"),
+                 *options]) == 0
+    return out
+
+
+def test_cli_edges_mib_writes_the_graph_and_reports_cpr_and_cmd(tmp_path):
+    out = run_edges_cli(tmp_path, "qwen2", "--direction", "denoise")
     report = json.loads((out / "report.json").read_text())
     assert {"cpr", "cmd", "curve"} <= set(report["mib"]) and report["mib"]["curve"]["shares"] == MIB_PERCENTAGES
     graph = json.loads((tmp_path / "mib.json").read_text())

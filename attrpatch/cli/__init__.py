@@ -165,10 +165,11 @@ def _edges(args) -> int:
     from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_edges
 
-    config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
+    direction = args.direction or ("noise" if args.ablation else "both")
+    config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=direction, top_k=args.top_k,
                         random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
-                        copies=args.copies))
+                        copies=args.copies, ablation=args.ablation))
     model, tokenizer = _load(args, args.device)
     if args.max_memory is not None:
         from .plan import fit_to_memory

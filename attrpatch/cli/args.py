@@ -166,8 +166,12 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
     p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
-    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both",
-                   help="denoise: clean values into the corrupt run; noise: corrupt into clean")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default=None,
+                   help="denoise: clean values into the corrupt run; noise: corrupt into clean (default both; "
+                        "noise with --ablation)")
+    p.add_argument("--ablation", choices=("zero", "mean"), default=None,
+                   help="each sender's source value from this ablation of the clean run instead of the corrupt "
+                        "run (mean: per position over the prompts); noising only")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
     p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's)")

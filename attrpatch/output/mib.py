@@ -113,14 +113,21 @@ def mib_lines(mib: dict) -> list[str]:
     lines = ["## MIB's scores", "", f"CPR {mib['cpr']:.3f} (area under faithfulness, circuits by signed score), "
              f"CMD {mib['cmd']:.3f} (area under |1 - faithfulness|, by |score|), as MIB's circuit track computes "
              f"them: {mib['n_edges']} edges of MIB's graph ({mib['graph']}), scored by {mib['ranked_by']}; each "
-             "circuit pruned as MIB prunes it and measured by exact patching (every edge outside it corrupted); "
-             "areas over the shares, from 0.1%.", ""]
+             f"circuit pruned as MIB prunes it and measured exactly ({_outside(mib)}); areas over the shares, "
+             "from 0.1%.", ""]
     header = ["share", *(f"{100 * p:g}%" for p in c["shares"])]
     lines += table(header, [["edges (signed)", *map(str, c["edges_signed"])],
                             ["faithfulness (signed)", *cells(c["faithfulness_signed"])],
                             ["edges (absolute)", *map(str, c["edges_absolute"])],
                             ["faithfulness (absolute)", *cells(c["faithfulness_absolute"])]])
     return lines + [""]
+
+
+def _outside(mib: dict) -> str:
+    """What happens to the edges outside a circuit, in MIB's intervention names."""
+    how = mib.get("intervention", "patching")
+    return "every edge outside it patched from the corrupt run" if how == "patching" else \
+        f"every edge outside it ablated: {how}"
 
 
 def read_mib(path: Path, graph) -> tuple[Tensor, Tensor]:
