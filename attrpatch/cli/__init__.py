@@ -165,7 +165,7 @@ def _edges(args) -> int:
     from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_edges
 
-    direction = args.direction or ("noise" if args.ablation else "both")
+    direction = "noise" if args.ablation and args.direction == "both" else args.direction  # ablations: noising
     config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=direction, top_k=args.top_k,
                         random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,

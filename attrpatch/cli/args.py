@@ -166,9 +166,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
     p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
-    p.add_argument("--direction", choices=("denoise", "noise", "both"), default=None,
-                   help="denoise: clean values into the corrupt run; noise: corrupt into clean (default both; "
-                        "noise with --ablation)")
+    p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both",
+                   help="denoise: clean values into the corrupt run; noise: corrupt into clean (both means noise "
+                        "alone with --ablation)")
     p.add_argument("--ablation", choices=("zero", "mean"), default=None,
                    help="each sender's source value from this ablation of the clean run instead of the corrupt "
                         "run (mean: per position over the prompts); noising only")
