@@ -12,6 +12,7 @@ from .inputs.directions import DIRECTIONS, check_direction
 from .inputs.tokenization import check_bos_mode
 from .methods.ablation import check_ablation
 from .methods.edges.eap import EDGE_ESTIMATORS
+from .methods.edges.sources import check_edge_ablation
 from .methods.estimators.attribution import ESTIMATORS, check_estimator
 from .model.sites import RESID_LIKE, SITES, check_site
 
@@ -114,11 +115,14 @@ class EdgeConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
+    mib: bool = False  # MIB's scores and faithfulness curve (edge_mib.py), report.json's "mib"
+    ablation: str | None = None  # zero | mean: the senders' source instead of the corrupt run (methods/edges/sources.py)
 
     def __post_init__(self):
         check_metrics_and_direction(self)
         if self.estimator not in EDGE_ESTIMATORS:
             raise ValueError(f"Unknown edge estimator {self.estimator!r}; known: {', '.join(EDGE_ESTIMATORS)}")
+        check_edge_ablation(self.ablation, self.direction, self.estimator)
         if self.top_k < 1 or self.random_k < 0 or self.circuit_points < 2:
             raise ValueError(f"need top_k >= 1, random_k >= 0, circuit_points >= 2; got {self.top_k}, "
                              f"{self.random_k}, {self.circuit_points}")

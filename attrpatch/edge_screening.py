@@ -21,6 +21,7 @@ from .analysis.records import Finding, finding_dicts
 from .analysis.results import EdgeResult
 from .analysis.sanity import clean_run_check
 from .config import EdgeConfig, with_primary_metric
+from .edge_mib import evaluate_mib
 from .engine.forward import forward_last
 from .engine.hooks import eval_mode
 from .engine.metrics import normalise
@@ -51,7 +52,7 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
         if scores[direction] is None:
             scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
                                                 estimator=config.estimator, ig_steps=config.ig_steps,
-                                                batch_size=config.batch_size)
+                                                batch_size=config.batch_size, ablation=config.ablation)
             progress.save_edge_scores(f"edge-attribution-{direction}", scores[direction])
         timing[f"attribution_{direction}_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -66,11 +67,16 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
         circuit = faithfulness_curve(spec, batch, ranking, config)
         progress.save_record("edge-circuit", circuit)
     timing["circuit_s"] = time.perf_counter() - start
+    mib, export = {}, None
+    if config.mib:
+        start = time.perf_counter()
+        mib, export = evaluate_mib(spec, batch, scores, config)
+        timing["mib_s"] = time.perf_counter() - start
     first = next(iter(scores.values()))
     return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
                       clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
                       edges=finding_dicts(entries), agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
-                      sanity=sanity)
+                      sanity=sanity, mib=mib, mib_export=export)
 
 
 def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
@@ -99,7 +105,8 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, pr
     effects = progress.edge_effects(f"edge-exact-{direction}", plan.verified)
     if effects is None or effects.per_prompt is None:
         effects = patch_edges(spec, batch, plan.verified, metrics=config.metrics, direction=direction,
-                              copies=config.copies, batch_size=config.batch_size, per_prompt=True)
+                              copies=config.copies, batch_size=config.batch_size, per_prompt=True,
+                              ablation=config.ablation)
         progress.save_effects(f"edge-exact-{direction}", effects)
     exact = effects.values.float()  # [verified, metric]
     low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
@@ -160,14 +167,17 @@ def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: Edg
     """The circuit of the top-n edges by |score| (primary metric) for n on ``circuits.circuit_sizes``: the
     clean run with every edge outside the circuit patched to its corrupted value (noising), each size one
     copy of a pass that computes every sender's write once (methods/edges/circuits.py);
-    normalised 0 = corrupted, 1 = clean, with CPR and CMD."""
+    normalised 0 = corrupted, 1 = clean, with CPR and CMD. With ``config.ablation`` every edge outside is
+    ablated instead, and 0 is the empty circuit (every edge ablated)."""
     every = scores.graph.edges()
     order = top_k(scores.flat(config.metric).float(), None)
     sizes = circuits.circuit_sizes(len(every), config.circuit_points)
     masks = outside_circuits(scores.graph.exists, order, sizes)  # [size, sender, receiver]
     effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size, ablation=config.ablation)
     clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
+    if config.ablation is not None:  # 0 = every edge ablated (the empty circuit, sizes[0] = 0), as MIB's
+        corrupt = clean + float(effects.values[0, 0])
     faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
     ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,
                "score": float(scores.flat(config.metric)[j])} for j in order[:max(sizes[1:-1] or [1])]]

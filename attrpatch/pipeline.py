@@ -159,15 +159,17 @@ def run_corruptions(model: nn.Module, tokenizer, *, out: Path, prompts: PromptOp
 
 def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str,
               prompts: PromptOptions | None = None, figures: bool = True, resume: bool = False,
-              **prompt_keywords) -> dict:
+              mib: Path | None = None, **prompt_keywords) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
     report dict. Edges are summed over positions, so prompts of several templates mix. prompts: as for
     :func:`run_screen` (or its fields as keywords), its corruption str alone. Each completed step is saved
-    under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does."""
+    under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does. ``mib``:
+    write MIB's edge-score JSON there (sets ``config.mib``, which scores the run as MIB does)."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
-    config, prompts = with_primary_metric(config), prompt_options(prompts, prompt_keywords, "run_edges")
+    config = with_primary_metric(replace(config, mib=True) if mib is not None else config)
+    prompts = prompt_options(prompts, prompt_keywords, "run_edges")
     if prompts.corruption != ("str",):
         raise ValueError(f"the edge screen runs on the task's own corrupt prompts (corruption str), got corruption "
                          f"{', '.join(prompts.corruption)}; leave corruption at ('str',), or screen components "
@@ -181,6 +183,9 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = selection
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=selection)
+    if mib is not None:
+        from .output.mib import write_export
+        write_export(Path(mib), result.mib_export)
     if figures:
         from .plot.circuit import draw_edges
         draw_edges(out)

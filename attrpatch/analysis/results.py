@@ -51,3 +51,5 @@ class EdgeResult:
     circuit: dict
     timing: dict = field(default_factory=dict)
     sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
+    mib: dict = field(default_factory=dict)  # MIB's CPR, CMD and curve (edge_mib.py), with config.mib
+    mib_export: object = None  # edge_mib.MibScores: what --mib FILE writes

@@ -171,17 +171,18 @@ def _edges(args) -> int:
     from ..model.loading import DEFAULT_MODEL
     from ..pipeline import run_edges
 
-    config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=args.direction, top_k=args.top_k,
+    direction = "noise" if args.ablation and args.direction == "both" else args.direction  # ablations: noising
+    config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=direction, top_k=args.top_k,
                         random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
-                        copies=args.copies))
+                        copies=args.copies, ablation=args.ablation))
     model, tokenizer = _load(args, args.device)
     if args.max_memory is not None:
         from .plan import fit_to_memory
         config = fit_to_memory(args, model, tokenizer, config, edges=True)
     report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, prompts=prompts_from(args),
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
-                       resume=args.resume)
+                       resume=args.resume, mib=args.mib)
     for d in report["directions"]:
         a = report["agreement"][d][report["metric"]]
         print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "
@@ -190,6 +191,8 @@ def _edges(args) -> int:
     c = report["circuit"]
     print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
           f"{c['smallest_faithful']} edges")
+    if "mib" in report:
+        print(f"MIB: CPR {report['mib']['cpr']:.3f}, CMD {report['mib']['cmd']:.3f}; wrote {args.mib}")
     print(f"wrote {args.out}/report.md, report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0

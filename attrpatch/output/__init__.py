@@ -9,4 +9,5 @@
     markdown      numbers, names, intervals and tables every report.md shares
     edge_report   an edge screen's report.json, circuit.json, results.csv, edge_scores.safetensors, report.md
     corruptions   several corruptions compared: corruptions.json and corruptions.md
+    mib           MIB's / EAP-IG's edge-score JSON (write, read) and report.md's MIB section
 """

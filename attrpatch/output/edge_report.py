@@ -9,9 +9,11 @@ from pathlib import Path
 
 from ..analysis.results import EdgeResult
 from ..config import EdgeConfig, config_dict
+from ..methods.ablation import label as ablation_label
 from .files import safetensors_bytes, write_atomic, write_csv, write_json
 from .findings import fn_words
 from .markdown import num, table
+from .mib import mib_lines
 from .report_md import _sanity_section
 
 EDGE_ROWS = 5  # rows per receiver kind
@@ -29,7 +31,8 @@ def edge_report(result: EdgeResult, *, model: str, task: str) -> dict:
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
         "circuit": {k: v for k, v in result.circuit.items() if k != "edges"}, "timing": result.timing,
         "attribution_cost": {d: s.passes for d, s in result.scores.items()},  # batch_size: an out-of-memory retry's
-        "sanity": result.sanity,
+        "sanity": result.sanity, **({"mib": result.mib} if result.mib else {}),
+        "ablation": None if c.ablation is None else ablation_label(c.ablation),
     }
 
 
@@ -71,7 +74,8 @@ def edge_summary(report: dict) -> list[str]:
     """report.md of an edge screen: the clean-run check (read first when it warns), agreement per direction,
     the circuit."""
     lines = [f"# Edge screen: {report['model']} on {report['task']}", "",
-             f"{report['n_prompts']} prompt pairs, {report['n_edges']} edges scored by {report['estimator']}.", ""]
+             f"{report['n_prompts']} prompt pairs, {report['n_edges']} edges scored by {report['estimator']}"
+             f"{_ablation_words(report)}.", ""]
     lines += _sanity_section(report.get("sanity") or {})
     lines += ["## Approximation vs exact edge patching", ""]
     for d in report["directions"]:
@@ -88,7 +92,15 @@ def edge_summary(report: dict) -> list[str]:
               f"{_curve_cost(report)}:", ""]
     lines += table(["edges", *map(str, c["sizes"])], [["faithfulness", *(
         "n/a" if f is None else f"{round(f, 2) + 0.0:.2f}" for f in c["faithfulness"])]])
-    return lines
+    return lines + ([""] + mib_lines(report["mib"]) if report.get("mib") else [])
+
+
+def _ablation_words(report: dict) -> str:
+    """', against mean ablation (...)' when the senders' source is an ablation of the clean run."""
+    if not report.get("ablation"):
+        return ""
+    return (f", against {report['ablation'].replace('_', ' ')} of the clean run (noising: each edge's sender "
+            "replaced by its ablated value; the corrupt run's gap is the unit of scale only)")
 
 
 def receiver_kind(receiver: str) -> str:

@@ -31,13 +31,15 @@ from ...model.sites import ModelSpec, as_spec
 from .eap import head_writes
 from .graph import EdgeModel
 from .patching import EdgeEffects, _at_last, _Pass, _Writer
+from .sources import ablation_means, check_edge_ablation
 
 
 def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tensor, *,
                    metrics: Sequence[str] = ("logit_diff",), direction: str = "noise", copies: int = 1,
-                   batch_size: int | None = None) -> EdgeEffects:
+                   batch_size: int | None = None, ablation: str | None = None) -> EdgeEffects:
     """Exact effect of patching, jointly, the edges of each mask in ``masks`` [item, sender, receiver] (bool;
-    entries where ``graph.exists`` is False are ignored). ``items`` of the result are the item indices."""
+    entries where ``graph.exists`` is False are ignored). ``items`` of the result are the item indices.
+    ``ablation``: as patching.patch_edges's."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     graph, metrics = em.graph, list(dict.fromkeys(metrics))
@@ -49,7 +51,9 @@ def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tens
         raise ValueError(f"masks must be [item, sender, receiver] = [n, {shape[0]}, {shape[1]}] for {spec.name}; "
                          f"got {tuple(masks.shape)}")
     masks = masks.bool() & graph.exists
+    check_edge_ablation(ablation, direction)
     batch = batch.to(spec.device)
+    means = ablation_means(spec, batch, ablation, batch_size)
     sums = torch.zeros(len(masks), len(metrics), dtype=wide(next(spec.model.parameters()).dtype))
     receiver = {m: 0.0 for m in metrics}
     passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
@@ -58,7 +62,7 @@ def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tens
     starts = [int(layers[row].min()) if row.any() else spec.dims.n_layers - 1 for row in patched]
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            p = _Pass(em, chunk, metrics, direction)
+            p = _Pass(em, chunk, metrics, direction, ablation, means)
             effects, base = p.patch_groups(starts, lambda group, start: _run(p, masks[group], start),
                                            copies, True, passes)
             sums += effects.sum(-1).cpu()

@@ -49,6 +49,7 @@ from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
 from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
+from .sources import ablated_source, ablation_means, check_edge_ablation
 
 EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim")  # EAP, EAP-IG, EAP under GIM's rules (with RelP's)
 _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES}}  # gim.modifying's options
@@ -122,6 +123,7 @@ class _Scorer(Receiving):
         self.delta: Tensor | None = None
         self.weight = 1.0
         self.frozen_scale = False  # the norm rule is on (GIM)
+        self.ablation, self.means = None, None  # the senders' source: an ablation (sources.py) or the source run
 
     def run(self, run, store: dict, hooks: list = ()) -> Tensor:
         hooks = record(self.em.sender_points(), store, self.batch.n_pos) + list(hooks)
@@ -205,6 +207,8 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
     source: dict = {}
     with torch.no_grad():
         scorer.logits["source"] = scorer.run(scorer.source_run, source, record(token, source, n_pos))
+    if scorer.ablation is not None:  # the corrupt run's logits stay: its gap is the unit of scale
+        source = ablated_source(source, scorer.ablation, scorer.means)
     if estimator == "atp":
         scorer.backward(source=source)
         return
@@ -225,9 +229,10 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
 
 def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics: Sequence[str] = ("logit_diff",),
                     direction: str = "denoise", estimator: str = "atp", ig_steps: int = 8,
-                    batch_size: int | None = None) -> EdgeScores:
+                    batch_size: int | None = None, ablation: str | None = None) -> EdgeScores:
     """The score of every edge under each metric, in ``direction``: EAP (``atp``), EAP-IG (``ig``), or EAP
-    under GIM's default rules (``gim``; ``relp_gim``: with RelP's default rules)."""
+    under GIM's default rules (``gim``; ``relp_gim``: with RelP's default rules). ``ablation`` (zero | mean,
+    noising, EAP): the senders' source values from that ablation of the clean run (sources.py)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
@@ -239,7 +244,9 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
                          "(atp: EAP, ig: EAP-IG, gim: EAP under GIM's rules, relp_gim: under GIM's and RelP's)")
     if estimator == "ig" and ig_steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    check_edge_ablation(ablation, direction, estimator)
     graph, batch = em.graph, batch.to(spec.device)
+    means = ablation_means(spec, batch, ablation, batch_size)
     acc = wide(next(spec.model.parameters()).dtype)
     values = {m: torch.zeros(len(graph.senders), len(graph.receivers), device=spec.device, dtype=acc)
               for m in metrics}
@@ -247,6 +254,7 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
 
     def run(part: PromptBatch, start: int, into: dict) -> None:
         scorer = _Scorer(em, part, metrics, direction, into)
+        scorer.ablation, scorer.means = ablation, means
         _score_chunk(scorer, estimator, ig_steps)
         for run_name, by_metric in scorer.metric_sums().items():
             for m in metrics:

@@ -32,6 +32,7 @@ from ...model.sites import ModelSpec, as_spec
 from ..halving import halve
 from ..patching.passes import DEFAULT_ROWS
 from .graph import Edge, EdgeModel, Node
+from .sources import ablated_source, ablation_means, check_edge_ablation
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 
@@ -59,9 +60,11 @@ def _members(item: EdgeSet) -> tuple[Edge, ...]:
 
 def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequence[EdgeSet], *,
                 metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
-                resume: bool = True, batch_size: int | None = None, per_prompt: bool = False) -> EdgeEffects:
+                resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
+                ablation: str | None = None) -> EdgeEffects:
     """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly); per prompt
-    too with ``per_prompt``."""
+    too with ``per_prompt``; ``ablation`` (zero | mean, noising): the senders' values from that ablation of
+    the clean run instead of the corrupt run (sources.py)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     items, metrics = list(items), list(dict.fromkeys(metrics))
@@ -69,7 +72,9 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
     for m in metrics:
         check_metric(m)
     sets = [[em.graph.index(e) for e in _members(item)] for item in items]  # validates every edge
+    check_edge_ablation(ablation, direction)
     batch = batch.to(spec.device)
+    means = ablation_means(spec, batch, ablation, batch_size)
     acc = wide(next(spec.model.parameters()).dtype)
     sums = torch.zeros(len(items), len(metrics), dtype=acc)
     receiver = {m: 0.0 for m in metrics}
@@ -78,7 +83,7 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
             n_copies = copies or max(1, DEFAULT_ROWS.get(spec.device.type, 256) // chunk.n)
-            effects, base = _Pass(em, chunk, metrics, direction).patch(sets, n_copies, resume, passes)
+            effects, base = _Pass(em, chunk, metrics, direction, ablation, means).patch(sets, n_copies, resume, passes)
             sums += effects.sum(-1).cpu()
             prompts += [effects.cpu()] if per_prompt else []
             for m in metrics:
@@ -91,7 +96,8 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
 class _Pass:
     """One chunk of prompts: the source and receiving runs, then the patched passes."""
 
-    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str):
+    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str,
+                 ablation: str | None = None, means: dict | None = None):
         self.em, self.batch, self.metrics = em, batch, metrics
         spec, n_pos = em.spec, batch.n_pos
         source_run, self.receiver_run = batch.runs(direction)
@@ -100,6 +106,8 @@ class _Pass:
             source_logits = forward_last(spec, source_run, batch.mask, batch.last)
         with block_calls(spec) as self.calls, hooked(record(em.sender_points(), self.receiver, n_pos)):
             receiver_logits = forward_last(spec, self.receiver_run, batch.mask, batch.last)
+        if ablation is not None:  # noising: the receiving run is the clean run
+            self.source = ablated_source(self.receiver, ablation, means)
         clean, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
         self.target = Target.from_clean(batch.answer, batch.wrong, clean)
         self.base = {m: metric(m, receiver_logits, self.target) for m in metrics}  # [batch]
