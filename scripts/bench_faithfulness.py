@@ -25,7 +25,7 @@ import attrpatch as ap  # noqa: E402
 from attrpatch.edge_screening import EdgeConfig, faithfulness_curve  # noqa: E402
 from attrpatch.inputs.batch import make_batch  # noqa: E402
 from attrpatch.methods.edges.eap import attribute_edges  # noqa: E402
-from attrpatch.pipeline import _pad, prepare_pairs  # noqa: E402
+from attrpatch.prompts import pad_token, prepare_pairs  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     model, tokenizer = ap.load(name)
     config = EdgeConfig(circuit_points=args.circuit_points)
     pairs, _ = prepare_pairs(model, tokenizer, task="ioi", n_prompts=args.n_prompts, seed=config.seed)
-    batch = make_batch(pairs, pad_id=_pad(tokenizer))
+    batch = make_batch(pairs, pad_id=pad_token(tokenizer))
     scores = attribute_edges(model, batch, metrics=config.metrics, direction="denoise")
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
