@@ -62,6 +62,9 @@ class ScreenConfig:
     low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
     ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
+    # forward-equivalents verification may spend per site and direction: a site whose every component that can
+    # have an effect fits is verified exhaustively, the others grow past the top-k (analysis/ranking.py); 0: off
+    verify_budget: float = 25.0
 
     def __post_init__(self):
         for s in self.sites:
@@ -75,6 +78,9 @@ class ScreenConfig:
             raise ValueError(f"top_k must be >= 1 or None (all), got {self.top_k}")
         if self.random_k < 0:
             raise ValueError(f"random_k must be >= 0, got {self.random_k}")
+        if not self.verify_budget >= 0:
+            raise ValueError(f"verify_budget must be >= 0 forward-equivalents (0: verify the top-k only), "
+                             f"got {self.verify_budget}")
         if self.estimator != "all":
             check_estimator(self.estimator)
         if self.ablation is not None:

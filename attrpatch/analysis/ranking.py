@@ -8,11 +8,17 @@ A site's components are listed in ``model.sites.components`` order; ``approx`` i
 import torch
 from torch import Tensor
 
+from dataclasses import replace
+from typing import Callable
+
 from ..config import ScreenConfig
 from ..engine.metrics import graded
 from ..methods.estimators.attribution import Scores
 from ..model.sites import Component, Dims, components
 from .records import SitePlan
+
+THRESHOLD_SHARE = 0.1  # of interest: this share of the largest verified |effect| of the site (false negatives too)
+BLOCK = 10  # adaptive verification extends a site's top list by this many components at a time
 
 
 def magnitude_order(values: Tensor) -> list[int]:
@@ -54,11 +60,17 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
     return components(site, dims, n_pos, per_position=per_position), values.flatten().float().cpu()
 
 
-def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
-                      config: ScreenConfig) -> dict[str, SitePlan]:
+def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config: ScreenConfig,
+                      cost: Callable[[Component], float | None] | None = None) -> dict[str, SitePlan]:
     """Per site: every component, each estimator's scores per metric, and what to verify: the union of
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
-    random control sample of the rest: {site: SitePlan}."""
+    random control sample of the rest: {site: SitePlan}.
+
+    ``cost(c)``: one component's verification in forward-equivalents, None where it cannot have an effect
+    (methods/patching/passes.copy_cost; None: the top-k only). A site whose components that can have an effect cost at most
+    ``config.verify_budget`` together is verified exhaustively: all of them, in the estimator's order, no
+    control sample (its agreement and recall are then facts); the others start from the top-k and grow by
+    :func:`extend`."""
     plan = {}
     first = config.estimators[0]
     for i, site in enumerate(config.sites):
@@ -69,9 +81,46 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
             approx[est] = {}
             for m in graded(config.metrics):  # discrete metrics have no scores
                 comps, approx[est][m] = candidates(scores, site, m, dims, n_pos, per_pos)
+        order = magnitude_order(approx[first][config.metric])
+        costs = [None if cost is None else cost(c) for c in comps]
+        can = [j for j in order if costs[j] is not None]  # in the estimator's order
+        fits = cost is not None and config.top_k is not None and sum(costs[j] for j in can) <= config.verify_budget
+        if fits and config.verify_budget:
+            plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx,
+                                  tops={est: top_k(approx[est][config.metric], config.top_k) for est in est_scores},
+                                  top=can, control=[], rank_approx=ranks(approx[first][config.metric]),
+                                  mode="exhaustive", no_effect=len(comps) - len(can), stopped="all verified",
+                                  cost=sum(costs[j] for j in can))
+            continue
         tops = {est: top_k(approx[est][config.metric], config.top_k) for est in est_scores}
         top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
         control = control_sample(len(comps), top, config.random_k, config.seed + i)
         plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx, tops=tops, top=top,
-                              control=control, rank_approx=ranks(approx[first][config.metric]))
+                              control=control, rank_approx=ranks(approx[first][config.metric]),
+                              cost=sum(costs[j] or 0.0 for j in top + control) if cost else 0.0)
     return plan
+
+
+def extend(plan: SitePlan, exact: Callable[[Component], float], config: ScreenConfig,
+           cost: Callable[[Component], float | None]) -> SitePlan:
+    """AtP*'s adaptive stopping for a site not verified exhaustively: while the last ``BLOCK`` components of
+    its top list (the estimator's order) hold one with |exact| >= THRESHOLD_SHARE x the largest |exact|
+    verified at the site, the next ``BLOCK`` components in that order (not yet verified) join the top list,
+    as long as the site's verification stays within ``config.verify_budget`` forward-equivalents.
+    ``exact(c)``: a verified component's exact effect under the primary metric. Returns ``plan`` itself when
+    it stops here, with ``stopped`` set: "below threshold", "budget" or "all verified"."""
+    if plan.mode == "exhaustive" or plan.stopped or not config.verify_budget or config.top_k is None:
+        return plan
+    verified = [abs(exact(plan.all[j])) for j in plan.indices]
+    threshold = THRESHOLD_SHARE * max(verified, default=0.0)
+    if all(abs(exact(plan.all[j])) < threshold for j in plan.top[-BLOCK:]):
+        return replace(plan, stopped="below threshold")
+    taken = set(plan.indices)
+    order = magnitude_order(plan.approx[config.metric])
+    block = [j for j in order if j not in taken and cost(plan.all[j]) is not None][:BLOCK]
+    if not block:
+        return replace(plan, stopped="all verified")
+    more = sum(cost(plan.all[j]) for j in block)
+    if plan.cost + more > config.verify_budget:
+        return replace(plan, stopped="budget")
+    return replace(plan, top=plan.top + block, mode="adaptive", cost=plan.cost + more)

@@ -28,7 +28,8 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "groups": group_components(result.components),
         "agreement": result.agreement,
-        "false_negatives": result.false_negatives, "attention": result.attention,
+        "false_negatives": result.false_negatives, "verification": result.verification,
+        "attention": result.attention,
         "estimator": o["estimator"], "estimators": result.estimators, "numerical": result.numerical,
         "timing": result.timing, "sanity": result.sanity,
     }
