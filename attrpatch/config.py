@@ -62,9 +62,10 @@ class ScreenConfig:
     low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
     ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
-    # forward-equivalents verification may spend per site and direction: a site whose every component that can
-    # have an effect fits is verified exhaustively, the others grow past the top-k (analysis/ranking.py); 0: off
-    verify_budget: float = 25.0
+    # forward-equivalents a direction's verification may spend beyond the top-k and controls: sites in order, one
+    # whose every component that can have an effect fits is verified exhaustively, then the others grow past the
+    # top-k by adaptive stopping (analysis/ranking.py); 0: the top-k and controls only
+    verify_budget: float = 15.0
 
     def __post_init__(self):
         for s in self.sites:

@@ -11,7 +11,7 @@ import torch
 
 from .analysis.baselines import check_baselines, logit_diff
 from .analysis.causes import REMOVED, removed_share
-from .analysis.ranking import extend
+from .analysis.ranking import extend, spare_budget
 from .analysis.records import Cost, Finding, SitePlan
 from .analysis.sanity import clean_run_check
 from .analysis.subsets import draw_subsets, subset_bound
@@ -153,8 +153,10 @@ class Steps:
         primary = self.config.metrics.index(self.config.metric)
         round_ = 0
         while True:
-            grown = {s: extend(p, lambda c: float(exact[c][primary]), self.config, self.copy_cost)
-                     for s, p in plan.items()}
+            grown = {}
+            for site, site_plan in plan.items():  # sites in order, each round, from what the others left
+                spare = spare_budget({**plan, **grown}, self.config)
+                grown[site] = extend(site_plan, lambda c: float(exact[c][primary]), self.config, self.copy_cost, spare)
             todo = {s: [p.all[j] for j in p.top[len(plan[s].top):]] for s, p in grown.items()}
             plan, todo = grown, {s: comps for s, comps in todo.items() if comps}
             if not todo:

@@ -121,28 +121,28 @@ COST = lambda c: 0.1  # noqa: E731
 def test_adaptive_stopping_grows_while_the_last_block_holds_an_effect_of_interest():
     plan = _site_plan(200, top=range(20), control=[150, 160])
     exact = {c: 1.0 for c in plan.all}  # every effect of interest
-    grown = extend(plan, lambda c: exact[c], CONFIG, COST)
+    grown = extend(plan, lambda c: exact[c], CONFIG, COST, spare=10.0)
     assert grown.top == list(range(20 + BLOCK)) and grown.mode == "adaptive" and grown.stopped is None
-    assert grown.cost == pytest.approx(plan.cost + 0.1 * BLOCK)
+    assert grown.cost == pytest.approx(plan.cost + 0.1 * BLOCK) and grown.extra == pytest.approx(0.1 * BLOCK)
     exact.update({c: 0.0 for c in plan.all[20 - BLOCK:]})  # the last block is below the threshold
-    assert extend(plan, lambda c: exact[c], CONFIG, COST).stopped == "below threshold"
+    assert extend(plan, lambda c: exact[c], CONFIG, COST, spare=10.0).stopped == "below threshold"
     exact[plan.all[19]] = THRESHOLD_SHARE * 1.01  # one just at interest keeps it going
-    assert extend(plan, lambda c: exact[c], CONFIG, COST).stopped is None
+    assert extend(plan, lambda c: exact[c], CONFIG, COST, spare=10.0).stopped is None
 
 
 def test_adaptive_stopping_keeps_to_the_budget_and_skips_the_verified():
     exact = lambda c: 1.0  # noqa: E731
     plan = _site_plan(200, top=range(20), control=[25])
     while plan.stopped is None:
-        plan = extend(plan, exact, CONFIG, COST)
-    assert plan.stopped == "budget" and plan.cost <= CONFIG.verify_budget
-    assert plan.cost + 0.1 * BLOCK > CONFIG.verify_budget  # the next block would not have fitted
+        plan = extend(plan, exact, CONFIG, COST, spare=CONFIG.verify_budget - plan.extra)
+    assert plan.stopped == "budget" and plan.extra <= CONFIG.verify_budget
+    assert plan.extra + 0.1 * BLOCK > CONFIG.verify_budget  # the next block would not have fitted
     assert 25 not in plan.top and len(set(plan.top)) == len(plan.top)  # a control is not verified twice
     small = _site_plan(25, top=range(20))
-    small = extend(small, exact, CONFIG, COST)
-    assert small.top == list(range(25)) and extend(small, exact, CONFIG, COST).stopped == "all verified"
+    small = extend(small, exact, CONFIG, COST, spare=10.0)
+    assert small.top == list(range(25)) and extend(small, exact, CONFIG, COST, spare=10.0).stopped == "all verified"
     off = ScreenConfig(sites=("neuron",), top_k=20, verify_budget=0, progress=False)
-    assert extend(_site_plan(200, top=range(20)), exact, off, COST).top == list(range(20))
+    assert extend(_site_plan(200, top=range(20)), exact, off, COST, spare=10.0).top == list(range(20))
 
 
 def test_a_screen_grows_a_site_past_the_top_k_and_resumes_the_same(tmp_path):
@@ -154,7 +154,7 @@ def test_a_screen_grows_a_site_past_the_top_k_and_resumes_the_same(tmp_path):
     first = screen(model, batch, config, Progress(tmp_path, {"run": 1}))
     v = first.verification["denoise"]["neuron"]
     assert v["mode"] == "adaptive" and v["top"] > 5 and v["stopped"] in ("below threshold", "budget")
-    assert v["forward_equivalents"] <= 20.0
+    assert v["beyond_top_k"] <= 20.0 and v["forward_equivalents"] > v["beyond_top_k"]
     assert len([c for c in first.components if c["selected"] == "top"]) == v["top"]
     calls = []
     monkey = steps.Steps._patch

@@ -67,11 +67,11 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
     random control sample of the rest: {site: SitePlan}.
 
     ``cost(c)``: one component's verification in forward-equivalents, None where it cannot have an effect
-    (methods/patching/passes.copy_cost; None: the top-k only). A site whose components that can have an effect cost at most
-    ``config.verify_budget`` together is verified exhaustively: all of them, in the estimator's order, no
-    control sample (its agreement and recall are then facts); the others start from the top-k and grow by
-    :func:`extend`."""
-    plan = {}
+    (methods/patching/passes.copy_cost; no ``cost``: the top-k only). ``config.verify_budget`` is what a
+    direction may spend beyond the top-k and controls: sites in order, a site whose components that can have
+    an effect fit in what is left is verified exhaustively (all of them in the estimator's order, no
+    controls: its agreement and recall are facts); what remains then grows the others (:func:`extend`)."""
+    plan, spare = {}, config.verify_budget
     first = config.estimators[0]
     for i, site in enumerate(config.sites):
         per_pos = config.per_position(site)
@@ -81,35 +81,40 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
             approx[est] = {}
             for m in graded(config.metrics):  # discrete metrics have no scores
                 comps, approx[est][m] = candidates(scores, site, m, dims, n_pos, per_pos)
-        order = magnitude_order(approx[first][config.metric])
-        costs = [None if cost is None else cost(c) for c in comps]
-        can = [j for j in order if costs[j] is not None]  # in the estimator's order
-        fits = cost is not None and config.top_k is not None and sum(costs[j] for j in can) <= config.verify_budget
-        if fits and config.verify_budget:
-            plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx,
-                                  tops={est: top_k(approx[est][config.metric], config.top_k) for est in est_scores},
-                                  top=can, control=[], rank_approx=ranks(approx[first][config.metric]),
-                                  mode="exhaustive", no_effect=len(comps) - len(can), stopped="all verified",
-                                  cost=sum(costs[j] for j in can))
-            continue
         tops = {est: top_k(approx[est][config.metric], config.top_k) for est in est_scores}
         top = list(dict.fromkeys(j for est in (first, *tops) for j in tops[est]))
         control = control_sample(len(comps), top, config.random_k, config.seed + i)
-        plan[site] = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx, tops=tops, top=top,
-                              control=control, rank_approx=ranks(approx[first][config.metric]),
-                              cost=sum(costs[j] or 0.0 for j in top + control) if cost else 0.0)
+        site_plan = SitePlan(site=site, all=comps, approx=approx[first], by_estimator=approx, tops=tops, top=top,
+                             control=control, rank_approx=ranks(approx[first][config.metric]))
+        if cost is not None and config.top_k is not None:
+            costs = [cost(c) for c in comps]
+            base = sum(costs[j] or 0.0 for j in site_plan.indices)
+            can = [j for j in magnitude_order(site_plan.approx[config.metric]) if costs[j] is not None]
+            whole = sum(costs[j] for j in can)
+            if spare and whole - base <= spare:  # exhaustive: every component that can have an effect
+                spare -= max(whole - base, 0.0)
+                site_plan = replace(site_plan, top=can, control=[], mode="exhaustive", stopped="all verified",
+                                    no_effect=len(comps) - len(can), cost=whole, extra=max(whole - base, 0.0))
+            else:
+                site_plan = replace(site_plan, cost=base)
+        plan[site] = site_plan
     return plan
 
 
+def spare_budget(plan: dict[str, SitePlan], config: ScreenConfig) -> float:
+    """What is left of the direction's ``verify_budget`` after the sites' extra verification so far."""
+    return config.verify_budget - sum(p.extra for p in plan.values())
+
+
 def extend(plan: SitePlan, exact: Callable[[Component], float], config: ScreenConfig,
-           cost: Callable[[Component], float | None]) -> SitePlan:
+           cost: Callable[[Component], float | None], spare: float) -> SitePlan:
     """AtP*'s adaptive stopping for a site not verified exhaustively: while the last ``BLOCK`` components of
     its top list (the estimator's order) hold one with |exact| >= THRESHOLD_SHARE x the largest |exact|
     verified at the site, the next ``BLOCK`` components in that order (not yet verified) join the top list,
-    as long as the site's verification stays within ``config.verify_budget`` forward-equivalents.
+    while their cost fits in ``spare`` (forward-equivalents left of the direction's budget).
     ``exact(c)``: a verified component's exact effect under the primary metric. Returns ``plan`` itself when
-    it stops here, with ``stopped`` set: "below threshold", "budget" or "all verified"."""
-    if plan.mode == "exhaustive" or plan.stopped or not config.verify_budget or config.top_k is None:
+    it has stopped, with ``stopped`` set: "below threshold", "budget" or "all verified"."""
+    if plan.stopped or not config.verify_budget or config.top_k is None:
         return plan
     verified = [abs(exact(plan.all[j])) for j in plan.indices]
     threshold = THRESHOLD_SHARE * max(verified, default=0.0)
@@ -121,6 +126,6 @@ def extend(plan: SitePlan, exact: Callable[[Component], float], config: ScreenCo
     if not block:
         return replace(plan, stopped="all verified")
     more = sum(cost(plan.all[j]) for j in block)
-    if plan.cost + more > config.verify_budget:
+    if more > spare:
         return replace(plan, stopped="budget")
-    return replace(plan, top=plan.top + block, mode="adaptive", cost=plan.cost + more)
+    return replace(plan, top=plan.top + block, mode="adaptive", cost=plan.cost + more, extra=plan.extra + more)

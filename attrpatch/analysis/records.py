@@ -29,7 +29,8 @@ class SitePlan:
     "adaptive" (grown past the top-k by analysis/ranking.extend) or "exhaustive" (every component that can
     have an effect, in the estimator's order); ``no_effect``: the components left out because they cannot
     have one (before the first position where the prompts differ); ``stopped``: why verification stopped;
-    ``cost``: its forward-equivalents (one patched copy per component)."""
+    ``cost``: its forward-equivalents (one patched copy per component); ``extra``: those beyond the top-k and
+    controls (what the direction's verify_budget paid)."""
 
     site: str
     all: list[Component]
@@ -43,6 +44,7 @@ class SitePlan:
     no_effect: int = 0
     stopped: str | None = None
     cost: float = 0.0
+    extra: float = 0.0
 
     @property
     def indices(self) -> list[int]:
@@ -56,7 +58,8 @@ class SitePlan:
     def summary(self) -> dict:
         """How the site was verified, as report.json states it."""
         return {"mode": self.mode, "top": len(self.top), "control": len(self.control), "components": len(self.all),
-                "no_effect": self.no_effect, "stopped": self.stopped, "forward_equivalents": self.cost}
+                "no_effect": self.no_effect, "stopped": self.stopped, "forward_equivalents": self.cost,
+                "beyond_top_k": self.extra}
 
 
 @dataclass(kw_only=True)

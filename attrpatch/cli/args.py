@@ -84,11 +84,11 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help=f"default {'both' if demo else 'denoise'}; noise with --ablation (the only direction it has)")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site by |score|, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
-    p.add_argument("--verify-budget", type=float, default=25.0, metavar="F",
-                   help="forward-equivalents verification may spend per site and direction: a site whose every "
-                        "component that can have an effect fits is verified exhaustively, the others grow past the "
-                        "top-k in blocks of 10 until a block holds no effect of interest (AtP*'s adaptive "
-                        "stopping); 0: the top-k and controls only")
+    p.add_argument("--verify-budget", type=float, default=15.0, metavar="F",
+                   help="forward-equivalents a direction may spend verifying beyond the top-k and controls: sites in "
+                        "order, one whose every component that can have an effect fits is verified exhaustively, then "
+                        "the others grow past the top-k in blocks of 10 while a block holds an effect of interest "
+                        "(AtP*'s adaptive stopping); 0: the top-k and controls only")
     p.add_argument("--positions", choices=POSITIONS, default="default",
                    help=f"each: one component per token; all: one per layer/head/neuron; default: each for "
                         f"{', '.join(RESID_LIKE)}, all for the others")

@@ -24,7 +24,7 @@ def report_dict(result, *, model: str, task: str, tokens: list[str] | None = Non
         "direction": o["direction"], "directions": list(c.directions), "metric": o["metric"],
         "metrics": list(o["metrics"]), "sites": list(o["sites"]),
         "positions": {s: ("each" if c.per_position(s) else "all") for s in c.sites},
-        "top_k": o["top_k"], "random_k": o["random_k"],
+        "top_k": o["top_k"], "random_k": o["random_k"], "verify_budget": o["verify_budget"],
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "groups": group_components(result.components),
         "agreement": result.agreement,

@@ -155,7 +155,10 @@ def verification_lines(r: dict, direction: str) -> list[str]:
     sites = (r.get("verification") or {}).get(direction) or {}
     if not sites:
         return []
-    lines = ["Verification per site (forward-equivalents, one patched copy per component; --verify-budget):", ""]
+    budget = r.get("verify_budget")
+    lines = ["Verification per site, in forward-equivalents (one patched copy per component); "
+             + (f"--verify-budget {budget:g} beyond the top-k and controls, " if budget is not None else "")
+             + "spent on the sites in order:", ""]
     for site, v in sites.items():
         cost = f"{v['forward_equivalents']:.1f} forward-equivalents"
         if v["mode"] == "exhaustive":
