@@ -56,7 +56,7 @@ class ScreenConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
-    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | gim | relp_gim | all
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | gim | relp_gim | relp_t4 | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
     low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
@@ -111,7 +111,7 @@ class EdgeConfig:
     direction: str = "both"  # denoise | noise | both
     top_k: int = 50
     random_k: int = 30
-    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG) | gim | relp_gim (EAP under GIM's rules, with RelP's)
+    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG) | gim | relp_gim | relp_t4 (EAP under GIM's rules, RelP's; T = 4)
     ig_steps: int = 8
     circuit_points: int = 12  # circuit sizes on the faithfulness curve
     seed: int = 0

@@ -95,7 +95,8 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--estimator", choices=(*ESTIMATORS, "all"), default="atp",
                    help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop, relp (LRP "
                         "rules in the backward pass, the cost of atp), gim (GIM's rules in the backward pass, the "
-                        "cost of atp), relp_gim (both); "
+                        "cost of atp), relp_gim (both), relp_t4 (RelP's rules with the softmax gradient at temperature 4: "
+                        "the best at atp's cost on SmolLM2, docs/estimators.md); "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
@@ -175,7 +176,8 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
                    help="denoise: clean values into the corrupt run; noise: corrupt into clean")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
-    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's)")
+    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's), "
+                        "relp_t4 (under RelP's, the softmax gradient at temperature 4)")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
     p.add_argument("--out", type=Path, default=Path("runs/edges"),
