@@ -27,10 +27,11 @@ from .engine.metrics import normalise
 from .inputs.batch import PromptBatch
 from .methods.edges.circuits import outside_circuits, patch_circuits
 from .methods.edges.eap import EdgeScores, attribute_edges
-from .methods.edges.graph import Edge, Node
+from .methods.edges.graph import Edge, EdgeModel, Node
 from .methods.edges.patching import patch_edges
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
+from .output.checkpoint import Progress
 
 
 @dataclass
@@ -52,27 +53,37 @@ class EdgeResult:
     sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity), as in the node screen
 
 
-def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig()) -> EdgeResult:
-    """Per direction: scores -> top-k + control -> exact patching -> agreement and flags; then the circuit."""
+def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = EdgeConfig(),
+                 progress: Progress | None = None) -> EdgeResult:
+    """Per direction: scores -> top-k + control -> exact patching -> agreement and flags; then the circuit.
+    ``progress`` (output.checkpoint.Progress) saves each completed step (a direction's scores, its exact edge
+    patches, the faithfulness curve) and, on resume, skips the steps already saved."""
     spec, config = as_spec(model), with_primary_metric(config)
+    progress = progress or Progress(None)
     batch = batch.to(spec.device)
     forward_s, sanity = _baselines(spec, batch)
     timing = {"forward_s": forward_s}
     scores, entries, agree, fns = {}, [], {}, {}
     for direction in config.directions:
         start = time.perf_counter()
-        scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
-                                            estimator=config.estimator, ig_steps=config.ig_steps,
-                                            batch_size=config.batch_size)
+        scores[direction] = progress.edge_scores(f"edge-attribution-{direction}", EdgeModel(spec).graph)
+        if scores[direction] is None:
+            scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
+                                                estimator=config.estimator, ig_steps=config.ig_steps,
+                                                batch_size=config.batch_size)
+            progress.save_edge_scores(f"edge-attribution-{direction}", scores[direction])
         timing[f"attribution_{direction}_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        found, agree[direction], fns[direction] = _verify(spec, batch, scores[direction], config)
+        found, agree[direction], fns[direction] = _verify(spec, batch, scores[direction], config, progress)
         entries += found
         timing[f"verification_{direction}_s"] = time.perf_counter() - start
     mark_cross_flags(entries, config.metric)
     start = time.perf_counter()
     ranking = scores[config.directions[0]]
-    circuit = faithfulness_curve(spec, batch, ranking, config)
+    circuit = progress.record("edge-circuit")
+    if circuit is None:
+        circuit = faithfulness_curve(spec, batch, ranking, config)
+        progress.save_record("edge-circuit", circuit)
     timing["circuit_s"] = time.perf_counter() - start
     first = next(iter(scores.values()))
     return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
@@ -95,17 +106,20 @@ def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
     return seconds, sanity
 
 
-def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig):
-    """Exact effects of the top-k edges by |score| and a random control sample; their findings, agreement
-    per metric and false-negative bound."""
+def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, progress: Progress):
+    """Exact effects of the top-k edges by |score| and a random control sample (a saved step); their findings,
+    agreement per metric and false-negative bound."""
     graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
     every = graph.edges()
     approx = {m: scores.flat(m).float() for m in config.metrics}  # [edge]
     top = top_k(approx[config.metric], config.top_k)
     control = control_sample(len(every), top, config.random_k, config.seed)
     idx = top + control
-    effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
-                          copies=config.copies, batch_size=config.batch_size, per_prompt=True)
+    effects = progress.edge_effects(f"edge-exact-{direction}", [every[j] for j in idx])
+    if effects is None or effects.per_prompt is None:
+        effects = patch_edges(spec, batch, [every[j] for j in idx], metrics=config.metrics, direction=direction,
+                              copies=config.copies, batch_size=config.batch_size, per_prompt=True)
+        progress.save_effects(f"edge-exact-{direction}", effects)
     exact = effects.values.float()  # [verified, metric]
     low, high = effect_intervals(effects.per_prompt[:, primary]) if idx else ([], [])  # 95%, over pairs
     k = min(config.top_k, len(top))

@@ -152,10 +152,11 @@ def run_corruptions(model: nn.Module, tokenizer, corruptions: tuple[str, ...], *
 
 def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out: Path, model_name: str, n_prompts: int = 16,
               figures: bool = True, prepend_bos: str = "auto", template: int | str | None = None,
-              keep_correct: bool = False) -> dict:
+              keep_correct: bool = False, resume: bool = False) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
     report dict. Edges are summed over positions, so prompts of several
-    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`."""
+    templates mix; prepend_bos, template, keep_correct as for :func:`prepare_pairs`. Each completed step is
+    saved under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
@@ -163,7 +164,11 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size)
-    result = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config)
+    manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task, options=config_dict(config))
+    identity = {"kind": "edges", "weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
+                "options": manifest["options"], "prompt_selection": prompts}
+    result = screen_edges(model, make_batch(pairs, pad_id=pad_token(tokenizer)), config,
+                          progress=Progress(Path(out), identity, resume=resume))
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = prompts
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=prompts)

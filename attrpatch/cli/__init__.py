@@ -16,6 +16,8 @@ Examples:
 import sys
 import warnings
 
+import torch
+
 from ..config import ScreenConfig, with_primary_metric
 from .args import build_parser
 
@@ -35,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(_interrupted(args, argv), file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as err:  # what attribution's halving could not fit (methods/halving.py)
+        if args.debug:
+            raise
+        print(f"attrpatch: error: {err}\n{_interrupted(args, argv, 'stopped')}", file=sys.stderr)
+        return 2
     except USER_ERRORS as err:
         if args.debug:
             raise
@@ -43,17 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _interrupted(args, argv: list[str]) -> str:
-    """What a Ctrl-C leaves: the screen's completed steps in OUT/.progress and the command that continues."""
+def _interrupted(args, argv: list[str], how: str = "interrupted") -> str:
+    """What a Ctrl-C (or an error) leaves: the run's completed steps in OUT/.progress and the command that
+    continues."""
     out = getattr(args, "out", None)
-    if args.command not in ("screen", "demo") or out is None:
-        return f"attrpatch: interrupted; `attrpatch {args.command}` keeps no partial results: run it again"
+    if args.command not in ("screen", "demo", "edges") or out is None:
+        return f"attrpatch: {how}; `attrpatch {args.command}` keeps no partial results: run it again"
     steps = sorted((out / ".progress").glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
     if not steps:
-        return f"attrpatch: interrupted before the first step was saved; nothing in {out} to resume"
+        return f"attrpatch: {how} before the first step was saved; nothing in {out} to resume"
     import shlex
     again = "attrpatch " + " ".join(shlex.quote(a) for a in argv) + ("" if "--resume" in argv else " --resume")
-    return (f"attrpatch: interrupted after {len(steps)} saved step(s) in {out}/.progress (last: {steps[-1].stem}); "
+    return (f"attrpatch: {how} after {len(steps)} saved step(s) in {out}/.progress (last: {steps[-1].stem}); "
             f"continue where it stopped with:\n  {again}")
 
 
@@ -176,7 +184,8 @@ def _edges(args) -> int:
         config = fit_to_memory(args, model, tokenizer, config, edges=True)
     report = run_edges(model, tokenizer, task=args.task, config=config, out=args.out, n_prompts=args.n_prompts,
                        model_name=args.model or f"embedded:{DEFAULT_MODEL.name}", figures=not args.no_figures,
-                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct)
+                       prepend_bos=args.prepend_bos, template=args.template, keep_correct=args.keep_correct,
+                       resume=args.resume)
     for d in report["directions"]:
         a = report["agreement"][d][report["metric"]]
         print(f"{d}: {len(report['edges']) // len(report['directions'])} edges verified of {report['n_edges']}; "

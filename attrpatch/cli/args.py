@@ -187,6 +187,8 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
                    help="memory of one device, e.g. 24GB: choose --batch-size and --copies from the memory plan "
                         "(attrpatch plan --edges) so the run fits, and print the choice")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or interrupted run in OUT from its last completed step")
     _add_run_args(p)
 
 

@@ -1,7 +1,7 @@
 """Progress of a long screen, written as it goes, so ``--resume`` continues after a kill.
 
-Each completed step (attribution of one direction and estimator, exact patching of one site) is one
-safetensors file in ``OUT/.progress/``, written atomically; ``run.json`` there holds the run's identity
+Each completed step (attribution of one direction and estimator, exact patching of one site; for an edges run:
+attribution, exact edge patching per direction, the faithfulness curve) is one safetensors file in ``OUT/.progress/``, written atomically; ``run.json`` there holds the run's identity
 (model weights, prompts, options), and a resume with a different identity is refused. No pickle.
 
 ATTRPATCH_KILL_AFTER_STEPS=N (fault injection for tests) SIGKILLs the process right after the N-th step
@@ -16,6 +16,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save
 
 from ..engine import distributed
+from ..methods.edges.eap import EdgeScores
+from ..methods.edges.patching import EdgeEffects
 from ..methods.estimators.attribution import Scores
 from ..methods.patching.exact import Effects
 from .files import write_atomic, write_json
@@ -87,20 +89,53 @@ class Progress:
         self._save(name, tensors, meta)
 
     def effects(self, name: str, components: list) -> Effects | None:
+        found = self._effects(name, components)
+        return None if found is None else Effects(components=components, **found)
+
+    def edge_effects(self, name: str, items: list) -> EdgeEffects | None:
+        """The saved exact effects of edge ``items`` (Edges, or tuples patched jointly), or None."""
+        found = self._effects(name, items)
+        return None if found is None else EdgeEffects(items=items, **found)
+
+    def _effects(self, name: str, items: list) -> dict | None:
+        """A saved patch step's fields, None when not saved or saved for other ``items``."""
         found = self._load(name)
         if found is None:
             return None
         tensors, meta = found
-        if meta.pop("names") != [str(c) for c in components]:
+        if meta.pop("names") != [str(c) for c in items]:
             return None  # a different plan: recompute
-        return Effects(components=components, values=tensors["values"], per_prompt=tensors.get("per_prompt"), **meta)
+        return {"values": tensors["values"], "per_prompt": tensors.get("per_prompt"), **meta}
 
-    def save_effects(self, name: str, effects: Effects) -> None:
+    def save_effects(self, name: str, effects: Effects | EdgeEffects) -> None:
+        """Exact effects of components (Effects) or of edges (EdgeEffects)."""
         if self.folder is None:
             return
+        items = effects.components if isinstance(effects, Effects) else effects.items
         meta = {"metrics": effects.metrics, "direction": effects.direction, "receiver_metric": effects.receiver_metric,
-                "passes": effects.passes, "names": [str(c) for c in effects.components]}
+                "passes": effects.passes, "names": [str(c) for c in items]}
         tensors = {"values": effects.values}
         if effects.per_prompt is not None:
             tensors["per_prompt"] = effects.per_prompt
         self._save(name, tensors, meta)
+
+    def edge_scores(self, name: str, graph) -> EdgeScores | None:
+        """The saved edge scores of ``graph`` (methods/edges/graph.py), or None."""
+        found = self._load(name)
+        return None if found is None else EdgeScores(graph=graph, values=found[0], **found[1])
+
+    def save_edge_scores(self, name: str, scores: EdgeScores) -> None:
+        if self.folder is None:
+            return
+        meta = {k: getattr(scores, k) for k in ("direction", "clean_metric", "corrupt_metric", "n_prompts",
+                                                 "estimator", "passes")}
+        self._save(name, dict(scores.values), meta)
+
+    def record(self, name: str) -> dict | None:
+        """A saved step whose result is plain JSON (an edges run's faithfulness curve), or None."""
+        found = self._load(name)
+        return None if found is None else found[1]
+
+    def save_record(self, name: str, record: dict) -> None:
+        if self.folder is not None:
+            self._save(name, {}, record)

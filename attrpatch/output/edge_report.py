@@ -27,6 +27,7 @@ def edge_report(result, *, model: str, task: str) -> dict:
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
         "circuit": {k: v for k, v in result.circuit.items() if k != "edges"}, "timing": result.timing,
+        "attribution_cost": {d: s.passes for d, s in result.scores.items()},  # batch_size: an out-of-memory retry's
         "sanity": result.sanity,
     }
 

@@ -47,6 +47,7 @@ from ...model.sites import ModelSpec, as_spec
 from ..estimators import gim, relp
 from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
+from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
 
 EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim", "relp_t4")  # EAP, EAP-IG, EAP under GIM's rules (RelP's; T = 4)
@@ -244,15 +245,16 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     values = {m: torch.zeros(len(graph.senders), len(graph.receivers), device=spec.device, dtype=acc)
               for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
-    n_chunks = 0
+
+    def run(part: PromptBatch, start: int, into: dict) -> None:
+        scorer = _Scorer(em, part, metrics, direction, into)
+        _score_chunk(scorer, estimator, ig_steps)
+        for run_name, by_metric in scorer.metric_sums().items():
+            for m in metrics:
+                sums[run_name][m] += by_metric[m]
     with eval_mode(spec.model):
-        for part in batch.chunks(batch_size):
-            scorer = _Scorer(em, part, metrics, direction, values)
-            _score_chunk(scorer, estimator, ig_steps)
-            for run, by_metric in scorer.metric_sums().items():
-                for m in metrics:
-                    sums[run][m] += by_metric[m]
-            n_chunks += 1
+        size, n_chunks = run_chunks(batch, batch_size, run, summed=values, device=spec.device,
+                                    what=f"attributing edges ({estimator})")
     for t in values.values():
         t /= batch.n
     cost = {"forward": 2, "backward": len(metrics)} if estimator != "ig" else \
@@ -261,4 +263,4 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
                       clean_metric={m: v / batch.n for m, v in sums["clean"].items()},
                       corrupt_metric={m: v / batch.n for m, v in sums["corrupt"].items()},
                       n_prompts=batch.n, estimator=estimator,
-                      passes={k: v * n_chunks for k, v in cost.items()})
+                      passes={**{k: v * n_chunks for k, v in cost.items()}, **retried(size, batch_size, batch.n)})

@@ -16,7 +16,6 @@ receiver from the receiver's recorded block input. ``resume=False, copies=1`` is
 A pass that runs out of memory is retried as two of half its copies, as in node patching.
 """
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,6 +29,7 @@ from ...engine.partial import run_blocks
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import ModelSpec, as_spec
+from ..halving import halve
 from ..patching.passes import DEFAULT_ROWS
 from .graph import Edge, EdgeModel, Node
 
@@ -134,7 +134,8 @@ class _Pass:
             except torch.OutOfMemoryError:
                 if len(group) == 1:
                     raise
-                groups[:0] = _halve(group, self.batch.n, self.em.spec.device)
+                what = f"patching {len(group)} edge sets x {self.batch.n} prompts"
+                groups[:0] = halve(group, what, self.em.spec.device)
                 continue
             n = len(group)
             passes["patched_rows"] += n
@@ -259,16 +260,6 @@ class _Writer:
                 view[copies[:, None], rows[None], self.batch.last[None]] = picked
             return new
         return callback
-
-
-def _halve(group: list[int], n_prompts: int, device: torch.device) -> list[list[int]]:
-    """A pass that ran out of memory as two passes of half its copies each (warned: the retry is slower)."""
-    half = len(group) // 2
-    warnings.warn(f"out of memory patching {len(group)} edge sets x {n_prompts} prompts at once; retrying with "
-                  f"{half} copies per pass (pass copies={half} to start there)")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return [group[:half], group[half:]]
 
 
 def _sender_columns(graph, n_layers: int):

@@ -25,6 +25,7 @@ from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
 from ..ablation import check_ablation, site_values
+from ..halving import retried, run_chunks
 from . import atp, atp_star, gim, graddrop, ig, relp
 from .gradients import Chunk
 
@@ -87,18 +88,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
-    for s in sites:
-        check_site(s, spec)
-    for m in metrics:
-        check_metric(m, gradient=True)
-    check_direction(direction)
-    check_estimator(estimator)
-    if ablation is not None:
-        check_ablation(ablation, direction, estimator)
-    if per_prompt and prompt_positions is not None:
-        raise ValueError("per_prompt=True and prompt_positions both keep per-prompt scores; pass one of them")
-    if estimator == "ig" and ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    _check(spec, sites, metrics, direction, estimator, ablation, ig_steps, per_prompt and prompt_positions is not None)
     d, device = spec.dims, spec.device
     batch = batch.to(device)
     lead = (batch.n,) if per_prompt else ()
@@ -108,33 +98,58 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     prompts = None if prompt_positions is None else {
         m: {s: torch.zeros(batch.n, *site_shape(s, d, batch.n_pos if prompt_positions.get(s, True) else 1),
                            device=device, dtype=acc) for s in sites} for m in metrics}
-    sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
-    start, reruns = 0, 0
     options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}, "gim": {"rules": gim_rules},
                "relp_gim": {"rules": gim_rules, "relp_rules": relp.check_rules(relp_rules)}}.get(estimator, {})
     fixed = None if ablation is None else site_values(spec, batch, sites, ablation, batch_size)
-    with eval_mode(spec.model), frozen_weights(spec.model):
-        for part in tqdm(list(batch.chunks(batch_size)), desc="attribution", disable=not progress):
-            rows = slice(start, start + part.n) if per_prompt or prompts is not None else None
-            chunk = Chunk(spec, part, sites, metrics, direction, values, rows, prompts=prompts, recompute=recompute)
-            if fixed is not None:
-                chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
-            ESTIMATORS[estimator].score(chunk, **options)
-            for run, per_metric in chunk.metric_sums().items():
-                for m in metrics:
-                    sums[run][m] += per_metric[m]
-            start += part.n
-            reruns += chunk.reruns
+    sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
+    reruns = []
+
+    def run(part: PromptBatch, start: int, into: dict) -> None:
+        """Score one chunk of prompts, adding its sums to ``into`` (per_prompt: its rows of ``values``)."""
+        rows = slice(start, start + part.n) if per_prompt or prompts is not None else None
+        chunk = Chunk(spec, part, sites, metrics, direction, values if per_prompt else into, rows, prompts=prompts,
+                      recompute=recompute)
+        if fixed is not None:
+            chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
+        ESTIMATORS[estimator].score(chunk, **options)
+        found = chunk.metric_sums()
+        for run_name, per_metric in found.items():
+            for m in metrics:
+                sums[run_name][m] += per_metric[m]
+        reruns.append(chunk.reruns)
+    with eval_mode(spec.model), frozen_weights(spec.model), tqdm(total=batch.n, desc="attribution",
+                                                                 disable=not progress) as bar:
+        size, n_chunks = run_chunks(batch, batch_size,
+                                    lambda part, start, into: (run(part, start, into), bar.update(part.n)),
+                                    summed={} if per_prompt else values, rows=values if per_prompt else prompts,
+                                    device=device, what=f"attributing ({estimator})")
     if not per_prompt:
         for per_site in values.values():
             for t in per_site.values():
                 t /= batch.n
-    n_chunks = -(-batch.n // (batch_size or batch.n))
     cost = ESTIMATORS[estimator].passes(d.n_layers, len(metrics), **options)
+    passes = {k: v * n_chunks + (sum(reruns) if k == "forward" else 0) for k, v in cost.items()}
     return Scores(
         values=values, direction=direction, n_prompts=batch.n, per_prompt=per_prompt,
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
-        passes={k: v * n_chunks + (reruns if k == "forward" else 0) for k, v in cost.items()},
+        passes={**passes, **retried(size, batch_size, batch.n)},
         estimator=estimator, prompts=prompts,
     )
+
+
+def _check(spec: ModelSpec, sites: list[str], metrics: list[str], direction: str, estimator: str, ablation: str | None,
+           ig_steps: int, both_per_prompt: bool) -> None:
+    """attribute's options, refused with the fix before any work."""
+    for s in sites:
+        check_site(s, spec)
+    for m in metrics:
+        check_metric(m, gradient=True)
+    check_direction(direction)
+    check_estimator(estimator)
+    if ablation is not None:
+        check_ablation(ablation, direction, estimator)
+    if both_per_prompt:
+        raise ValueError("per_prompt=True and prompt_positions both keep per-prompt scores; pass one of them")
+    if estimator == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")

@@ -17,7 +17,6 @@ answer what c contributes against a baseline, not against a corrupted prompt, an
 ablations, not patches.
 """
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,6 +32,7 @@ from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import Component, ModelSpec, as_spec, check_component
 from ..ablation import ablated_values
+from ..halving import halve
 from .passes import (Item, members_of, rows_in_first_block, start_block, whole_stream, block_share, default_rows,
                      copy_entries, equivalents, first_position, group_passes, no_op, same_prefix)
 
@@ -218,12 +218,7 @@ def _patch_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component
         except torch.OutOfMemoryError:
             if len(group) == 1:
                 raise
-            half = len(group) // 2
-            groups[:0] = [group[:half], group[half:]]
-            warnings.warn(f"out of memory patching {len(group)} copies x {batch.n} prompts at once; "
-                          f"retrying with {half} copies per pass (pass copies={half} to start there)")
-            if spec.device.type == "cuda":
-                torch.cuda.empty_cache()
+            groups[:0] = halve(group, f"patching {len(group)} copies x {batch.n} prompts", spec.device)
             continue
         n = len(group)
         _count(passes, rows=n, equivalents=equivalents(share, starts, first_pos, n_layers, n_pos))
