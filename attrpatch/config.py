@@ -65,7 +65,7 @@ class ScreenConfig:
     # forward-equivalents a direction's verification may spend beyond the top-k and controls: sites in order, one
     # whose every component that can have an effect fits is verified exhaustively, then the others grow past the
     # top-k by adaptive stopping (analysis/ranking.py); 0: the top-k and controls only
-    verify_budget: float = 15.0
+    verify_budget: float = 20.0
 
     def __post_init__(self):
         for s in self.sites:
