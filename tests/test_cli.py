@@ -52,7 +52,7 @@ def test_cli_writes_a_valid_report(cli_run):
                 for s in ("resid_pre", "attn_out", "head", "neuron")}
     how = report["verification"]["denoise"]
     assert per_site == {s: how[s]["top"] + how[s]["control"] for s in per_site}
-    assert per_site["neuron"] == 7 and how["neuron"]["mode"] == "top-k"  # the top 4 + 3 controls: the budget spent
+    assert how["neuron"]["top"] >= 4 and how["neuron"]["control"] == 3  # the top 4 (or more, grown) + 3 controls
     assert {how[s]["mode"] for s in ("resid_pre", "attn_out", "head")} == {"exhaustive"}  # within --verify-budget
     for key in ("pearson", "spearman", "sign_agreement", "recall_at_k"):
         assert key in report["agreement"]["denoise"]["head"]["logit_diff"]
