@@ -61,12 +61,16 @@ class ScreenConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
-    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | gim | relp_gim | all
+    estimator: str = "atp"  # atp | atp_star | ig | graddrop | relp | gim | relp_gim | relp_t4 | all
     ig_steps: int = 8
     fn_subsets: int = 0  # joint patches of random subsets of the unverified, per site (0: off; AtP*'s bound)
     low_memory: bool = False  # attribution's backward block by block (methods/estimators/blockwise.py): less memory, ~+2 forwards
     progress: bool = True
     ablation: str | None = None  # zero | mean | resample: the source instead of the corrupt run (methods/ablation.py)
+    # forward-equivalents a direction's verification may spend beyond the top-k and controls: sites in order, one
+    # whose every component that can have an effect fits is verified exhaustively, then the others grow past the
+    # top-k by adaptive stopping (analysis/ranking.py); 0: the top-k and controls only
+    verify_budget: float = 20.0
 
     def __post_init__(self):
         for s in self.sites:
@@ -80,6 +84,9 @@ class ScreenConfig:
             raise ValueError(f"top_k must be >= 1 or None (all), got {self.top_k}")
         if self.random_k < 0:
             raise ValueError(f"random_k must be >= 0, got {self.random_k}")
+        if not self.verify_budget >= 0:
+            raise ValueError(f"verify_budget must be >= 0 forward-equivalents (0: verify the top-k only), "
+                             f"got {self.verify_budget}")
         if self.estimator != "all":
             check_estimator(self.estimator)
         if self.ablation is not None:
@@ -109,7 +116,7 @@ class EdgeConfig:
     direction: str = "both"  # denoise | noise | both
     top_k: int = 50
     random_k: int = 30
-    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG) | gim | relp_gim (EAP under GIM's rules, with RelP's)
+    estimator: str = "atp"  # atp (EAP) | ig (EAP-IG) | gim | relp_gim | relp_t4 (EAP under GIM's rules, RelP's; T = 4)
     ig_steps: int = 8
     circuit_points: int = 12  # circuit sizes on the faithfulness curve
     seed: int = 0

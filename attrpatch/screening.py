@@ -42,12 +42,14 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
     config = with_primary_metric(config)
     run = Steps(as_spec(model), batch, config, progress or Progress(None))
     run.check_inputs()
-    scores, comps, agree, fns, attention, by_estimator, all_scores = {}, [], {}, {}, {}, {}, {}
+    scores, comps, agree, fns, attention, by_estimator, all_scores, verification = {}, [], {}, {}, {}, {}, {}, {}
     for direction in config.directions:
         est_scores, est_seconds = run.attribute(direction)
         scores[direction], all_scores[direction] = est_scores[config.estimators[0]], est_scores
-        plan = plan_verification(run.spec.dims, run.batch.n_pos, est_scores, config)
-        exact, prompts = run.verify(direction, plan)
+        plan = plan_verification(run.spec.dims, run.batch.n_pos, est_scores, config, run.copy_cost)
+        exact, prompts = run.verify(direction, {site: site_plan.verified for site, site_plan in plan.items()})
+        plan = run.grow(direction, plan, exact, prompts)
+        verification[direction] = {site: site_plan.summary() for site, site_plan in plan.items()}
         verified = [c for site_plan in plan.values() for c in site_plan.verified]
         max_prob, entropy, change = run.diagnose(direction, verified)
         attention[direction] = {"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}
@@ -74,4 +76,4 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
                         clean_metric=any_scores.clean_metric, corrupt_metric=any_scores.corrupt_metric,
                         scores=scores, components=comps, rows=long_table(comps, config.metrics, config.metric),
                         agreement=agree, false_negatives=fns, attention=attention, estimators=by_estimator,
-                        numerical=numerical, timing={**run.timing, **run.cost.to_dict()}, sanity=run.sanity)
+                        numerical=numerical, verification=verification, timing={**run.timing, **run.cost.to_dict()}, sanity=run.sanity)

@@ -11,6 +11,7 @@ import torch
 
 from .analysis.baselines import check_baselines, logit_diff
 from .analysis.causes import REMOVED, removed_share
+from .analysis.ranking import extend, spare_budget
 from .analysis.records import Cost, Finding, SitePlan
 from .analysis.sanity import clean_run_check
 from .analysis.subsets import draw_subsets, subset_bound
@@ -24,6 +25,7 @@ from .methods.estimators.attribution import Scores, attribute
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .methods.patching.exact import Effects, patch
 from .methods.patching.frozen import frozen_measurements
+from .methods.patching.passes import copy_cost
 from .output.checkpoint import Progress
 
 
@@ -53,6 +55,7 @@ class Steps:
     def __init__(self, spec, batch: PromptBatch, config: ScreenConfig, progress: Progress):
         self.spec, self.config, self.progress = spec, config, progress
         self.batch = distributed.shard(batch.to(spec.device))  # this rank's prompts
+        self.copy_cost = copy_cost(spec, batch, config.ablation)  # from all ranks' prompts: one plan for all
         self.n_local, self.n_total = self.batch.n, distributed.total(self.batch.n)
         self.timing = {"attribution_s": 0.0, "verification_s": 0.0, "diagnostics_s": 0.0}
         self.cost = Cost()  # the passes every step adds to
@@ -113,32 +116,55 @@ class Steps:
             self.cost.add_forwards(est_scores[est].passes["forward"])
         return est_scores, est_seconds
 
-    def verify(self, direction: str, plan: dict[str, SitePlan]) -> tuple[dict, dict]:
-        """Exact effects {component: [metric]} and the intervals' per-prompt inputs {"scores": .., "exact":
-        {component: [metric, batch]}}; one saved step per site, the unsaved sites in one shared patch call."""
+    def verify(self, direction: str, todo: dict[str, list], round_: int = 0) -> tuple[dict, dict]:
+        """Exact effects {component: [metric]} of each site's ``todo`` components and the intervals' per-prompt
+        inputs {"scores": .., "exact": {component: [metric, batch]}}; one saved step per site and round (0: the
+        plan's, then :meth:`grow`'s), the unsaved sites in one shared patch call."""
         start, start_cpu = time.perf_counter(), time.process_time()
-        exact, per_prompt, todo = {}, {}, {}
-        self.runs = {}  # one direction's runs at a time: verification, diagnostics and half patches share them
-        for site, site_plan in plan.items():
-            effects = self.progress.effects(f"exact-{direction}-{site}", site_plan.verified)
+        exact, per_prompt, unsaved = {}, {}, {}
+        if round_ == 0:
+            self.runs = {}  # one direction's runs at a time: verification, diagnostics and half patches share them
+        step = lambda site: f"exact-{direction}-{site}" + (f"-{round_}" if round_ else "")
+        for site, comps in todo.items():
+            effects = self.progress.effects(step(site), comps)
             if effects is None or effects.per_prompt is None:
-                todo[site] = site_plan.verified
+                unsaved[site] = comps
             else:
                 self.cost.add_patch(effects.passes)
                 _keep(effects, exact, per_prompt)
-        if todo:
-            effects = self._patch(direction, [c for comps in todo.values() for c in comps], self.config.metrics)
+        if unsaved:
+            effects = self._patch(direction, [c for comps in unsaved.values() for c in comps], self.config.metrics)
             at = 0
-            for i, (site, comps) in enumerate(todo.items()):
+            for i, (site, comps) in enumerate(unsaved.items()):
                 part = Effects(components=comps, metrics=effects.metrics, values=effects.values[at:at + len(comps)],
                                direction=direction, receiver_metric=effects.receiver_metric,
                                per_prompt=effects.per_prompt[at:at + len(comps)],
                                passes=effects.passes if i == 0 else {k: 0.0 for k in effects.passes})
-                self.progress.save_effects(f"exact-{direction}-{site}", part)
+                self.progress.save_effects(step(site), part)
                 _keep(part, exact, per_prompt)
                 at += len(comps)
         self._clock(start, start_cpu)
         return exact, {"scores": self.prompts[direction], "exact": per_prompt}
+
+    def grow(self, direction: str, plan: dict[str, SitePlan], exact: dict, prompts: dict) -> dict[str, SitePlan]:
+        """AtP*'s adaptive stopping (analysis/ranking.extend): rounds of verification, each adding the next
+        block of the estimator's order to the sites whose last verified block still held an effect of
+        interest, within the budget; ``exact`` and ``prompts`` gain the new effects. The grown plan."""
+        primary = self.config.metrics.index(self.config.metric)
+        round_ = 0
+        while True:
+            grown = {}
+            for site, site_plan in plan.items():  # sites in order, each round, from what the others left
+                spare = spare_budget({**plan, **grown}, self.config)
+                grown[site] = extend(site_plan, lambda c: float(exact[c][primary]), self.config, self.copy_cost, spare)
+            todo = {s: [p.all[j] for j in p.top[len(plan[s].top):]] for s, p in grown.items()}
+            plan, todo = grown, {s: comps for s, comps in todo.items() if comps}
+            if not todo:
+                return plan
+            round_ += 1
+            more, more_prompts = self.verify(direction, todo, round_)
+            exact.update(more)
+            prompts["exact"].update(more_prompts["exact"])
 
     def _patch(self, direction: str, items: list, metrics, alpha: float = 1.0) -> Effects:
         """One patch call, reduced over ranks, with every rank's per-prompt effects, counted."""

@@ -32,7 +32,7 @@ def _component(e: dict) -> ap.Component:
 def test_each_ablations_screen_effects_equal_a_naive_reference(ablation):
     model, batch = tiny_model("llama"), ap.make_batch(random_pairs(n=4))
     config = ScreenConfig(sites=SITES, metrics=("logit_diff", "prob"), direction="noise", top_k=6, random_k=3,
-                          ablation=ablation, batch_size=3, progress=False)
+                          ablation=ablation, batch_size=3, progress=False, verify_budget=0)  # the top-k + controls
     result = screen(model, batch, config)
     assert len(result.components) == len(SITES) * 9
     for e in result.components:

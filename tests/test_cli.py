@@ -50,7 +50,10 @@ def test_cli_writes_a_valid_report(cli_run):
         assert key in c, key
     per_site = {s: sum(1 for c in report["components"] if c["site"] == s and c["direction"] == "denoise")
                 for s in ("resid_pre", "attn_out", "head", "neuron")}
-    assert per_site == {"resid_pre": 7, "attn_out": 7, "head": 7, "neuron": 7}
+    how = report["verification"]["denoise"]
+    assert per_site == {s: how[s]["top"] + how[s]["control"] for s in per_site}
+    assert how["neuron"]["top"] >= 4 and how["neuron"]["control"] == 3  # the top 4 (or more, grown) + 3 controls
+    assert {how[s]["mode"] for s in ("resid_pre", "attn_out", "head")} == {"exhaustive"}  # within --verify-budget
     for key in ("pearson", "spearman", "sign_agreement", "recall_at_k"):
         assert key in report["agreement"]["denoise"]["head"]["logit_diff"]
     for key in ("attribution_s", "verification_s", "forward_s", "forward_passes"):
@@ -134,7 +137,7 @@ def test_estimator_all_verifies_the_union_and_grades_each(tmp_path):
           "--top-k", "3", "--random-k", "2", "--sites", "head,k", "--estimator", "all", "--ig-steps", "2"])
     report = json.loads((out / "report.json").read_text())
     per = report["estimators"]["denoise"]
-    assert set(per) == {"atp", "atp_star", "ig", "graddrop", "relp", "gim", "relp_gim"}
+    assert set(per) == {"atp", "atp_star", "ig", "graddrop", "relp", "gim", "relp_gim", "relp_t4"}
     assert per["ig"]["cost"]["backward"] == 2 * len(ap.METRICS)
     verified = {c["name"] for c in report["components"] if c["site"] == "head"}
     batch = ap.make_batch(pairs)

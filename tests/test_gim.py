@@ -117,11 +117,24 @@ def test_relp_gim_is_relp_plus_the_attention_rules():
     assert max(float((both[s] - plain_gim[s]).abs().max()) for s in ap.SITES) > 1e-3
 
 
+def test_relp_t4_is_relp_with_the_temperature_rule_at_4_alone():
+    """The named variant is exactly the graded combination "relp + gim temperature 4" (docs/estimators.md)."""
+    model = tiny_model("llama", dtype=torch.float64)
+    batch = ap.make_batch(random_pairs())
+    named = ap.attribute(model, batch, estimator="relp_t4").values["logit_diff"]
+    graded = ap.attribute(model, batch, estimator="relp_gim",
+                          gim_rules=gim.GimRules(temperature=4, q=1, k=1, v=1)).values["logit_diff"]
+    other = ap.attribute(model, batch, estimator="relp_gim").values["logit_diff"]
+    for site in ap.SITES:
+        assert torch.equal(named[site], graded[site]), site
+    assert max(float((named[s] - other[s]).abs().max()) for s in ap.SITES) > 1e-3
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_gim_edge_scores_out_of_a_sender_sum_to_its_node_score(family):
     model = tiny_model(family, dtype=torch.float64)
     batch = ap.make_batch(random_pairs(3))
-    for estimator in ("gim", "relp_gim"):
+    for estimator in ("gim", "relp_gim", "relp_t4"):
         edges = attribute_edges(model, batch, estimator=estimator)
         scores, graph = edges.values["logit_diff"], edges.graph
         node = ap.attribute(model, batch, sites=["resid_pre", "head", "mlp_out"],

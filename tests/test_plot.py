@@ -42,9 +42,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def partial_dir(tmp_path_factory):
-    """One direction, the top 3 plus 2 random controls per site: most cells unverified."""
+    """One direction, the top 3 plus 2 random controls per site (no verification budget): most cells unverified."""
     return _screen(tmp_path_factory.mktemp("partial"), sites=("resid_pre", "head"), direction="denoise",
-                   top_k=3, random_k=2)
+                   top_k=3, random_k=2, verify_budget=0)
 
 
 @pytest.fixture(scope="module")

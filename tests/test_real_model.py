@@ -88,6 +88,22 @@ def test_the_corrupted_token_sits_at_one_position_and_role(ioi_run):
     assert len({p["template"] for p in manifest["prompts"]}) == 1
 
 
+def test_the_residual_stream_at_the_corrupted_token_is_verified_whatever_top_k(ioi_run):
+    """--top-k 4, yet resid_pre is verified exhaustively within the default budget (issue 24): every layer at
+    the positions from S2 on, none before (they have no effect), and its strongest component, at S2, carries
+    most of the gap whatever rank AtP gave it."""
+    report, manifest = ioi_run
+    v = report["verification"]["denoise"]["resid_pre"]
+    assert v["mode"] == "exhaustive" and v["beyond_top_k"] <= report["verify_budget"]
+    comps = [c for c in report["components"] if c["site"] == "resid_pre"]
+    s2 = manifest["prompts"][0]["roles"]["S2"]
+    n_layers = max(c["layer"] for c in comps) + 1
+    assert {c["pos"] for c in comps} == set(range(s2, report["n_pos"])) and len(comps) == v["top"]
+    assert v["no_effect"] == n_layers * s2
+    strongest = max(comps, key=lambda c: abs(c["exact"]))
+    assert strongest["pos"] == s2 and strongest["exact_norm"]["logit_diff"] > 0.9
+
+
 def test_bos_handling_follows_the_tokenizer(smollm2, ioi_run, tmp_path):
     """SmolLM2's tokenizer adds no BOS: auto prepends none. Naming its document separator prepends it to
     every prompt and shifts every role by one."""

@@ -1,6 +1,7 @@
 """Faults: non-finite numbers are named, never ranked; degenerate baselines are refused up front."""
 
 import math
+from dataclasses import replace
 import sys
 
 import pytest
@@ -15,7 +16,10 @@ from conftest import random_pairs, saved_model, tiny_model, write_task
 CONFIG = ScreenConfig(sites=("head", "resid_pre"), top_k=3, random_k=2, progress=False)
 
 
-def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
+@pytest.mark.parametrize("budget", [0.0, 20.0])
+def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch, budget):
+    """budget 0: the top-k and controls, which never rank it in; 20: the site is verified exhaustively, so it is
+    verified, but ranked last."""
     screen_module = steps  # the screen's steps call attribute and patch
     real = screen_module.attribute
 
@@ -25,11 +29,16 @@ def test_injected_nan_scores_are_named_and_never_ranked(monkeypatch):
         return scores
     monkeypatch.setattr(screen_module, "attribute", poisoned)
     model = tiny_model("gpt2")
-    result = screen(model, ap.make_batch(random_pairs()), CONFIG)
+    result = screen(model, ap.make_batch(random_pairs()), replace(CONFIG, verify_budget=budget))
     found = [s for s in result.numerical["scores"] if s["site"] == "head" and s["metric"] == "logit_diff"]
     assert found and found[0]["components"] == ["L1H2"]
-    tops = [c["name"] for c in result.components if c["site"] == "head" and c["selected"] == "top"]
-    assert "L1H2" not in tops
+    heads = [c for c in result.components if c["site"] == "head"]
+    tops = [c["name"] for c in heads if c["selected"] == "top"]
+    if budget:
+        assert result.verification["denoise"]["head"]["mode"] == "exhaustive"
+        assert next(c["rank_approx"] for c in heads if c["name"] == "L1H2") == len(heads)
+    else:
+        assert "L1H2" not in tops
     assert all(math.isfinite(a["pearson"]) for a in result.agreement["denoise"]["head"].values())
 
 

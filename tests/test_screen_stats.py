@@ -26,7 +26,7 @@ def result():
 
 
 def _inside(value, ci):
-    return not math.isfinite(value) or ci[0] - 1e-9 <= value <= ci[1] + 1e-9
+    return not math.isfinite(value) or ci[0] - 1e-7 <= value <= ci[1] + 1e-7  # float32 means vs per-prompt
 
 
 def test_every_agreement_statistic_has_an_interval_around_it(result):
@@ -98,7 +98,7 @@ def test_a_component_atp_misses_gets_a_measured_cause():
 
 
 def test_subset_bound_does_not_call_a_missed_component_absent():
-    found = _planted(random_k=0, fn_subsets=48)
+    found = _planted(random_k=0, fn_subsets=48, verify_budget=0)  # the top-k only: the planted key unverified
     everything = _planted(random_k=100)
     verified = {c["name"] for c in found.components}
     unverified = [c for c in everything.components if c["name"] not in verified]

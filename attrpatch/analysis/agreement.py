@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..methods.estimators.attribution import Scores
-from .ranking import magnitude_order
+from .ranking import THRESHOLD_SHARE, magnitude_order
 
 def pearson(x: Tensor, y: Tensor) -> float:
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
@@ -54,9 +54,6 @@ def agreement(approx: Tensor, exact: Tensor, k: int, tol: float) -> Agreement:
     approx_top = set(magnitude_order(approx)[:k])
     return Agreement(n=len(exact), pearson=pearson(approx, exact), spearman=spearman(approx, exact),
                      sign_agreement=float(signs), recall_at_k=len(true_top & approx_top) / max(k, 1), k=k)
-
-
-THRESHOLD_SHARE = 0.1  # the false-negative threshold: this share of the largest verified |effect| of the site
 
 
 @dataclass(frozen=True)
@@ -137,8 +134,9 @@ def false_negatives(control_exact: Tensor, top_exact: Tensor, n_unverified: int,
     above = int((verified > threshold).sum()) if len(verified) else 0
     if n == 0:
         verdict = "all_verified" if n_unverified == 0 else "no_control"
-        return FalseNegatives(0, n_unverified, float("nan"), confidence, 1.0, float(n_unverified), 0, threshold,
-                              above, 0 if n_unverified == 0 else n_unverified, 0, verdict)
+        return FalseNegatives(n_control=0, n_unverified=n_unverified, max_control=float("nan"), confidence=confidence,
+                              fraction=1.0, count=float(n_unverified), exceeding_top=0, threshold=threshold,
+                              n_verified_above=above, count_upper=n_unverified, verdict=verdict)
     fraction = 1 - (1 - confidence) ** (1 / n)
     min_top = float(top_exact.abs().min()) if len(top_exact) else math.inf
     hits = int((control_exact.abs() > threshold).sum())

@@ -38,7 +38,7 @@ def site_results(site, plan: SitePlan, exact, config: ScreenConfig, scores: Scor
     low, high = effect_intervals(ex_prompts[:, primary]) if comps else ([], [])
     n_top = len(plan.top)
     fn = false_negatives(ex[n_top:, primary], ex[:n_top, primary],
-                         n_unverified=len(plan.all) - len(idx)).to_dict()  # controls are verified
+                         n_unverified=len(plan.all) - len(idx) - plan.no_effect).to_dict()  # controls are verified
     rank_exact = ranks(ex[:, primary]) if comps else torch.zeros(0)
     entries = []
     for r, (j, c) in enumerate(zip(idx, comps)):

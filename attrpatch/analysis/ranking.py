@@ -8,11 +8,17 @@ A site's components are listed in ``model.sites.components`` order; ``approx`` i
 import torch
 from torch import Tensor
 
+from dataclasses import replace
+from typing import Callable
+
 from ..config import ScreenConfig
 from ..engine.metrics import graded
 from ..methods.estimators.attribution import Scores
 from ..model.sites import Component, Dims, components
 from .records import SitePlan
+
+THRESHOLD_SHARE = 0.1  # of interest: this share of the largest verified |effect| of the site (false negatives too)
+BLOCK = 10  # adaptive verification extends a site's top list by this many components at a time
 
 
 def magnitude_order(values: Tensor) -> list[int]:
@@ -54,12 +60,18 @@ def candidates(scores: Scores, site: str, metric: str, dims: Dims, n_pos: int,
     return components(site, dims, n_pos, per_position=per_position), values.flatten().float().cpu()
 
 
-def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
-                      config: ScreenConfig) -> dict[str, SitePlan]:
+def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], config: ScreenConfig,
+                      cost: Callable[[Component], float | None] | None = None) -> dict[str, SitePlan]:
     """Per site: every component, each estimator's scores per metric, and what to verify: the union of
     the estimators' top-k by |score| under the primary metric (the first estimator's order first), and a
-    random control sample of the rest: {site: SitePlan}."""
-    plan = {}
+    random control sample of the rest: {site: SitePlan}.
+
+    ``cost(c)``: one component's verification in forward-equivalents, None where it cannot have an effect
+    (methods/patching/passes.copy_cost; no ``cost``: the top-k only). ``config.verify_budget`` is what a
+    direction may spend beyond the top-k and controls: sites in order, a site whose components that can have
+    an effect fit in what is left is verified exhaustively (all of them in the estimator's order, no
+    controls: its agreement and recall are facts); what remains then grows the others (:func:`extend`)."""
+    plan, spare = {}, config.verify_budget
     for i, site in enumerate(config.sites):
         per_pos = config.per_position(site)
         comps = None
@@ -68,8 +80,20 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores],
             approx[est] = {}
             for m in graded(config.metrics):  # discrete metrics have no scores
                 comps, approx[est][m] = candidates(scores, site, m, dims, n_pos, per_pos)
-        plan[site] = plan_site(site, comps, approx, first=config.estimators[0], metric=config.metric,
-                               k=config.top_k, random_k=config.random_k, seed=config.seed + i)
+        site_plan = plan_site(site, comps, approx, first=config.estimators[0], metric=config.metric,
+                              k=config.top_k, random_k=config.random_k, seed=config.seed + i)
+        if cost is not None and config.top_k is not None:
+            costs = [cost(c) for c in comps]
+            base = sum(costs[j] or 0.0 for j in site_plan.indices)
+            can = [j for j in magnitude_order(site_plan.approx[config.metric]) if costs[j] is not None]
+            whole = sum(costs[j] for j in can)
+            if spare and whole - base <= spare:  # exhaustive: every component that can have an effect
+                spare -= max(whole - base, 0.0)
+                site_plan = replace(site_plan, top=can, control=[], mode="exhaustive", stopped="all verified",
+                                    no_effect=len(comps) - len(can), cost=whole, extra=max(whole - base, 0.0))
+            else:
+                site_plan = replace(site_plan, cost=base)
+        plan[site] = site_plan
     return plan
 
 
@@ -84,3 +108,33 @@ def plan_site(site: str, every: list, approx: dict[str, dict[str, Tensor]], *, f
     control = control_sample(len(every), top, random_k, seed)
     return SitePlan(site=site, all=every, approx=approx[first], by_estimator=approx, tops=tops, top=top,
                     control=control, rank_approx=ranks(approx[first][metric]))
+
+
+def spare_budget(plan: dict[str, SitePlan], config: ScreenConfig) -> float:
+    """What is left of the direction's ``verify_budget`` after the sites' extra verification so far."""
+    return config.verify_budget - sum(p.extra for p in plan.values())
+
+
+def extend(plan: SitePlan, exact: Callable[[Component], float], config: ScreenConfig,
+           cost: Callable[[Component], float | None], spare: float) -> SitePlan:
+    """AtP*'s adaptive stopping for a site not verified exhaustively: while the last ``BLOCK`` components of
+    its top list (the estimator's order) hold one with |exact| >= THRESHOLD_SHARE x the largest |exact|
+    verified at the site, the next ``BLOCK`` components in that order (not yet verified) join the top list,
+    while their cost fits in ``spare`` (forward-equivalents left of the direction's budget).
+    ``exact(c)``: a verified component's exact effect under the primary metric. Returns ``plan`` itself when
+    it has stopped, with ``stopped`` set: "below threshold", "budget" or "all verified"."""
+    if plan.stopped or not config.verify_budget or config.top_k is None:
+        return plan
+    verified = [abs(exact(plan.all[j])) for j in plan.indices]
+    threshold = THRESHOLD_SHARE * max(verified, default=0.0)
+    if all(abs(exact(plan.all[j])) < threshold for j in plan.top[-BLOCK:]):
+        return replace(plan, stopped="below threshold")
+    taken = set(plan.indices)
+    order = magnitude_order(plan.approx[config.metric])
+    block = [j for j in order if j not in taken and cost(plan.all[j]) is not None][:BLOCK]
+    if not block:
+        return replace(plan, stopped="all verified")
+    more = sum(cost(plan.all[j]) for j in block)
+    if more > spare:
+        return replace(plan, stopped="budget")
+    return replace(plan, top=plan.top + block, mode="adaptive", cost=plan.cost + more, extra=plan.extra + more)

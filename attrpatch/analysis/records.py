@@ -26,7 +26,12 @@ class SitePlan:
     every estimator's; ``tops``: each estimator's top-k by |score| under the primary metric (all of them when
     top_k is None: the exhaustive sweep); ``top``: their union, the ranking estimator's order first;
     ``control``: the seeded uniform sample of the rest (what the top-k missed); ``rank_approx``: each
-    component's rank under the ranking estimator."""
+    component's rank under the ranking estimator. ``mode``: how the top list was chosen: "top-k",
+    "adaptive" (grown past the top-k by analysis/ranking.extend) or "exhaustive" (every component that can
+    have an effect, in the estimator's order); ``no_effect``: the components left out because they cannot
+    have one (before the first position where the prompts differ); ``stopped``: why verification stopped;
+    ``cost``: its forward-equivalents (one patched copy per component); ``extra``: those beyond the top-k and
+    controls (what the direction's verify_budget paid)."""
 
     site: str
     all: list[Component] | list[Edge]
@@ -36,6 +41,11 @@ class SitePlan:
     top: list[int]
     control: list[int]
     rank_approx: Tensor
+    mode: str = "top-k"
+    no_effect: int = 0
+    stopped: str | None = None
+    cost: float = 0.0
+    extra: float = 0.0
 
     @property
     def indices(self) -> list[int]:
@@ -45,6 +55,12 @@ class SitePlan:
     @property
     def verified(self) -> list[Component]:
         return [self.all[j] for j in self.indices]
+
+    def summary(self) -> dict:
+        """How the site was verified, as report.json states it."""
+        return {"mode": self.mode, "top": len(self.top), "control": len(self.control), "components": len(self.all),
+                "no_effect": self.no_effect, "stopped": self.stopped, "forward_equivalents": self.cost,
+                "beyond_top_k": self.extra}
 
 
 @dataclass(kw_only=True)

@@ -30,6 +30,7 @@ class ScreenResult:
     attention: dict  # direction -> {"max_prob": [[..]], "entropy": [[..]]} per layer x head (receiver run)
     estimators: dict  # direction -> estimator -> {"cost": .., "sites": site -> agreement + false negatives}
     numerical: dict  # non-finite scores and effects, named per component
+    verification: dict = field(default_factory=dict)  # direction -> site -> SitePlan.summary(): how it was verified
     timing: dict = field(default_factory=dict)
     sanity: dict = field(default_factory=dict)  # the clean-run check (analysis.sanity)
 

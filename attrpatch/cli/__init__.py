@@ -104,7 +104,8 @@ def _screen(args, argv) -> int:
     device = distributed.init_from_env(args.device)  # under torchrun: join the group, one device per rank
     direction = args.direction or ("noise" if args.ablation else "both" if args.command == "demo" else "denoise")
     config = with_primary_metric(ScreenConfig(sites=args.sites, metric=args.metric, metrics=args.metrics, direction=direction,
-                          top_k=args.top_k, random_k=args.random_k, positions=args.positions, seed=args.seed,
+                          top_k=args.top_k, random_k=args.random_k, verify_budget=args.verify_budget,
+                          positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory))

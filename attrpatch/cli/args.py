@@ -93,13 +93,19 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help=f"default {'both' if demo else 'denoise'}; noise with --ablation (the only direction it has)")
     p.add_argument("--top-k", type=_top_k, default=30, help="verify the top k per site by |score|, or 'all' (exhaustive)")
     p.add_argument("--random-k", type=int, default=20, help="random control components per site")
+    p.add_argument("--verify-budget", type=float, default=20.0, metavar="F",
+                   help="forward-equivalents a direction may spend verifying beyond the top-k and controls: sites in "
+                        "order, one whose every component that can have an effect fits is verified exhaustively, then "
+                        "the others grow past the top-k in blocks of 10 while a block holds an effect of interest "
+                        "(AtP*'s adaptive stopping); 0: the top-k and controls only")
     p.add_argument("--positions", choices=POSITIONS, default="default",
                    help=f"each: one component per token; all: one per layer/head/neuron; default: each for "
                         f"{', '.join(RESID_LIKE)}, all for the others")
     p.add_argument("--estimator", choices=(*ESTIMATORS, "all"), default="atp",
                    help="atp (plain), atp_star (QK fix + GradDrop), ig (integrated gradients), graddrop, relp (LRP "
                         "rules in the backward pass, the cost of atp), gim (GIM's rules in the backward pass, the "
-                        "cost of atp), relp_gim (both); "
+                        "cost of atp), relp_gim (both), relp_t4 (RelP's rules with the softmax gradient at temperature 4: "
+                        "the best at atp's cost on SmolLM2, docs/estimators.md); "
                         "all: every one, verified on the union of their top-k, compared in the report")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--fn-subsets", type=int, default=0, metavar="N",
@@ -183,7 +189,8 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
                         "run (mean: per position over the prompts); noising only")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
-    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's)")
+    p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's), "
+                        "relp_t4 (under RelP's, the softmax gradient at temperature 4)")
     p.add_argument("--ig-steps", type=int, default=8, help="integration steps for --estimator ig")
     p.add_argument("--circuit-points", type=int, default=12, help="circuit sizes on the faithfulness curve")
     p.add_argument("--out", type=Path, default=Path("runs/edges"),

@@ -112,7 +112,9 @@ def site_tables(r: dict, direction: str) -> list[str]:
         if not comps:
             continue
         rows = rows_of(comps, groups)
-        lines += [f"#### {site}: top {min(SITE_ROWS, len(rows))} of {len(comps)} verified", ""]
+        how = ((r.get("verification") or {}).get(direction) or {}).get(site, {}).get("mode")
+        lines += [f"#### {site}: top {min(SITE_ROWS, len(rows))} of {len(comps)} verified"
+                  + (" (exhaustive: the exact top list)" if how == "exhaustive" else ""), ""]
         lines += table(["component", "AtP", "exact [95% CI]", "share of gap", f"rank in {site}: AtP / exact",
                         "flags"], [_site_row(row, groups, r.get("tokens"), m) for row in rows[:SITE_ROWS]])
     return lines

@@ -137,6 +137,7 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
              f"Exact effects in units of `{m}` (the clean - corrupt gap is {_f(gap, 2)}); \"false negatives\": random "
              f"controls against {THRESHOLD_SHARE:.0%} of the site's largest verified |exact| (Terms, at the end).", ""]
     lines += findings.site_lines(r, direction)
+    lines += verification_lines(r, direction)
     lines += ["### How well AtP agreed with exact patching", "",
               "Each statistic with its 95% bootstrap interval over prompt pairs.", ""]
     rows = [[site, per_metric[m]["n"], _ci(per_metric[m], "pearson"), _ci(per_metric[m], "spearman"),
@@ -146,6 +147,32 @@ def _direction_section(r: dict, direction: str, comps: list[dict]) -> list[str]:
     lines += _subset_words(r["false_negatives"][direction])
     lines += ["### Top components of each site", ""]
     return lines + findings.site_tables(r, direction)
+
+
+def verification_lines(r: dict, direction: str) -> list[str]:
+    """How each site was verified (report.json ``verification``): exhaustively, or the top-k grown by
+    adaptive stopping, and why it stopped."""
+    sites = (r.get("verification") or {}).get(direction) or {}
+    if not sites:
+        return []
+    budget = r.get("verify_budget")
+    lines = ["Verification per site, in forward-equivalents (one patched copy per component); "
+             + (f"--verify-budget {budget:g} beyond the top-k and controls, " if budget is not None else "")
+             + "spent on the sites in order:", ""]
+    for site, v in sites.items():
+        cost = f"{v['forward_equivalents']:.1f} forward-equivalents"
+        if v["mode"] == "exhaustive":
+            skipped = (f"; the other {v['no_effect']} sit before the first position where the prompts differ and "
+                       "have no effect") if v["no_effect"] else ""
+            lines.append(f"- {site}: exhaustive, all {v['top']} components that can have an effect{skipped} "
+                         f"({cost}): its agreement and recall are facts, not estimates")
+        else:
+            grown = f"grown to the top {v['top']} in blocks of 10, " if v["mode"] == "adaptive" else f"top {v['top']}, "
+            why = {"below threshold": "stopped: the last block held no effect of interest "
+                                      f"(>= {THRESHOLD_SHARE:.0%} of the largest verified)",
+                   "budget": "stopped: budget spent", "all verified": "every component verified"}.get(v["stopped"], "")
+            lines.append(f"- {site}: {grown}{v['control']} controls, of {v['components']} ({cost}); {why}".rstrip("; "))
+    return lines + [""]
 
 
 def _subset_words(fns: dict) -> list[str]:

@@ -13,7 +13,7 @@ from ..inputs.directions import GERUND
 SINGLE, DOUBLE = 3.3, 6.75  # column widths, inches
 CMAP = "RdBu_r"  # red positive, blue negative, white zero
 ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "graddrop": "GradDrop", "relp": "RelP", "gim": "GIM",
-                    "relp_gim": "RelP+GIM"}
+                    "relp_gim": "RelP+GIM", "relp_t4": "RelP+T4"}
 METRIC_LABELS = {"logit_diff": "logit diff", "logprob": "log prob", "prob": "prob", "kl": "KL", "rank": "rank",
                  "accuracy": "accuracy", "top1": "top-1"}
 METRIC_UNITS = {"logit_diff": "Δ logit diff", "logprob": "Δ log p(answer)", "prob": "Δ p(answer)",

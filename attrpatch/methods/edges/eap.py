@@ -51,8 +51,9 @@ from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
 from .sources import ablated_source, ablation_means, check_edge_ablation
 
-EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim")  # EAP, EAP-IG, EAP under GIM's rules (with RelP's)
-_RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES}}  # gim.modifying's options
+EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim", "relp_t4")  # EAP, EAP-IG, EAP under GIM's rules (RelP's; T = 4)
+_RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modifying's options
+          "relp_t4": {"rules": gim.RELP_T4_RULES, "relp_rules": relp.DEFAULT_RULES}}
 
 
 @dataclass

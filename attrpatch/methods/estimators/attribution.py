@@ -30,7 +30,7 @@ from . import atp, atp_star, gim, graddrop, ig, relp
 from .gradients import Chunk
 
 ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp, "gim": gim,
-              "relp_gim": gim.RELP_GIM}  # name -> module (relp_gim: RelP's rules with GIM's, gim.py)
+              "relp_gim": gim.RELP_GIM, "relp_t4": gim.RELP_T4}  # name -> module (relp_gim, relp_t4: gim.py)
 
 
 def check_estimator(name: str) -> None:

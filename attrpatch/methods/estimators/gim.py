@@ -18,7 +18,7 @@ of the model's implementation: the model's implementation (eager or sdpa) gives 
 eager re-computation under the rules, added as (z_rules - z_rules.detach()) (exactly zero), gives its
 gradient. Every rule is switchable (``GimRules``); with all off (``GimRules.off()``) GIM is AtP, and the
 q/k/v and temperature rules are then not installed at all. ``RELP_GIM``: RelP's rules with GIM's attention
-rules. Cost per chunk: as AtP, 2 forwards + 1 backward per metric; the receiving forward computes each
+rules; ``RELP_T4``: RelP's rules with the temperature rule alone at T = 4 (the estimator ``relp_t4``). Cost per chunk: as AtP, 2 forwards + 1 backward per metric; the receiving forward computes each
 attention twice (its value, and the graph under the rules).
 """
 
@@ -223,3 +223,16 @@ def _score_relp_gim(chunk: Chunk, *, rules: GimRules = GimRules(),
 # RelP's rules (norm, act, half) with GIM's: the estimator ``relp_gim``
 RELP_GIM = SimpleNamespace(score=_score_relp_gim, passes=passes,
                            __doc__="RelP's rules (norm, act, half) with GIM's temperature and q/k/v rules (gim.py).")
+
+# RelP's rules with the softmax gradient at temperature 4 and no q/k/v factors: the estimator ``relp_t4``, the
+# best at AtP's cost on SmolLM2 IOI (docs/estimators.md: "relp + gim temperature 4", Pearson >= 0.95 on 6 of 8
+# site-directions; GIM's q/k/v factors shrink every path through attention and T = 2 or 8 did worse)
+RELP_T4_RULES = GimRules(temperature=4.0, q=1.0, k=1.0, v=1.0)
+
+
+def _score_relp_t4(chunk: Chunk) -> None:
+    score(chunk, rules=RELP_T4_RULES, relp_rules=relp.DEFAULT_RULES)
+
+
+RELP_T4 = SimpleNamespace(score=_score_relp_t4, passes=passes,
+                          __doc__="RelP's rules (norm, act, half) with the softmax gradient at temperature 4 (gim.py).")

@@ -94,6 +94,23 @@ def equivalents(share: float, starts: list[int], first_pos: int, n_layers: int, 
                for s in starts)
 
 
+def copy_cost(spec: ModelSpec, batch: PromptBatch, ablation: str | None = None):
+    """What verifying one component alone costs: ``cost(c)`` = one patched copy's forward-equivalents
+    (``equivalents``; 0 for a whole-stream patch, read off the source run), None for a component that cannot
+    have an effect (``no_op``: it sits where the source and the receiver agree). As exact.patch lays it out."""
+    same = same_prefix(batch) if batch.aligned and ablation is None else 0
+    share, n_layers, n_pos = block_share(spec, batch.n_pos), spec.dims.n_layers, batch.n_pos
+
+    def cost(c: Component) -> float | None:
+        if no_op(c, same):
+            return None
+        if whole_stream(c) and ablation is None:
+            return 0.0
+        first = first_position(c, same) if batch.aligned and start_block(c) >= 0 else 0
+        return equivalents(share, [start_block(c)], first, n_layers, n_pos)
+    return cost
+
+
 def block_share(spec: ModelSpec, n_pos: int) -> float:
     """The blocks' share of one last-token forward's multiply-adds (the rest is the unembedding, which every
     patched copy pays in full however late it resumes): n_layers * n_pos * block weights against that plus
