@@ -23,9 +23,11 @@ from ...engine.hooks import eval_mode, frozen_weights
 from ...engine.metrics import check_metric, wide
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
+from ...model.dictionaries import Dictionary
 from ...model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
 from ..ablation import check_ablation, site_values
 from . import atp, atp_star, gim, graddrop, ig, relp
+from .features import FeatureScores, Splices, feature_scores
 from .gradients import Chunk
 
 ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp, "gim": gim,
@@ -53,6 +55,7 @@ class Scores:
     passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes (recompute's reruns: forwards)
     estimator: str = "atp"
     prompts: dict[str, dict[str, Tensor]] | None = None
+    features: FeatureScores | None = None  # the dictionaries' latents and error terms (features.py)
 
     def score(self, component: Component, metric_name: str) -> float:
         """The (mean) score of one component; all-position components sum their positions."""
@@ -62,13 +65,29 @@ class Scores:
         return float(values[component.index()].sum())
 
 
+def _check(spec, sites, metrics, direction, estimator, ablation, per_prompt, prompt_positions, ig_steps) -> None:
+    """attribute()'s arguments, refused with the fix when they do not fit."""
+    for s in sites:
+        check_site(s, spec)
+    for m in metrics:
+        check_metric(m, gradient=True)
+    check_direction(direction)
+    check_estimator(estimator)
+    if ablation is not None:
+        check_ablation(ablation, direction, estimator)
+    if per_prompt and prompt_positions is not None:
+        raise ValueError("per_prompt=True and prompt_positions both keep per-prompt scores; pass one of them")
+    if estimator == "ig" and ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+
+
 def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequence[str] = SITES,
               metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", per_prompt: bool = False,
               batch_size: int | None = None, estimator: str = "atp", ig_steps: int = 8,
               relp_rules: Sequence[str] = relp.DEFAULT_RULES, gim_rules: gim.GimRules = gim.GimRules(),
               recompute: bool = False,
               prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
-              ablation: str | None = None) -> Scores:
+              ablation: str | None = None, dictionaries: Sequence[Dictionary] = ()) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
@@ -84,21 +103,14 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     prompt_positions: keep per-prompt scores in ``Scores.prompts`` beside the mean ``values`` (instead of
         ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
         sites not named keep them): [batch, layer, pos | 1, (unit)].
+    dictionaries: spliced into both runs with their error terms; ``Scores.features`` holds the AtP scores of
+        their active latents and error terms from the same backward (features.py; estimator "atp" only).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
-    for s in sites:
-        check_site(s, spec)
-    for m in metrics:
-        check_metric(m, gradient=True)
-    check_direction(direction)
-    check_estimator(estimator)
-    if ablation is not None:
-        check_ablation(ablation, direction, estimator)
-    if per_prompt and prompt_positions is not None:
-        raise ValueError("per_prompt=True and prompt_positions both keep per-prompt scores; pass one of them")
-    if estimator == "ig" and ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    _check(spec, sites, metrics, direction, estimator, ablation, per_prompt, prompt_positions, ig_steps)
+    layers, features = feature_scores(spec, dictionaries, estimator=estimator, recompute=recompute,
+                                      ablation=ablation, per_prompt=per_prompt)
     d, device = spec.dims, spec.device
     batch = batch.to(device)
     lead = (batch.n,) if per_prompt else ()
@@ -119,6 +131,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
             chunk = Chunk(spec, part, sites, metrics, direction, values, rows, prompts=prompts, recompute=recompute)
             if fixed is not None:
                 chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
+            if features is not None:
+                chunk.splices = Splices(chunk, layers, features).hooks
             ESTIMATORS[estimator].score(chunk, **options)
             for run, per_metric in chunk.metric_sums().items():
                 for m in metrics:
@@ -129,6 +143,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         for per_site in values.values():
             for t in per_site.values():
                 t /= batch.n
+    if features is not None:
+        features.mean(batch.n)
     n_chunks = -(-batch.n // (batch_size or batch.n))
     cost = ESTIMATORS[estimator].passes(d.n_layers, len(metrics), **options)
     return Scores(
@@ -136,5 +152,5 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
         passes={k: v * n_chunks + (reruns if k == "forward" else 0) for k, v in cost.items()},
-        estimator=estimator, prompts=prompts,
+        estimator=estimator, prompts=prompts, features=features,
     )
