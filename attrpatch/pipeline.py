@@ -7,6 +7,7 @@ from torch import nn
 from .analysis.sanity import by_group
 from .config import EdgeConfig, ScreenConfig, config_dict, with_primary_metric
 from .engine import distributed
+from .feature_screening import check_dictionaries, run_features
 from .inputs.alignment import position_labels
 from .inputs.batch import make_batch
 from .inputs.corruption import check_corruption, prompts_of
@@ -63,7 +64,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                n_prompts: int = 16, argv: list[str] | None = None, figures: bool = True,
                resume: bool = False, corruption: str = "str", noise_std: float = 3.0, prepend_bos: str = "auto",
                template: int | str | None = None, keep_correct: bool = False,
-               formats: tuple[str, ...] = ("png",)) -> dict:
+               formats: tuple[str, ...] = ("png",), dictionaries: tuple = ()) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
@@ -75,9 +76,12 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
     run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
     prepend_bos, template, keep_correct: how prompts are chosen and encoded (:func:`prepare_pairs`).
-    formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default)."""
+    formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default).
+    dictionaries: sparse dictionaries (model/dictionaries.py) whose latents are screened too, after the sites
+    (feature_screening.py): features.json, features.csv, report.md's "Features", figures/features_*.png."""
     config = with_primary_metric(config)
     labels = tuple(dict.fromkeys(c.strip() for c in corruption.split(",") if c.strip()))
+    check_dictionaries(model, dictionaries, config, labels)
     for label in labels or (corruption,):
         check_corruption(label, task)
     if config.ablation is not None:
@@ -88,7 +92,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                        template=template, keep_correct=keep_correct, formats=formats)
         return run_corruptions(model, tokenizer, labels, out=Path(out), **options)
     pairs, prompts = prepare_pairs(model, tokenizer, task=task, n_prompts=n_prompts, seed=config.seed,
-                                   per_position=any(config.per_position(s) for s in config.sites),
+                                   per_position=any(config.per_position(s) for s in config.sites) or bool(dictionaries),
                                    prepend_bos=prepend_bos, template=template, keep_correct=keep_correct,
                                    batch_size=config.batch_size, corruption=corruption)
     batch = corrupted(model, make_batch(pairs, pad_id=pad_token(tokenizer)), corruption, noise_std, config.seed)
@@ -112,6 +116,9 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     if figures:
         from .plot import draw_run
         draw_run(out, formats)
+    if dictionaries:
+        report["features"] = run_features(model, batch, dictionaries, config, out, figures=figures, formats=formats,
+                                          tokens=position_labels(pairs, tokenizer))
     return report
 
 

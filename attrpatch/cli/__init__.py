@@ -100,6 +100,8 @@ def _screen(args, argv) -> int:
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory))
+    from ..model.dictionaries import load_dictionary
+    dictionaries = tuple(load_dictionary(path) for path in getattr(args, "sae", ()))  # before the model: fail fast
     model, tokenizer = _load(args, device, args.device_map)
     if args.max_memory is not None:
         from .plan import fit_to_memory
@@ -108,7 +110,8 @@ def _screen(args, argv) -> int:
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                n_prompts=args.n_prompts, argv=argv, figures=not args.no_figures, resume=args.resume,
                corruption=",".join(args.corruption), noise_std=args.noise_std, prepend_bos=args.prepend_bos,
-               template=args.template, keep_correct=args.keep_correct, formats=args.format)
+               template=args.template, keep_correct=args.keep_correct, formats=args.format,
+               dictionaries=dictionaries)
     if distributed.rank() != 0:
         return 0
     if len(args.corruption) > 1:
@@ -118,7 +121,7 @@ def _screen(args, argv) -> int:
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
-          + ("" if args.no_figures else ", figures/"))
+          + (", features.json, features.csv" if dictionaries else "") + ("" if args.no_figures else ", figures/"))
     return 0
 
 
