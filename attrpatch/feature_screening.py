@@ -95,13 +95,15 @@ def check_dictionaries(model: nn.Module, dictionaries: Sequence[Dictionary], con
 
 
 def run_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence[Dictionary], config: ScreenConfig,
-                 out, *, tokens: list | None = None, figures: bool = True, formats: Sequence[str] = ("png",)) -> dict:
-    """screen_features, written into ``out`` (output/features.py) with figures/features_<direction>.png."""
+                 out, *, tokens: list | None = None, figures: bool = True, formats: Sequence[str] = ("png",),
+                 model_name: str | None = None, task: str | None = None) -> dict:
+    """screen_features, written into ``out`` (output/features.py) with figures/features_<direction>.png;
+    model_name and task name the figures."""
     from pathlib import Path
 
     from .output.features import write_features
 
-    found = screen_features(model, batch, dictionaries, config).to_dict()
+    found = {**screen_features(model, batch, dictionaries, config).to_dict(), "model": model_name, "task": task}
     write_features(Path(out), found, tokens)
     if figures:
         from .plot.features import plot_features

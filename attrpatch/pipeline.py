@@ -118,7 +118,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
         draw_run(out, formats)
     if dictionaries:
         report["features"] = run_features(model, batch, dictionaries, config, out, figures=figures, formats=formats,
-                                          tokens=position_labels(pairs, tokenizer))
+                                          tokens=position_labels(pairs, tokenizer), model_name=model_name, task=task)
     return report
 
 
