@@ -40,8 +40,9 @@ def plot_features(found, direction: str | None = None, *, ax=None, fig=None):
             left.annotate(rows[j]["name"], (xs[j], ys[j]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         left.set_xlabel(f"AtP ({METRIC_UNITS.get(metric, metric)})")
         left.set_ylabel(f"exact ({METRIC_UNITS.get(metric, metric)})")
-        named = ", ".join(str(v) for v in (found.get("model"), found.get("task")) if v)
-        left.set_title(f"features: {named + ', ' if named else ''}{direction}, {metric}", loc="left")
+        named = [Path(str(found["model"])).name if found.get("model") else None, found.get("task"), direction, metric]
+        fig.suptitle("features: " + ", ".join(str(v) for v in named if v), fontsize=8)
+        left.set_title("AtP vs exact", loc="left")
         left.legend(fontsize=6, loc="upper left")
         _bars(right, rows, hooks, metric)
         _layout(fig)
