@@ -19,6 +19,8 @@ from .methods.edges.graph import Edge
 from .methods.edges.patching import EdgeEffects, patch_edges
 from .methods.estimators.attribution import ESTIMATORS, Scores, attribute
 from .methods.patching.exact import Effects, patch
+from .methods.patching.features import patch_features
+from .model.dictionaries import Dictionary, load_dictionary
 from .model.archs import ARCHS, Arch, arch_from_json, register_arch, use_arch
 from .model.fetch import fetch
 from .model.loading import load
@@ -28,9 +30,9 @@ from .screening import ScreenResult, screen
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABLATIONS", "ARCHS", "Arch", "Component", "DIRECTIONS", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
+    "ABLATIONS", "ARCHS", "Arch", "Component", "DIRECTIONS", "Dictionary", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
     "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
     "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
-    "fetch", "load", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "register_arch", "screen",
+    "fetch", "load", "load_dictionary", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "patch_features", "register_arch", "screen",
     "screen_edges", "use_arch",
 ]

@@ -9,6 +9,7 @@ from .analysis.results import EdgeResult, ScreenResult
 from .analysis.sanity import by_group
 from .config import EdgeConfig, PromptOptions, ScreenConfig, config_dict, prompt_options, with_primary_metric
 from .engine import distributed
+from .feature_screening import check_dictionaries, run_features
 from .inputs.alignment import position_labels
 from .inputs.batch import make_batch
 from .inputs.corruption import check_corruption, prompts_of
@@ -63,7 +64,8 @@ def run_windows(model: nn.Module, tokenizer, *, task: str, out: Path, site: str 
 
 def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, out: Path, model_name: str,
                prompts: PromptOptions | None = None, argv: list[str] | None = None, figures: bool = True,
-               resume: bool = False, formats: tuple[str, ...] = ("png",), **prompt_keywords) -> dict:
+               resume: bool = False, formats: tuple[str, ...] = ("png",), dictionaries: tuple = (),
+               **prompt_keywords) -> dict:
     """Screen ``model`` on ``task`` and write every output into ``out``; returns the report dict.
 
     Each completed step is saved under ``out/.progress``; ``resume=True`` continues a killed run there
@@ -76,8 +78,11 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     corruption's run alone, and their comparison in ``out`` (:func:`run_corruptions`).
     ``config.ablation`` (zero | mean | resample) measures every component against that ablation of the clean
     run instead (methods/ablation.py); the one corruption then only sets the unit of normalised effects.
-    formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default)."""
+    formats: the figures' file formats (png, pdf, svg; each one a full render, so png alone by default).
+    dictionaries: sparse dictionaries (model/dictionaries.py) whose latents are screened too, after the sites
+    (feature_screening.py): features.json, features.csv, report.md's "Features", figures/features_*.png."""
     config, prompts = with_primary_metric(config), prompt_options(prompts, prompt_keywords, "run_screen")
+    check_dictionaries(model, dictionaries, config, prompts.corruption)
     for label in prompts.corruption:
         check_corruption(label, task)
     if config.ablation is not None:
@@ -87,7 +92,8 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                                model_name=model_name, argv=argv, figures=figures, resume=resume, formats=formats)
     corruption = prompts.corruption[0]
     pairs, selection = _draw(model, tokenizer, task, prompts, seed=config.seed, batch_size=config.batch_size,
-                             per_position=any(config.per_position(s) for s in config.sites), corruption=corruption)
+                             per_position=any(config.per_position(s) for s in config.sites) or bool(dictionaries),
+                             corruption=corruption)
     batch = corrupted(model, make_batch(pairs, pad_id=pad_token(tokenizer)), corruption, prompts.noise_std,
                       config.seed)
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task,
@@ -110,6 +116,9 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
     if figures:
         from .plot import draw_run
         draw_run(out, formats)
+    if dictionaries:
+        report["features"] = run_features(model, batch, dictionaries, config, out, figures=figures, formats=formats,
+                                          tokens=position_labels(pairs, tokenizer), model_name=model_name, task=task)
     return report
 
 

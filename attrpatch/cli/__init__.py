@@ -109,6 +109,8 @@ def _screen(args, argv) -> int:
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory))
+    from ..model.dictionaries import load_dictionary
+    dictionaries = tuple(load_dictionary(path) for path in getattr(args, "sae", ()))  # before the model: fail fast
     model, tokenizer = _load(args, device, args.device_map)
     if args.max_memory is not None:
         from .plan import fit_to_memory
@@ -116,7 +118,7 @@ def _screen(args, argv) -> int:
     name = args.model or f"embedded:{DEFAULT_MODEL.name}"
     run_screen(model, tokenizer, task=args.task, config=config, out=args.out, model_name=name,
                prompts=prompts_from(args), argv=argv, figures=not args.no_figures, resume=args.resume,
-               formats=args.format)
+               formats=args.format, dictionaries=dictionaries)
     if distributed.rank() != 0:
         return 0
     if len(args.corruption) > 1:
@@ -126,7 +128,7 @@ def _screen(args, argv) -> int:
         return 0
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, results.csv, scores.safetensors, manifest.json"
-          + ("" if args.no_figures else ", figures/"))
+          + (", features.json, features.csv" if dictionaries else "") + ("" if args.no_figures else ", figures/"))
     return 0
 
 

@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     screen = sub.add_parser("screen", help="AtP on every component, exact patching of the top, report",
                             epilog=EPILOG, formatter_class=_Help, parents=[shared()])
     _add_screen_args(screen)
+    screen.add_argument("--sae", action="append", default=[], metavar="PATH[@hook]",
+                        help="also screen a sparse dictionary's latents (repeatable, one per layer): a sae-lens "
+                             "folder (cfg.json + sae_weights.safetensors) or a .safetensors file with W_enc, b_enc, "
+                             "W_dec, b_dec (+ threshold); @hook overrides or gives its hook point, e.g. "
+                             "@blocks.3.hook_resid_pre or @L3.mlp_out")
     demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline", formatter_class=_Help,
                           parents=[shared(None)])
     _add_screen_args(demo, demo=True)

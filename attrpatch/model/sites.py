@@ -37,6 +37,7 @@ HEAD_LIKE = ("head", "q", "k", "v")  # one component per (query or key-value) he
 QK_SITES = ("q", "k")  # shape the attention pattern (AtP*'s QK fix)
 WRITES_IN_BLOCK = ("attn_out", "mlp_out", "head", "neuron", "q", "k", "v")  # computed inside a block
 AFTER_ATTENTION = ("head", "attn_out", "mlp_out", "neuron")  # after the block's attention pattern
+FEATURE_SITES = ("feature", "sae_error")  # a dictionary's latent (unit: its id) and error term (dictionaries.py)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -257,6 +258,8 @@ class Component:
             name = f"L{self.layer}H{self.unit}" + ("" if self.site == "head" else f".{self.site}")
         elif self.site == "neuron":
             name = f"L{self.layer}N{self.unit}"
+        elif self.site == "feature":
+            name = f"L{self.layer}F{self.unit}"
         else:
             name = f"L{self.layer}.{self.site}"
         return name if self.pos is None else f"{name}@{self.pos}"

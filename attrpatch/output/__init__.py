@@ -8,6 +8,7 @@
     findings      report.md's per-site lines and tables, grouped rows, the one disagreement table
     markdown      numbers, names, intervals and tables every report.md shares
     edge_report   an edge screen's report.json, circuit.json, results.csv, edge_scores.safetensors, report.md
+    features      a feature screen's features.json, features.csv and report.md's "Features" section
     corruptions   several corruptions compared: corruptions.json and corruptions.md
     mib           MIB's / EAP-IG's edge-score JSON (write, read) and report.md's MIB section
 """

@@ -26,6 +26,7 @@ One module per figure family, on shared ones; each imports only those listed bef
     recall      plot_cost_recall, cost_recall_panel, recall_curve, estimator_ranks, top_n
     directions  plot_directions, direction_pairs
     windows     plot_windows (sliding-window sweeps, from their JSON file; not part of a screen run)
+    features    plot_features (a feature screen, from features.json; drawn by the run when --sae is given)
     corruptions plot_corruptions (several corruptions compared, from corruptions.json; not drawn by draw_run)
     circuit     plot_circuit, plot_faithfulness, plot_edge_scatter, draw_edges (an edge screen's figures, from
                 its report.json and circuit.json)

@@ -9,6 +9,7 @@
     gim           gradient interaction modifications: AtP with GIM's norm, softmax-temperature and q/k/v rules
                   in the backward pass (``relp_gim``: with RelP's rules)
     gradients     the core they share: the source cache, the receiving run with grad, the products
+    features      AtP of dictionary latents and error terms, from the same backward as the sites
     blockwise     the same backward block by block (``recompute=True``): less memory, ~2 more forwards
     attribution   ``attribute``: any estimator over a prompt set, in chunks (``Scores``); ``ESTIMATORS``
 

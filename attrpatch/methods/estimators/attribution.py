@@ -23,10 +23,12 @@ from ...engine.hooks import eval_mode, frozen_weights
 from ...engine.metrics import check_metric, wide
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
+from ...model.dictionaries import Dictionary
 from ...model.sites import SITES, Component, ModelSpec, as_spec, check_site, site_shape
 from ..ablation import check_ablation, site_values
 from ..halving import retried, run_chunks
 from . import atp, atp_star, gim, graddrop, ig, relp
+from .features import FeatureScores, Splices, feature_scores
 from .gradients import Chunk
 
 ESTIMATORS = {"atp": atp, "atp_star": atp_star, "ig": ig, "graddrop": graddrop, "relp": relp, "gim": gim,
@@ -54,6 +56,7 @@ class Scores:
     passes: dict[str, int] = field(default_factory=dict)  # forward/backward passes (recompute's reruns: forwards)
     estimator: str = "atp"
     prompts: dict[str, dict[str, Tensor]] | None = None
+    features: FeatureScores | None = None  # the dictionaries' latents and error terms (features.py)
 
     def score(self, component: Component, metric_name: str) -> float:
         """The (mean) score of one component; all-position components sum their positions."""
@@ -69,7 +72,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
               relp_rules: Sequence[str] = relp.DEFAULT_RULES, gim_rules: gim.GimRules = gim.GimRules(),
               recompute: bool = False,
               prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
-              ablation: str | None = None) -> Scores:
+              ablation: str | None = None, dictionaries: Sequence[Dictionary] = ()) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
@@ -85,10 +88,14 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     prompt_positions: keep per-prompt scores in ``Scores.prompts`` beside the mean ``values`` (instead of
         ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
         sites not named keep them): [batch, layer, pos | 1, (unit)].
+    dictionaries: spliced into both runs with their error terms; ``Scores.features`` holds the AtP scores of
+        their active latents and error terms from the same backward (features.py; estimator "atp" only).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
     _check(spec, sites, metrics, direction, estimator, ablation, ig_steps, per_prompt and prompt_positions is not None)
+    layers, features = feature_scores(spec, dictionaries, estimator=estimator, recompute=recompute,
+                                      ablation=ablation, per_prompt=per_prompt)
     d, device = spec.dims, spec.device
     batch = batch.to(device)
     lead = (batch.n,) if per_prompt else ()
@@ -98,8 +105,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
     prompts = None if prompt_positions is None else {
         m: {s: torch.zeros(batch.n, *site_shape(s, d, batch.n_pos if prompt_positions.get(s, True) else 1),
                            device=device, dtype=acc) for s in sites} for m in metrics}
-    options = {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}, "gim": {"rules": gim_rules},
-               "relp_gim": {"rules": gim_rules, "relp_rules": relp.check_rules(relp_rules)}}.get(estimator, {})
+    options = _options(estimator, ig_steps, relp_rules, gim_rules)
     fixed = None if ablation is None else site_values(spec, batch, sites, ablation, batch_size)
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
     reruns = []
@@ -111,9 +117,10 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                       recompute=recompute)
         if fixed is not None:
             chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
+        if features is not None:
+            chunk.splices = Splices(chunk, layers, features).hooks
         ESTIMATORS[estimator].score(chunk, **options)
-        found = chunk.metric_sums()
-        for run_name, per_metric in found.items():
+        for run_name, per_metric in chunk.metric_sums().items():
             for m in metrics:
                 sums[run_name][m] += per_metric[m]
         reruns.append(chunk.reruns)
@@ -127,6 +134,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         for per_site in values.values():
             for t in per_site.values():
                 t /= batch.n
+    if features is not None:
+        features.mean(batch.n)
     cost = ESTIMATORS[estimator].passes(d.n_layers, len(metrics), **options)
     passes = {k: v * n_chunks + (sum(reruns) if k == "forward" else 0) for k, v in cost.items()}
     return Scores(
@@ -134,8 +143,14 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         clean_metric={m: sums["clean"][m] / batch.n for m in metrics},
         corrupt_metric={m: sums["corrupt"][m] / batch.n for m in metrics},
         passes={**passes, **retried(size, batch_size, batch.n)},
-        estimator=estimator, prompts=prompts,
+        estimator=estimator, prompts=prompts, features=features,
     )
+
+
+def _options(estimator: str, ig_steps: int, relp_rules: Sequence[str], gim_rules: gim.GimRules) -> dict:
+    """The keyword arguments ``estimator``'s score(chunk) takes."""
+    return {"ig": {"steps": ig_steps}, "relp": {"rules": relp.check_rules(relp_rules)}, "gim": {"rules": gim_rules},
+            "relp_gim": {"rules": gim_rules, "relp_rules": relp.check_rules(relp_rules)}}.get(estimator, {})
 
 
 def _check(spec: ModelSpec, sites: list[str], metrics: list[str], direction: str, estimator: str, ablation: str | None,

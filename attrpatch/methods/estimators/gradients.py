@@ -107,11 +107,12 @@ class Chunk(Receiving):
         self.reruns = 0  # blockwise.py's reruns of every block (forward passes beyond the estimator's own)
         self.deltas: dict[Key, Tensor] = {}
         self.ablated: dict[Key, Tensor] | None = None  # an ablation's source values (methods/ablation.py)
+        self.splices: list = []  # (point, callback) hooks active in both runs: dictionaries (features.py)
 
     def cache(self, run: RunInput, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
         """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
         found: dict[Key, Tensor] = {}
-        with torch.no_grad(), hooked(record(points, found, self.batch.n_pos)):
+        with torch.no_grad(), hooked(record(points, found, self.batch.n_pos) + self.splices):
             logits = forward_last(self.spec, run, self.batch.mask, self.batch.last)
         return found, logits
 
@@ -164,7 +165,7 @@ class Chunk(Receiving):
         if self.recompute:
             return blockwise.backward(self, all_hooks, root, hooks=list(hooks), context=context, labels=list(labels),
                                       after_metric=after_metric)
-        with torch.enable_grad(), hooked(all_hooks + list(hooks)), context():
+        with torch.enable_grad(), hooked(all_hooks + list(hooks) + self.splices), context():
             logits = forward_last(self.spec, self.receiver_run, self.batch.mask, self.batch.last)
             self.logits.setdefault("receiver", logits.detach())
             self.backward_each(logits, root, labels, after_metric)

@@ -4,5 +4,6 @@
     passes        how patched copies are grouped into forward passes, and what a pass costs
     windows       sliding-window patching: W adjacent layers patched together
     diagnostics   attention saturation and relative activation change, measured on the runs
+    features      exact patching of dictionary latents and error terms (``patch_features``)
     frozen        patching with the attention patterns or norm scales frozen at the receiver's
 """

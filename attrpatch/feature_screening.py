@@ -1,0 +1,113 @@
+"""The feature screen: AtP of every active dictionary latent and error term, exact patching of the top-k and
+a random control sample, and their agreement, as screening.py does for the other sites.
+
+Per direction: one attribution with the dictionaries spliced in (methods/estimators/features.py; the
+latents' scores come from the same backward as the sites'), then per dictionary (its ``feature`` latents
+and ``sae_error`` terms, per position) the top ``config.top_k`` by |AtP| under the primary metric plus
+``config.random_k`` controls drawn from the rest, patched exactly (methods/patching/features.py), every
+metric read from the same patched runs. Agreement (analysis/agreement.py) and the false-negative bound are
+per dictionary. A dictionary's error term is a component like its latents: a large error score says the
+dictionary misses what the model uses there.
+"""
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .analysis.agreement import agreement, false_negatives, tolerance
+from .analysis.ranking import control_sample, ranks, top_k
+from .config import ScreenConfig, with_primary_metric
+from .engine.metrics import METRICS
+from .inputs.batch import PromptBatch
+from .methods.estimators.attribution import attribute
+from .methods.estimators.features import by_layer
+from .methods.patching.features import patch_features
+from .model.dictionaries import Dictionary
+from .model.sites import as_spec
+
+
+@dataclass
+class FeatureResult:
+    """``rows``: one per verified latent or error term x direction: name (``L3F17@5``), layer, hook, feature
+    (latent id, None for the error), pos, chosen (top | control), rank_approx, atp, and exact_<metric> for
+    every metric. ``agreement[direction][hook]``: Agreement dict + false_negatives + n_scored."""
+
+    hooks: dict[int, str]
+    metric: str
+    metrics: list[str]
+    rows: list[dict] = field(default_factory=list)
+    agreement: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"hooks": {str(k): v for k, v in self.hooks.items()}, "metric": self.metric, "metrics": self.metrics,
+                "rows": self.rows, "agreement": self.agreement}
+
+
+def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence[Dictionary],
+                    config: ScreenConfig = ScreenConfig()) -> FeatureResult:
+    """Screen the dictionaries' latents and error terms (module docstring); ``config`` gives the metrics,
+    directions, top_k, random_k, seed, batch_size and copies."""
+    config = with_primary_metric(config)
+    spec = as_spec(model)
+    layers = by_layer(spec, dictionaries)
+    graded = [m for m in config.metrics if m in METRICS]
+    screened = FeatureResult(hooks={layer: d.hook for layer, d in layers.items()}, metric=config.metric,
+                             metrics=list(config.metrics))
+    for direction in config.directions:
+        scores = attribute(spec, batch, sites=[], metrics=graded, direction=direction,
+                           batch_size=config.batch_size, dictionaries=list(layers.values()))
+        tol = tolerance(scores, config.metric)
+        screened.agreement[direction] = {}
+        for i, (layer, d) in enumerate(sorted(layers.items())):
+            comps = [c for c in scores.features.components(config.metric) if c.layer == layer]
+            approx = torch.tensor([scores.features.score(c, config.metric) for c in comps], dtype=torch.float64)
+            top = top_k(approx, config.top_k)
+            control = control_sample(len(comps), top, config.random_k, config.seed + i)
+            chosen = top + control
+            eff = patch_features(spec, batch, [d], [comps[j] for j in chosen], metrics=config.metrics,
+                                 direction=direction, copies=config.copies or 8)
+            exact = eff.values[:, eff.metrics.index(config.metric)].double()
+            rank = ranks(approx)
+            for n, j in enumerate(chosen):
+                c = comps[j]
+                screened.rows.append({"name": str(c), "direction": direction, "layer": layer, "hook": d.hook,
+                                    "feature": c.unit, "pos": c.pos, "chosen": "top" if n < len(top) else "control",
+                                    "rank_approx": int(rank[j]), "atp": float(approx[j]),
+                                    **{f"exact_{m}": float(eff.values[n, k]) for k, m in enumerate(eff.metrics)}})
+            found = agreement(approx[top], exact[:len(top)], min(10, len(top)), tol).to_dict()
+            fn = false_negatives(exact[len(top):], exact[:len(top)], len(comps) - len(chosen))
+            screened.agreement[direction][d.hook] = {**found, "false_negatives": fn.to_dict(), "n_scored": len(comps),
+                                                   "n_latents_scored": int(sum(c.site == "feature" for c in comps))}
+    return screened
+
+
+def check_dictionaries(model: nn.Module, dictionaries: Sequence[Dictionary], config: ScreenConfig,
+                       corruptions: Sequence[str]) -> None:
+    """Refuse, before any work, dictionaries that do not fit the model or a run they cannot join."""
+    if not dictionaries:
+        return
+    by_layer(as_spec(model), dictionaries)
+    if config.ablation is not None or len(corruptions) > 1:
+        raise ValueError("--sae screens features against one corrupted prompt set; it takes neither --ablation "
+                         f"nor several corruptions (got ablation={config.ablation!r}, corruptions={list(corruptions)})")
+
+
+def run_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence[Dictionary], config: ScreenConfig,
+                 out, *, tokens: list | None = None, figures: bool = True, formats: Sequence[str] = ("png",),
+                 model_name: str | None = None, task: str | None = None) -> dict:
+    """screen_features, written into ``out`` (output/features.py) with figures/features_<direction>.png;
+    model_name and task name the figures."""
+    from pathlib import Path
+
+    from .output.features import write_features
+
+    found = {**screen_features(model, batch, dictionaries, config).to_dict(), "model": model_name, "task": task}
+    write_features(Path(out), found, tokens)
+    if figures:
+        from .plot.features import plot_features
+        from .plot.style import save
+        for direction in found["agreement"]:
+            save(plot_features(found, direction), Path(out) / "figures" / f"features_{direction}", formats)
+    return found
