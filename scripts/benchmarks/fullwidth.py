@@ -68,8 +68,9 @@ class Settings:
     def screen_config(self):
         from attrpatch.model.sites import SITES
         from attrpatch.config import ScreenConfig
+        # verify_budget 0: the top-k and controls, the components the plan traces (planning.verified_components)
         return ScreenConfig(sites=SITES, top_k=self.top_k, random_k=self.random_k, seed=self.seed, progress=False,
-                            **self._metrics())
+                            verify_budget=0, **self._metrics())
 
     def edge_config(self):
         from attrpatch.config import EdgeConfig
