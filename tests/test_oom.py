@@ -86,3 +86,28 @@ def test_out_of_memory_at_one_prompt_stops_with_a_clear_error(monkeypatch):
                                                          r"time .*--low-memory.*--resume"):
         ap.attribute(model, batch, sites=("head",))
     assert calls[0] == 4 and 2 in calls and calls[-1] == 1  # halved down to one prompt before giving up
+
+
+def test_a_retried_chunk_counts_its_dictionary_features_once(monkeypatch):
+    """The feature scores (a dictionary spliced in, estimators/features.py) of a run whose first chunk of 4
+    prompts runs out of memory after scoring part of itself equal an uninterrupted run's."""
+    from test_features import random_dictionary
+
+    model, batch = tiny_model("llama", dtype=torch.float64), ap.make_batch(random_pairs(n=4))
+    d = random_dictionary("resid_pre", 1, "topk", d_sae=256, dtype=torch.float64)
+    expected = ap.attribute(model, batch, sites=["mlp_out"], dictionaries=[d]).features
+    from attrpatch.methods.estimators import features
+
+    real = features.Splices._add
+
+    def add(self, *args):  # out of memory right after a chunk of 4 added its first feature scores
+        real(self, *args)
+        if self.chunk.batch.n > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+    monkeypatch.setattr(features.Splices, "_add", add)
+    got = ap.attribute(model, batch, sites=["mlp_out"], dictionaries=[d])
+    assert got.passes["batch_size"] == 2
+    for layer, ids in expected.ids["logit_diff"].items():
+        assert torch.equal(got.features.ids["logit_diff"][layer], ids)
+        torch.testing.assert_close(got.features.values["logit_diff"][layer], expected.values["logit_diff"][layer])
+        torch.testing.assert_close(got.features.error["logit_diff"][layer], expected.error["logit_diff"][layer])

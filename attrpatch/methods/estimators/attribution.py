@@ -126,8 +126,9 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         reruns.append(chunk.reruns)
     with eval_mode(spec.model), frozen_weights(spec.model), tqdm(total=batch.n, desc="attribution",
                                                                  disable=not progress) as bar:
+        step = run if features is None else features.undoable(run)  # a retried chunk's features counted once
         size, n_chunks = run_chunks(batch, batch_size,
-                                    lambda part, start, into: (run(part, start, into), bar.update(part.n)),
+                                    lambda part, start, into: (step(part, start, into), bar.update(part.n)),
                                     summed={} if per_prompt else values, rows=values if per_prompt else prompts,
                                     device=device, what=f"attributing ({estimator})")
     if not per_prompt:

@@ -22,7 +22,7 @@ in practice the union of a few hundred active latents). Only the ``atp`` estimat
 """
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,21 @@ class FeatureScores:
         positions = range(next(iter(error.values())).shape[0]) if per_position else [None]
         return [Component(site, layer, pos, unit) for layer in sorted(error) for pos in positions
                 for site, units in (("feature", ids[layer].tolist()), ("sae_error", [None])) for unit in units]
+
+    def undoable(self, run: Callable) -> Callable:
+        """``run`` (one chunk's scoring, methods/halving.run_chunks) that leaves these scores as they were when it
+        runs out of memory, so the retried chunk is not counted twice (scores are replaced, never changed in
+        place, so a copy of the tables is enough)."""
+        def wrapped(*args):
+            saved = {name: {m: dict(per) for m, per in getattr(self, name).items()}
+                     for name in ("ids", "values", "error")}
+            try:
+                return run(*args)
+            except torch.OutOfMemoryError:
+                for name, table in saved.items():
+                    setattr(self, name, table)
+                raise
+        return wrapped
 
     def mean(self, n: int) -> None:
         """Sums over prompts -> means over ``n`` prompts, in place."""
