@@ -3,6 +3,7 @@ an effect fit ``verify_budget`` is verified exhaustively (the others cost nothin
 other sites grow past the top-k by AtP*'s adaptive stopping; a component AtP ranks last (sign flipped, ~0)
 with the largest exact effect is reported first whatever top_k is."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,22 @@ def test_a_screen_grows_a_site_past_the_top_k_and_resumes_the_same(tmp_path):
     assert again.verification == first.verification
     assert [c["exact"] for c in again.components] == [c["exact"] for c in first.components]
     assert sum(calls) <= 1  # every verification round was saved (the half patches may remain)
+
+
+def test_the_position_map_of_an_exhaustive_site_has_no_unknown_cell(tmp_path):
+    """plot.heatmaps.exact_grid: every cell of an exhaustively verified per-position site is known: patched, or
+    exactly 0 before the first position where the prompts differ (a top-k site keeps NaN where unverified)."""
+    from attrpatch.pipeline import run_screen
+    from attrpatch.plot.heatmaps import exact_grid
+    from attrpatch.plot.run import load_run
+    from conftest import write_task
+
+    task = write_task(tmp_path / "pairs.jsonl", random_pairs(n=3, changed=(2, 4)))
+    for budget, out in ((20.0, tmp_path / "all"), (0.0, tmp_path / "top")):
+        run_screen(tiny_model("llama"), None, task=str(task), out=out, model_name="tiny", figures=False,
+                   config=_config(sites=("resid_pre",), verify_budget=budget))
+        grid = exact_grid(load_run(out), "denoise", "logit_diff", "resid_pre")  # [layer, pos]
+        if budget:
+            assert not np.isnan(grid).any() and (grid[:, :2] == 0).all() and (grid[:, 2:] != 0).any()
+        else:
+            assert np.isnan(grid).sum() == grid.size - 1  # the top 1

@@ -90,11 +90,19 @@ def exact_grid(run: Run, direction: str, metric: str, site: str) -> np.ndarray:
         grid = np.full(t.shape[:2], np.nan)
     else:
         grid = np.full((t.shape[0], t.shape[2]) if t.ndim > 2 else (t.shape[0], 1), np.nan)
-    for c in run.components(direction, site):
+    comps = run.components(direction, site)
+    for c in comps:
         unit = c["head"] if c["head"] is not None else c["neuron"]
         col = c["pos"] if per_pos else (unit if unit is not None else 0)
         grid[c["layer"], col] = _exact(c, metric)
+    if per_pos and comps and _verification(run, direction, site).get("no_effect"):  # exhaustive: the positions
+        grid[:, :min(c["pos"] for c in comps)] = 0.0  # before the first differing one have no effect, exactly
     return grid
+
+
+def _verification(run: Run, direction: str, site: str) -> dict:
+    """How the site was verified (report.json ``verification``; {} for runs made before it)."""
+    return ((run.report.get("verification") or {}).get(direction) or {}).get(site, {})
 
 
 def plot_positions(run, direction: str | None = None, metric: str | None = None,
@@ -137,8 +145,11 @@ def plot_positions(run, direction: str | None = None, metric: str | None = None,
             row[0].set_ylabel(f"{site}\nlayer")
             if exact is not None:
                 _heatmap(row[1], exact, vmax)
-                n_ver = int(np.isfinite(exact).sum())
-                row[1].text(1.0, 1.02, f"{n_ver}/{exact.size} verified", transform=row[1].transAxes,
+                how = _verification(run, direction, site)
+                n_ver = int(np.isfinite(exact).sum()) - how.get("no_effect", 0)
+                note = (f"all {exact.size} ({how['no_effect']} exactly 0)"  # before the prompts differ
+                        if how.get("mode") == "exhaustive" else f"{n_ver}/{exact.size} verified")
+                row[1].text(1.0, 1.02, note, transform=row[1].transAxes,
                             ha="right", va="bottom", fontsize=7, color=GREY)
             elif len(row) > 1:
                 row[1].set_axis_off()
