@@ -95,7 +95,10 @@ def site_lines(r: dict, direction: str) -> list[str]:
         flags = Counter(f for c in comps for f in c["flags"] if f in APPROX_FLAGS)
         said = ", ".join(f"{k} {v}" for k, v in flags.most_common()) or "none"
         total = len(comps) + fn["n_unverified"]
-        lines.append(f"- **{site}** ({SITE_WORDS.get(site, site)}; {len(comps)} of {total} verified): strongest "
+        none = ((r.get("verification") or {}).get(direction) or {}).get(site, {}).get("no_effect", 0)
+        count = f"all {total} that can have an effect verified, of {total + none}" if none else \
+            f"{len(comps)} of {total} verified"
+        lines.append(f"- **{site}** ({SITE_WORDS.get(site, site)}; {count}): strongest "
                      f"{_label(top, groups, r.get('tokens'))}, exact {_each([c['exact'] for c in top])} "
                      f"({share(best['exact_norm'][m])} of the gap), AtP {_each([c['approx'] for c in top])}. "
                      f"AtP vs exact: Pearson {num(a['pearson'], 2)}, recall@{a['k']} {a['recall_at_k']:.2f}; "
