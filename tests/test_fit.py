@@ -1,6 +1,8 @@
 """Fitting a run into memory: --max-memory chooses settings from the plan (planning.fit, edge_planning.fit_edges)
 and the run gives the same effects; a pass that runs out of memory is retried at half the copies, for edges too."""
 
+import re
+
 import pytest
 import torch
 
@@ -90,7 +92,10 @@ def test_cli_plan_with_edges_says_which_edge_settings_fit(capsys):
                  "--edges", "--max-memory", "5MB"])
     out = capsys.readouterr().out
     assert code == 0 and "does NOT fit" in out
-    assert "edges: --batch-size 2 --copies 2: fits" in out
+    # settings smaller than the default (batch 4, copies 8) that fit; which ones depends on a few kB of the plan
+    # (transformers 4.57 and 5.25 trace 1 and 2 prompts per chunk here)
+    chosen = re.search(r"edges: --batch-size (\d+) --copies (\d+): fits", out)
+    assert chosen and int(chosen.group(1)) < 4 and int(chosen.group(2)) < 8, out
 
 
 def test_cli_edges_with_max_memory_prints_what_it_chose(tmp_path, capsys):
