@@ -5,11 +5,12 @@ A site's components are listed in ``model.sites.components`` order; ``approx`` i
 [component] float32.
 """
 
+from dataclasses import replace
+from itertools import islice
+from typing import Callable
+
 import torch
 from torch import Tensor
-
-from dataclasses import replace
-from typing import Callable
 
 from ..config import ScreenConfig
 from ..engine.metrics import graded
@@ -71,7 +72,7 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
     direction may spend beyond the top-k and controls: sites in order, a site whose components that can have
     an effect fit in what is left is verified exhaustively (all of them in the estimator's order, no
     controls: its agreement and recall are facts); what remains then grows the others (:func:`extend`)."""
-    plan, spare = {}, config.verify_budget
+    plan = {}
     for i, site in enumerate(config.sites):
         per_pos = config.per_position(site)
         comps = None
@@ -87,8 +88,8 @@ def plan_verification(dims: Dims, n_pos: int, est_scores: dict[str, Scores], con
             base = sum(costs[j] or 0.0 for j in site_plan.indices)
             can = [j for j in magnitude_order(site_plan.approx[config.metric]) if costs[j] is not None]
             whole = sum(costs[j] for j in can)
+            spare = spare_budget(plan, config)  # what the sites before this one left
             if spare and whole - base <= spare:  # exhaustive: every component that can have an effect
-                spare -= max(whole - base, 0.0)
                 site_plan = replace(site_plan, top=can, control=[], mode="exhaustive", stopped="all verified",
                                     no_effect=len(comps) - len(can), cost=whole, extra=max(whole - base, 0.0))
             else:
@@ -131,10 +132,12 @@ def extend(plan: SitePlan, exact: Callable[[Component], float], config: ScreenCo
         return replace(plan, stopped="below threshold")
     taken = set(plan.indices)
     order = magnitude_order(plan.approx[config.metric])
-    block = [j for j in order if j not in taken and cost(plan.all[j]) is not None][:BLOCK]
+    costs = ((j, cost(plan.all[j])) for j in order if j not in taken)
+    block = list(islice(((j, c) for j, c in costs if c is not None), BLOCK))  # priced only as far as needed
     if not block:
         return replace(plan, stopped="all verified")
-    more = sum(cost(plan.all[j]) for j in block)
+    more = sum(c for _, c in block)
+    block = [j for j, _ in block]
     if more > spare:
         return replace(plan, stopped="budget")
     return replace(plan, top=plan.top + block, mode="adaptive", cost=plan.cost + more, extra=plan.extra + more)
