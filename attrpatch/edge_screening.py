@@ -32,6 +32,7 @@ from .methods.edges.graph import Edge, EdgeModel, Node
 from .methods.edges.patching import patch_edges
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
+from .model.ungroup import check_ungroupable
 from .output.checkpoint import Progress
 
 
@@ -41,6 +42,8 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
     ``progress`` (output.checkpoint.Progress) saves each completed step (a direction's scores, its exact edge
     patches, the faithfulness curve) and, on resume, skips the steps already saved."""
     spec, config = as_spec(model), with_primary_metric(config)
+    if config.mib:
+        check_ungroupable(spec.model)  # refused before the screen, not after it
     progress = progress or Progress(None)
     batch = batch.to(spec.device)
     forward_s, sanity = _baselines(spec, batch)

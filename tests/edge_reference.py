@@ -3,9 +3,12 @@ a plain hook that changes one receiver's input only. Shares nothing with attrpat
 family table (module paths) and the Edge names.
 
     sender values  embed: block 0's input; LlHh: z[..., h, :] @ W_O[h] (columns of the projection's weight,
-                   by hand per family); Ll.mlp: the MLP module's output
+                   by hand per family), post-norm families: times N(o) / o, the post-attention norm's output over
+                   its input o in the same run; Ll.mlp: the MLP module's output (post-norm: the post-feedforward
+                   norm's output, what the block adds)
     receiver B     q/k/v of head h: the projection recomputed on norm(x + delta), head h's columns written
-                   back; an MLP / the logits: their norm's input + delta
+                   back (no norm: OLMo 2); an MLP: its own input replaced by norm(x + delta), x its norm's input
+                   (Phi's norm also feeds the attention); the logits: the final norm's input + delta
 """
 
 import re
@@ -41,6 +44,11 @@ def sender_values(model, ids, batch):
                 cols = slice(h * d.d_head, (h + 1) * d.d_head)
                 found[f"L{layer}H{h}"] = z[..., cols] @ w[:, cols].T
         handles.append(o_proj.register_forward_pre_hook(grab_z))
+        if spec.arch.post_norm:  # the head's part of o through the post-attention norm at this run's scale
+            def rescale(m, args, out, layer=layer):
+                for h in range(d.n_heads):
+                    found[f"L{layer}H{h}"] = found[f"L{layer}H{h}"] * (out / args[0])
+            handles.append(spec.module(spec.arch.attn_out, layer).register_forward_hook(rescale))
         handles.append(spec.module(spec.arch.mlp_out, layer).register_forward_hook(
             lambda m, args, out, layer=layer: found.__setitem__(f"L{layer}.mlp", out.clone())))
     try:
@@ -57,6 +65,8 @@ def _qkv_columns(spec, site, head):
     d = spec.dims
     if spec.arch.qkv_layout == "gpt2":
         start = "qkv".index(site) * d.n_heads * d.d_head + head * d.d_head
+    elif spec.arch.qkv_layout == "neox":  # per head [q | k | v]
+        start = head * 3 * d.d_head + "qkv".index(site) * d.d_head
     elif spec.arch.qkv_layout == "phi3":
         start = {"q": 0, "k": d.n_heads * d.d_head, "v": (d.n_heads + d.n_kv_heads) * d.d_head}[site] + head * d.d_head
     else:
@@ -73,35 +83,43 @@ def receiver_hooks(model, receiver: str, delta):
         return [norm.register_forward_pre_hook(lambda m, args: (args[0] + delta,))]
     layer, kind = re.match(r"L(\d+)(?:H\d+)?\.?(\w+)$", receiver).groups()
     layer = int(layer)
-    if kind == "mlp":
-        norm = spec.module(spec.arch.mlp_norm, layer)
-        return [norm.register_forward_pre_hook(lambda m, args: (args[0] + delta,))]
-    head = int(re.match(r"L\d+H(\d+)", receiver).group(1))
-    norm = spec.module(spec.arch.attn_norm, layer)
-    proj = spec.module(getattr(spec.arch, kind) or spec.arch.q, layer)
     seen = {}
 
     def keep(m, args):
         seen["x"] = args[0]
+    reader = _reader(spec, receiver)  # the module whose input is input_B
+    path = spec.arch.mlp_norm if kind == "mlp" else spec.arch.attn_norm
+    norm = spec.module(path, layer) if path is not None else torch.nn.Identity()
+    if kind == "mlp":
+        mlp = spec.module(spec.arch.neuron.rpartition(".")[0], layer)
+        return [reader.register_forward_pre_hook(keep),
+                mlp.register_forward_pre_hook(lambda m, args: (norm.forward(seen["x"] + delta),))]
+    head = int(re.match(r"L\d+H(\d+)", receiver).group(1))
+    proj = spec.module(getattr(spec.arch, kind) or spec.arch.q, layer)
 
     def replace(m, args, out):
         cols = _qkv_columns(spec, kind, head)
         out = out.clone()
         out[..., cols] = proj.forward(norm.forward(seen["x"] + delta))[..., cols]
         return out
-    return [norm.register_forward_pre_hook(keep), proj.register_forward_hook(replace)]
+    return [reader.register_forward_pre_hook(keep), proj.register_forward_hook(replace)]
 
 
-def _norm_of(spec, receiver):
+def _reader(spec, receiver):
+    """The module whose input is input_B: the receiver's norm, or without one (OLMo 2) the projection or the
+    MLP itself."""
     if receiver == "logits":
         return spec.final_modules()[0]
     layer, kind = re.match(r"L(\d+)(?:H\d+)?\.?(\w+)$", receiver).groups()
-    return spec.module(spec.arch.mlp_norm if kind == "mlp" else spec.arch.attn_norm, int(layer))
+    path = spec.arch.mlp_norm if kind == "mlp" else spec.arch.attn_norm
+    if path is None:
+        path = spec.arch.neuron.rpartition(".")[0] if kind == "mlp" else getattr(spec.arch, kind) or spec.arch.q
+    return spec.module(path, int(layer))
 
 
 def input_delta(model, batch, receiver, direction="denoise"):
     """input_B(source) - input_B(receiver): the change of B's whole input (its norm's input) [batch, pos, d_model]."""
-    norm = _norm_of(model_spec(model), receiver)
+    norm = _reader(model_spec(model), receiver)
     values = []
     for ids in _runs(batch, direction):
         found = {}

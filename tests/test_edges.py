@@ -119,8 +119,8 @@ def test_edges_that_do_not_exist_score_zero_and_are_refused():
 
 
 def test_families_without_edge_support_are_refused_naming_the_supported_ones():
-    model, batch = tiny_model("gpt_neox"), ap.make_batch(random_pairs(2))
-    with pytest.raises(UnsupportedModel, match=r"edges are not supported for 'gpt_neox'.*supported: gpt2, llama"):
+    model, batch = tiny_model("opt"), ap.make_batch(random_pairs(2))
+    with pytest.raises(UnsupportedModel, match=r"edges are not supported for 'opt'.*supported: gpt2, gpt_neox, llama"):
         attribute_edges(model, batch)
 
 

@@ -37,11 +37,16 @@ class Arch:
     v: str | None = None
     qkv_layout: Literal["separate", "gpt2", "neox", "phi3"] = "separate"
     unembed: str = "lm_head"
-    # the norms whose inputs are the edge receivers' inputs (methods/edges/eap.py); None: no edges for the family
+    # the norms whose inputs are the edge receivers' inputs (methods/edges/graph.py); None: the receiver reads
+    # the residual stream as it is (no pre-norm: OLMo 2), or, with edges=False, no edges for the family
     attn_norm: str | None = None  # read by q, k, v (block-relative)
-    mlp_norm: str | None = None  # read by the MLP, after the attention's write (sequential blocks)
+    mlp_norm: str | None = None  # read by the MLP: after the attention's write, or beside it when parallel
     gated: bool = False  # the ``neuron`` module's input is a product act(gate) * up (RelP's half rule)
     notes: str = ""
+    edges: bool = False  # edges are defined for the family (methods/edges/graph.py: EdgeModel)
+    post_norm: bool = False  # attn_out / mlp_out are norms of the attention / MLP outputs (Gemma 2, OLMo 2)
+    parallel: bool = False  # attention and MLP read the same residual stream, their writes added together
+    parallel_flag: str | None = None  # a config attribute that says ``parallel`` per model (GPT-NeoX)
 
     def __post_init__(self):
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -54,23 +59,25 @@ _LLAMA_LIKE = Arch(
     layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
     attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True,
+    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True, edges=True,
 )
 # Post-norm blocks (Gemma 2 and 3, OLMo 2): each sublayer's output is normalised before the residual add.
-# No edges for them yet (attn_norm=None): a sender's write is normalised before the add (methods/edges/graph.py).
+# Gemma reads through pre-norms too (input_layernorm, pre_feedforward_layernorm); OLMo 2 reads the residual as is.
 _POST_NORM = replace(_LLAMA_LIKE, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-                     attn_norm=None, mlp_norm=None)
+                     mlp_norm="pre_feedforward_layernorm", post_norm=True)
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
         layers="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
         attn_out="attn", mlp_out="mlp", head="attn.c_proj", neuron="mlp.c_proj",
-        q="attn.c_attn", qkv_layout="gpt2", attn_norm="ln_1", mlp_norm="ln_2",
+        q="attn.c_attn", qkv_layout="gpt2", attn_norm="ln_1", mlp_norm="ln_2", edges=True,
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers", embed="gpt_neox.embed_in", final=("gpt_neox.final_layer_norm",),
         attn_out="attention", mlp_out="mlp", head="attention.dense", neuron="mlp.dense_4h_to_h",
         q="attention.query_key_value", qkv_layout="neox",
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", edges=True,
+        parallel=True, parallel_flag="use_parallel_residual",
     ),
     "llama": replace(_LLAMA_LIKE, notes=(
         "Llama 1-3.x: Llama 3.x is model_type llama with rope_scaling {'rope_type': 'llama3'}, which only "
@@ -88,7 +95,7 @@ ARCHS: dict[str, Arch] = {
         "are the pre-norm projection outputs); layer_types alternate sliding_attention and full_attention, "
         "each kind with its own rope base (10k local, 1M global); one KV head (MQA) in the 1B size; "
         "embed_tokens multiplies by sqrt(d_model) inside the module, so embed is the scaled embedding")),
-    "olmo2": replace(_POST_NORM, notes=(
+    "olmo2": replace(_POST_NORM, attn_norm=None, mlp_norm=None, notes=(
         "no pre-norms: attention and MLP read the residual stream, their outputs are normalised before "
         "the add (attn_out/mlp_out = post_attention_layernorm/post_feedforward_layernorm outputs); "
         "q_norm/k_norm are ONE RMSNorm over all heads' q_proj/k_proj output (n_heads*d_head), so patching "
@@ -98,12 +105,13 @@ ARCHS: dict[str, Arch] = {
         layers="model.layers", embed="model.embed_tokens", final=("model.final_layernorm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.dense", neuron="mlp.fc2",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        attn_norm="input_layernorm", mlp_norm="input_layernorm", edges=True, parallel=True,
     ),
     "phi3": Arch(
         layers="model.layers", embed="model.embed_tokens", final=("model.norm",),
         attn_out="self_attn", mlp_out="mlp", head="self_attn.o_proj", neuron="mlp.down_proj",
         q="self_attn.qkv_proj", qkv_layout="phi3",
-        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True,
+        attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", gated=True, edges=True,
     ),
     "opt": Arch(
         layers="model.decoder.layers", embed="model.decoder.embed_tokens",
@@ -117,7 +125,7 @@ ARCHS: dict[str, Arch] = {
 ARCH_JSON_EXAMPLE = """{"layers": "model.layers", "embed": "model.embed_tokens", "final": ["model.norm"],
  "attn_out": "self_attn", "mlp_out": "mlp", "head": "self_attn.o_proj", "neuron": "mlp.down_proj",
  "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
- "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "gated": true}"""
+ "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "gated": true, "edges": true}"""
 
 _HOW_TO_ADD = f"""To run it, say where its modules are:
   - it is named like a known family (a fine-tune or renamed copy): --arch KNOWN_FAMILY (e.g. --arch llama),

@@ -24,22 +24,36 @@ from torch import nn
 
 from .archs import UnsupportedModel
 
-SEPARATE = ("llama", "mistral", "qwen2", "qwen3")  # k_proj and v_proj modules
+SEPARATE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")  # k_proj and v_proj modules (Qwen3
+# and Gemma 3 normalise keys per head, so a repeated head keeps its norm; OLMo 2 normalises all heads together)
 FUSED = ("phi3",)  # one qkv_proj: [q (H d_head) | k (KV d_head) | v (KV d_head)] rows
+
+
+WHY_NOT = {"olmo2": "its k_norm normalises all key-value heads' keys together (one RMSNorm over n_kv * d_head), "
+                    "so a copy with one key head per query head would not compute the same function"}
+
+
+def check_ungroupable(model: nn.Module) -> tuple[int, int]:
+    """(query heads, key-value heads) of ``model``; an UnsupportedModel, before any work, when it is
+    grouped and cannot be ungrouped (MIB's graph needs one k and v receiver per query head)."""
+    config = model.config
+    n_heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    if n_kv != n_heads and config.model_type not in SEPARATE + FUSED:
+        why = WHY_NOT.get(config.model_type, "not implemented")
+        raise UnsupportedModel(f"ungrouping grouped-query attention (MIB's graph, --mib) for {config.model_type!r} "
+                               f"({n_heads} query heads, {n_kv} key-value heads): {why}; implemented: "
+                               f"{', '.join(SEPARATE + FUSED)}")
+    return n_heads, n_kv
 
 
 def ungrouped(model: nn.Module) -> nn.Module:
     """``model`` itself when it has one key-value head per query head; else a copy (sharing all but the k/v
     weights) with ``num_key_value_heads`` = ``num_attention_heads`` and the k/v projections repeated per head."""
     config = model.config
-    n_heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    n_heads, n_kv = check_ungroupable(model)
     if n_kv == n_heads:
         return model
-    if config.model_type not in SEPARATE + FUSED:
-        raise UnsupportedModel(f"ungrouping grouped-query attention is not implemented for {config.model_type!r} "
-                               f"({n_heads} query heads, {n_kv} key-value heads); implemented: "
-                               f"{', '.join(SEPARATE + FUSED)}")
     group = n_heads // n_kv
     memo = {id(p): p for p in model.parameters()}  # shared: every weight but the ones replaced below
     copied = copy.deepcopy(model, memo)

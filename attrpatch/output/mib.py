@@ -73,7 +73,7 @@ def mib_graph(graph, scores: Tensor, d_model: int, in_graph: Tensor | None = Non
     sends = in_graph.any(1).tolist()
     nodes = {mib_name(s): {"in_graph": bool(sends[i])} for i, s in enumerate(graph.senders)}
     nodes["logits"] = {"in_graph": True}
-    cfg = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": False, "d_model": d_model}
+    cfg = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": graph.parallel, "d_model": d_model}
     return {"cfg": cfg, "nodes": nodes, "edges": edges, **({"attrpatch": meta} if meta else {})}
 
 

@@ -28,10 +28,10 @@ from ...engine.partial import run_blocks
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction
 from ...model.sites import ModelSpec, as_spec
-from .eap import head_writes
 from .graph import EdgeModel
 from .patching import EdgeEffects, _at_last, _Pass, _Writer
 from .sources import ablation_means, check_edge_ablation
+from .writes import head_deltas
 
 
 def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tensor, *,
@@ -91,6 +91,7 @@ class _SharedWriter(_Writer):
                  start: int):
         super().__init__(em, source, receiver, {}, n, batch)
         self.masks, self.start, self.ready = masks, start, {}
+        self.pending: dict[int, Tensor] = {}  # post-norm: a layer's z until its o arrives
         d = em.spec.dims
         like = source[("embed",)]
         self.w = torch.zeros(n, len(em.graph.senders), batch.n, batch.n_pos, d.d_model, dtype=like.dtype,
@@ -104,11 +105,16 @@ class _SharedWriter(_Writer):
         graph, source = self.em.graph, self.source[key][None]
         if now.shape[2] == 1 and source.shape[2] > 1:  # the final MLP, computed at the last position only
             source = _at_last(source, self.batch.last)
-        diff = source - now
-        if key[0] == "z":  # [copy, batch, pos, head, d_head] -> [copy, head, batch, pos, d_model]
+        if key[0] == "z" and self.em.post_norm:  # the heads' writes need o, which comes next (writes.py)
+            self.pending[key[1]] = now
+            return
+        if key[0] in ("z", "o"):  # [copy, batch, pos, head, d_head] -> [copy, head, batch, pos, d_model]
+            now = {("z", key[1]): self.pending.pop(key[1]), key: now} if key[0] == "o" else {key: now}
             at = graph.sender_index[f"L{key[1]}H0"]
-            value, cols = head_writes(self.em, key[1], diff).movedim(0, 1), slice(at, at + graph.n_heads)
+            value = head_deltas(self.em, key[1], {k: self.source[k][None] for k in now}, now).movedim(0, 1)
+            cols = slice(at, at + graph.n_heads)
         else:
+            diff = source - now
             at = 0 if key[0] == "embed" else graph.sender_index[f"L{key[1]}.mlp"]
             value, cols = diff[:, None], slice(at, at + 1)
         if value.shape[3] == self.batch.n_pos:

@@ -4,11 +4,13 @@ Definitions (docs/methods.md#edges; names in graph.py):
     sender A     writes into the residual stream: ``embed`` (block 0's input: token embeddings, plus GPT-2's
                  position embeddings), head ``LlHh`` (z_h @ W_O[h]: its slice of the output projection's
                  input times that slice of the projection; the bias belongs to no head), ``Ll.mlp`` (the MLP
-                 module's output)
+                 module's output). Post-norm families (Gemma 2 and 3, OLMo 2): what the block adds, after the
+                 output norm, a head's part at its run's norm scale (writes.py has the definitions)
     receiver B   reads it: ``LlHh.q`` per query head, ``LlHk.k`` and ``LlHk.v`` per key-value head (no
                  ungrouping), ``Ll.mlp``, ``logits``. input_B is the residual stream B reads, BEFORE its norm:
                  the input of the attention norm (q, k, v), the MLP norm (resid_mid) or the final norm
     edge A -> B  A is computed before B reads: A in an earlier layer, or a head of B's layer into B = Ll.mlp
+                 (sequential blocks only: a parallel block's MLP reads beside its attention, graph.py)
     a_A(run)     A's write [batch, pos, d_model];   delta_A = a_A(source) - a_A(receiver)
     exact(A->B)  metric of the receiving run in which B is computed from input_B + a_A(source) - a_A(run),
                  a_A(run) being A's value in that same run; everything else (B's changed output included)
@@ -50,6 +52,7 @@ from ..estimators.ig import alphas, along
 from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
 from .sources import ablated_source, ablation_means, check_edge_ablation
+from .writes import head_deltas
 
 EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim", "relp_t4")  # EAP, EAP-IG, EAP under GIM's rules (RelP's; T = 4)
 _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modifying's options
@@ -78,13 +81,6 @@ class EdgeScores:
         return self.graph.flat(self.values[metric_name])
 
 
-def head_writes(em: EdgeModel, layer: int, z: Tensor) -> Tensor:
-    """Each head's write into the residual stream: z [.., head, d_head] -> [head, .., d_model]."""
-    d = em.spec.dims
-    w_o = em.out_matrix(layer).view(d.n_heads, d.d_head, d.d_model).to(z.dtype)  # [head, d_head, d_model]
-    return torch.einsum("...he,hed->h...d", z, w_o)
-
-
 def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: torch.dtype) -> Tensor:
     """delta_A = a_A(source) - a_A(receiver) of every sender A, pads zeroed: [sender, batch, pos, d_model].
 
@@ -96,7 +92,7 @@ def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: tor
     out[0] = embed
     for layer in range(d.n_layers):
         at = 1 + layer * (d.n_heads + 1)
-        out[at:at + d.n_heads] = head_writes(em, layer, source[("z", layer)] - receiver[("z", layer)])
+        out[at:at + d.n_heads] = head_deltas(em, layer, source, receiver)
         out[at + d.n_heads] = source[("mlp", layer)] - receiver[("mlp", layer)]
     return out.mul_(mask[None, :, :, None].to(dtype))  # pads zeroed
 
@@ -139,8 +135,8 @@ class _Scorer(Receiving):
         self.values[self.metric][:n, j0:j0 + grad.shape[0]] += prod * self.weight
 
     def grad_hooks(self) -> list:
-        """Per layer: q/k/v projection outputs and the MLP norm's output; the final norm's output; and the
-        norm inputs they pull back through."""
+        """Per layer: q/k/v projection outputs and the MLP's input (EdgeModel.mlp_point); the final norm's
+        output; and the norm inputs they pull back through."""
         em, graph, hooks = self.em, self.em.graph, []
         for layer in range(em.spec.dims.n_layers):
             for kind in ("q", "mlp"):
@@ -149,7 +145,7 @@ class _Scorer(Receiving):
                 j0 = graph.receiver_index[f"L{layer}H0.{site}"]
                 hooks.append((em.spec.hook_point(site, layer), self._qkv_grad(site, layer, j0)))
             j = graph.receiver_index[f"L{layer}.mlp"]
-            hooks.append((em.norm_point("mlp", layer, "output"), self._norm_grad(("mlp", layer), j)))
+            hooks.append((em.mlp_point(layer), self._norm_grad(("mlp", layer), j, own=True)))
         hooks.append((em.norm_point("logits", 0), self._keep_input(("logits", 0))))
         hooks.append((em.norm_point("logits", 0, "output"), self._norm_grad(("logits", 0), len(graph.receivers) - 1)))
         return hooks
@@ -175,11 +171,16 @@ class _Scorer(Receiving):
             raw.register_hook(on_grad)
         return callback
 
-    def _norm_grad(self, key, j: int):
+    def _norm_grad(self, key, j: int, own: bool = False):
+        """The gradient at the norm's output, pulled back to its input. ``own``: taken on a view of the tensor,
+        which the hooked module alone reads (Phi's MLP shares its norm's output with the attention; OLMo 2's
+        reads the residual stream itself)."""
         norm = self.em.norm(key[0], key[1])
 
         def callback(raw):
-            raw.register_hook(lambda grad: self.add(j, norm_vjp(norm, self.norm_in[key], grad[None], self.frozen_scale)))
+            mine = raw.view_as(raw) if own else raw
+            mine.register_hook(lambda grad: self.add(j, norm_vjp(norm, self.norm_in[key], grad[None], self.frozen_scale)))
+            return mine if own else None
         return callback
 
     def backward(self, embed=None, receiver: dict | None = None, source: dict | None = None) -> None:

@@ -5,7 +5,13 @@
     receivers  per layer l: LlHh.q (h < H), LlHk.k, LlHk.v (k < n_kv), Ll.mlp; then logits
                                                                                     R = L * (H + 2 KV + 1) + 1
 Both lists are in the order the forward pass computes them, so the senders an edge into receiver r can
-come from are a prefix of the sender list (``n_before``).
+come from are a prefix of the sender list (``n_before``). In a parallel block (GPT-NeoX, Phi-1/2: attention
+and MLP read the same residual stream and their writes are added together) the MLP reads before its layer's
+heads write: no edge LlHh -> Ll.mlp, as MIB's ``parallel_attn_mlp`` graph.
+
+Families (Arch.edges): pre-norm sequential (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3), parallel (GPT-NeoX,
+Phi-1/2) and post-norm (Gemma 2, Gemma 3, OLMo 2: each write is normalised before the residual add; the
+senders' writes are then writes.py's). OPT is refused (its MLP sees flattened rows; OPT-350m is post-LN).
 """
 
 from dataclasses import dataclass
@@ -13,11 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ...model.archs import UnsupportedModel
+from ...model.archs import ARCHS, UnsupportedModel
 from ...model.hf_compat import offloaded
 from ...model.sites import HookPoint, ModelSpec, _plain
 
-EDGE_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")  # pre-norm, sequential blocks, linear head writes
+EDGE_FAMILIES = tuple(name for name, arch in ARCHS.items() if arch.edges)  # the built-in rows; Arch.edges says
 QKV = ("q", "k", "v")
 
 
@@ -59,10 +65,11 @@ class Node:
 
 class Graph:
     """Senders and receivers of a model with ``n_layers``, ``n_heads`` query heads and ``n_kv`` key-value
-    heads; ``exists`` [sender, receiver] marks the edges (sender computed before the receiver reads)."""
+    heads; ``exists`` [sender, receiver] marks the edges (sender computed before the receiver reads);
+    ``parallel``: each MLP reads beside its layer's attention, not after it."""
 
-    def __init__(self, n_layers: int, n_heads: int, n_kv: int):
-        self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
+    def __init__(self, n_layers: int, n_heads: int, n_kv: int, parallel: bool = False):
+        self.n_layers, self.n_heads, self.n_kv, self.parallel = n_layers, n_heads, n_kv, parallel
         self.senders = [Node("embed", -1)] + [
             node for layer in range(n_layers)
             for node in [*(Node("head", layer, h) for h in range(n_heads)), Node("mlp", layer)]]
@@ -79,7 +86,8 @@ class Graph:
             self.exists[:n, j] = True
 
     def _n_before(self, r: Node) -> int:
-        order = (r.layer, 2) if r.kind == "mlp" else r.order  # an MLP reads after its layer's heads write
+        order = (r.layer, 2 if not self.parallel else 0) if r.kind == "mlp" else r.order  # sequential: an MLP
+        # reads after its layer's heads write; parallel: with them
         return sum(1 for s in self.senders if s.order < order)
 
     @property
@@ -100,8 +108,9 @@ class Graph:
                            f"L<l>H<k>.v (k < {self.n_kv}), L<l>.mlp, logits (layers 0..{self.n_layers - 1})")
         i, j = self.sender_index[edge.sender], self.receiver_index[edge.receiver]
         if not self.exists[i, j]:
+            into_mlp = "" if self.parallel else " (or, into L<l>.mlp, from layer l's heads)"
             raise ValueError(f"no edge {edge}: {edge.sender} is computed after {edge.receiver} reads the residual "
-                             "stream; a sender must come from an earlier layer (or, into L<l>.mlp, from layer l's heads)")
+                             f"stream; a sender must come from an earlier layer{into_mlp}")
         return i, j
 
     def flat(self, table: Tensor) -> Tensor:
@@ -110,13 +119,27 @@ class Graph:
 
 
 def check_edge_family(spec: ModelSpec) -> None:
+    """Refuse a model whose family has no edge definition (Arch.edges), naming the supported families; and a
+    post-norm model whose attention output projection has a bias (it belongs to no head and is rescaled by
+    the norm differently in each run, so the heads' writes would not add up to the attention's)."""
     model_type = spec.model.config.model_type
-    if model_type not in EDGE_FAMILIES or spec.arch.attn_norm is None or spec.arch.mlp_norm is None:
+    if not spec.arch.edges:
+        why = ("its MLP (fc1/fc2, no MLP module) sees flattened [batch * pos, d] rows and OPT-350m normalises the "
+               "residual stream after each add") if model_type == "opt" else "its Arch row does not set edges=True"
         raise UnsupportedModel(
             f"edges are not supported for {model_type!r} ({spec.name}); supported: {', '.join(EDGE_FAMILIES)}. "
-            "They need pre-norm sequential blocks whose head writes are linear in z (parallel blocks such as "
-            "GPT-NeoX and Phi share one norm between attention and MLP; Gemma 2 normalises after each write). "
-            "Use node patching (attrpatch screen) for this model.")
+            f"Here {why}. Use node patching (attrpatch screen) for this model.")
+    if spec.arch.post_norm and spec.module(spec.arch.head, 0).bias is not None:
+        raise UnsupportedModel(
+            f"edges are not supported for this {model_type!r} model ({spec.name}): its attention output projection "
+            f"({spec.arch.head}) has a bias, which the post-attention norm rescales in each run, so the heads' "
+            "writes do not add up to the attention's write. Use node patching (attrpatch screen) for this model.")
+
+
+def is_parallel(spec: ModelSpec) -> bool:
+    """Attention and MLP read the same residual stream (Arch.parallel, or the model's config flag)."""
+    flag = spec.arch.parallel_flag
+    return bool(getattr(spec.model.config, flag, spec.arch.parallel)) if flag else spec.arch.parallel
 
 
 class EdgeModel:
@@ -130,7 +153,8 @@ class EdgeModel:
                              "without \"cpu\"/\"disk\" entries in --device-map (spread over GPUs with --device-map "
                              "auto and enough memory) or use --max-memory to fit one device")
         self.spec, d = spec, spec.dims
-        self.graph = Graph(d.n_layers, d.n_heads, d.n_kv_heads)
+        self.post_norm = spec.arch.post_norm
+        self.graph = Graph(d.n_layers, d.n_heads, d.n_kv_heads, parallel=is_parallel(spec))
         self.embed = spec.hook_point("resid_pre", 0)  # block 0's input: token (+ position) embeddings
 
     def z(self, layer: int) -> HookPoint:
@@ -141,14 +165,26 @@ class EdgeModel:
         return self.spec.hook_point("mlp_out", layer)
 
     def norm(self, kind: str, layer: int) -> nn.Module:
-        """The norm whose input is the receiver's input: attention (q, k, v), MLP, or the final norm."""
+        """The norm whose input is the receiver's input: attention (q, k, v), MLP, or the final norm; an
+        identity where the receiver reads the residual stream as it is (OLMo 2)."""
         if kind == "logits":
             return self.spec.final_modules()[0]
         path = self.spec.arch.mlp_norm if kind == "mlp" else self.spec.arch.attn_norm
-        return self.spec.module(path, layer)
+        return self.spec.module(path, layer) if path is not None else nn.Identity()
 
     def norm_point(self, kind: str, layer: int, io: str = "input") -> HookPoint:
-        return HookPoint(self.norm(kind, layer), io, _plain)
+        """input_B's hook point: the norm's input (io="input"), or its output; without a norm, the input of
+        the module that reads the residual stream (the q projection, the MLP)."""
+        path = self.spec.arch.mlp_norm if kind == "mlp" else self.spec.arch.attn_norm
+        if kind == "logits" or path is not None:
+            return HookPoint(self.norm(kind, layer), io, _plain)
+        return self.mlp_point(layer) if kind == "mlp" else HookPoint(self.spec.module(self.spec.arch.q, layer),
+                                                                     "input", _plain)
+
+    def mlp_point(self, layer: int) -> HookPoint:
+        """The MLP module's input, norm(input_B) [batch, pos, d_model]: where an MLP receiver is written and
+        its gradient read, so that a norm shared with the attention (Phi) is left alone."""
+        return HookPoint(self.spec.module(self.spec.arch.neuron.rpartition(".")[0], layer), "input", _plain)
 
     def out_matrix(self, layer: int) -> Tensor:
         """W_O [head * d_head, d_model]: a head's write is z_h @ W_O[h rows] (the projection's bias belongs to
@@ -167,11 +203,19 @@ class EdgeModel:
                                                                  device=weight.device)
         return w, point.read(bias[None, None], 1, 1)[0, 0]  # [unit, d_head]
 
+    def post(self, layer: int) -> HookPoint:
+        """Post-norm families: the attention's write before its norm, o = sum_h z_h W_O[h] [batch, pos,
+        d_model] (the post-attention norm's input), which sets the norm's scale (writes.py)."""
+        return HookPoint(self.spec.module(self.spec.arch.attn_out, layer), "input", _plain)
+
     def sender_points(self, start: int = 0) -> dict:
         """{key: hook point} of the sender activations from block ``start`` on: ("embed",) when start is 0,
-        ("z", l) and ("mlp", l) per layer."""
+        ("z", l), for post-norm families ("o", l) (after ("z", l), as the model computes them), and ("mlp", l)
+        per layer."""
         points = {("embed",): self.embed} if start <= 0 else {}
         for layer in range(max(start, 0), self.spec.dims.n_layers):
             points[("z", layer)] = self.z(layer)
+            if self.post_norm:
+                points[("o", layer)] = self.post(layer)
             points[("mlp", layer)] = self.mlp(layer)
         return points

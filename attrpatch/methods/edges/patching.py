@@ -9,8 +9,9 @@ receiving run's (nothing before B changes); for a joint set it follows the other
 edge (an empty circuit) turns the receiving run into the source run exactly.
 
 How B is computed from a changed input: q, k, v of one head are that head's columns of the projection,
-applied to norm(input_B + delta) and written over the head's slice of the projection's output; an MLP and
-the logits read input_B + delta through their norm's input. Batched and resumed like node patching
+applied to norm(input_B + delta) and written over the head's slice of the projection's output; an MLP reads
+norm(input_B + delta) at its own input (a norm shared with the attention keeps its output there); the logits
+read input_B + delta through the final norm's input. Batched and resumed like node patching
 (patching/exact.py): one edge set per copy of the prompt batch, each pass starting at the block of its earliest
 receiver from the receiver's recorded block input. ``resume=False, copies=1`` is one full forward per set.
 A pass that runs out of memory is retried as two of half its copies, as in node patching.
@@ -33,6 +34,7 @@ from ..halving import halve
 from ..patching.passes import DEFAULT_ROWS
 from .graph import Edge, EdgeModel, Node
 from .sources import ablated_source, ablation_means, check_edge_ablation
+from .writes import weighted_delta
 
 EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
 
@@ -196,16 +198,17 @@ class _Writer:
             weights = m[:, cols]  # [copy, unit]
             if not bool(weights.any()):
                 continue
-            source, now = self.source[key][None], self.current(key, copies)
+            keys = [key, ("o", key[1])] if key[0] == "z" and self.em.post_norm else [key]
+            source = {k: self.source[k][None] for k in keys}
+            now = {k: self.current(k, copies) for k in keys}
             if last:
-                source, now = _at_last(source, self.batch.last), _at_last(now, self.batch.last)
-            diff = source - now
-            weights = weights.to(diff.device, diff.dtype)
+                source = {k: _at_last(v, self.batch.last) for k, v in source.items()}
+                now = {k: _at_last(v, self.batch.last) for k, v in now.items()}
+            weights = weights.to(now[key].device, now[key].dtype)
             if key[0] == "z":  # [copy, batch, pos, head, d_head] -> the masked heads' write
-                w_o = self.em.out_matrix(key[1]).to(diff.dtype)
-                part = (diff * weights[:, None, None, :, None]).flatten(-2) @ w_o
+                part = weighted_delta(self.em, key[1], source, now, weights)
             else:
-                part = diff * weights[:, :, None, None]  # [copy, 1, 1, 1]
+                part = (source[key] - now[key]) * weights[:, :, None, None]  # [copy, 1, 1, 1]
             total = total + part
         return total
 
@@ -218,29 +221,37 @@ class _Writer:
         by_layer: dict = {}
         for j, mask in masks.items():
             r = graph.receivers[j]
-            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "qkv", r.layer), []).append((j, mask))
+            by_layer.setdefault((r.kind if r.kind in ("mlp", "logits") else "q", r.layer), []).append((j, mask))
         for (kind, layer), entries in by_layer.items():
-            if kind == "qkv":
-                hooks.append((self.em.norm_point("q", layer), lambda raw, key=layer: norm_in.__setitem__(key, raw)))
-                for j, mask in entries:
-                    hooks.append((self.em.spec.hook_point(graph.receivers[j].kind, layer),
-                                  self._head_input(j, mask, norm_in)))
-            else:
-                hooks.append((self.em.norm_point(kind, layer), self._norm_input(*entries[0], kind == "logits")))
+            if kind == "logits":
+                hooks.append((self.em.norm_point(kind, layer), self._norm_input(*entries[0], True)))
+                continue
+            hooks.append((self.em.norm_point(kind, layer), lambda raw, key=(kind, layer): norm_in.__setitem__(key, raw)))
+            if kind == "mlp":
+                hooks.append((self.em.mlp_point(layer), self._mlp_input(*entries[0], norm_in)))
+                continue
+            for j, mask in entries:
+                hooks.append((self.em.spec.hook_point(graph.receivers[j].kind, layer), self._head_input(j, mask, norm_in)))
         return hooks
+
+    def _patched_input(self, j: int, mask: Tensor, norm_in: dict, copies: Tensor) -> Tensor:
+        """norm(input_B + delta) of receiver j's layer and kind, in ``copies``: [copy, batch, pos, d_model]."""
+        r = self.em.graph.receivers[j]
+        kind = "mlp" if r.kind == "mlp" else "q"
+        x = norm_in[(kind, r.layer)]
+        x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
+        return self.em.norm(kind, r.layer).forward(x + self.receiver_delta(j, mask, copies).to(x.dtype))
 
     def _head_input(self, j: int, mask: Tensor, norm_in: dict):
         """q, k or v of head r.unit recomputed from norm(input + delta) in the copies that patch it."""
         r = self.em.graph.receivers[j]
         point = self.em.spec.hook_point(r.kind, r.layer)
         w, bias = self.em.in_slices(r.kind, r.layer)
-        norm = self.em.norm("q", r.layer)
         copies = mask.any(1).nonzero().flatten()
 
         def callback(raw):
-            x = norm_in[r.layer]
-            x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
-            head = norm.forward(x + self.receiver_delta(j, mask, copies).to(x.dtype)) @ w[:, r.unit].to(x.dtype) + bias[r.unit]
+            normed = self._patched_input(j, mask, norm_in, copies)
+            head = normed @ w[:, r.unit].to(normed.dtype) + bias[r.unit]
             new = raw.clone()
             rows, n_pos = batch_pos(new, self.batch.n_pos)
             view = point.read(new, rows, n_pos).unflatten(0, (self.n, rows // self.n))  # [copy, batch, pos, unit, d_head]
@@ -248,18 +259,28 @@ class _Writer:
             return new
         return callback
 
-    def _norm_input(self, j: int, mask: Tensor, last: bool):
-        """The MLP's or the final norm's input plus delta in the copies that patch it (at the last real
-        position for the logits; the final norm sees [rows, d_model] in a resumed pass)."""
+    def _mlp_input(self, j: int, mask: Tensor, norm_in: dict):
+        """The MLP's input, norm(input_B + delta), in the copies that patch it (EdgeModel.mlp_point: a norm
+        shared with the attention, as Phi's, keeps its output for the attention)."""
         copies = mask.any(1).nonzero().flatten()
 
         def callback(raw):
-            delta = self.receiver_delta(j, mask, copies, last)  # [copy, batch, pos | 1, d_model]
+            new = raw.clone()
+            view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, pos, d_model]
+            view[copies] = self._patched_input(j, mask, norm_in, copies).to(new.dtype)
+            return new
+        return callback
+
+    def _norm_input(self, j: int, mask: Tensor, last: bool):
+        """The final norm's input plus delta at the last real position, in the copies that patch it (the final
+        norm sees [rows, d_model] in a resumed pass)."""
+        copies = mask.any(1).nonzero().flatten()
+
+        def callback(raw):
+            delta = self.receiver_delta(j, mask, copies, last)  # [copy, batch, 1, d_model]
             new = raw.clone()
             view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, (pos), d_model]
-            if not last:
-                view[copies] += delta.to(new.dtype)
-            elif new.ndim == 2:  # resumed: the final norm runs on the last positions only
+            if new.ndim == 2:  # resumed: the final norm runs on the last positions only
                 view[copies] += delta[:, :, 0].to(new.dtype)
                 return new
             else:

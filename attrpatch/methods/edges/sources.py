@@ -12,7 +12,8 @@ Direction: noising only, as for nodes: the receiving run is the clean run, and
 
 so every identity of the corrupt-run edges holds with the ablation as the source (all edges out of A jointly
 = the node ablation of A; every edge patched = the clean run with every sender ablated). A head's write is
-linear in z, so ablating z (zero or mean) ablates the write the same way. Resample ablation is not offered
+linear in z, so ablating z (zero or mean) ablates the write the same way. Post-norm families (writes.py):
+zero ablation only (z = 0 makes every head's write 0 at any norm scale); mean is refused. Resample ablation is not offered
 for edges. Cost: mean takes one clean forward of every prompt before the screen.
 """
 
@@ -52,6 +53,11 @@ def ablation_means(spec: ModelSpec, batch: PromptBatch, ablation: str | None,
     prompts (computed once, before chunking); None otherwise."""
     if ablation != "mean":
         return None
+    if spec.arch.post_norm:
+        raise ValueError(f"--ablation mean is not offered for edges of post-norm models ({spec.name}): a head's "
+                         "write is its part of the attention output at the run's own norm scale (methods/edges/"
+                         "writes.py), and no run has the mean z and the mean scale together; use --ablation zero "
+                         "(every write 0) or the corrupt run")
     members = _members(spec)
     values = ablated_values(spec, batch, list(members.values()), "mean", "noise", batch_size)
     return {key: values[(c.site, c.layer)][:1] for key, c in members.items()}
