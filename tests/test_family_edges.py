@@ -131,12 +131,15 @@ def test_patching_every_edge_turns_the_receiving_run_into_the_source_run(setup):
     assert effects.values[1, 0].item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_scores_out_of_a_sender_sum_to_its_node_score(setup):
+@pytest.mark.parametrize("estimator", ["atp", "ig"])
+def test_scores_out_of_a_sender_sum_to_its_node_score(setup, estimator):
     """Exact for the embeddings, each MLP and each layer's heads together (attn_out) in every family, and for
-    each head alone where its write is linear in z; post-norm heads alone are measured, not claimed."""
+    each head alone where its write is linear in z; post-norm heads alone are measured, not claimed. EAP-IG
+    against node IG likewise."""
     family, model, batch, tol = setup
-    scores = attribute_edges(model, batch).values["logit_diff"]
-    node = ap.attribute(model, batch, sites=["resid_pre", "head", "attn_out", "mlp_out"]).values["logit_diff"]
+    scores = attribute_edges(model, batch, estimator=estimator, ig_steps=3).values["logit_diff"]
+    node = ap.attribute(model, batch, sites=["resid_pre", "head", "attn_out", "mlp_out"], estimator=estimator,
+                        ig_steps=3).values["logit_diff"]
     graph = _graph(model)
     assert scores[0].sum().item() == pytest.approx(node["resid_pre"][0].sum().item(), abs=tol)  # embed
     for layer in range(3):
