@@ -7,8 +7,8 @@ family table (module paths) and the Edge names.
                    its input o in the same run; Ll.mlp: the MLP module's output (post-norm: the post-feedforward
                    norm's output, what the block adds)
     receiver B     q/k/v of head h: the projection recomputed on norm(x + delta), head h's columns written
-                   back (no norm: OLMo 2); an MLP: its own input replaced by norm(x + delta), x its norm's input
-                   (Phi's norm also feeds the attention); the logits: the final norm's input + delta
+                   back (no norm: OLMo 2); an MLP: its own input (OPT: fc1's) replaced by norm(x + delta), x its
+                   norm's input (Phi's norm also feeds the attention); the logits: the final norm's input + delta
 """
 
 import re
@@ -50,7 +50,7 @@ def sender_values(model, ids, batch):
                     found[f"L{layer}H{h}"] = found[f"L{layer}H{h}"] * (out / args[0])
             handles.append(spec.module(spec.arch.attn_out, layer).register_forward_hook(rescale))
         handles.append(spec.module(spec.arch.mlp_out, layer).register_forward_hook(
-            lambda m, args, out, layer=layer: found.__setitem__(f"L{layer}.mlp", out.clone())))
+            lambda m, args, out, layer=layer: found.__setitem__(f"L{layer}.mlp", out.reshape(*ids.shape, -1).clone())))
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=batch.mask)
@@ -91,9 +91,9 @@ def receiver_hooks(model, receiver: str, delta):
     path = spec.arch.mlp_norm if kind == "mlp" else spec.arch.attn_norm
     norm = spec.module(path, layer) if path is not None else torch.nn.Identity()
     if kind == "mlp":
-        mlp = spec.module(spec.arch.neuron.rpartition(".")[0], layer)
+        mlp = spec.module(spec.arch.mlp_in or spec.arch.neuron.rpartition(".")[0], layer)  # OPT: fc1, flattened rows
         return [reader.register_forward_pre_hook(keep),
-                mlp.register_forward_pre_hook(lambda m, args: (norm.forward(seen["x"] + delta),))]
+                mlp.register_forward_pre_hook(lambda m, args: (norm.forward(seen["x"] + delta.reshape(seen["x"].shape)),))]
     head = int(re.match(r"L\d+H(\d+)", receiver).group(1))
     proj = spec.module(getattr(spec.arch, kind) or spec.arch.q, layer)
 
@@ -113,7 +113,8 @@ def _reader(spec, receiver):
     layer, kind = re.match(r"L(\d+)(?:H\d+)?\.?(\w+)$", receiver).groups()
     path = spec.arch.mlp_norm if kind == "mlp" else spec.arch.attn_norm
     if path is None:
-        path = spec.arch.neuron.rpartition(".")[0] if kind == "mlp" else getattr(spec.arch, kind) or spec.arch.q
+        path = (spec.arch.mlp_in or spec.arch.neuron.rpartition(".")[0]) if kind == "mlp" else \
+            getattr(spec.arch, kind) or spec.arch.q
     return spec.module(path, int(layer))
 
 
@@ -129,7 +130,7 @@ def input_delta(model, batch, receiver, direction="denoise"):
                 model(input_ids=ids, attention_mask=batch.mask)
         finally:
             handle.remove()
-        values.append(found["x"])
+        values.append(found["x"].reshape(*ids.shape, -1))  # OPT's MLP norm sees flattened rows
     return values[0] - values[1]
 
 

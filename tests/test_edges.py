@@ -119,8 +119,9 @@ def test_edges_that_do_not_exist_score_zero_and_are_refused():
 
 
 def test_families_without_edge_support_are_refused_naming_the_supported_ones():
-    model, batch = tiny_model("opt"), ap.make_batch(random_pairs(2))
-    with pytest.raises(UnsupportedModel, match=r"edges are not supported for 'opt'.*supported: gpt2, gpt_neox, llama"):
+    model, batch = tiny_model("opt", do_layer_norm_before=False), ap.make_batch(random_pairs(2))  # OPT-350m's blocks
+    with pytest.raises(UnsupportedModel, match=r"edges are not supported for this 'opt' model.*supported: gpt2, "
+                                               r"gpt_neox, llama.*do_layer_norm_before=False"):
         attribute_edges(model, batch)
 
 

@@ -1,4 +1,4 @@
-"""Edges on the parallel-block and post-norm families (methods/edges/graph.py, writes.py): exact edge patching
+"""Edges on the parallel-block and post-norm families, and OPT (methods/edges/graph.py, writes.py): exact edge patching
 and EAP against the naive references (tests/edge_reference.py), the identities that hold exactly for each
 kind of block, and the post-norm gaps measured where a head's write is not its own (writes.py)."""
 
@@ -16,7 +16,7 @@ from edge_reference import (eap_reference, edge_patch_reference, input_delta, pa
 PARALLEL = ("gpt_neox", "phi")  # attention and MLP read the same residual stream
 POST_NORM = ("gemma2", "gemma3_text", "olmo2")  # each write normalised before the add
 SEQUENTIAL_NEOX = "gpt_neox_sequential"  # GPT-NeoX with use_parallel_residual=False
-FAMILIES = (*PARALLEL, *POST_NORM, SEQUENTIAL_NEOX)
+FAMILIES = (*PARALLEL, *POST_NORM, SEQUENTIAL_NEOX, "opt")  # OPT: pre-norm, its MLP on flattened rows
 TOL = {"gemma2": 1e-6, "gemma3_text": 1e-6, "olmo2": 1e-6}  # their RMSNorms compute in float32 in a float64
 # model; the others run float64 throughout (1e-9)
 GAP = 1e-4  # a measured post-norm gap counts as one above this

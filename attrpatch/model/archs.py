@@ -47,6 +47,8 @@ class Arch:
     post_norm: bool = False  # attn_out / mlp_out are norms of the attention / MLP outputs (Gemma 2, OLMo 2)
     parallel: bool = False  # attention and MLP read the same residual stream, their writes added together
     parallel_flag: str | None = None  # a config attribute that says ``parallel`` per model (GPT-NeoX)
+    mlp_in: str | None = None  # the module whose input is the MLP's (normalised) input; None: the neuron's parent
+    edges_flag: str | None = None  # a config attribute that must be true for edges (OPT: do_layer_norm_before)
 
     def __post_init__(self):
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -118,7 +120,10 @@ ARCHS: dict[str, Arch] = {
         final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
         attn_out="self_attn", mlp_out="fc2", head="self_attn.out_proj", neuron="fc2",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        notes="fc2 sees [batch*pos, d] flattened; no MLP submodule",
+        attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", mlp_in="fc1", edges=True,
+        edges_flag="do_layer_norm_before",
+        notes="fc2 sees [batch*pos, d] flattened; no MLP submodule; OPT-350m normalises after each residual add "
+              "(do_layer_norm_before=False: no edges)",
     ),
 }
 

@@ -9,9 +9,10 @@ come from are a prefix of the sender list (``n_before``). In a parallel block (G
 and MLP read the same residual stream and their writes are added together) the MLP reads before its layer's
 heads write: no edge LlHh -> Ll.mlp, as MIB's ``parallel_attn_mlp`` graph.
 
-Families (Arch.edges): pre-norm sequential (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3), parallel (GPT-NeoX,
-Phi-1/2) and post-norm (Gemma 2, Gemma 3, OLMo 2: each write is normalised before the residual add; the
-senders' writes are then writes.py's). OPT is refused (its MLP sees flattened rows; OPT-350m is post-LN).
+Families (Arch.edges): pre-norm sequential (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3, OPT), parallel
+(GPT-NeoX, Phi-1/2) and post-norm (Gemma 2, Gemma 3, OLMo 2: each write is normalised before the add; the
+senders' writes are then writes.py's). OPT-350m (do_layer_norm_before=False: the residual stream itself is
+normalised after each add) is refused.
 """
 
 from dataclasses import dataclass
@@ -122,13 +123,13 @@ def check_edge_family(spec: ModelSpec) -> None:
     """Refuse a model whose family has no edge definition (Arch.edges), naming the supported families; and a
     post-norm model whose attention output projection has a bias (it belongs to no head and is rescaled by
     the norm differently in each run, so the heads' writes would not add up to the attention's)."""
-    model_type = spec.model.config.model_type
-    if not spec.arch.edges:
-        why = ("its MLP (fc1/fc2, no MLP module) sees flattened [batch * pos, d] rows and OPT-350m normalises the "
-               "residual stream after each add") if model_type == "opt" else "its Arch row does not set edges=True"
+    model_type, flag = spec.model.config.model_type, spec.arch.edges_flag
+    if not spec.arch.edges or flag and not getattr(spec.model.config, flag, True):
+        why = f"its config sets {flag}=False (the residual stream is normalised after each add, so it is not a " \
+              "sum of the senders' writes)" if spec.arch.edges else "its Arch row does not set edges=True"
         raise UnsupportedModel(
-            f"edges are not supported for {model_type!r} ({spec.name}); supported: {', '.join(EDGE_FAMILIES)}. "
-            f"Here {why}. Use node patching (attrpatch screen) for this model.")
+            f"edges are not supported for this {model_type!r} model ({spec.name}); supported: "
+            f"{', '.join(EDGE_FAMILIES)}. Here {why}. Use node patching (attrpatch screen) for this model.")
     if spec.arch.post_norm and spec.module(spec.arch.head, 0).bias is not None:
         raise UnsupportedModel(
             f"edges are not supported for this {model_type!r} model ({spec.name}): its attention output projection "
@@ -184,7 +185,8 @@ class EdgeModel:
     def mlp_point(self, layer: int) -> HookPoint:
         """The MLP module's input, norm(input_B) [batch, pos, d_model]: where an MLP receiver is written and
         its gradient read, so that a norm shared with the attention (Phi) is left alone."""
-        return HookPoint(self.spec.module(self.spec.arch.neuron.rpartition(".")[0], layer), "input", _plain)
+        path = self.spec.arch.mlp_in or self.spec.arch.neuron.rpartition(".")[0]
+        return HookPoint(self.spec.module(path, layer), "input", _plain)
 
     def out_matrix(self, layer: int) -> Tensor:
         """W_O [head * d_head, d_model]: a head's write is z_h @ W_O[h rows] (the projection's bias belongs to

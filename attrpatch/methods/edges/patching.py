@@ -238,8 +238,8 @@ class _Writer:
         """norm(input_B + delta) of receiver j's layer and kind, in ``copies``: [copy, batch, pos, d_model]."""
         r = self.em.graph.receivers[j]
         kind = "mlp" if r.kind == "mlp" else "q"
-        x = norm_in[(kind, r.layer)]
-        x = x.unflatten(0, (self.n, x.shape[0] // self.n))[copies]  # [copy, batch, pos, d_model]
+        x = norm_in[(kind, r.layer)]  # [copy * batch, pos, d_model], or OPT's MLP: [copy * batch * pos, d_model]
+        x = x.reshape(self.n, self.batch.n, -1, x.shape[-1])[copies]  # [copy, batch, pos, d_model]
         return self.em.norm(kind, r.layer).forward(x + self.receiver_delta(j, mask, copies).to(x.dtype))
 
     def _head_input(self, j: int, mask: Tensor, norm_in: dict):
@@ -266,7 +266,7 @@ class _Writer:
 
         def callback(raw):
             new = raw.clone()
-            view = new.unflatten(0, (self.n, new.shape[0] // self.n))  # [copy, batch, pos, d_model]
+            view = new.view(self.n, self.batch.n, -1, new.shape[-1])  # [copy, batch, pos, d_model] (OPT: flattened)
             view[copies] = self._patched_input(j, mask, norm_in, copies).to(new.dtype)
             return new
         return callback
