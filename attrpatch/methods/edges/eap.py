@@ -31,7 +31,9 @@ Cost per chunk of prompts: EAP 2 forwards + 1 backward per metric, plus the prod
 batch x pos x d_model] (about 0.3 of a forward on GPT-2 small). Memory: the deltas of every sender,
 (1 + L (H + 1)) x batch x pos x d_model floats (GPT-2 small, 8 x 64 tokens: 157 x 512 x 768 x 4 B = 0.25 GB;
 Llama-3-8B, 1057 senders, 4 B per float: 17 MB per token, so 16 x 128 tokens take 35 GB: chunk prompts with
-``batch_size``), plus the [senders, receivers] tables.
+``batch_size``), plus the [senders, receivers] tables. Post-norm families also keep each layer's o
+[batch, pos, d_model] per run (writes.py) and form a layer's head deltas from two [head, batch, pos, d_model]
+products, one per run, instead of one.
 """
 
 from dataclasses import dataclass, field

@@ -12,7 +12,9 @@
 Why this head sender (post-norm): N mixes the heads through rms(o), so no write of head h alone adds up with
 the others'. With each run's own scale, sum_h a_h(run) = N(o(run)) exactly, in every run: every head of a
 layer patched jointly (all their edges) is the attention's node patch (``attn_out``), and the embeddings,
-MLPs and receivers keep their pre-norm identities. What does NOT hold: one head's edges patched jointly are
+MLPs and receivers keep their pre-norm identities. (The receiving run's scale for both runs, s(o(receiver)) *
+(z_h(source) - z_h(receiver)) W_O[h], would be linear in z but would not add up: its sum over heads,
+s(o(receiver)) * (o(source) - o(receiver)), is not N(o(source)) - N(o(receiver)).) What does NOT hold: one head's edges patched jointly are
 not the node patch of that head's z (that patch also moves rms(o), hence every head's write), and its EAP
 scores do not sum to the head's node AtP score (which differentiates through rms(o)); tests/test_family_edges.py
 measures both gaps. A receiver still reads the residual stream at its input, before its own pre-norm
