@@ -13,9 +13,9 @@ from conftest import random_pairs, tiny_model
 from edge_reference import (eap_reference, edge_patch_reference, input_delta, patch_input_reference,
                             receiver_grad)
 
-EDGE_FAMILIES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")  # every family edges support:
+EDGE_FAMILIES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")  # the pre-norm sequential ones:
 # MHA with fused c_attn, GQA with separate q/k/v (Llama 3 rope scaling, Mistral, Qwen2 biases, Qwen3 per-head
-# q/k norms), GQA fused
+# q/k norms), GQA fused; parallel, post-norm and OPT: tests/test_family_edges.py
 
 
 @pytest.fixture(scope="module", params=EDGE_FAMILIES)
