@@ -230,3 +230,23 @@ def test_mib_for_olmo2_is_refused_before_the_screen_saying_why():
     model, batch = tiny_model("olmo2"), ap.make_batch(random_pairs(2))
     with pytest.raises(UnsupportedModel, match=r"--mib\) for 'olmo2'.*k_norm normalises all key-value heads"):
         screen_edges(model, batch, EdgeConfig(mib=True))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi"])
+def test_cli_edges_with_mib_and_the_edge_plan_run_on_the_new_families(tmp_path, family):
+    import json
+
+    from attrpatch.cli import main
+    from conftest import saved_model, write_task
+
+    _, folder = saved_model(tmp_path / "model", family)
+    task = write_task(tmp_path / "task.jsonl", random_pairs(3))
+    out = tmp_path / "run"
+    assert main(["edges", "--model", str(folder), "--task", str(task), "--top-k", "3", "--random-k", "2",
+                 "--direction", "noise", "--circuit-points", "3", "--no-figures", "--mib", str(out / "mib.json"),
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "circuit.json").read_text())["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
+    exported = json.loads((out / "mib.json").read_text())
+    assert exported["cfg"]["parallel_attn_mlp"] is (family == "phi")
+    assert len(exported["edges"]) == json.loads((out / "report.json").read_text())["mib"]["n_edges"]
+    assert main(["plan", "--model", str(folder), "--edges", "--n-prompts", "2", "--seq-len", "8"]) == 0
