@@ -122,14 +122,20 @@ class Progress:
     def edge_scores(self, name: str, graph) -> EdgeScores | None:
         """The saved edge scores of ``graph`` (methods/edges/graph.py), or None."""
         found = self._load(name)
-        return None if found is None else EdgeScores(graph=graph, values=found[0], **found[1])
+        if found is None:
+            return None
+        tensors = found[0]
+        values = {k: v for k, v in tensors.items() if not k.startswith("pos/")}
+        by_position = {k[4:]: v for k, v in tensors.items() if k.startswith("pos/")} or None
+        return EdgeScores(graph=graph, values=values, by_position=by_position, **found[1])
 
     def save_edge_scores(self, name: str, scores: EdgeScores) -> None:
         if self.folder is None:
             return
         meta = {k: getattr(scores, k) for k in ("direction", "clean_metric", "corrupt_metric", "n_prompts",
                                                  "estimator", "passes")}
-        self._save(name, dict(scores.values), meta)
+        positions = {f"pos/{m}": t for m, t in (scores.by_position or {}).items()}  # per-position edges
+        self._save(name, {**scores.values, **positions}, meta)
 
     def record(self, name: str) -> dict | None:
         """A saved step whose result is plain JSON (an edges run's faithfulness curve), or None."""

@@ -1,0 +1,242 @@
+"""Per-position edges sender@p->receiver@p (attrpatch/methods/edges/positions.py): the identities that tie
+them to whole edges and to per-position node patches, and the naive references (tests/edge_reference.py),
+on tiny random models of every family edges support."""
+
+import json
+
+import pytest
+import torch
+
+import attrpatch as ap
+from attrpatch.config import EdgeConfig
+from attrpatch.edge_screening import faithfulness_curve
+from attrpatch.methods.edges.circuits import patch_circuits
+from attrpatch.methods.edges.eap import attribute_edges
+from attrpatch.methods.edges.graph import Edge, Graph
+from attrpatch.methods.edges.patching import patch_edges
+from attrpatch.methods.edges.positions import PositionEdge, position_edges, position_products
+from conftest import N_POS, random_pairs, tiny_model
+from edge_reference import position_eap_reference, position_edge_patch_reference
+
+FAMILIES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3")  # every family edges support
+CHANGED = (1, 3)  # random_pairs' corrupted positions: every sender before position 1 is the same in both runs
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    model = tiny_model(request.param, dtype=torch.float64)
+    return model, ap.make_batch(random_pairs(3))
+
+
+def whole_edges(graph: Graph) -> list[Edge]:
+    """Edges into every kind of receiver (q, k, v of the last KV head, MLP, logits) from every kind of sender."""
+    kv = graph.n_kv - 1
+    return [Edge("embed", "L0H1.q"), Edge("L0H2", f"L1H{kv}.v"), Edge("L0.mlp", f"L2H{kv}.k"),
+            Edge("L1H0", "L1.mlp"), Edge("L2H1", "logits"), Edge("L1.mlp", "logits"), Edge("embed", "L2.mlp")]
+
+
+def at_positions(edge: Edge, positions) -> tuple[PositionEdge, ...]:
+    return tuple(PositionEdge(edge.sender, edge.receiver, p) for p in positions)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_every_position_of_an_edge_patched_jointly_equals_the_whole_edge(setup, direction):
+    """(a)"""
+    model, batch = setup
+    edges = whole_edges(attribute_edges(model, batch).graph)
+    whole = patch_edges(model, batch, edges, direction=direction, copies=3)
+    joint = patch_edges(model, batch, [at_positions(e, range(N_POS)) for e in edges], direction=direction, copies=3)
+    assert torch.allclose(joint.values, whole.values, atol=1e-10)
+    assert whole.values.abs().max() > 1e-3  # not a comparison of zeros
+
+
+def test_every_edge_out_of_a_sender_at_a_position_equals_the_node_patch_there(setup):
+    """(b): A@p -> every receiver at p, jointly = node patching A at p alone (denoising and noising)."""
+    model, batch = setup
+    graph = attribute_edges(model, batch).graph
+    nodes = {("embed", 3): ap.Component("resid_pre", 0, 3), ("L0H1", 1): ap.Component("head", 0, 1, 1),
+             ("L1.mlp", 4): ap.Component("mlp_out", 1, 4), ("L1H3", 6): ap.Component("head", 1, 6, 3),
+             ("L2H0", 6): ap.Component("head", 2, 6, 0)}
+    items = [tuple(PositionEdge(s, e.receiver, p) for e in graph.edges() if e.sender == s) for s, p in nodes]
+    for direction in ("denoise", "noise"):
+        edges = patch_edges(model, batch, items, direction=direction)
+        node = ap.patch(model, batch, list(nodes.values()), direction=direction)
+        assert torch.allclose(edges.values, node.values.to(edges.values.dtype), atol=1e-9)
+        assert edges.values.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["atp", "ig"])
+def test_position_scores_sum_to_the_whole_edge_scores(setup, estimator):
+    """(c): the same backward, the sum over positions left undone; every metric."""
+    model, batch = setup
+    metrics = ("logit_diff", "logprob")
+    per = attribute_edges(model, batch, metrics=metrics, estimator=estimator, ig_steps=2, positions=True)
+    whole = attribute_edges(model, batch, metrics=metrics, estimator=estimator, ig_steps=2)
+    for m in metrics:
+        assert per.by_position[m].shape == (*whole.values[m].shape, N_POS)
+        assert torch.allclose(per.by_position[m].sum(-1), whole.values[m], atol=1e-10)
+        assert torch.allclose(per.values[m], whole.values[m], atol=1e-10)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_position_edge_patching_equals_one_naive_forward_per_edge(setup, direction):
+    """(d): batched, resumed per-position patching against a plain hook adding A's difference at p only."""
+    model, batch = setup
+    edges = [PositionEdge(e.sender, e.receiver, p) for e, p in zip(whole_edges(attribute_edges(model, batch).graph),
+                                                                   (1, 3, 4, 6, 6, 6, 2))]
+    fast = patch_edges(model, batch, edges, direction=direction, copies=4)
+    for i, e in enumerate(edges):
+        assert fast.values[i, 0].item() == pytest.approx(position_edge_patch_reference(model, batch, e, direction),
+                                                         abs=1e-9), e
+    assert fast.values.abs().max() > 1e-3
+
+
+def test_position_scores_equal_the_reference_gradient_products(setup):
+    model, batch = setup
+    scores = attribute_edges(model, batch, positions=True)
+    for e in whole_edges(scores.graph):
+        for p in (1, 3, 6):
+            edge = PositionEdge(e.sender, e.receiver, p)
+            i, j = scores.graph.index(e)
+            assert scores.by_position["logit_diff"][i, j, p].item() == pytest.approx(
+                position_eap_reference(model, batch, edge), abs=1e-6), edge  # as test_edges.py (rope in float32)
+
+
+def test_positions_before_the_first_changed_token_and_logits_before_the_last_are_zero():
+    """Planted: a causal model's senders at position 0 are equal in both runs (tokens differ from position 1
+    on), and the metric reads the logits at the last position only; their scores and exact effects are 0,
+    while the same edges at later positions are not."""
+    model, batch = tiny_model("llama", dtype=torch.float64), ap.make_batch(random_pairs(3))
+    scores = attribute_edges(model, batch, positions=True)
+    table = scores.by_position["logit_diff"]  # [sender, receiver, pos]
+    assert table[:, :, 0].abs().max() == 0
+    assert table[:, -1, :N_POS - 1].abs().max() == 0  # logits before the last position
+    assert table[:, :, CHANGED[0]].abs().max() > 1e-3
+    edges = [PositionEdge("embed", "L1H0.q", 0), PositionEdge("L0H1", "logits", 2), PositionEdge("L0H1", "logits", 6)]
+    effects = patch_edges(model, batch, edges).values[:, 0]
+    assert effects[:2].abs().max() < 1e-12 and abs(effects[2]) > 1e-3  # 0 to the rounding of a batched pass
+
+
+def test_prompts_of_different_lengths_patch_the_logits_at_each_prompts_last_position():
+    """Padding: the logits receiver at p is read where p is a prompt's last position (here 5, 7 and 4)."""
+    model = tiny_model("gpt2", dtype=torch.float64)
+    batch = ap.make_batch(random_pairs(3, lengths=[6, 8, 5]))
+    edges = [PositionEdge("L2H1", "logits", p) for p in range(8)] + [PositionEdge("L1.mlp", "L2H0.k", 2)]
+    fast = patch_edges(model, batch, edges, copies=3)
+    for i, e in enumerate(edges):
+        assert fast.values[i, 0].item() == pytest.approx(position_edge_patch_reference(model, batch, e), abs=1e-9), e
+    scores = attribute_edges(model, batch, positions=True)
+    whole = attribute_edges(model, batch)
+    assert torch.allclose(scores.by_position["logit_diff"].sum(-1), whole.values["logit_diff"], atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])
+def test_position_masks_patched_together_equal_the_same_sets_patched_one_by_one(family):
+    """circuits.py's per-position masks [item, sender, receiver, pos] against patch_edges on the same sets."""
+    model = tiny_model(family, dtype=torch.float64)
+    batch = ap.make_batch(random_pairs(3, lengths=[6, 7, 5]))
+    graph = attribute_edges(model, batch).graph
+    every = position_edges(graph, batch.n_pos)
+    g = torch.Generator().manual_seed(2)
+    picks = [torch.rand(len(every), generator=g) < p for p in (0.01, 0.3, 0.9)]
+    masks = torch.zeros(len(picks), *graph.exists.shape, batch.n_pos, dtype=torch.bool)
+    for i, pick in enumerate(picks):
+        masks[i][graph.exists] = pick.view(-1, batch.n_pos)
+    fast = patch_circuits(model, batch, masks, direction="noise", copies=2)
+    items = [tuple(e for e, keep in zip(every, pick) if keep) for pick in picks]
+    slow = patch_edges(model, batch, items, direction="noise", copies=1, resume=False)
+    assert fast.values[:, 0].tolist() == pytest.approx(slow.values[:, 0].tolist(), abs=1e-9)
+
+
+def test_position_products_equal_a_loop_over_positions():
+    g = torch.Generator().manual_seed(0)
+    delta, grad = torch.randn(5, 2, 4, 3, generator=g), torch.randn(6, 2, 4, 3, generator=g)
+    out = position_products(delta, grad)
+    for p in range(4):
+        assert torch.allclose(out[..., p], delta[:, :, p].flatten(1) @ grad[:, :, p].flatten(1).T, atol=1e-6)
+
+
+def test_the_per_position_faithfulness_curve_runs_from_corrupt_to_clean():
+    model, batch = tiny_model("llama", dtype=torch.float64), ap.make_batch(random_pairs(3))
+    scores = attribute_edges(model, batch, positions=True)
+    curve = faithfulness_curve(model, batch, scores, EdgeConfig(circuit_points=5, positions="each"))
+    assert curve["n_edges"] == scores.graph.n_edges * N_POS and curve["positions"] == "each"
+    assert curve["faithfulness"][0] == pytest.approx(0.0, abs=1e-9)
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-9)
+    assert {"sender", "receiver", "pos", "score"} <= set(curve["edges"][0])
+
+
+def test_the_edge_memory_plan_holds_the_per_position_score_table():
+    """edge_planning traces the [sender, receiver, pos] table: the edges phase's peak grows by about it."""
+    from attrpatch.edge_planning import plan_edges
+    from attrpatch.methods.edges.positions import table_bytes
+    from conftest import CONFIGS
+
+    peaks = {}
+    for positions in ("all", "each"):
+        config = EdgeConfig(direction="noise", metrics=("logit_diff",), positions=positions)
+        plan = plan_edges(CONFIGS["gpt2"](), config, n_prompts=2, seq_len=64, device="cpu")
+        peaks[positions] = plan["phases"]["edges"]["peak_bytes"]
+        assert plan["settings"]["positions"] == positions
+    table = table_bytes(Graph(3, 4, 4), 64, 1, torch.float32)  # 16 x 40 x 64 x 4 B
+    assert table <= peaks["each"] - peaks["all"] <= 3 * table
+
+
+def test_bad_positions_are_refused_naming_the_fix():
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs(2))
+    with pytest.raises(ValueError, match=r"position 7 of embed@7->L1H0.q@7 is outside these prompts' positions 0..6"):
+        patch_edges(model, batch, [PositionEdge("embed", "L1H0.q", 7)])
+    with pytest.raises(ValueError, match=r"no edge L2H0->L1H0.q"):
+        patch_edges(model, batch, [PositionEdge("L2H0", "L1H0.q", 2)])
+    with pytest.raises(TypeError, match=r"edge sets hold Edge or PositionEdge, got tuple"):
+        patch_edges(model, batch, [(("embed", "logits"),)])
+    with pytest.raises(ValueError, match=r"Unknown positions 'every'; known: all, each"):
+        EdgeConfig(positions="every")
+    with pytest.raises(ValueError, match=r"MIB's graphs are whole edges.*drop --positions each"):
+        EdgeConfig(positions="each", mib=True)
+
+
+def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_path, capsys):
+    from attrpatch.cli import main
+    from conftest import saved_model, write_task
+
+    _, folder = saved_model(tmp_path / "model", "gpt2")
+    task = write_task(tmp_path / "task.jsonl", random_pairs(3))
+    out = tmp_path / "run"
+    assert main(["edges", "--model", str(folder), "--task", str(task), "--positions", "each", "--top-k", "5",
+                 "--random-k", "3", "--direction", "noise", "--circuit-points", "4", "--no-figures",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["positions"] == "each" and len(report["tokens"]) == N_POS
+    assert report["n_edges"] == Graph(3, 4, 4).n_edges * N_POS
+    entry = report["edges"][0]
+    assert entry["name"] == f"{entry['sender']}@{entry['pos']}->{entry['receiver']}@{entry['pos']}"
+    assert report["circuit"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
+    md = (out / "report.md").read_text()
+    assert "per-position edges (sender@p->receiver@p" in md
+    assert f"| {entry['name']} (" in md or any(f"{e['name']} (" in md for e in report["edges"])
+    assert "pos" in (out / "results.csv").read_text().splitlines()[0]
+    assert main(["edges", "--model", str(folder), "--task", str(task), "--positions", "each", "--mib",
+                 str(tmp_path / "mib.json"), "--out", str(tmp_path / "mib")]) == 2
+    err = capsys.readouterr().err
+    assert "attrpatch: error: MIB's graphs are whole edges" in err and "Traceback" not in err
+
+
+@pytest.mark.real_model
+def test_smollm2_ioi_per_position_edges_find_name_movers_at_the_end_position(tmp_path):
+    """A small per-position edges run on SmolLM2-135M IOI through the CLI: verification and circuit run,
+    the edges carry IOI roles, and the top verified edge agrees in sign with its score."""
+    from attrpatch.cli import main
+    from attrpatch.model.fetch import fetch
+
+    out = tmp_path / "run"
+    assert main(["edges", "--model", str(fetch("smollm2")), "--task", "ioi", "--n-prompts", "4",
+                 "--positions", "each", "--direction", "noise", "--top-k", "6", "--random-k", "3",
+                 "--circuit-points", "3", "--metrics", "logit_diff", "--no-figures", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["positions"] == "each" and "END" in " ".join(report["tokens"])
+    top = [e for e in report["edges"] if e["selected"] == "top"]
+    assert len(top) == 6 and all("@" in e["name"] for e in top)
+    best = max(top, key=lambda e: abs(e["exact"]))
+    assert best["approx"] * best["exact"] > 0
+    assert report["agreement"]["noise"]["logit_diff"]["sign_agreement"] >= 0.8
