@@ -12,8 +12,10 @@ Traced, through the functions the edges run calls, with its arguments (edge_scre
   per position   with ``positions="each"`` (``attrpatch edges --positions each``; ``attrpatch plan --edges
                  --positions each``) the edges phase holds the [sender, receiver, pos] score table per
                  metric too, S x R x n_pos x 4 B (methods/edges/positions.py; GPT-2 small at 64 tokens, 4
-                 metrics: 72 MB), and edge patching verifies per-position edges (each receiver's mask
-                 [copy, sender, pos]: the same deltas as a whole edge's).
+                 metrics: 72 MB), or above 1 GiB its top-K and pool only (position_top.py: (K + pool) x 12 B
+                 per metric, plus one receiver group's [sender, unit, pos] products), and edge patching
+                 verifies per-position edges (each receiver's mask [copy, sender, pos]: the same deltas as a
+                 whole edge's).
 
 Not traced, or traced differently from a real run:
   - The prompts are synthetic, as in planning.py (full length, no shared prefix).

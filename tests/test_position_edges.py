@@ -244,3 +244,78 @@ def test_smollm2_ioi_per_position_edges_read_the_answer_at_the_end_position(tmp_
     weakest = min(abs(e["exact"]) for e in top)
     assert all(abs(e["exact"]) < weakest for e in report["edges"] if e["selected"] == "control")
     assert report["circuit"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_kept_top_and_pool_are_the_full_tables_entries(family):
+    """position_top.py: the top-K by |first metric| and the uniform pool equal the dense table's entries, every
+    metric, and the whole-edge sums are unchanged."""
+    model, batch = tiny_model(family, dtype=torch.float64), ap.make_batch(random_pairs(3))
+    metrics = ("logit_diff", "logprob")
+    dense = attribute_edges(model, batch, metrics=metrics, positions=True)
+    kept = attribute_edges(model, batch, metrics=metrics, positions=True, keep=40)
+    top = kept.position_top
+    assert kept.by_position is None and len(top.index) == 40
+    first = dense.by_position["logit_diff"].flatten()
+    assert set(top.index.tolist()) == set(first.abs().topk(40).indices.tolist())
+    for m in metrics:
+        flat = dense.by_position[m].flatten()
+        assert torch.allclose(flat[top.index], top.value[m], atol=1e-12)
+        assert torch.allclose(flat[top.pool], top.pool_value[m], atol=1e-12)
+        assert torch.allclose(kept.values[m], dense.values[m], atol=1e-12)
+    assert bool(dense.graph.exists.flatten()[top.pool // N_POS].all())  # the pool holds existing edges only
+
+
+def test_the_screen_keeping_only_the_top_verifies_the_same_edges_and_curve(monkeypatch):
+    """Above the table limit (set to 0 here) the screen ranks the kept top-K: the same top edges and exact
+    effects as the full table, controls from the uniform pool, and the curve's sizes within K equal."""
+    import warnings
+
+    from attrpatch.methods.edges import eap, position_top
+
+    model, batch = tiny_model("llama", dtype=torch.float64), ap.make_batch(random_pairs(3))
+    config = EdgeConfig(top_k=6, random_k=4, circuit_points=8, direction="noise", positions="each",
+                        metrics=("logit_diff", "prob"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model fails the clean-run check
+        dense = ap.screen_edges(model, batch, config)
+        monkeypatch.setattr(eap, "MAX_TABLE_BYTES", 0)
+        monkeypatch.setattr(position_top, "DEFAULT_KEEP", 100)
+        monkeypatch.setattr(eap, "DEFAULT_KEEP", 100)
+        kept = ap.screen_edges(model, batch, config)
+    assert kept.scores["noise"].position_top is not None and dense.scores["noise"].position_top is None
+    top = [e for e in kept.edges if e["selected"] == "top"]
+    assert [e["name"] for e in top] == [e["name"] for e in dense.edges if e["selected"] == "top"]
+    assert [e["exact"] for e in top] == pytest.approx([e["exact"] for e in dense.edges if e["selected"] == "top"])
+    assert kept.n_edges == dense.n_edges and len([e for e in kept.edges if e["selected"] == "control"]) == 4
+    sizes = kept.circuit["sizes"]
+    assert sizes[-1] == dense.n_edges and max(sizes[:-1]) <= 100
+    same = {s: f for s, f in zip(dense.circuit["sizes"], dense.circuit["faithfulness"])}
+    for s, f in zip(sizes, kept.circuit["faithfulness"]):
+        assert f == pytest.approx(same[s], abs=1e-9), s
+
+
+def test_keeping_the_top_needs_one_backward_of_every_prompt():
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs(3))
+    with pytest.raises(ValueError, match=r"running top-k, which needs one backward.*--estimator atp"):
+        attribute_edges(model, batch, positions=True, keep=10, estimator="ig")
+    with pytest.raises(ValueError, match=r"--batch-size 2 < 3 prompts splits it: drop --batch-size"):
+        attribute_edges(model, batch, positions=True, keep=10, batch_size=2)
+
+
+@pytest.mark.parametrize("keep", [None, 30])
+def test_saved_per_position_scores_load_back_for_resume(tmp_path, keep):
+    """--resume reads a direction's saved scores: the per-position table, or the kept top-K and pool."""
+    from attrpatch.output.checkpoint import Progress
+
+    model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs(2))
+    scores = attribute_edges(model, batch, positions=True, keep=keep)
+    progress = Progress(tmp_path, {"run": 1})
+    progress.save_edge_scores("edge-attribution-noise", scores)
+    back = Progress(tmp_path, {"run": 1}, resume=True).edge_scores("edge-attribution-noise", scores.graph)
+    assert torch.equal(back.values["logit_diff"], scores.values["logit_diff"])
+    if keep is None:
+        assert torch.equal(back.by_position["logit_diff"], scores.by_position["logit_diff"])
+    else:
+        assert torch.equal(back.position_top.index, scores.position_top.index) and back.position_top.n_pos == N_POS
+        assert torch.equal(back.position_top.pool_value["logit_diff"], scores.position_top.pool_value["logit_diff"])

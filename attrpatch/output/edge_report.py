@@ -1,7 +1,8 @@
 """Writing an edge screen: report.json (its "edges" list: one entry per verified edge x direction),
 circuit.json (the faithfulness curve), results.csv (one row per verified edge x direction x metric),
 edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata; per-position runs
-add ``pos/<direction>/<metric>`` [sender, receiver, pos]), report.md (the clean-run check first, as in the node
+add ``pos/<direction>/<metric>`` [sender, receiver, pos], or ``top/<direction>/index`` and ``top/<direction>/<metric>``
+when only the top-K was kept), report.md (the clean-run check first, as in the node
 report, then agreement and the circuit). Per-position runs (``positions: each``) name edges
 ``L3H1@5->L7.mlp@5`` and give each edge's ``pos``; report.md adds the token (or role) at that position.
 ``result``: the edge screen's EdgeResult (analysis/results.py)."""
@@ -57,6 +58,10 @@ def write_edge_scores(path: Path, result: EdgeResult) -> None:
             tensors[f"{direction}/{m}"] = t.float().contiguous()
         for m, t in (scores.by_position or {}).items():
             tensors[f"pos/{direction}/{m}"] = t.float().contiguous()  # [sender, receiver, pos]
+        if scores.position_top is not None:  # only the top-K kept: flat [sender, receiver, pos] indices
+            tensors[f"top/{direction}/index"] = scores.position_top.index.contiguous()
+            for m, t in scores.position_top.value.items():
+                tensors[f"top/{direction}/{m}"] = t.float().contiguous()
     meta = {"axes": "sender receiver", "senders": json.dumps([s.name for s in graph.senders]),
             "receivers": json.dumps([r.name for r in graph.receivers]), "note": "EAP scores, mean over prompts; "
             "zero where no edge exists"}

@@ -32,7 +32,8 @@ batch x pos x d_model] (about 0.3 of a forward on GPT-2 small). Memory: the delt
 (1 + L (H + 1)) x batch x pos x d_model floats (GPT-2 small, 8 x 64 tokens: 157 x 512 x 768 x 4 B = 0.25 GB;
 Llama-3-8B, 1057 senders, 4 B per float: 17 MB per token, so 16 x 128 tokens take 35 GB: chunk prompts with
 ``batch_size``), plus the [senders, receivers] tables; with ``positions=True`` the [sender, receiver, pos]
-tables too (positions.py: S x R x n_pos x 4 B per metric).
+tables too (positions.py: S x R x n_pos x 4 B per metric), or, above positions.MAX_TABLE_BYTES or with
+``keep``, only the top ``keep`` by |score| and a seeded uniform pool (position_top.py).
 """
 
 from dataclasses import dataclass, field
@@ -52,9 +53,11 @@ from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
 from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
-from .positions import check_table, flat_positions, position_edges, position_products
+from .position_top import DEFAULT_KEEP, PositionTop, TopKeeper, check_keep, draw_pool
+from .positions import MAX_TABLE_BYTES, flat_positions, position_edges, position_products, table_bytes
 from .sources import ablated_source, ablation_means, check_edge_ablation
 
+POOL_SIZE = 4096  # per-position edges drawn uniformly when only the top is kept: where controls come from
 EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim", "relp_t4")  # EAP, EAP-IG, EAP under GIM's rules (RelP's; T = 4)
 _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modifying's options
           "relp_t4": {"rules": gim.RELP_T4_RULES, "relp_rules": relp.DEFAULT_RULES}}
@@ -64,7 +67,8 @@ _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modi
 class EdgeScores:
     """``values[metric]``: [sender, receiver] float32 (float64 for float64 models), mean over prompts, zero
     where no edge exists (``graph.exists``); ``by_position[metric]``: [sender, receiver, pos], the same
-    scores per position (positions.py), when asked for (their sum over pos is ``values``)."""
+    scores per position (positions.py), when asked for (their sum over pos is ``values``); ``position_top``:
+    their top-K and a uniform pool instead, when the table is too large (position_top.py)."""
 
     graph: Graph
     values: dict[str, Tensor]
@@ -75,6 +79,7 @@ class EdgeScores:
     estimator: str = "atp"
     passes: dict[str, int] = field(default_factory=dict)
     by_position: dict[str, Tensor] | None = None
+    position_top: PositionTop | None = None
 
     def score(self, edge: Edge, metric_name: str) -> float:
         return float(self.values[metric_name][self.graph.index(edge)])
@@ -132,10 +137,11 @@ class _Scorer(Receiving):
     gradients.Receiving, as the node estimators' Chunk)."""
 
     def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str, values: dict,
-                 by_position: dict | None = None):
+                 by_position: dict | None = None, keeper: TopKeeper | None = None):
         super().__init__(batch, metrics, direction)
         self.em, self.values, self.acc = em, values, next(iter(values.values())).dtype
         self.by_position = by_position  # {metric: [sender, receiver, pos]} for per-position edges
+        self.keeper = keeper  # or their running top-K (position_top.py)
         self.norm_in: dict = {}
         self.delta: Tensor | None = None
         self.weight = 1.0
@@ -151,9 +157,12 @@ class _Scorer(Receiving):
         """Products of every earlier sender's delta with the gradients [unit, batch, pos, d_model] of the
         receivers j0, j0 + 1, ...: into values[metric][:, j0:j0 + unit]."""
         n, units = self.em.graph.n_before[j0], slice(j0, j0 + grad.shape[0])
-        if self.by_position is not None:
+        if self.by_position is not None or self.keeper is not None:
             prod = position_products(self.delta[:n], grad.to(self.acc))  # [sender, unit, pos]
-            self.by_position[self.metric][:n, units] += prod * self.weight
+            if self.keeper is not None:  # one backward, weight 1 (position_top.check_keep)
+                self.keeper.add(self.metric, prod, j0)
+            else:
+                self.by_position[self.metric][:n, units] += prod * self.weight
             self.values[self.metric][:n, units] += prod.sum(-1) * self.weight
             return
         prod = self.delta[:n].flatten(1) @ grad.to(self.acc).flatten(1).T  # [sender, unit]: one matmul
@@ -251,11 +260,14 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
 
 def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics: Sequence[str] = ("logit_diff",),
                     direction: str = "denoise", estimator: str = "atp", ig_steps: int = 8,
-                    batch_size: int | None = None, ablation: str | None = None, positions: bool = False) -> EdgeScores:
+                    batch_size: int | None = None, ablation: str | None = None, positions: bool = False,
+                    keep: int | None = None, seed: int = 0) -> EdgeScores:
     """The score of every edge under each metric, in ``direction``: EAP (``atp``), EAP-IG (``ig``), or EAP
     under GIM's default rules (``gim``; ``relp_gim``: with RelP's default rules). ``ablation`` (zero | mean,
     noising, EAP): the senders' source values from that ablation of the clean run (sources.py).
-    ``positions``: per-position scores too (``by_position``, positions.py), from the same backward."""
+    ``positions``: per-position scores too (``by_position``, positions.py), from the same backward; with
+    ``keep``, or when their table exceeds positions.MAX_TABLE_BYTES, only the top ``keep`` (default
+    position_top.DEFAULT_KEEP) and a pool drawn with ``seed`` (``position_top``)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
@@ -273,15 +285,20 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     acc = wide(next(spec.model.parameters()).dtype)
     values = {m: torch.zeros(len(graph.senders), len(graph.receivers), device=spec.device, dtype=acc)
               for m in metrics}
-    summed = {"values": values}
-    if positions:
-        check_table(graph, batch.n_pos, len(metrics), acc)
+    summed, keeper = {"values": values}, None
+    if positions and (keep is not None or table_bytes(graph, batch.n_pos, len(metrics), acc) > MAX_TABLE_BYTES):
+        check_keep(estimator, batch_size, batch.n)
+        pool = draw_pool(graph, batch.n_pos, POOL_SIZE, seed)
+        keeper = TopKeeper(graph, batch.n_pos, metrics, keep or DEFAULT_KEEP, pool, acc)
+    elif positions:
         summed["by_position"] = {m: torch.zeros(*values[m].shape, batch.n_pos, device=spec.device, dtype=acc)
                                  for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
 
     def run(part: PromptBatch, start: int, into: dict) -> None:
-        scorer = _Scorer(em, part, metrics, direction, into["values"], into.get("by_position"))
+        if keeper is not None and part.n < batch.n:  # an out-of-memory retry split the backward
+            check_keep(estimator, part.n, batch.n)
+        scorer = _Scorer(em, part, metrics, direction, into["values"], into.get("by_position"), keeper)
         scorer.ablation, scorer.means = ablation, means
         _score_chunk(scorer, estimator, ig_steps)
         for run_name, by_metric in scorer.metric_sums().items():
@@ -300,4 +317,5 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
                       corrupt_metric={m: v / batch.n for m, v in sums["corrupt"].items()},
                       n_prompts=batch.n, estimator=estimator,
                       passes={**{k: v * n_chunks for k, v in cost.items()}, **retried(size, batch_size, batch.n)},
-                      by_position=None if by_position is None else {m: v.cpu() for m, v in by_position.items()})
+                      by_position=None if by_position is None else {m: v.cpu() for m, v in by_position.items()},
+                      position_top=None if keeper is None else keeper.result(batch.n))

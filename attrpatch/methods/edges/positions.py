@@ -23,8 +23,9 @@ every edge out of A@p jointly = the node patch of A at p; scores summed over p =
 Memory: the score table [sender, receiver, pos] per metric, float32 (float64 for float64 models), beside
 eap.py's deltas: S x R x n_pos x 4 B (GPT-2 small at 64 positions: 157 x 445 x 64 x 4 B = 18 MB;
 SmolLM2-135M at 20: 301 x 481 x 20 x 4 B = 12 MB; Llama-3-8B at 128: 1057 x 1569 x 128 x 4 B = 0.85 GB).
-Never [pos, pos]: edges join one position to itself. ``check_table`` refuses a table above
-``MAX_TABLE_BYTES`` with the fix. The faithfulness curve's masks are [size, sender, receiver, pos] bools.
+Never [pos, pos]: edges join one position to itself. Above ``MAX_TABLE_BYTES`` (or with ``keep``) only the
+top-K by |score| and a uniform pool are kept (position_top.py). The faithfulness curve's masks are
+[size, sender, receiver, pos] bools (one size at a time when only the top is kept).
 """
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .graph import Edge, Graph
 
-MAX_TABLE_BYTES = 4 * 2 ** 30  # per-position score tables above this are refused (check_table)
+MAX_TABLE_BYTES = 2 ** 30  # per-position score tables above this keep their top-K only (position_top.py)
 POSITIONS = ("all", "each")  # --positions: whole edges (summed over positions) or per-position edges
 
 
@@ -99,12 +100,3 @@ def position_products(delta: Tensor, grad: Tensor) -> Tensor:
 def table_bytes(graph: Graph, n_pos: int, n_metrics: int, dtype: torch.dtype) -> int:
     return len(graph.senders) * len(graph.receivers) * n_pos * n_metrics * torch.tensor([], dtype=dtype).element_size()
 
-
-def check_table(graph: Graph, n_pos: int, n_metrics: int, dtype: torch.dtype) -> None:
-    """A ValueError naming the size and the fix when the per-position score tables exceed MAX_TABLE_BYTES."""
-    size = table_bytes(graph, n_pos, n_metrics, dtype)
-    if size > MAX_TABLE_BYTES:
-        raise ValueError(f"per-position edge scores need a [sender, receiver, pos] table per metric: "
-                         f"{len(graph.senders)} x {len(graph.receivers)} x {n_pos} x {n_metrics} metrics = "
-                         f"{size / 2 ** 30:.1f} GiB, above the {MAX_TABLE_BYTES / 2 ** 30:.0f} GiB limit; use shorter "
-                         "prompts, fewer --metrics, or whole edges (--positions all)")
