@@ -299,8 +299,10 @@ def test_keeping_the_top_needs_one_backward_of_every_prompt():
     model, batch = tiny_model("gpt2"), ap.make_batch(random_pairs(3))
     with pytest.raises(ValueError, match=r"running top-k, which needs one backward.*--estimator atp"):
         attribute_edges(model, batch, positions=True, keep=10, estimator="ig")
-    with pytest.raises(ValueError, match=r"--batch-size 2 < 3 prompts splits it: drop --batch-size"):
+    with pytest.raises(ValueError, match=r"--batch-size 2 < 3 prompts splits it.*drop --batch-size"):
         attribute_edges(model, batch, positions=True, keep=10, batch_size=2)
+    with pytest.raises(ValueError, match=r"keep takes a positive integer.*got 0"):
+        attribute_edges(model, batch, positions=True, keep=0)
 
 
 @pytest.mark.parametrize("keep", [None, 30])

@@ -267,7 +267,8 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     noising, EAP): the senders' source values from that ablation of the clean run (sources.py).
     ``positions``: per-position scores too (``by_position``, positions.py), from the same backward; with
     ``keep``, or when their table exceeds positions.MAX_TABLE_BYTES, only the top ``keep`` (default
-    position_top.DEFAULT_KEEP) and a pool drawn with ``seed`` (``position_top``)."""
+    position_top.DEFAULT_KEEP) by |score| under the first of ``metrics`` and a pool drawn with ``seed``
+    (``position_top``)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
@@ -287,7 +288,7 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
               for m in metrics}
     summed, keeper = {"values": values}, None
     if positions and (keep is not None or table_bytes(graph, batch.n_pos, len(metrics), acc) > MAX_TABLE_BYTES):
-        check_keep(estimator, batch_size, batch.n)
+        check_keep(estimator, batch_size, batch.n, keep)
         pool = draw_pool(graph, batch.n_pos, POOL_SIZE, seed)
         keeper = TopKeeper(graph, batch.n_pos, metrics, keep or DEFAULT_KEEP, pool, acc)
     elif positions:

@@ -77,11 +77,12 @@ class TopKeeper:
                 self.value[metric] = torch.zeros(len(self.index), dtype=self.value[metric].dtype)
             self._gather(self.index, self.value[metric], prod, j0)
             return
-        n, units, p = prod.shape
-        s, u, q = torch.meshgrid(torch.arange(n), torch.arange(units), torch.arange(p), indexing="ij")
-        flat = (s * self.n_r + j0 + u) * self.n_pos + q  # [sender, unit, pos] -> flat [S, R, P] index
-        values = torch.cat([self.value[metric], prod.flatten().cpu()])
-        index = torch.cat([self.index, flat.flatten()])
+        units, p = prod.shape[1:]
+        local = prod.flatten().abs().topk(min(self.keep, prod.numel())).indices  # this block's own top first
+        s, u, q = local // (units * p), local // p % units, local % p
+        flat = ((s * self.n_r + j0 + u) * self.n_pos + q).cpu()  # -> flat [S, R, P] index
+        values = torch.cat([self.value[metric], prod.flatten()[local].cpu()])
+        index = torch.cat([self.index, flat])
         keep = values.abs().topk(min(self.keep, len(values))).indices  # descending |score|
         self.index, self.value[metric] = index[keep], values[keep]
 
@@ -98,12 +99,14 @@ class TopKeeper:
                            pool_value={m: v / n_prompts for m, v in self.pool_value.items()}, n_pos=self.n_pos)
 
 
-def check_keep(estimator: str, batch_size: int | None, n_prompts: int) -> None:
+def check_keep(estimator: str, batch_size: int | None, n_prompts: int, keep: int | None = None) -> None:
     """The top-K needs one backward over every prompt (module docstring): a ValueError naming the fix."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep takes a positive integer (how many per-position edges to keep), got {keep!r}")
     if estimator == "ig":
         raise ValueError("per-position edges above the table limit keep a running top-k, which needs one backward "
                          "(EAP-IG sums several); use --estimator atp, shorter prompts, or whole edges (--positions all)")
     if batch_size is not None and batch_size < n_prompts:
         raise ValueError(f"per-position edges above the table limit keep a running top-k over one backward of every "
-                         f"prompt; --batch-size {batch_size} < {n_prompts} prompts splits it: drop --batch-size, use "
-                         "fewer prompts, or whole edges (--positions all)")
+                         f"prompt; --batch-size {batch_size} < {n_prompts} prompts splits it (an out-of-memory retry "
+                         "does too): drop --batch-size, use fewer prompts, or whole edges (--positions all)")
