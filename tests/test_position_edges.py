@@ -204,8 +204,7 @@ def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_pat
     task = write_task(tmp_path / "task.jsonl", random_pairs(3))
     out = tmp_path / "run"
     assert main(["edges", "--model", str(folder), "--task", str(task), "--positions", "each", "--top-k", "5",
-                 "--random-k", "3", "--direction", "noise", "--circuit-points", "4", "--no-figures",
-                 "--out", str(out)]) == 0
+                 "--random-k", "3", "--direction", "noise", "--circuit-points", "4", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["positions"] == "each" and len(report["tokens"]) == N_POS
     assert report["n_edges"] == Graph(3, 4, 4).n_edges * N_POS
@@ -216,6 +215,8 @@ def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_pat
     assert "per-position edges (sender@p->receiver@p" in md
     assert f"| {entry['name']} (" in md or any(f"{e['name']} (" in md for e in report["edges"])
     assert "pos" in (out / "results.csv").read_text().splitlines()[0]
+    for stem in ("circuit_graph", "faithfulness", "edges_scatter_noise"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
     assert main(["edges", "--model", str(folder), "--task", str(task), "--positions", "each", "--mib",
                  str(tmp_path / "mib.json"), "--out", str(tmp_path / "mib")]) == 2
     err = capsys.readouterr().err

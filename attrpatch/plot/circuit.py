@@ -129,7 +129,8 @@ def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None
 
 
 def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool) -> str:
-    head = f"top {shown} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified)" + (
+    kind = "per-position edges (positions drawn on one line)" if circuit.get("positions") == "each" else "edges"
+    head = f"top {shown} of {circuit['n_edges']} {kind}; width |exact| (EAP score where unverified)" + (
         "; grey: layers skipped" if skipped else "")
     if report is None:
         return head
