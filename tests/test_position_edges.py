@@ -322,3 +322,24 @@ def test_saved_per_position_scores_load_back_for_resume(tmp_path, keep):
     else:
         assert torch.equal(back.position_top.index, scores.position_top.index) and back.position_top.n_pos == N_POS
         assert torch.equal(back.position_top.pool_value["logit_diff"], scores.position_top.pool_value["logit_diff"])
+
+
+def test_chunked_prompts_add_up_to_the_same_per_position_table():
+    model, batch = tiny_model("llama", dtype=torch.float64), ap.make_batch(random_pairs(5))
+    whole = attribute_edges(model, batch, positions=True)
+    chunked = attribute_edges(model, batch, positions=True, batch_size=2)
+    assert torch.allclose(chunked.by_position["logit_diff"], whole.by_position["logit_diff"], atol=1e-12)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_per_position_identities_hold_against_an_ablation(ablation):
+    """--ablation zero|mean (noising): the senders' source is the ablated clean run; (a) and (c) still hold."""
+    model, batch = tiny_model("gpt2", dtype=torch.float64), ap.make_batch(random_pairs(3))
+    per = attribute_edges(model, batch, direction="noise", ablation=ablation, positions=True)
+    whole = attribute_edges(model, batch, direction="noise", ablation=ablation)
+    assert torch.allclose(per.by_position["logit_diff"].sum(-1), whole.values["logit_diff"], atol=1e-10)
+    edges = whole_edges(whole.graph)
+    one = patch_edges(model, batch, edges, direction="noise", ablation=ablation)
+    joint = patch_edges(model, batch, [at_positions(e, range(N_POS)) for e in edges], direction="noise",
+                        ablation=ablation)
+    assert torch.allclose(joint.values, one.values, atol=1e-10) and one.values.abs().max() > 1e-3
