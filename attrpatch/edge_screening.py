@@ -102,7 +102,8 @@ def candidates(scores: EdgeScores, positions: str, metrics=(), top: int | None =
     """The edges a run ranks (whole Edges, or PositionEdges for ``positions`` each), their scores {metric:
     [edge]} in that order for ``metrics``, and how many edges there are. When only the per-position top-K
     was kept (methods/edges/position_top.py): the first ``top`` of it (all K for None) and then the uniform
-    pool, so that a control sample drawn outside the top ``top`` is uniform over the rest."""
+    pool, so that a control sample drawn outside the top ``top`` is uniform over the rest (a pool edge's
+    rank_approx is then its rank among these candidates, not among every edge)."""
     kept = scores.position_top
     if positions == "each" and kept is not None:
         head = kept.index[:top]
