@@ -155,7 +155,7 @@ class _SharedWriter(_Writer):
         w = self.w[:, :n_before]  # [copy, sender, batch, pos, d_model]
         if last:  # each prompt's last position: [copy, sender, batch, 1, d_model]
             w = w[:, :, torch.arange(self.batch.n, device=w.device), self.batch.last][:, :, :, None]
-        m = self.masks[:, :n_before, group].to(w.dtype)  # [copy, sender, receiver(, pos)]
+        m = self.masks[:, :n_before, group].to(w.device, w.dtype)  # [copy, sender, receiver(, pos)]
         if m.ndim == 4 and last:  # per position, at each prompt's last
             m = m[..., self.batch.last.to(m.device)]  # [copy, sender, receiver, batch]
             deltas = torch.einsum("csrb,csbd->crbd", m, w[:, :, :, 0])[:, :, :, None]
