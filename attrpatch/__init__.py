@@ -17,6 +17,7 @@ from .methods.ablation import ABLATIONS
 from .methods.edges.eap import EdgeScores, attribute_edges
 from .methods.edges.graph import Edge
 from .methods.edges.patching import EdgeEffects, patch_edges
+from .methods.edges.positions import PositionEdge
 from .methods.estimators.attribution import ESTIMATORS, Scores, attribute
 from .methods.patching.exact import Effects, patch
 from .methods.patching.features import patch_features
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABLATIONS", "ARCHS", "Arch", "Component", "DIRECTIONS", "Dictionary", "ESTIMATORS", "Edge", "EdgeConfig", "EdgeEffects", "EdgeResult",
-    "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
+    "ALL_METRICS", "DISCRETE_METRICS", "EdgeScores", "Effects", "METRICS", "PositionEdge", "PromptBatch", "PromptPair", "SITES", "ScreenConfig", "ScreenResult",
     "Scores", "TASKS", "Target", "arch_from_json", "attribute", "attribute_edges", "builtin_task", "components",
     "fetch", "load", "load_dictionary", "load_jsonl", "make_batch", "metric", "model_spec", "patch", "patch_edges", "patch_features", "register_arch", "screen",
     "screen_edges", "use_arch",

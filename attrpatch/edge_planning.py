@@ -9,6 +9,13 @@ Traced, through the functions the edges run calls, with its arguments (edge_scre
                  largest buffer at width), the receiving run with grad and one backward per metric.
   edge_patching  methods/edges/patching.patch_edges of the verified edges (top-k + control sample) on every
                  prompt, --copies edge sets per pass (default: the device's rows, as the run takes them).
+  per position   with ``positions="each"`` (``attrpatch edges --positions each``; ``attrpatch plan --edges
+                 --positions each``) the edges phase holds the [sender, receiver, pos] score table per
+                 metric too, S x R x n_pos x 4 B (methods/edges/positions.py; GPT-2 small at 64 tokens, 4
+                 metrics: 72 MB), or above 1 GiB its top-K and pool only (position_top.py: (K + pool) x 12 B
+                 per metric, plus one receiver group's [sender, unit, pos] products), and edge patching
+                 verifies per-position edges (each receiver's mask [copy, sender, pos]: the same deltas as a
+                 whole edge's).
 
 Not traced, or traced differently from a real run:
   - The prompts are synthetic, as in planning.py (full length, no shared prefix).
@@ -31,6 +38,7 @@ from .inputs.batch import PromptBatch
 from .methods.edges.eap import attribute_edges
 from .methods.edges.graph import EdgeModel
 from .methods.edges.patching import patch_edges
+from .methods.edges.positions import position_edges
 from .methods.patching.passes import DEFAULT_ROWS
 from .model import hf_compat
 from .model.sites import as_spec
@@ -39,10 +47,11 @@ from .planning import halves, meta_model, name_devices, size_text, synthetic_bat
 EDGE_PHASES = ("edges", "edge_patching")
 
 
-def verified_edges(spec, config: EdgeConfig) -> list:
-    """As many edges as an edges run verifies (top-k and the control sample), ranked from seeded random
-    scores: the plan has no scores to rank by."""
-    every = EdgeModel(spec).graph.edges()
+def verified_edges(spec, config: EdgeConfig, n_pos: int) -> list:
+    """As many edges as an edges run verifies (top-k and the control sample; per-position edges of ``n_pos``
+    positions with ``config.positions`` each), ranked from seeded random scores: the plan has no scores to rank by."""
+    graph = EdgeModel(spec).graph
+    every = graph.edges() if config.positions == "all" else position_edges(graph, n_pos)
     g = torch.Generator().manual_seed(config.seed)
     top = top_k(torch.randn(len(every), generator=g), config.top_k)
     return [every[j] for j in top + control_sample(len(every), top, config.random_k, config.seed)]
@@ -63,7 +72,7 @@ def trace_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig, *,
     MemoryTracker.summary() with a "load" phase (the weights)."""
     spec = as_spec(model)
     direction = config.directions[0]
-    chosen = verified_edges(spec, config) if "edge_patching" in phases else []  # not traced
+    chosen = verified_edges(spec, config, batch.n_pos) if "edge_patching" in phases else []  # not traced
     tracker = MemoryTracker(model)
     with fused_attention(), hf_compat.meta_autocast(), tracker:
         with tracker.phase("load"):
@@ -72,7 +81,7 @@ def trace_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig, *,
             with tracker.phase("edges"):
                 scores = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
                                          estimator=config.estimator, ig_steps=config.ig_steps,
-                                         batch_size=config.batch_size)
+                                         batch_size=config.batch_size, positions=config.positions == "each")
                 del scores
         if "edge_patching" in phases:
             with tracker.phase("edge_patching"):
@@ -91,6 +100,7 @@ def plan_edges(model_config, config: EdgeConfig, *, n_prompts: int, seq_len: int
     plan = trace_edges(model, synthetic_batch(n_prompts, seq_len), config)
     name_devices(plan, device)
     plan["settings"] = {"top_k": config.top_k, "random_k": config.random_k, "estimator": config.estimator,
+                        "positions": config.positions,
                         "batch_size": config.batch_size or n_prompts, "copies": config.copies,
                         "metrics": list(config.metrics)}
     return plan
@@ -98,13 +108,13 @@ def plan_edges(model_config, config: EdgeConfig, *, n_prompts: int, seq_len: int
 
 def edge_config(args) -> EdgeConfig:
     """The EdgeConfig ``attrpatch plan --edges`` plans: an edges run's defaults (top 50 + 30 control edges,
-    EAP) with the plan's --metric, graded --metrics, --direction, --batch-size, --copies, --seed, and EAP-IG
-    for --estimator ig."""
+    EAP) with the plan's --metric, graded --metrics, --direction, --batch-size, --copies, --seed, EAP-IG
+    for --estimator ig, and per-position edges for --positions each."""
     from .engine.metrics import graded
     return with_primary_metric(EdgeConfig(
         metric=args.metric, metrics=tuple(graded(args.metrics)), direction=args.direction or "both",
         estimator="ig" if args.estimator == "ig" else "atp", ig_steps=args.ig_steps, seed=args.seed,
-        batch_size=args.batch_size, copies=args.copies))
+        batch_size=args.batch_size, copies=args.copies, positions="each" if args.positions == "each" else "all"))
 
 
 def add_edges(plan: dict, edges: dict) -> dict:

@@ -1,7 +1,9 @@
 """The edge screen: EAP (or EAP-IG) for every edge, exact edge patching of the top-k and a random control
 sample, their agreement, flags with measured causes, both directions, every metric from the same patched
 runs; then the circuit of the top-n edges and its faithfulness curve. The CLI's ``edges`` is a thin layer
-on this; verification reuses the node screen's analysis (ranking, agreement, flags).
+on this; verification reuses the node screen's analysis (ranking, agreement, flags). With
+``config.positions == "each"`` every step works on per-position edges sender@p->receiver@p instead
+(methods/edges/positions.py): ranked, verified and cut into circuits as whole edges are.
 """
 
 import time
@@ -30,6 +32,7 @@ from .methods.edges.circuits import outside_circuits, patch_circuits
 from .methods.edges.eap import EdgeScores, attribute_edges
 from .methods.edges.graph import Edge, EdgeModel, Node
 from .methods.edges.patching import patch_edges
+from .methods.edges.positions import position_exists
 from .methods.patching.diagnostics import activation_change, attention_stats
 from .model.sites import Component, as_spec
 from .model.ungroup import check_ungroupable
@@ -53,9 +56,11 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
         start = time.perf_counter()
         scores[direction] = progress.edge_scores(f"edge-attribution-{direction}", EdgeModel(spec).graph)
         if scores[direction] is None:
-            scores[direction] = attribute_edges(spec, batch, metrics=config.metrics, direction=direction,
+            metrics = (config.metric, *(m for m in config.metrics if m != config.metric))  # the top-K's ranking first
+            scores[direction] = attribute_edges(spec, batch, metrics=metrics, direction=direction,
                                                 estimator=config.estimator, ig_steps=config.ig_steps,
-                                                batch_size=config.batch_size, ablation=config.ablation)
+                                                batch_size=config.batch_size, ablation=config.ablation,
+                                                positions=config.positions == "each", seed=config.seed)
             progress.save_edge_scores(f"edge-attribution-{direction}", scores[direction])
         timing[f"attribution_{direction}_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -76,7 +81,7 @@ def screen_edges(model: nn.Module, batch: PromptBatch, config: EdgeConfig = Edge
         mib, export = evaluate_mib(spec, batch, scores, config)
         timing["mib_s"] = time.perf_counter() - start
     first = next(iter(scores.values()))
-    return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=first.graph.n_edges,
+    return EdgeResult(config=config, model=spec.name, n_prompts=batch.n, n_edges=candidates(first, config.positions, top=0)[2],
                       clean_metric=first.clean_metric, corrupt_metric=first.corrupt_metric, scores=scores,
                       edges=finding_dicts(entries), agreement=agree, false_negatives=fns, circuit=circuit, timing=timing,
                       sanity=sanity, mib=mib, mib_export=export)
@@ -96,12 +101,30 @@ def _baselines(spec, batch: PromptBatch) -> tuple[float, dict]:
     return seconds, sanity
 
 
+def candidates(scores: EdgeScores, positions: str, metrics=(), top: int | None = None) -> tuple[list, dict, int]:
+    """The edges a run ranks (whole Edges, or PositionEdges for ``positions`` each), their scores {metric:
+    [edge]} in that order for ``metrics``, and how many edges there are. When only the per-position top-K
+    was kept (methods/edges/position_top.py): the first ``top`` of it (all K for None) and then the uniform
+    pool, so that a control sample drawn outside the top ``top`` is uniform over the rest (a pool edge's
+    rank_approx is then its rank among these candidates, not among every edge)."""
+    kept = scores.position_top
+    if positions == "each" and kept is not None:
+        head = kept.index[:top]
+        pool = ~torch.isin(kept.pool, head)
+        flat = torch.cat([head, kept.pool[pool]])
+        approx = {m: torch.cat([kept.value[m][:len(head)], kept.pool_value[m][pool]]).float() for m in metrics}
+        return kept.edges(scores.graph, flat), approx, scores.graph.n_edges * kept.n_pos
+    if positions == "each":
+        every = scores.position_edges()
+        return every, {m: scores.position_flat(m).float() for m in metrics}, len(every)
+    return scores.graph.edges(), {m: scores.flat(m).float() for m in metrics}, scores.graph.n_edges
+
+
 def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, progress: Progress):
     """Exact effects of the top-k edges by |score| and a random control sample (the edges' SitePlan, drawn
     as a node site's is; a saved step); their findings, agreement per metric and false-negative bound."""
     graph, direction, primary = scores.graph, scores.direction, config.metrics.index(config.metric)
-    every = graph.edges()
-    approx = {m: scores.flat(m).float() for m in config.metrics}  # [edge]
+    every, approx, n_edges = candidates(scores, config.positions, config.metrics, top=config.top_k)  # [edge]
     plan = plan_site("edges", every, {config.estimator: approx}, first=config.estimator, metric=config.metric,
                      k=config.top_k, random_k=config.random_k, seed=config.seed)
     top, idx, rank_approx = plan.top, plan.indices, plan.rank_approx
@@ -116,7 +139,7 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, pr
     k = min(config.top_k, len(top))
     agree = {m: agreement(approx[m][idx], exact[:, i], k=max(k, 1), tol=tolerance(scores, m)).to_dict()
              for i, m in enumerate(config.metrics)}
-    fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], len(every) - len(idx)).to_dict()
+    fn = false_negatives(exact[len(top):, primary], exact[:len(top), primary], n_edges - len(idx)).to_dict()
     rank_exact = ranks(exact[:, primary])
     evidence = _evidence(spec, batch, direction, plan.verified, graph)
     tol = tolerance(scores, config.metric)
@@ -125,8 +148,9 @@ def _verify(spec, batch: PromptBatch, scores: EdgeScores, config: EdgeConfig, pr
         edge, value, estimate = every[j], float(exact[r, primary]), float(approx[config.metric][j])
         flags = disagreement_flags(estimate, value, tol, int(rank_approx[j]), int(rank_exact[r]), k)
         where, ev = evidence[edge]
+        at = {} if config.positions == "all" else {"pos": edge.pos}
         entries.append(Finding(
-            where={"sender": edge.sender, "receiver": edge.receiver}, name=str(edge), direction=direction,
+            where={"sender": edge.sender, "receiver": edge.receiver, **at}, name=str(edge), direction=direction,
             selected="top" if r < len(top) else "control", approx=estimate, exact=value,
             exact_ci=[float(low[r]), float(high[r])],
             rank_approx=int(rank_approx[j]), rank_exact=int(rank_exact[r]), flags=flags,
@@ -172,19 +196,45 @@ def faithfulness_curve(spec, batch: PromptBatch, scores: EdgeScores, config: Edg
     copy of a pass that computes every sender's write once (methods/edges/circuits.py);
     normalised 0 = corrupted, 1 = clean, with CPR and CMD. With ``config.ablation`` every edge outside is
     ablated instead, and 0 is the empty circuit (every edge ablated)."""
-    every = scores.graph.edges()
-    order = top_k(scores.flat(config.metric).float(), None)
-    sizes = circuits.circuit_sizes(len(every), config.circuit_points)
-    masks = outside_circuits(scores.graph.exists, order, sizes)  # [size, sender, receiver]
-    effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
-                             batch_size=config.batch_size, ablation=config.ablation)
+    every, flat, n_edges = candidates(scores, config.positions, [config.metric])
+    flat = flat[config.metric]
+    order = top_k(flat, None)
+    sizes = circuits.circuit_sizes(n_edges, config.circuit_points)
+    exists = scores.graph.exists if config.positions == "all" else position_exists(scores.graph, batch.n_pos)
+    if scores.position_top is None:
+        masks = outside_circuits(exists, order, sizes)  # [size, sender, receiver(, pos)]
+        effects = patch_circuits(spec, batch, masks, metrics=[config.metric], direction="noise",
+                                 batch_size=config.batch_size, ablation=config.ablation)
+    else:  # circuits within the kept top-K, and the whole graph; one mask in memory at a time
+        sizes = [n for n in sizes if n <= len(scores.position_top.index)] + [n_edges]
+        effects = _kept_circuits(spec, batch, scores, sizes, config)
     clean, corrupt = scores.clean_metric[config.metric], scores.corrupt_metric[config.metric]
     if config.ablation is not None:  # 0 = every edge ablated (the empty circuit, sizes[0] = 0), as MIB's
         corrupt = clean + float(effects.values[0, 0])
     faith = circuits.faithfulness([clean + float(v) for v in effects.values[:, 0]], clean, corrupt)
-    ranked = [{"sender": every[j].sender, "receiver": every[j].receiver,
-               "score": float(scores.flat(config.metric)[j])} for j in order[:max(sizes[1:-1] or [1])]]
-    return {"metric": config.metric, "ranked_by": f"{scores.estimator} {scores.direction}", "n_edges": len(every),
-            "sizes": sizes, "faithfulness": faith, **circuits.summary(sizes, faith, len(every)),
+    ranked = [{"sender": every[j].sender, "receiver": every[j].receiver, "score": float(flat[j]),
+               **({"pos": every[j].pos} if config.positions == "each" else {})}
+              for j in order[:max(sizes[1:-1] or [1])]]
+    return {"metric": config.metric, "ranked_by": f"{scores.estimator} {scores.direction}", "n_edges": n_edges,
+            "positions": config.positions,
+            "sizes": sizes, "faithfulness": faith, **circuits.summary(sizes, faith, n_edges),
             "clean_metric": clean, "corrupt_metric": corrupt, "edges": ranked,
             "forward_equivalents": effects.passes["forward_equivalents"]}
+
+
+def _kept_circuits(spec, batch: PromptBatch, scores: EdgeScores, sizes: list[int], config: EdgeConfig):
+    """The faithfulness curve's patches when only the per-position top-K was kept: per size n (<= K, or every
+    edge), one patch_circuits call whose mask is every per-position edge but the top n kept."""
+    kept, shape = scores.position_top.index, (*scores.graph.exists.shape, batch.n_pos)
+    values, passes = [], 0.0
+    for n in sizes:
+        mask = position_exists(scores.graph, batch.n_pos).clone()  # [sender, receiver, pos]
+        mask.view(-1)[kept[:n]] = False
+        if n >= scores.graph.n_edges * batch.n_pos:
+            mask.zero_()
+        effects = patch_circuits(spec, batch, mask.view(1, *shape), metrics=[config.metric], direction="noise",
+                                 batch_size=config.batch_size, ablation=config.ablation)
+        values.append(effects.values)
+        passes += effects.passes["forward_equivalents"]
+    effects.values, effects.passes["forward_equivalents"] = torch.cat(values), passes
+    return effects

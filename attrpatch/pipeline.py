@@ -170,7 +170,8 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
               prompts: PromptOptions | None = None, figures: bool = True, resume: bool = False,
               mib: Path | None = None, **prompt_keywords) -> dict:
     """Edge screen of ``model`` on ``task`` (edge_screening.screen_edges), written into ``out``; returns the
-    report dict. Edges are summed over positions, so prompts of several templates mix. prompts: as for
+    report dict. Edges are summed over positions, so prompts of several templates mix; per-position edges
+    (``config.positions == "each"``) take aligned prompts, as a per-position screen does. prompts: as for
     :func:`run_screen` (or its fields as keywords), its corruption str alone. Each completed step is saved
     under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does. ``mib``:
     write MIB's edge-score JSON there (sets ``config.mib``, which scores the run as MIB does)."""
@@ -183,7 +184,8 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
         raise ValueError(f"the edge screen runs on the task's own corrupt prompts (corruption str), got corruption "
                          f"{', '.join(prompts.corruption)}; leave corruption at ('str',), or screen components "
                          "(run_screen, attrpatch screen --corruption) for the others")
-    pairs, selection = _draw(model, tokenizer, task, prompts, seed=config.seed, batch_size=config.batch_size)
+    pairs, selection = _draw(model, tokenizer, task, prompts, seed=config.seed, batch_size=config.batch_size,
+                             per_position=config.positions == "each")
     manifest = manifest_dict(model_name=model_name, model=model, pairs=pairs, task=task, options=config_dict(config))
     identity = {"kind": "edges", "weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
                 "options": manifest["options"], "prompt_selection": selection}
@@ -191,7 +193,8 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
                                       progress=Progress(Path(out), identity, resume=resume))
     result.sanity["per_template"] = by_group(result.sanity["per_pair"], [p.template for p in pairs])
     result.sanity["prompt_selection"] = selection
-    report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=selection)
+    report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=selection,
+                         tokens=position_labels(pairs, tokenizer) if config.positions == "each" else None)
     if mib is not None:
         from .output.mib import write_export
         write_export(Path(mib), result.mib_export)

@@ -201,3 +201,23 @@ def faithfulness_reference(model, batch, scores, sizes, metric_name="logit_diff"
                              resume=False).values[0, 0].item()
         out.append((clean + effect - corrupt) / (clean - corrupt))
     return out
+
+
+def _at(delta, pos):
+    """``delta`` [batch, pos, d_model] kept at position ``pos`` only."""
+    kept = torch.zeros_like(delta)
+    kept[:, pos] = delta[:, pos]
+    return kept
+
+
+def position_edge_patch_reference(model, batch, edge, direction="denoise", metric_name="logit_diff"):
+    """One full forward with receiver input + (a_A(source) - a_A(receiver)) at the edge's position only."""
+    delta = _at(sender_delta(model, batch, edge.sender, direction), edge.pos)
+    return patch_input_reference(model, batch, edge.receiver, delta, direction, metric_name)
+
+
+def position_eap_reference(model, batch, edge, direction="denoise", metric_name="logit_diff"):
+    """(a_A(source) - a_A(receiver)) . d metric / d input_B, at the edge's position only."""
+    delta = sender_delta(model, batch, edge.sender, direction)
+    grad = receiver_grad(model, batch, edge.receiver, direction, metric_name)
+    return float((delta * grad)[:, edge.pos].sum())

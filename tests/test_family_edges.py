@@ -250,3 +250,21 @@ def test_cli_edges_with_mib_and_the_edge_plan_run_on_the_new_families(tmp_path, 
     assert exported["cfg"]["parallel_attn_mlp"] is (family == "phi")
     assert len(exported["edges"]) == json.loads((out / "report.json").read_text())["mib"]["n_edges"]
     assert main(["plan", "--model", str(folder), "--edges", "--n-prompts", "2", "--seq-len", "8"]) == 0
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_per_position_edges_add_up_to_whole_edges_on_the_new_families(setup, direction):
+    """Per-position edges (--positions each) on parallel, post-norm and OPT blocks: every position of an edge
+    patched jointly = the whole edge, and the position scores sum to the whole-edge scores (same backward)."""
+    from attrpatch.methods.edges.positions import PositionEdge
+    family, model, batch, tol = setup
+    graph = attribute_edges(model, batch).graph
+    edges = sample_edges(graph)
+    whole = patch_edges(model, batch, edges, direction=direction, copies=3)
+    joint = patch_edges(model, batch, [tuple(PositionEdge(e.sender, e.receiver, p) for p in range(batch.n_pos))
+                                       for e in edges], direction=direction, copies=3)
+    assert torch.allclose(joint.values, whole.values, atol=tol)
+    assert whole.values.abs().max() > 1e-3
+    per = attribute_edges(model, batch, direction=direction, positions=True)
+    scores = attribute_edges(model, batch, direction=direction)
+    assert torch.allclose(per.by_position["logit_diff"].sum(-1), scores.values["logit_diff"], atol=tol)

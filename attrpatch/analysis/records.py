@@ -95,7 +95,10 @@ class Finding:
     def to_dict(self) -> dict:
         """The finding as report.json states it (NODE_KEYS or EDGE_KEYS, in that order)."""
         values = {**vars(self), **self.where}
-        return {k: values[k] for k in (EDGE_KEYS if self.is_edge else NODE_KEYS)}
+        keys = EDGE_KEYS if self.is_edge else NODE_KEYS
+        if self.is_edge and "pos" in self.where:  # a per-position edge (methods/edges/positions.py)
+            keys = keys[:2] + ("pos",) + keys[2:]
+        return {k: values[k] for k in keys}
 
 
 def finding_dicts(findings: list[Finding]) -> list[dict]:

@@ -178,7 +178,7 @@ def _edges(args) -> int:
     config = with_primary_metric(EdgeConfig(metric=args.metric, metrics=args.metrics, direction=direction, top_k=args.top_k,
                         random_k=args.random_k, estimator=args.estimator, ig_steps=args.ig_steps,
                         circuit_points=args.circuit_points, seed=args.seed, batch_size=args.batch_size,
-                        copies=args.copies, ablation=args.ablation))
+                        copies=args.copies, ablation=args.ablation, positions=args.positions))
     model, tokenizer = _load(args, args.device)
     if args.max_memory is not None:
         from .plan import fit_to_memory

@@ -153,7 +153,9 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
 EDGES_EPILOG = """examples:
   attrpatch edges --task ioi --out runs/edges                      # embedded toy model, both directions
   attrpatch edges --model ./my-llama --task pairs.jsonl --top-k 100 --estimator ig
-edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits.
+  attrpatch edges --task ioi --positions each --top-k 20 --out runs/pos-edges   # per-position edges
+edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits;
+with --positions each, sender@p->receiver@p: L3H2@5->L5H1.k@5.
 supported families: gpt2, llama (Llama 2 and 3), mistral, qwen2, qwen3, phi3."""
 
 
@@ -187,6 +189,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", choices=("zero", "mean"), default=None,
                    help="each sender's source value from this ablation of the clean run instead of the corrupt "
                         "run (mean: per position over the prompts); noising only")
+    p.add_argument("--positions", choices=("all", "each"), default="all",
+                   help="all: whole edges, summed over positions; each: one edge per position, sender@p->receiver@p "
+                        "(a k/v receiver at its key position p), on aligned prompts (one template)")
     p.add_argument("--top-k", type=_top_k_int, default=50, help="verify the top k edges by |score|")
     p.add_argument("--random-k", type=int, default=30, help="random control edges")
     p.add_argument("--estimator", choices=EDGE_ESTIMATORS, default="atp", help="atp (EAP), ig (EAP-IG), gim (EAP under GIM's rules), relp_gim (under GIM's and RelP's), "

@@ -13,11 +13,13 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save
 
 from ..engine import distributed
 from ..methods.edges.eap import EdgeScores
 from ..methods.edges.patching import EdgeEffects
+from ..methods.edges.position_top import PositionTop
 from ..methods.estimators.attribution import Scores
 from ..methods.patching.exact import Effects
 from .files import write_atomic, write_json
@@ -122,14 +124,30 @@ class Progress:
     def edge_scores(self, name: str, graph) -> EdgeScores | None:
         """The saved edge scores of ``graph`` (methods/edges/graph.py), or None."""
         found = self._load(name)
-        return None if found is None else EdgeScores(graph=graph, values=found[0], **found[1])
+        if found is None:
+            return None
+        tensors = found[0]
+        values = {k: v for k, v in tensors.items() if "/" not in k}
+        by_position = {k[4:]: v for k, v in tensors.items() if k.startswith("pos/")} or None
+        top = None
+        if "top/index" in tensors:  # only the per-position top-K was kept
+            top = PositionTop(index=tensors["top/index"], value={m: tensors[f"top/{m}"] for m in values},
+                              pool=tensors["pool/index"], pool_value={m: tensors[f"pool/{m}"] for m in values},
+                              n_pos=int(tensors["top/n_pos"]))
+        return EdgeScores(graph=graph, values=values, by_position=by_position, position_top=top, **found[1])
 
     def save_edge_scores(self, name: str, scores: EdgeScores) -> None:
         if self.folder is None:
             return
         meta = {k: getattr(scores, k) for k in ("direction", "clean_metric", "corrupt_metric", "n_prompts",
                                                  "estimator", "passes")}
-        self._save(name, dict(scores.values), meta)
+        positions = {f"pos/{m}": t for m, t in (scores.by_position or {}).items()}  # per-position edges
+        top = scores.position_top
+        if top is not None:  # or their top-K and pool (methods/edges/position_top.py)
+            positions = {"top/index": top.index, "pool/index": top.pool, "top/n_pos": torch.tensor(top.n_pos),
+                         **{f"top/{m}": v for m, v in top.value.items()},
+                         **{f"pool/{m}": v for m, v in top.pool_value.items()}}
+        self._save(name, {**scores.values, **positions}, meta)
 
     def record(self, name: str) -> dict | None:
         """A saved step whose result is plain JSON (an edges run's faithfulness curve), or None."""

@@ -1,7 +1,10 @@
 """Writing an edge screen: report.json (its "edges" list: one entry per verified edge x direction),
 circuit.json (the faithfulness curve), results.csv (one row per verified edge x direction x metric),
-edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata), report.md (the
-clean-run check first, as in the node report, then agreement and the circuit).
+edge_scores.safetensors (every edge score, [sender, receiver] with the names in its metadata; per-position runs
+add ``pos/<direction>/<metric>`` [sender, receiver, pos], or ``top/<direction>/index`` and ``top/<direction>/<metric>``
+when only the top-K was kept), report.md (the clean-run check first, as in the node
+report, then agreement and the circuit). Per-position runs (``positions: each``) name edges
+``L3H1@5->L7.mlp@5`` and give each edge's ``pos``; report.md adds the token (or role) at that position.
 ``result``: the edge screen's EdgeResult (analysis/results.py)."""
 
 import json
@@ -12,7 +15,7 @@ from ..config import EdgeConfig, config_dict
 from ..methods.ablation import label as ablation_label
 from .files import safetensors_bytes, write_atomic, write_csv, write_json
 from .findings import fn_words
-from .markdown import num, table
+from .markdown import name, num, table
 from .mib import mib_lines
 from .report_md import _sanity_section
 
@@ -21,11 +24,13 @@ EDGE_ROWS = 5  # rows per receiver kind
 EDGE_REPORT_VERSION = 1
 
 
-def edge_report(result: EdgeResult, *, model: str, task: str) -> dict:
+def edge_report(result: EdgeResult, *, model: str, task: str, tokens: list[str] | None = None) -> dict:
+    """``tokens``: one label per position (the token, or its role), shown with per-position edges."""
     c: EdgeConfig = result.config
     return {
         "version": EDGE_REPORT_VERSION, "kind": "edges", "model": model, "model_class": result.model, "task": task,
-        "n_prompts": result.n_prompts, "n_edges": result.n_edges, "options": config_dict(c),
+        "n_prompts": result.n_prompts, "n_edges": result.n_edges, "positions": c.positions, "tokens": tokens,
+        "options": config_dict(c),
         "directions": list(c.directions), "metric": c.metric, "metrics": list(c.metrics), "estimator": c.estimator,
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "edges": result.edges, "agreement": result.agreement, "false_negatives": result.false_negatives,
@@ -38,7 +43,8 @@ def edge_report(result: EdgeResult, *, model: str, task: str) -> dict:
 
 def edge_rows(entries: list[dict], metrics) -> list[dict]:
     """One row per verified edge x direction x metric."""
-    return [{"direction": e["direction"], "sender": e["sender"], "receiver": e["receiver"], "selected": e["selected"],
+    return [{"direction": e["direction"], "sender": e["sender"], "receiver": e["receiver"], "pos": e.get("pos"),
+             "selected": e["selected"],
              "metric": m, "approx": e["approx_metrics"][m], "exact": e["exact_metrics"][m],
              "exact_norm": e["exact_norm"][m], "rank_approx": e["rank_approx"], "rank_exact": e["rank_exact"],
              "flags": ";".join(e["flags"])} for e in entries for m in metrics]
@@ -50,6 +56,12 @@ def write_edge_scores(path: Path, result: EdgeResult) -> None:
         graph = scores.graph
         for m, t in scores.values.items():
             tensors[f"{direction}/{m}"] = t.float().contiguous()
+        for m, t in (scores.by_position or {}).items():
+            tensors[f"pos/{direction}/{m}"] = t.float().contiguous()  # [sender, receiver, pos]
+        if scores.position_top is not None:  # only the top-K kept: flat [sender, receiver, pos] indices
+            tensors[f"top/{direction}/index"] = scores.position_top.index.contiguous()
+            for m, t in scores.position_top.value.items():
+                tensors[f"top/{direction}/{m}"] = t.float().contiguous()
     meta = {"axes": "sender receiver", "senders": json.dumps([s.name for s in graph.senders]),
             "receivers": json.dumps([r.name for r in graph.receivers]), "note": "EAP scores, mean over prompts; "
             "zero where no edge exists"}
@@ -57,11 +69,13 @@ def write_edge_scores(path: Path, result: EdgeResult) -> None:
     write_atomic(path, lambda f: f.write(data), binary=True)
 
 
-def write_edges(out: Path, result: EdgeResult, *, model_name: str, task: str, prompt_selection: dict | None = None) -> dict:
+def write_edges(out: Path, result: EdgeResult, *, model_name: str, task: str, prompt_selection: dict | None = None,
+                tokens: list[str] | None = None) -> dict:
     """Write report.json, report.md, circuit.json, results.csv and edge_scores.safetensors into ``out``;
-    prompt_selection: how the prompts were chosen (prompts.prepare_pairs), recorded in the report."""
+    prompt_selection: how the prompts were chosen (prompts.prepare_pairs), recorded in the report; tokens: a
+    label per position (inputs/alignment.position_labels)."""
     out = Path(out)
-    report = {**edge_report(result, model=model_name, task=task), "prompt_selection": prompt_selection}
+    report = {**edge_report(result, model=model_name, task=task, tokens=tokens), "prompt_selection": prompt_selection}
     write_json(out / "report.json", report)
     write_json(out / "circuit.json", result.circuit)
     write_csv(out / "results.csv", edge_rows(result.edges, result.config.metrics))
@@ -74,8 +88,8 @@ def edge_summary(report: dict) -> list[str]:
     """report.md of an edge screen: the clean-run check (read first when it warns), agreement per direction,
     the circuit."""
     lines = [f"# Edge screen: {report['model']} on {report['task']}", "",
-             f"{report['n_prompts']} prompt pairs, {report['n_edges']} edges scored by {report['estimator']}"
-             f"{_ablation_words(report)}.", ""]
+             f"{report['n_prompts']} prompt pairs, {report['n_edges']} {_edge_words(report)} scored by "
+             f"{report['estimator']}{_ablation_words(report)}.", ""]
     lines += _sanity_section(report.get("sanity") or {})
     lines += ["## Approximation vs exact edge patching", ""]
     for d in report["directions"]:
@@ -93,6 +107,14 @@ def edge_summary(report: dict) -> list[str]:
     lines += table(["edges", *map(str, c["sizes"])], [["faithfulness", *(
         "n/a" if f is None else f"{round(f, 2) + 0.0:.2f}" for f in c["faithfulness"])]])
     return lines + ([""] + mib_lines(report["mib"]) if report.get("mib") else [])
+
+
+def _edge_words(report: dict) -> str:
+    """'edges', or what a per-position edge is."""
+    if report.get("positions") != "each":
+        return "edges"
+    return ("per-position edges (sender@p->receiver@p: receiver B reads A's write at its own position p; a k/v "
+            "receiver's p is the key position, reaching queries p' >= p through attention)")
 
 
 def _ablation_words(report: dict) -> str:
@@ -123,8 +145,9 @@ def _top_edges(report: dict) -> list[str]:
     for kind, rows in kinds.items():
         lines += [f"### into {kind}", ""]
         lines += table(["edge", report["estimator"], "exact [95% CI]", "rank: score / exact", "selected", "flags"],
-                       [[e["name"], num(e["approx"]), exact_text(e), f"{e['rank_approx']} / {e['rank_exact']}",
-                         e["selected"], ", ".join(e["flags"]) or "-"] for e in rows[:EDGE_ROWS]])
+                       [[name(e, report.get("tokens")), num(e["approx"]), exact_text(e),
+                         f"{e['rank_approx']} / {e['rank_exact']}", e["selected"], ", ".join(e["flags"]) or "-"]
+                        for e in rows[:EDGE_ROWS]])
     return lines
 
 
@@ -149,10 +172,10 @@ def control_edges(report: dict) -> list[str]:
         weakest = min(top, default=0.0)
         beat = sum(abs(e["exact"]) > weakest for e in controls)
         lines += [f"- {d}: {len(controls)} controls; the largest |exact| {abs(controls[0]['exact']):.3g} "
-                  f"({controls[0]['name']}); {beat} beat the weakest top-{len(top)} edge (|exact| {weakest:.3g}).", ""]
+                  f"({name(controls[0], report.get('tokens'))}); {beat} beat the weakest top-{len(top)} edge (|exact| {weakest:.3g}).", ""]
         lines += table(["control edge", report["estimator"], "exact [95% CI]", "rank: score / exact"],
-                       [[e["name"], num(e["approx"]), exact_text(e), f"{e['rank_approx']} / {e['rank_exact']}"]
-                        for e in controls[:EDGE_ROWS]])
+                       [[name(e, report.get("tokens")), num(e["approx"]), exact_text(e),
+                         f"{e['rank_approx']} / {e['rank_exact']}"] for e in controls[:EDGE_ROWS]])
     return lines
 
 

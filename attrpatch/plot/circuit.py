@@ -50,15 +50,20 @@ def _short_node(name: str) -> str:
 
 def circuit_edges(circuit: dict, report: dict | None = None, n: int | None = None) -> list[dict]:
     """The circuit's top-n edges with ``value``: the exact effect (first direction) where verified, else the
-    score, and ``exact`` saying which."""
+    score, and ``exact`` saying which. Per-position edges match on their ``pos`` too (the graph draws the
+    positions of one edge on the same line)."""
     n = n or circuit.get("smallest_faithful") or 20
     edges = circuit["edges"][:min(n, MAX_CIRCUIT_EDGES)]
     exact = {}
     if report is not None:
         first = report["directions"][0]
-        exact = {(e["sender"], e["receiver"]): e["exact"] for e in report["edges"] if e["direction"] == first}
-    return [{**e, "value": exact.get((e["sender"], e["receiver"]), e["score"]),
-             "exact": (e["sender"], e["receiver"]) in exact} for e in edges]
+        exact = {_key(e): e["exact"] for e in report["edges"] if e["direction"] == first}
+    return [{**e, "value": exact.get(_key(e), e["score"]), "exact": _key(e) in exact} for e in edges]
+
+
+def _key(e: dict) -> tuple:
+    """An edge's identity in report.json and circuit.json: sender, receiver and (per-position edges) pos."""
+    return e["sender"], e["receiver"], e.get("pos")
 
 
 def _target(receiver: str) -> str:
@@ -124,7 +129,8 @@ def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None
 
 
 def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool) -> str:
-    head = f"top {shown} of {circuit['n_edges']} edges; width |exact| (EAP score where unverified)" + (
+    kind = "per-position edges (positions drawn on one line)" if circuit.get("positions") == "each" else "edges"
+    head = f"top {shown} of {circuit['n_edges']} {kind}; width |exact| (EAP score where unverified)" + (
         "; grey: layers skipped" if skipped else "")
     if report is None:
         return head

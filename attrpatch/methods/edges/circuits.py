@@ -12,9 +12,12 @@ SmolLM2. Here W_c is filled as the pass computes each sender (the heads projecte
 and the receivers of one layer read it in one product, [receiver, sender] @ [sender, batch * pos * d_model]:
 about one forward of work per copy. The same sums in another order: equal to float rounding.
 
+Per-position circuits (positions.py) give masks [item, sender, receiver, pos]: receiver B at p reads
+mask_c[:, B, p] . W_c[:, :, p], one product per position (the same work).
+
 Cost: the forwards of the copies (resumed at the earliest patched receiver's block) plus, per copy, that
 product per layer. Memory: W for every copy of a pass, [copy, sender, batch, pos, d_model] in the model's
-dtype: EAP's largest buffer (eap.py) once per copy, hence one copy per pass by default.
+dtype: EAP's largest buffer (eap.py) once per copy, hence one copy per pass by default; the masks, bool.
 """
 
 from typing import Sequence
@@ -38,8 +41,9 @@ def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tens
                    metrics: Sequence[str] = ("logit_diff",), direction: str = "noise", copies: int = 1,
                    batch_size: int | None = None, ablation: str | None = None) -> EdgeEffects:
     """Exact effect of patching, jointly, the edges of each mask in ``masks`` [item, sender, receiver] (bool;
-    entries where ``graph.exists`` is False are ignored). ``items`` of the result are the item indices.
-    ``ablation``: as patching.patch_edges's."""
+    entries where ``graph.exists`` is False are ignored), or of the per-position edges of each mask
+    [item, sender, receiver, pos]. ``items`` of the result are the item indices. ``ablation``: as
+    patching.patch_edges's."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     graph, metrics = em.graph, list(dict.fromkeys(metrics))
@@ -47,10 +51,11 @@ def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tens
     for m in metrics:
         check_metric(m)
     shape = (len(graph.senders), len(graph.receivers))
-    if masks.ndim != 3 or tuple(masks.shape[1:]) != shape:
-        raise ValueError(f"masks must be [item, sender, receiver] = [n, {shape[0]}, {shape[1]}] for {spec.name}; "
+    if masks.ndim not in (3, 4) or tuple(masks.shape[1:3]) != shape or masks.ndim == 4 and masks.shape[3] != batch.n_pos:
+        raise ValueError(f"masks must be [item, sender, receiver] = [n, {shape[0]}, {shape[1]}] for {spec.name}, or "
+                         f"[item, sender, receiver, pos] = [n, {shape[0]}, {shape[1]}, {batch.n_pos}] per position; "
                          f"got {tuple(masks.shape)}")
-    masks = masks.bool() & graph.exists
+    masks = masks.bool() & (graph.exists if masks.ndim == 3 else graph.exists[..., None])
     check_edge_ablation(ablation, direction)
     batch = batch.to(spec.device)
     means = ablation_means(spec, batch, ablation, batch_size)
@@ -58,7 +63,7 @@ def patch_circuits(model: nn.Module | ModelSpec, batch: PromptBatch, masks: Tens
     receiver = {m: 0.0 for m in metrics}
     passes = {"patched_rows": 0.0, "forward_equivalents": 0.0}
     layers = torch.tensor([min(r.layer, spec.dims.n_layers - 1) for r in graph.receivers])
-    patched = masks.any(1)  # [item, receiver]
+    patched = _patched(masks)  # [item, receiver]
     starts = [int(layers[row].min()) if row.any() else spec.dims.n_layers - 1 for row in patched]
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
@@ -76,11 +81,17 @@ def _run(p: _Pass, masks: Tensor, start: int) -> Tensor:
     """Last-token logits [copy * batch, vocab] of one pass, copy c patching ``masks[c]`` [sender, receiver]."""
     n, b = len(masks), p.batch
     writer = _SharedWriter(p.em, p.source, p.receiver, n, b, masks, start)
-    receivers = masks.any(1).any(0).nonzero().flatten().tolist()
+    receivers = _patched(masks).any(0).nonzero().flatten().tolist()
     hooks = writer.fill_hooks() + writer.hooks({j: masks[:, :, j].float() for j in receivers})
     with hooked(hooks):
         hidden = call_input(*p.calls[start])[0]
         return run_blocks(p.em.spec, start, hidden.repeat(n, 1, 1), p.calls, n, b.n, b.last)
+
+
+def _patched(masks: Tensor) -> Tensor:
+    """[item, receiver]: whether each item patches the receiver (from any sender, at any position)."""
+    out = masks.any(1)  # [item, receiver(, pos)]
+    return out.any(-1) if out.ndim == 3 else out
 
 
 class _SharedWriter(_Writer):
@@ -150,8 +161,14 @@ class _SharedWriter(_Writer):
         w = self.w[:, :n_before]  # [copy, sender, batch, pos, d_model]
         if last:  # each prompt's last position: [copy, sender, batch, 1, d_model]
             w = w[:, :, torch.arange(self.batch.n, device=w.device), self.batch.last][:, :, :, None]
-        m = self.masks[:, :n_before, group].transpose(1, 2).to(w.dtype)  # [copy, receiver, sender]
-        deltas = (m @ w.flatten(2)).unflatten(2, w.shape[2:])  # [copy, receiver, batch, pos | 1, d_model]
+        m = self.masks[:, :n_before, group].to(w.device, w.dtype)  # [copy, sender, receiver(, pos)]
+        if m.ndim == 4 and last:  # per position, at each prompt's last
+            m = m[..., self.batch.last.to(m.device)]  # [copy, sender, receiver, batch]
+            deltas = torch.einsum("csrb,csbd->crbd", m, w[:, :, :, 0])[:, :, :, None]
+        elif m.ndim == 4:
+            deltas = torch.einsum("csrp,csbpd->crbpd", m, w)  # [copy, receiver, batch, pos, d_model]
+        else:
+            deltas = (m.transpose(1, 2) @ w.flatten(2)).unflatten(2, w.shape[2:])  # [copy, receiver, batch, pos | 1, d_model]
         for k, i in enumerate(group):
             self.ready[i] = deltas[:, k]
 

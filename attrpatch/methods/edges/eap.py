@@ -18,6 +18,8 @@ Definitions (docs/methods.md#edges; names in graph.py):
                  (patching.py)
     score(A->B)  = sum over pos, d_model of delta_A * d metric / d input_B at the receiver, mean over
                  prompts (EAP). Scores out of A sum to A's node AtP score; into B, to input_B's score.
+                 ``positions=True`` keeps the sum over pos undone too: per-position edges A@p -> B@p
+                 (positions.py), [sender, receiver, pos] from the same products
     EAP-IG       the gradient averaged over the runs whose token embeddings lie on the line from receiver
                  to source (ig.py's midpoints); deltas from the plain runs.
     GIM          EAP with the receiving run's backward under GIM's rules (gim.py; ``relp_gim``: with RelP's
@@ -31,9 +33,11 @@ Cost per chunk of prompts: EAP 2 forwards + 1 backward per metric, plus the prod
 batch x pos x d_model] (about 0.3 of a forward on GPT-2 small). Memory: the deltas of every sender,
 (1 + L (H + 1)) x batch x pos x d_model floats (GPT-2 small, 8 x 64 tokens: 157 x 512 x 768 x 4 B = 0.25 GB;
 Llama-3-8B, 1057 senders, 4 B per float: 17 MB per token, so 16 x 128 tokens take 35 GB: chunk prompts with
-``batch_size``), plus the [senders, receivers] tables. Post-norm families also keep each layer's o
-[batch, pos, d_model] per run (writes.py) and form a layer's head deltas from two [head, batch, pos, d_model]
-products, one per run, instead of one.
+``batch_size``), plus the [senders, receivers] tables; with ``positions=True`` the [sender, receiver, pos]
+tables too (positions.py: S x R x n_pos x 4 B per metric), or, above positions.MAX_TABLE_BYTES or with
+``keep``, only the top ``keep`` by |score| and a seeded uniform pool (position_top.py). Post-norm families also
+keep each layer's o [batch, pos, d_model] per run (writes.py) and form a layer's head deltas from two
+[head, batch, pos, d_model] products, one per run, instead of one.
 """
 
 from dataclasses import dataclass, field
@@ -53,9 +57,12 @@ from ..estimators.gradients import Receiving
 from ..estimators.ig import alphas, along
 from ..halving import retried, run_chunks
 from .graph import QKV, Edge, EdgeModel, Graph
+from .position_top import DEFAULT_KEEP, PositionTop, TopKeeper, check_keep, draw_pool
+from .positions import MAX_TABLE_BYTES, flat_positions, position_edges, position_products, table_bytes
 from .sources import ablated_source, ablation_means, check_edge_ablation
 from .writes import head_deltas
 
+POOL_SIZE = 4096  # per-position edges drawn uniformly when only the top is kept: where controls come from
 EDGE_ESTIMATORS = ("atp", "ig", "gim", "relp_gim", "relp_t4")  # EAP, EAP-IG, EAP under GIM's rules (RelP's; T = 4)
 _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modifying's options
           "relp_t4": {"rules": gim.RELP_T4_RULES, "relp_rules": relp.DEFAULT_RULES}}
@@ -64,7 +71,9 @@ _RULES = {"gim": {}, "relp_gim": {"relp_rules": relp.DEFAULT_RULES},  # gim.modi
 @dataclass
 class EdgeScores:
     """``values[metric]``: [sender, receiver] float32 (float64 for float64 models), mean over prompts, zero
-    where no edge exists (``graph.exists``)."""
+    where no edge exists (``graph.exists``); ``by_position[metric]``: [sender, receiver, pos], the same
+    scores per position (positions.py), when asked for (their sum over pos is ``values``); ``position_top``:
+    their top-K and a uniform pool instead, when the table is too large (position_top.py)."""
 
     graph: Graph
     values: dict[str, Tensor]
@@ -74,6 +83,8 @@ class EdgeScores:
     n_prompts: int
     estimator: str = "atp"
     passes: dict[str, int] = field(default_factory=dict)
+    by_position: dict[str, Tensor] | None = None
+    position_top: PositionTop | None = None
 
     def score(self, edge: Edge, metric_name: str) -> float:
         return float(self.values[metric_name][self.graph.index(edge)])
@@ -81,6 +92,14 @@ class EdgeScores:
     def flat(self, metric_name: str) -> Tensor:
         """[edge] in ``graph.edges()`` order."""
         return self.graph.flat(self.values[metric_name])
+
+    def position_flat(self, metric_name: str) -> Tensor:
+        """[edge * pos] in ``position_edges()`` order (per-position scores only)."""
+        return flat_positions(self.graph, self.by_position[metric_name])
+
+    def position_edges(self) -> list:
+        """Every per-position edge (positions.PositionEdge), in ``position_flat`` order."""
+        return position_edges(self.graph, self.by_position[next(iter(self.by_position))].shape[-1])
 
 
 def deltas(em: EdgeModel, source: dict, receiver: dict, mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -115,9 +134,12 @@ class _Scorer(Receiving):
     delta_A . grad_B into ``values[metric]`` [sender, receiver] (runs, target and per-metric backward:
     gradients.Receiving, as the node estimators' Chunk)."""
 
-    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str, values: dict):
+    def __init__(self, em: EdgeModel, batch: PromptBatch, metrics: list[str], direction: str, values: dict,
+                 by_position: dict | None = None, keeper: TopKeeper | None = None):
         super().__init__(batch, metrics, direction)
         self.em, self.values, self.acc = em, values, next(iter(values.values())).dtype
+        self.by_position = by_position  # {metric: [sender, receiver, pos]} for per-position edges
+        self.keeper = keeper  # or their running top-K (position_top.py)
         self.norm_in: dict = {}
         self.delta: Tensor | None = None
         self.weight = 1.0
@@ -132,9 +154,18 @@ class _Scorer(Receiving):
     def add(self, j0: int, grad: Tensor) -> None:
         """Products of every earlier sender's delta with the gradients [unit, batch, pos, d_model] of the
         receivers j0, j0 + 1, ...: into values[metric][:, j0:j0 + unit]."""
-        n = self.em.graph.n_before[j0]
+        n, units = self.em.graph.n_before[j0], slice(j0, j0 + grad.shape[0])
+        if self.by_position is not None or self.keeper is not None:
+            grad = grad.reshape(grad.shape[0], *self.delta.shape[1:])  # OPT's MLP: [unit, batch * pos, d] rows
+            prod = position_products(self.delta[:n], grad.to(self.acc))  # [sender, unit, pos]
+            if self.keeper is not None:  # one backward, weight 1 (position_top.check_keep)
+                self.keeper.add(self.metric, prod, j0)
+            else:
+                self.by_position[self.metric][:n, units] += prod * self.weight
+            self.values[self.metric][:n, units] += prod.sum(-1) * self.weight
+            return
         prod = self.delta[:n].flatten(1) @ grad.to(self.acc).flatten(1).T  # [sender, unit]: one matmul
-        self.values[self.metric][:n, j0:j0 + grad.shape[0]] += prod * self.weight
+        self.values[self.metric][:n, units] += prod * self.weight
 
     def grad_hooks(self) -> list:
         """Per layer: q/k/v projection outputs and the MLP's input (EdgeModel.mlp_point); the final norm's
@@ -233,10 +264,15 @@ def _score_chunk(scorer: _Scorer, estimator: str, steps: int) -> None:
 
 def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics: Sequence[str] = ("logit_diff",),
                     direction: str = "denoise", estimator: str = "atp", ig_steps: int = 8,
-                    batch_size: int | None = None, ablation: str | None = None) -> EdgeScores:
+                    batch_size: int | None = None, ablation: str | None = None, positions: bool = False,
+                    keep: int | None = None, seed: int = 0) -> EdgeScores:
     """The score of every edge under each metric, in ``direction``: EAP (``atp``), EAP-IG (``ig``), or EAP
     under GIM's default rules (``gim``; ``relp_gim``: with RelP's default rules). ``ablation`` (zero | mean,
-    noising, EAP): the senders' source values from that ablation of the clean run (sources.py)."""
+    noising, EAP): the senders' source values from that ablation of the clean run (sources.py).
+    ``positions``: per-position scores too (``by_position``, positions.py), from the same backward; with
+    ``keep``, or when their table exceeds positions.MAX_TABLE_BYTES, only the top ``keep`` (default
+    position_top.DEFAULT_KEEP) by |score| under the first of ``metrics`` and a pool drawn with ``seed``
+    (``position_top``)."""
     spec = as_spec(model)
     em = EdgeModel(spec)
     metrics = list(dict.fromkeys(metrics))
@@ -254,19 +290,30 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
     acc = wide(next(spec.model.parameters()).dtype)
     values = {m: torch.zeros(len(graph.senders), len(graph.receivers), device=spec.device, dtype=acc)
               for m in metrics}
+    summed, keeper = {"values": values}, None
+    if positions and (keep is not None or table_bytes(graph, batch.n_pos, len(metrics), acc) > MAX_TABLE_BYTES):
+        check_keep(estimator, batch_size, batch.n, keep)
+        pool = draw_pool(graph, batch.n_pos, POOL_SIZE, seed)
+        keeper = TopKeeper(graph, batch.n_pos, metrics, keep or DEFAULT_KEEP, pool, acc)
+    elif positions:
+        summed["by_position"] = {m: torch.zeros(*values[m].shape, batch.n_pos, device=spec.device, dtype=acc)
+                                 for m in metrics}
     sums = {run: {m: 0.0 for m in metrics} for run in ("clean", "corrupt")}
 
     def run(part: PromptBatch, start: int, into: dict) -> None:
-        scorer = _Scorer(em, part, metrics, direction, into)
+        if keeper is not None and part.n < batch.n:  # an out-of-memory retry split the backward
+            check_keep(estimator, part.n, batch.n)
+        scorer = _Scorer(em, part, metrics, direction, into["values"], into.get("by_position"), keeper)
         scorer.ablation, scorer.means = ablation, means
         _score_chunk(scorer, estimator, ig_steps)
         for run_name, by_metric in scorer.metric_sums().items():
             for m in metrics:
                 sums[run_name][m] += by_metric[m]
     with eval_mode(spec.model):
-        size, n_chunks = run_chunks(batch, batch_size, run, summed=values, device=spec.device,
+        size, n_chunks = run_chunks(batch, batch_size, run, summed=summed, device=spec.device,
                                     what=f"attributing edges ({estimator})")
-    for t in values.values():
+    by_position = summed.get("by_position")
+    for t in [*values.values(), *(by_position or {}).values()]:
         t /= batch.n
     cost = {"forward": 2, "backward": len(metrics)} if estimator != "ig" else \
         {"forward": 2 + ig_steps, "backward": len(metrics) * ig_steps}
@@ -274,4 +321,6 @@ def attribute_edges(model: nn.Module | ModelSpec, batch: PromptBatch, *, metrics
                       clean_metric={m: v / batch.n for m, v in sums["clean"].items()},
                       corrupt_metric={m: v / batch.n for m, v in sums["corrupt"].items()},
                       n_prompts=batch.n, estimator=estimator,
-                      passes={**{k: v * n_chunks for k, v in cost.items()}, **retried(size, batch_size, batch.n)})
+                      passes={**{k: v * n_chunks for k, v in cost.items()}, **retried(size, batch_size, batch.n)},
+                      by_position=None if by_position is None else {m: v.cpu() for m, v in by_position.items()},
+                      position_top=None if keeper is None else keeper.result(batch.n))

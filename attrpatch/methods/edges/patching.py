@@ -4,6 +4,9 @@
                       input_B + sum over A with (A -> B) in E of a_A(source) - a_A(this run))
                - metric(receiving run), mean over prompts
 
+Per-position edges (positions.py) are patched the same way at their position only: receiver B at p reads
+input_B[p] + the sum over A with (A@p -> B@p) in E; a whole edge is every position of it.
+
 A sender's value "in this run" is its value in the patched run itself: for a single edge it is the
 receiving run's (nothing before B changes); for a joint set it follows the other patches, so patching every
 edge (an empty circuit) turns the receiving run into the source run exactly.
@@ -33,10 +36,11 @@ from ...model.sites import ModelSpec, as_spec
 from ..halving import halve
 from ..patching.passes import DEFAULT_ROWS
 from .graph import Edge, EdgeModel, Node
+from .positions import PositionEdge, position_index
 from .sources import ablated_source, ablation_means, check_edge_ablation
 from .writes import weighted_delta
 
-EdgeSet = Edge | tuple[Edge, ...]  # a tuple is patched jointly, in one copy
+EdgeSet = Edge | PositionEdge | tuple[Edge | PositionEdge, ...]  # a tuple is patched jointly, in one copy
 
 
 @dataclass
@@ -56,15 +60,26 @@ class EdgeEffects:
         return float(self.values[self.items.index(item), self.metrics.index(metric_name)])
 
 
-def _members(item: EdgeSet) -> tuple[Edge, ...]:
+def _members(item: EdgeSet) -> tuple[Edge | PositionEdge, ...]:
     return item if isinstance(item, tuple) else (item,)
+
+
+def _index(em: EdgeModel, edge: Edge | PositionEdge, n_pos: int) -> tuple[int, int, int | None]:
+    """(sender, receiver, pos) of a per-position edge; pos None (every position) for a whole edge."""
+    if isinstance(edge, PositionEdge):
+        return position_index(em.graph, edge, n_pos)
+    if not isinstance(edge, Edge):
+        raise TypeError(f"edge sets hold Edge or PositionEdge, got {type(edge).__name__} {edge!r}; e.g. "
+                        "Edge(\"L0H1\", \"L2H3.k\") or PositionEdge(\"L0H1\", \"L2H3.k\", 4)")
+    return (*em.graph.index(edge), None)
 
 
 def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequence[EdgeSet], *,
                 metrics: Sequence[str] = ("logit_diff",), direction: str = "denoise", copies: int | None = None,
                 resume: bool = True, batch_size: int | None = None, per_prompt: bool = False,
                 ablation: str | None = None) -> EdgeEffects:
-    """Exact effect of patching each of ``items`` (an Edge, or a tuple of Edges patched jointly); per prompt
+    """Exact effect of patching each of ``items`` (an Edge or a PositionEdge, or a tuple of them patched
+    jointly); per prompt
     too with ``per_prompt``; ``ablation`` (zero | mean, noising): the senders' values from that ablation of
     the clean run instead of the corrupt run (sources.py)."""
     spec = as_spec(model)
@@ -73,7 +88,7 @@ def patch_edges(model: nn.Module | ModelSpec, batch: PromptBatch, items: Sequenc
     check_direction(direction)
     for m in metrics:
         check_metric(m)
-    sets = [[em.graph.index(e) for e in _members(item)] for item in items]  # validates every edge
+    sets = [[_index(em, e, batch.n_pos) for e in _members(item)] for item in items]  # validates every edge
     check_edge_ablation(ablation, direction)
     batch = batch.to(spec.device)
     means = ablation_means(spec, batch, ablation, batch_size)
@@ -114,10 +129,10 @@ class _Pass:
         self.target = Target.from_clean(batch.answer, batch.wrong, clean)
         self.base = {m: metric(m, receiver_logits, self.target) for m in metrics}  # [batch]
 
-    def patch(self, sets: list[list[tuple[int, int]]], copies: int, resume: bool, passes: dict):
+    def patch(self, sets: list[list[tuple[int, int, int | None]]], copies: int, resume: bool, passes: dict):
         """Effects [item, metric, batch] of every edge set, and the receiving run's summed metrics."""
         graph, n_layers = self.em.graph, self.em.spec.dims.n_layers
-        starts = [min((min(graph.receivers[j].layer, n_layers - 1) for _, j in s), default=n_layers - 1)
+        starts = [min((min(graph.receivers[j].layer, n_layers - 1) for _, j, _ in s), default=n_layers - 1)
                   for s in sets]
         return self.patch_groups(starts, lambda group, start: self._run([sets[i] for i in group], start, resume),
                                  copies, resume, passes)
@@ -155,14 +170,15 @@ class _Pass:
                 effects[group, k] = (patched - self.base[m]).to(effects.dtype)
         return effects, {m: float(v.sum()) for m, v in self.base.items()}
 
-    def _run(self, sets: list[list[tuple[int, int]]], start: int, resume: bool) -> Tensor:
+    def _run(self, sets: list[list[tuple[int, int, int | None]]], start: int, resume: bool) -> Tensor:
         """Last-token logits [copy * batch, vocab] of one pass with copy c patching ``sets[c]``."""
         n, b = len(sets), self.batch
         graph = self.em.graph
-        masks: dict[int, Tensor] = {}  # receiver -> [copy, sender] 0/1
+        masks: dict[int, Tensor] = {}  # receiver -> [copy, sender, pos] 0/1
         for c, s in enumerate(sets):
-            for i, j in s:
-                masks.setdefault(j, torch.zeros(n, len(graph.senders)))[c, i] = 1.0
+            for i, j, p in s:
+                mask = masks.setdefault(j, torch.zeros(n, len(graph.senders), b.n_pos))
+                mask[c, i, slice(None) if p is None else p] = 1.0
         live: dict = {}
         writer = _Writer(self.em, self.source, self.receiver, live, n, b)
         hooks = record(self.em.sender_points(start if resume else 0), live, b.n_pos) + writer.hooks(masks)
@@ -188,14 +204,14 @@ class _Writer:
         return value.unflatten(0, (self.n, value.shape[0] // self.n))[copies]
 
     def delta(self, mask: Tensor, copies: Tensor, last: bool = False) -> Tensor:
-        """sum over the masked senders A of a_A(source) - a_A(this pass): [copy, batch, pos, d_model] for the
-        copies in ``copies`` (mask [copy, sender]); at the last real position only ([copy, batch, 1, d_model])
-        when ``last``."""
+        """sum over the masked senders A of a_A(source) - a_A(this pass), at the masked positions:
+        [copy, batch, pos, d_model] for the copies in ``copies`` (mask [copy, sender, pos]); at the last real
+        position only ([copy, batch, 1, d_model]) when ``last``."""
         graph, d = self.em.graph, self.em.spec.dims
         m = mask[copies]
         total = 0.0
         for key, cols in _sender_columns(graph, d.n_layers):
-            weights = m[:, cols]  # [copy, unit]
+            weights = m[:, cols]  # [copy, unit, pos]
             if not bool(weights.any()):
                 continue
             keys = [key, ("o", key[1])] if key[0] == "z" and self.em.post_norm else [key]
@@ -204,11 +220,14 @@ class _Writer:
             if last:
                 source = {k: _at_last(v, self.batch.last) for k, v in source.items()}
                 now = {k: _at_last(v, self.batch.last) for k, v in now.items()}
-            weights = weights.to(now[key].device, now[key].dtype)
+                weights = weights[:, :, self.batch.last.to(weights.device)][..., None]  # [copy, unit, batch, 1]
+            else:
+                weights = weights[:, :, None]  # [copy, unit, 1, pos]
+            weights = weights.to(now[key].device, now[key].dtype).movedim(1, -1)  # [copy, batch | 1, pos | 1, unit]
             if key[0] == "z":  # [copy, batch, pos, head, d_head] -> the masked heads' write
                 part = weighted_delta(self.em, key[1], source, now, weights)
             else:
-                part = (source[key] - now[key]) * weights[:, :, None, None]  # [copy, 1, 1, 1]
+                part = (source[key] - now[key]) * weights  # [copy, batch | 1, pos | 1, 1]
             total = total + part
         return total
 
@@ -247,7 +266,7 @@ class _Writer:
         r = self.em.graph.receivers[j]
         point = self.em.spec.hook_point(r.kind, r.layer)
         w, bias = self.em.in_slices(r.kind, r.layer)
-        copies = mask.any(1).nonzero().flatten()
+        copies = mask.flatten(1).any(1).nonzero().flatten()
 
         def callback(raw):
             normed = self._patched_input(j, mask, norm_in, copies)
@@ -262,7 +281,7 @@ class _Writer:
     def _mlp_input(self, j: int, mask: Tensor, norm_in: dict):
         """The MLP's input, norm(input_B + delta), in the copies that patch it (EdgeModel.mlp_point: a norm
         shared with the attention, as Phi's, keeps its output for the attention)."""
-        copies = mask.any(1).nonzero().flatten()
+        copies = mask.flatten(1).any(1).nonzero().flatten()
 
         def callback(raw):
             new = raw.clone()
@@ -274,7 +293,7 @@ class _Writer:
     def _norm_input(self, j: int, mask: Tensor, last: bool):
         """The final norm's input plus delta at the last real position, in the copies that patch it (the final
         norm sees [rows, d_model] in a resumed pass)."""
-        copies = mask.any(1).nonzero().flatten()
+        copies = mask.flatten(1).any(1).nonzero().flatten()
 
         def callback(raw):
             delta = self.receiver_delta(j, mask, copies, last)  # [copy, batch, 1, d_model]

@@ -47,10 +47,11 @@ def head_writes(em: EdgeModel, layer: int, z: Tensor, o: Tensor | None = None) -
 
 
 def weighted_write(em: EdgeModel, layer: int, z: Tensor, weights: Tensor, o: Tensor | None = None) -> Tensor:
-    """sum_h weights[.., h] * a_h: z [copy, batch, pos, head, d_head], weights [copy, head] ->
-    [copy, batch, pos, d_model] (the weights folded in before W_O: one product)."""
+    """sum_h weights[.., h] * a_h: z [copy, batch, pos, head, d_head], weights [copy, batch | 1, pos | 1, head]
+    (per copy, and per prompt or position where they differ) -> [copy, batch, pos, d_model] (the weights folded
+    in before W_O: one product)."""
     w_o = em.out_matrix(layer).to(z.dtype)  # [head * d_head, d_model]
-    write = (z * weights[:, None, None, :, None]).flatten(-2) @ w_o
+    write = (z * weights[..., None]).flatten(-2) @ w_o
     return write if o is None else write * post_scale(em, layer, o).to(write.dtype)
 
 
