@@ -72,6 +72,9 @@ class ScreenConfig:
     # whose every component that can have an effect fits is verified exhaustively, then the others grow past the
     # top-k by adaptive stopping (analysis/ranking.py); 0: the top-k and controls only
     verify_budget: float = 20.0
+    # processes the directions run in: 2 runs direction "both"'s second direction in a forked process, each on
+    # half the threads (CPU only; screening.processes); None: 2 where that is faster and safe, else 1
+    processes: int | None = None
 
     def __post_init__(self):
         for s in self.sites:
@@ -92,6 +95,8 @@ class ScreenConfig:
             check_estimator(self.estimator)
         if self.ablation is not None:
             check_ablation(self.ablation, self.direction, self.estimator)
+        if self.processes not in (None, 1, 2):
+            raise ValueError(f"processes must be 1 or 2 (the two directions side by side), got {self.processes}")
         if self.fn_subsets != 0 and self.fn_subsets < 4:
             raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
                              f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")

@@ -104,7 +104,7 @@ def run_screen(model: nn.Module, tokenizer, *, task: str, config: ScreenConfig, 
                                   "scale": manifest["corruption"]}
     manifest["prompt_selection"] = selection
     identity = {"weights": manifest["weights"], "prompts_sha256": manifest["prompts_sha256"],
-                "options": {k: v for k, v in manifest["options"].items() if k != "progress"},
+                "options": {k: v for k, v in manifest["options"].items() if k not in ("progress", "processes")},
                 "corruption": manifest["corruption"], "prompt_selection": selection}
     result: ScreenResult = screen(model, batch, config, progress=Progress(Path(out), identity, resume=resume))
     if distributed.rank() != 0:  # rank 0 writes for everyone

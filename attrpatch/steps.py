@@ -96,6 +96,14 @@ class Steps:
                                if m in DISCRETE_METRICS} for run, logits in (("clean", clean_logits),
                                                                              ("corrupt", corrupt_logits))}
 
+    def time_forward(self) -> float:
+        """Seconds of one forward of the clean prompts in this process now (a second process's unit)."""
+        batch = self.batch
+        with eval_mode(self.spec.model), torch.no_grad():
+            start = time.perf_counter()
+            forward_last(self.spec, batch.clean, batch.mask, batch.last)
+            return time.perf_counter() - start
+
     def attribute(self, direction: str) -> tuple[dict[str, Scores], dict[str, float]]:
         """Every estimator's scores in ``direction``, and the seconds each took."""
         config, est_scores, est_seconds = self.config, {}, {}

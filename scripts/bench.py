@@ -67,7 +67,7 @@ from benchmarks.edges import bench_edges, edge_lines  # noqa: E402
 from benchmarks.lens import bench_transformer_lens  # noqa: E402
 from benchmarks.patching import bench_patch, per_position_sample, pool_naive, topk_sample  # noqa: E402
 from benchmarks.report import table  # noqa: E402
-from benchmarks.screen import bench_screen  # noqa: E402
+from benchmarks.screen import bench_screen, screen_lines  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -91,9 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     ap_.add_argument("--out", default="bench_results.json", help="JSON results path")
     ap_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap_.add_argument("--edges", type=int, default=40, help="random edges patched exactly in the edge measurement")
-    ap_.add_argument("--only", choices=("all", "edges", "atp"), default="all",
+    ap_.add_argument("--only", choices=("all", "edges", "atp", "screen"), default="all",
                      help="edges: only the edge measurements (EAP, exact edge patching), ~1 min; atp: only AtP "
-                          "(plain and recompute, time and memory)")
+                          "(plain and recompute, time and memory); screen: only the default screen (a preset "
+                          "with a task: smollm2), its phases and the two-process run")
     ap_.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # atp_live_memory's child
     return ap_
 
@@ -114,6 +115,7 @@ def _setup(args, t_start: float) -> Bench:
     else:
         batch = ap.make_batch(make_pairs(n, n_pos, model.config.vocab_size, seed=args.seed))
     b = Bench(model, batch, device, not args.quiet)
+    b.tokenizer, b.task = tokenizer, preset.get("task")  # the screen benchmark runs the CLI's pipeline
     b.log(f"model built in {time.perf_counter() - t_start:.1f} s; warm-up")
     # the patch call resumes at the last block
     b.plain_forward()
@@ -141,6 +143,15 @@ def main(argv=None) -> dict:
         return memory_probe(b)
     if args.only == "atp":
         return only_atp(b, dims, args, itemsize, t_start)
+    if args.only == "screen":
+        if not PRESETS[args.preset].get("task"):
+            sys.exit(f"--only screen needs a preset with a task (smollm2), not {args.preset}")
+        result = {"screen": bench_screen(b)}
+        b.forward()
+        result["unit_seconds"] = {c: b.unit(c) for c in CLOCKS}
+        print("\n".join(screen_lines(result)))
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return result
     edges = bench_edges(b, args.repeats, args.edges, rng)
     if args.only == "edges":
         b.forward()

@@ -195,3 +195,21 @@ def test_cli_edges_mib_writes_the_graph_and_reports_cpr_and_cmd(tmp_path):
     graph = json.loads((tmp_path / "mib.json").read_text())
     assert list(graph["edges"]) == mib_edge_names(3, 4) and graph["cfg"]["n_heads"] == 4
     assert "## MIB's scores" in (out / "report.md").read_text()
+
+
+def test_the_mib_figure_draws_both_curves_from_report_json(tmp_path):
+    """figures/mib_faithfulness.png from the edges run's report.json alone: the signed and the absolute curve at
+    MIB's shares (the plotted y are report.json's faithfulness), CPR and CMD in the legend."""
+    from attrpatch.plot.circuit import draw_edges, plot_mib
+    out = run_edges_cli(tmp_path, "gpt2", "--direction", "denoise")
+    report = json.loads((out / "report.json").read_text())
+    fig = plot_mib(report["mib"], report=report)
+    lines = fig.axes[0].get_lines()[:2]
+    curve = report["mib"]["curve"]
+    for line, key in zip(lines, ("faithfulness_signed", "faithfulness_absolute")):
+        assert list(line.get_ydata()) == pytest.approx([float("nan") if f is None else f for f in curve[key]],
+                                                       nan_ok=True)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [f"by signed score: CPR {report['mib']['cpr']:.3f}", f"by |score|: CMD {report['mib']['cmd']:.3f}"]
+    written = draw_edges(out, formats=("png",))
+    assert out / "figures" / "mib_faithfulness.png" in written

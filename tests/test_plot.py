@@ -320,3 +320,12 @@ def test_circuit_graph_of_a_30_layer_model_is_sized_to_its_layers_and_its_legend
     assert drawn == {POS_C.lower(), NEG_C.lower()}
     assert legend == {"positive edge score": POS_C.lower(), "negative edge score": NEG_C.lower()}
     assert "smollm2-135m-instruct, ioi: denoising, logit diff" in ax.get_title(loc="left")
+
+
+def test_two_processes_draw_the_same_files_in_order(run_dir, tmp_path):
+    """draw_run(processes=2) draws every other figure in a forked process: the same paths in the same order,
+    byte for byte the same files (fixed metadata) as one process."""
+    one = plot.draw_run(run_dir, out=tmp_path / "one", processes=1)
+    two = plot.draw_run(run_dir, out=tmp_path / "two", processes=2)
+    assert [p.name for p in two] == [p.name for p in one] == [f"{s}.png" for s in STEMS]
+    assert [p.read_bytes() for p in two] == [p.read_bytes() for p in one]

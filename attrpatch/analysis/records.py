@@ -132,6 +132,19 @@ class Cost:
         self.forward_passes += passes["forward"]
         self.frozen = (self.frozen or 0.0) + passes["forward_equivalents"] + attributions
 
+    def minus(self, before: "Cost") -> "Cost":
+        """What was added since ``before`` (a copy of this tally taken earlier)."""
+        since = lambda now, then: None if now is None else now - (then or 0.0)
+        return Cost(forward_passes=self.forward_passes - before.forward_passes,
+                    verification=since(self.verification, before.verification),
+                    frozen=since(self.frozen, before.frozen))
+
+    def add(self, other: "Cost") -> None:
+        """Add another tally (another process's part of the same screen)."""
+        plus = lambda a, b: a if b is None else (a or 0.0) + b
+        self.forward_passes += other.forward_passes
+        self.verification, self.frozen = plus(self.verification, other.verification), plus(self.frozen, other.frozen)
+
     def to_dict(self) -> dict:
         """report.json's names (under "timing"), the phases that ran only."""
         out = {"forward_passes": self.forward_passes}

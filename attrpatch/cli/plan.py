@@ -22,6 +22,9 @@ def describe(plan: dict) -> str:
         lines.append(f"  largest buffer: {size_text(big['bytes'])}, {big['shape']} {big['dtype']} "
                      f"({big['op']}, {big['phase']})")
     lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("metrics", "edges")))
+    if s["device"] == "cpu":
+        lines.append("  one process: a CPU screen of --direction both runs its directions in two (--processes), each "
+                     "holding its own activations beside the shared weights; --max-memory keeps one")
     if "edges" in s:
         lines.append("  edges settings: " + ", ".join(f"{k} {v}" for k, v in s["edges"].items() if k != "metrics"))
     if "max_memory" in plan:

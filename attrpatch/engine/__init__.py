@@ -6,5 +6,6 @@
     partial       partial forwards: a pass resumed at a block (and, in a causal model, at a position)
     metrics       the metrics on the last-token logits, and their normalisation
     distributed   data parallelism over prompts with torch.distributed (torchrun)
+    forked        work in a forked second process on a CPU (a screen's second direction, half the figures)
     memory        live tensor bytes per phase and device, on real tensors (measured) or meta ones (planned)
 """

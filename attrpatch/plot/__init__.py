@@ -37,8 +37,15 @@ plain ``matplotlib.figure.Figure`` objects (no pyplot state), saved with fixed m
 re-drawing a run gives identical bytes.
 """
 
+import os
+from functools import partial
+from itertools import zip_longest
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..engine.forked import Forked
 
 from .directions import direction_pairs, plot_directions
 from .heatmaps import exact_grid, plot_heads, plot_positions
@@ -62,7 +69,7 @@ __all__ = [
 ]
 
 
-def figures(run) -> Iterator[tuple[str, object]]:
+def figures(run, keep: Callable[[int], bool] | None = None) -> Iterator[tuple[str, object]]:
     """(file stem, Figure) of every figure that applies to the run, one at a time:
 
     positions_{direction}   resid_pre/attn_out/mlp_out screened
@@ -72,11 +79,15 @@ def figures(run) -> Iterator[tuple[str, object]]:
     cost_recall_{direction} always
     directions              both directions
 
+    keep: which of them (by their index in this order) to draw; None: all.
     An ablation run (report "corruption" names one) says so in the title of every figure's first panel.
     """
     run = _as_run(run)
     ablation = (run.report.get("corruption") or {}).get("ablation")
-    for stem, fig in _figures(run):
+    for i, (stem, make) in enumerate(_figures(run)):
+        if keep is not None and not keep(i):
+            continue
+        fig = make()
         if ablation:  # the first panel's title says it (a suptitle would sit on the figure legends)
             ax = fig.axes[0]
             ax.set_title(f"{ablation} ablation, not a corrupted prompt\n" + ax.get_title(loc="left"), loc="left",
@@ -84,29 +95,37 @@ def figures(run) -> Iterator[tuple[str, object]]:
         yield stem, fig
 
 
-def _figures(run: Run) -> Iterator[tuple[str, object]]:
+def _figures(run: Run) -> Iterator[tuple[str, Callable[[], object]]]:
+    """(stem, a function drawing that figure) for each figure that applies, in ``figures``' order."""
     for d in run.directions:
         if any(s in run.sites for s in RESID_SITES):
-            yield f"positions_{d}", plot_positions(run, d)
+            yield f"positions_{d}", partial(plot_positions, run, d)
         for site in HEAD_SITES:
             if site in run.sites:
-                yield (f"heads_{d}" if site == "head" else f"heads_{site}_{d}"), plot_heads(run, d, site=site)
+                yield (f"heads_{d}" if site == "head" else f"heads_{site}_{d}"), partial(plot_heads, run, d, site=site)
         if run.components(d):
-            yield f"scatter_{d}", plot_scatter(run, d)
+            yield f"scatter_{d}", partial(plot_scatter, run, d)
             if len(run.report["metrics"]) > 1:
-                yield f"metrics_{d}", plot_metrics(run, d)
-            yield f"cost_recall_{d}", plot_cost_recall(run, d)
+                yield f"metrics_{d}", partial(plot_metrics, run, d)
+            yield f"cost_recall_{d}", partial(plot_cost_recall, run, d)
     if set(run.directions) == {"denoise", "noise"} and direction_pairs(run):
-        yield "directions", plot_directions(run)
+        yield "directions", partial(plot_directions, run)
 
 
 def draw_run(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS,
-             out: str | Path | None = None) -> list[Path]:
+             out: str | Path | None = None, processes: int | None = None) -> list[Path]:
     """Draw every applicable figure of the run in ``run_dir`` into ``out`` (default run_dir/figures/),
-    once per format. Returns the written files."""
+    once per format. Returns the written files, in ``figures``' order. processes: 2 draws every other figure in
+    a forked second process (engine/forked.py; matplotlib draws on one core); default: 2 where there are two
+    cores or more."""
     run = load_run(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "figures"
-    written = []
-    for stem, fig in figures(run):
-        written += save(fig, out / stem, formats)
-    return written
+    draw = lambda keep: [save(fig, out / stem, formats) for stem, fig in figures(run, keep)]
+    if (processes or (2 if len(os.sched_getaffinity(0)) >= 2 else 1)) == 1:
+        return [p for paths in draw(None) for p in paths]
+    threads = torch.get_num_threads()
+    with Forked(lambda: draw(lambda i: i % 2 == 1), threads, threads) as child:
+        even = draw(lambda i: i % 2 == 0)
+        odd = child.result()
+    both = [paths for pair in zip_longest(even, odd) for paths in pair if paths is not None]
+    return [p for paths in both for p in paths]

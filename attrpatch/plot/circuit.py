@@ -3,6 +3,7 @@
     circuit_graph        the circuit's edges, one row per layer holding a node (bottom to top), skipped layers
                          shaded; orange positive, blue negative, width |effect|
     faithfulness         faithfulness against circuit size, with CPR and CMD
+    mib_faithfulness     MIB's curves at its edge shares, by signed and by absolute score (runs with --mib)
     edges_scatter_{dir}  edge score (EAP) vs exact edge patching
 """
 
@@ -158,6 +159,33 @@ def plot_faithfulness(circuit: dict, ax=None, report: dict | None = None):
     return fig
 
 
+def plot_mib(mib: dict, ax=None, report: dict | None = None):
+    """MIB's faithfulness curves (report.json ``mib``): f at MIB's edge shares (log x), the circuits ranked by
+    signed score (CPR: the area under f, shaded) and by |score| (CMD: the area between f and 1, hatched), both
+    areas from the first share as MIB's; the edges left after pruning are the x of each point's label."""
+    c = mib["curve"]
+    shares = 100 * np.array(c["shares"], dtype=float)
+    signed = np.array([np.nan if f is None else f for f in c["faithfulness_signed"]], dtype=float)
+    absolute = np.array([np.nan if f is None else f for f in c["faithfulness_absolute"]], dtype=float)
+    own = ax is None
+    with _style():
+        fig, (ax,) = _panels(1, ax, None, (SINGLE, 2.5))
+        ax.fill_between(shares, 0, signed, color=POS_C, alpha=0.15, lw=0)
+        ax.fill_between(shares, absolute, 1, facecolor="none", edgecolor=NEG_C, hatch="////", lw=0, alpha=0.5)
+        ax.plot(shares, signed, marker="o", ms=2.5, color=POS_C, label=f"by signed score: CPR {mib['cpr']:.3f}")
+        ax.plot(shares, absolute, marker="s", ms=2.5, color=NEG_C, label=f"by |score|: CMD {mib['cmd']:.3f}")
+        ax.axhline(1, color=GREY, lw=0.6, ls="--")
+        ax.axhline(0, color="#DDDDDD", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("share of MIB's edges asked for (%, log; CPR and CMD integrate over the linear share)")
+        ax.set_ylabel("faithfulness (0 empty, 1 full)")
+        ax.legend(loc="upper left", fontsize=6, frameon=False)
+        ax.set_title(f"MIB: {mib['n_edges']} edges, {mib['intervention']}; {mib['metric']}", loc="left", fontsize=6.5)
+        if report is not None and own:
+            suptitle(fig, report, "noise", mib.get("metric", report.get("metric")))
+    return fig
+
+
 def plot_edge_scatter(report: dict, direction: str, ax=None):
     """EAP score (x) vs exact edge patching (y) of the verified edges; flagged ones orange."""
     entries = [e for e in report["edges"] if e["direction"] == direction]
@@ -190,6 +218,8 @@ def draw_edges(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS) ->
     out, written = run_dir / "figures", []
     written += save(plot_circuit(circuit, report), out / "circuit_graph", formats)
     written += save(plot_faithfulness(circuit, report=report), out / "faithfulness", formats)
+    if report.get("mib"):
+        written += save(plot_mib(report["mib"], report=report), out / "mib_faithfulness", formats)
     for d in report["directions"]:
         written += save(plot_edge_scatter(report, d), out / f"edges_scatter_{d}", formats)
     return written

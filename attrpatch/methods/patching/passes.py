@@ -98,16 +98,24 @@ def copy_cost(spec: ModelSpec, batch: PromptBatch, ablation: str | None = None):
     """What verifying one component alone costs: ``cost(c)`` = one patched copy's forward-equivalents
     (``equivalents``; 0 for a whole-stream patch, read off the source run), None for a component that cannot
     have an effect (``no_op``: it sits where the source and the receiver agree). As exact.patch lays it out."""
-    same = same_prefix(batch) if batch.aligned and ablation is None else 0
+    aligned = batch.aligned
+    same = same_prefix(batch) if aligned and ablation is None else 0
     share, n_layers, n_pos = block_share(spec, batch.n_pos), spec.dims.n_layers, batch.n_pos
+    known: dict[tuple, float | None] = {}  # by (site, layer, pos): a screen prices every neuron of a site
 
-    def cost(c: Component) -> float | None:
+    def price(c: Component) -> float | None:
         if no_op(c, same):
             return None
         if whole_stream(c) and ablation is None:
             return 0.0
-        first = first_position(c, same) if batch.aligned and start_block(c) >= 0 else 0
+        first = first_position(c, same) if aligned and start_block(c) >= 0 else 0
         return equivalents(share, [start_block(c)], first, n_layers, n_pos)
+
+    def cost(c: Component) -> float | None:
+        key = (c.site, c.layer, c.pos)
+        if key not in known:
+            known[key] = price(c)
+        return known[key]
     return cost
 
 
