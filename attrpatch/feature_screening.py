@@ -22,7 +22,7 @@ from .config import ScreenConfig, with_primary_metric
 from .engine.metrics import METRICS
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import attribute
-from .methods.estimators.features import by_layer
+from .methods.estimators.features import by_hook
 from .methods.patching.features import patch_features
 from .model.dictionaries import Dictionary
 from .model.sites import as_spec
@@ -32,16 +32,17 @@ from .model.sites import as_spec
 class FeatureResult:
     """``rows``: one per verified latent or error term x direction: name (``L3F17@5``), layer, hook, feature
     (latent id, None for the error), pos, chosen (top | control), rank_approx, atp, and exact_<metric> for
-    every metric. ``agreement[direction][hook]``: Agreement dict + false_negatives + n_scored."""
+    every metric. ``agreement[direction][hook]``: Agreement dict + false_negatives + n_scored. ``hooks``:
+    the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
 
-    hooks: dict[int, str]
+    hooks: list[str]
     metric: str
     metrics: list[str]
     rows: list[dict] = field(default_factory=list)
     agreement: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"hooks": {str(k): v for k, v in self.hooks.items()}, "metric": self.metric, "metrics": self.metrics,
+        return {"hooks": self.hooks, "metric": self.metric, "metrics": self.metrics,
                 "rows": self.rows, "agreement": self.agreement}
 
 
@@ -51,17 +52,16 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
     directions, top_k, random_k, seed, batch_size and copies."""
     config = with_primary_metric(config)
     spec = as_spec(model)
-    layers = by_layer(spec, dictionaries)
+    found = by_hook(spec, dictionaries)
     graded = [m for m in config.metrics if m in METRICS]
-    screened = FeatureResult(hooks={layer: d.hook for layer, d in layers.items()}, metric=config.metric,
-                             metrics=list(config.metrics))
+    screened = FeatureResult(hooks=list(found), metric=config.metric, metrics=list(config.metrics))
     for direction in config.directions:
         scores = attribute(spec, batch, sites=[], metrics=graded, direction=direction,
-                           batch_size=config.batch_size, dictionaries=list(layers.values()))
+                           batch_size=config.batch_size, dictionaries=list(found.values()))
         tol = tolerance(scores, config.metric)
         screened.agreement[direction] = {}
-        for i, (layer, d) in enumerate(sorted(layers.items())):
-            comps = [c for c in scores.features.components(config.metric) if c.layer == layer]
+        for i, (hook, d) in enumerate(sorted(found.items(), key=lambda item: (item[1].layer, item[0]))):
+            comps = scores.features.components(config.metric, hook=hook)
             approx = torch.tensor([scores.features.score(c, config.metric) for c in comps], dtype=torch.float64)
             top = top_k(approx, config.top_k)
             control = control_sample(len(comps), top, config.random_k, config.seed + i)
@@ -72,13 +72,13 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
             rank = ranks(approx)
             for n, j in enumerate(chosen):
                 c = comps[j]
-                screened.rows.append({"name": str(c), "direction": direction, "layer": layer, "hook": d.hook,
+                screened.rows.append({"name": str(c), "direction": direction, "layer": d.layer, "hook": d.hook,
                                     "feature": c.unit, "pos": c.pos, "chosen": "top" if n < len(top) else "control",
                                     "rank_approx": int(rank[j]), "atp": float(approx[j]),
                                     **{f"exact_{m}": float(eff.values[n, k]) for k, m in enumerate(eff.metrics)}})
-            found = agreement(approx[top], exact[:len(top)], min(10, len(top)), tol).to_dict()
+            agreed = agreement(approx[top], exact[:len(top)], min(10, len(top)), tol).to_dict()
             fn = false_negatives(exact[len(top):], exact[:len(top)], len(comps) - len(chosen))
-            screened.agreement[direction][d.hook] = {**found, "false_negatives": fn.to_dict(), "n_scored": len(comps),
+            screened.agreement[direction][d.hook] = {**agreed, "false_negatives": fn.to_dict(), "n_scored": len(comps),
                                                    "n_latents_scored": int(sum(c.site == "feature" for c in comps))}
     return screened
 
@@ -88,7 +88,7 @@ def check_dictionaries(model: nn.Module, dictionaries: Sequence[Dictionary], con
     """Refuse, before any work, dictionaries that do not fit the model or a run they cannot join."""
     if not dictionaries:
         return
-    by_layer(as_spec(model), dictionaries)
+    by_hook(as_spec(model), dictionaries)
     if config.ablation is not None or len(corruptions) > 1:
         raise ValueError("--sae screens features against one corrupted prompt set; it takes neither --ablation "
                          f"nor several corruptions (got ablation={config.ablation!r}, corruptions={list(corruptions)})")

@@ -52,10 +52,9 @@ def test_the_trained_sae_reconstructs_well_enough_to_be_useful():
 def test_splicing_the_sae_leaves_smollm2s_logits_unchanged(smollm2_sae, feature_run):
     model, _, d = smollm2_sae
     batch = _batch(feature_run[1])
-    point = ap.model_spec(model).hook_point(d.site, d.layer)
     with torch.no_grad():
         plain = model(input_ids=batch.clean, attention_mask=batch.mask).logits
-        with hooked([(point, splice(point, d, batch.n_pos))]):
+        with hooked(splice(ap.model_spec(model), d, batch.n_pos)):
             spliced = model(input_ids=batch.clean, attention_mask=batch.mask).logits
     torch.testing.assert_close(spliced, plain, atol=2e-4, rtol=1e-4)
 
@@ -76,5 +75,5 @@ def test_latent_and_error_scores_add_up_to_resid_pre_on_smollm2(smollm2_sae, fea
     batch = _batch(feature_run[1])
     scores = ap.attribute(model, batch, sites=["resid_pre"], dictionaries=[d])
     f = scores.features
-    total = f.values["logit_diff"][6].sum(1) + f.error["logit_diff"][6]
+    total = f.values["logit_diff"][d.hook].sum(1) + f.error["logit_diff"][d.hook]
     torch.testing.assert_close(total, scores.values["logit_diff"]["resid_pre"][6], atol=1e-3, rtol=1e-3)

@@ -89,7 +89,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
         sites not named keep them): [batch, layer, pos | 1, (unit)].
     dictionaries: spliced into both runs with their error terms; ``Scores.features`` holds the AtP scores of
-        their active latents and error terms from the same backward (features.py; estimator "atp" only).
+        their active latents and error terms from the same backward (features.py; estimators
+        features.FEATURE_ESTIMATORS: atp, ig, relp, gim, relp_gim, relp_t4).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -118,7 +119,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         if fixed is not None:
             chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
         if features is not None:
-            chunk.splices = Splices(chunk, layers, features).hooks
+            chunk.splices = Splices(chunk, layers, features, 1 / ig_steps if estimator == "ig" else 1.0).hooks
         ESTIMATORS[estimator].score(chunk, **options)
         for run_name, per_metric in chunk.metric_sums().items():
             for m in metrics:
