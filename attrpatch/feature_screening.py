@@ -1,9 +1,10 @@
 """The feature screen: AtP of every active dictionary latent and error term, exact patching of the top-k and
 a random control sample, and their agreement, as screening.py does for the other sites.
 
-Per direction: one attribution with the dictionaries spliced in (methods/estimators/features.py; the
-latents' scores come from the same backward as the sites'), then per dictionary (its ``feature`` latents
-and ``sae_error`` terms, per position) the top ``config.top_k`` by |AtP| under the primary metric plus
+Per direction: one attribution per estimator with the dictionaries spliced in (methods/estimators/features.py;
+the latents' scores come from the same backward as the sites'; ``feature_estimators``: the screen's
+estimators that can score latents, AtP always among them, the first of them ranking), then per dictionary
+(its ``feature`` latents and ``sae_error`` terms, per position) the top ``config.top_k`` by |score| under the primary metric plus
 ``config.random_k`` controls drawn from the rest, patched exactly (methods/patching/features.py), every
 metric read from the same patched runs. Agreement (analysis/agreement.py) and the false-negative bound are
 per dictionary. A dictionary's error term is a component like its latents: a large error score says the
@@ -22,7 +23,7 @@ from .config import ScreenConfig, with_primary_metric
 from .engine.metrics import METRICS
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import attribute
-from .methods.estimators.features import by_hook
+from .methods.estimators.features import FEATURE_ESTIMATORS, by_hook
 from .methods.patching.features import patch_features
 from .model.dictionaries import Dictionary
 from .model.sites import as_spec
@@ -31,19 +32,31 @@ from .model.sites import as_spec
 @dataclass
 class FeatureResult:
     """``rows``: one per verified latent or error term x direction: name (``L3F17@5``), layer, hook, feature
-    (latent id, None for the error), pos, chosen (top | control), rank_approx, atp, and exact_<metric> for
-    every metric. ``agreement[direction][hook]``: Agreement dict + false_negatives + n_scored. ``hooks``:
-    the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
+    (latent id, None for the error), pos, chosen (top | control), rank_approx, approx (the ranking
+    estimator's score), one score per estimator run (``atp``, ``ig``, ..), and exact_<metric> for every
+    metric. ``agreement[direction][hook]``: Agreement dict (of ``estimator``) + false_negatives + n_scored +
+    ``pearson_by_estimator``. ``hooks``: the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
 
     hooks: list[str]
     metric: str
     metrics: list[str]
+    estimators: list[str]
     rows: list[dict] = field(default_factory=list)
     agreement: dict = field(default_factory=dict)
 
+    @property
+    def estimator(self) -> str:
+        return self.estimators[0]
+
     def to_dict(self) -> dict:
-        return {"hooks": self.hooks, "metric": self.metric, "metrics": self.metrics,
-                "rows": self.rows, "agreement": self.agreement}
+        return {"hooks": self.hooks, "metric": self.metric, "metrics": self.metrics, "estimator": self.estimator,
+                "estimators": self.estimators, "rows": self.rows, "agreement": self.agreement}
+
+
+def feature_estimators(config: ScreenConfig) -> list[str]:
+    """The screen's estimators that score latents (methods/estimators/features.py), the first ranking;
+    AtP always among them; a screen of GradDrop or AtP* only ranks its features by AtP."""
+    return list(dict.fromkeys([e for e in config.estimators if e in FEATURE_ESTIMATORS] + ["atp"]))
 
 
 def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence[Dictionary],
@@ -54,15 +67,21 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
     spec = as_spec(model)
     found = by_hook(spec, dictionaries)
     graded = [m for m in config.metrics if m in METRICS]
-    screened = FeatureResult(hooks=list(found), metric=config.metric, metrics=list(config.metrics))
+    estimators = feature_estimators(config)
+    screened = FeatureResult(hooks=list(found), metric=config.metric, metrics=list(config.metrics),
+                             estimators=estimators)
     for direction in config.directions:
-        scores = attribute(spec, batch, sites=[], metrics=graded, direction=direction,
-                           batch_size=config.batch_size, dictionaries=list(found.values()))
+        runs = {est: attribute(spec, batch, sites=[], metrics=graded, direction=direction, estimator=est,
+                               ig_steps=config.ig_steps, batch_size=config.batch_size,
+                               dictionaries=list(found.values())) for est in estimators}
+        scores = runs[estimators[0]]
         tol = tolerance(scores, config.metric)
         screened.agreement[direction] = {}
         for i, (hook, d) in enumerate(sorted(found.items(), key=lambda item: (item[1].layer, item[0]))):
             comps = scores.features.components(config.metric, hook=hook)
-            approx = torch.tensor([scores.features.score(c, config.metric) for c in comps], dtype=torch.float64)
+            by_est = {est: torch.tensor([r.features.score(c, config.metric) for c in comps], dtype=torch.float64)
+                      for est, r in runs.items()}
+            approx = by_est[estimators[0]]
             top = top_k(approx, config.top_k)
             control = control_sample(len(comps), top, config.random_k, config.seed + i)
             chosen = top + control
@@ -74,9 +93,12 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
                 c = comps[j]
                 screened.rows.append({"name": str(c), "direction": direction, "layer": d.layer, "hook": d.hook,
                                     "feature": c.unit, "pos": c.pos, "chosen": "top" if n < len(top) else "control",
-                                    "rank_approx": int(rank[j]), "atp": float(approx[j]),
+                                    "rank_approx": int(rank[j]), "approx": float(approx[j]),
+                                    **{est: float(v[j]) for est, v in by_est.items()},
                                     **{f"exact_{m}": float(eff.values[n, k]) for k, m in enumerate(eff.metrics)}})
             agreed = agreement(approx[top], exact[:len(top)], min(10, len(top)), tol).to_dict()
+            agreed["pearson_by_estimator"] = {est: agreement(v[top], exact[:len(top)], 1, tol).pearson
+                                            for est, v in by_est.items()}
             fn = false_negatives(exact[len(top):], exact[:len(top)], len(comps) - len(chosen))
             screened.agreement[direction][d.hook] = {**agreed, "false_negatives": fn.to_dict(), "n_scored": len(comps),
                                                    "n_latents_scored": int(sum(c.site == "feature" for c in comps))}

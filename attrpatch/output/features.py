@@ -12,11 +12,12 @@ TOP_ROWS = 10  # features listed per dictionary and direction in report.md
 
 def features_markdown(found: dict, tokens: list | None = None) -> str:
     """The report.md section of a feature screen dict (FeatureResult.to_dict())."""
-    metric = found["metric"]
+    metric, est = found["metric"], found.get("estimator", "atp")
+    label = "AtP" if est == "atp" else est
     lines = ["## Features", "",
              f"Dictionary latents (`L<layer>F<id>@<pos>`) and error terms (`L<layer>.sae_error@<pos>`) screened like "
              f"the other sites: AtP from the same backward, exact patching of the top-k and a random control "
-             f"sample, with the dictionary spliced in (x = decode(f) + error). Metric: {metric}.", ""]
+             f"sample, with the dictionary spliced in (y = decode(f) + error). Metric: {metric}; ranked by {label}.", ""]
     for direction, per_hook in found["agreement"].items():
         lines += [f"### Agreement ({direction})", ""]
         lines += table(["dictionary", "scored", "latents", "Pearson", "Spearman", "sign", "recall@k", "false negatives"],
@@ -27,9 +28,9 @@ def features_markdown(found: dict, tokens: list | None = None) -> str:
             rows = [r for r in found["rows"] if r["direction"] == direction and r["hook"] == hook]
             rows = sorted(rows, key=lambda r: -abs(r[f"exact_{metric}"]))[:TOP_ROWS]
             lines += [f"Top features of {hook} by |exact {metric}| ({direction}):", ""]
-            lines += table(["feature", "AtP", "exact", "AtP rank", "chosen"],
-                           [[name(r, tokens), num(r["atp"]), num(r[f"exact_{metric}"]), r["rank_approx"], r["chosen"]]
-                            for r in rows])
+            lines += table(["feature", label, "exact", f"{label} rank", "chosen"],
+                           [[name(r, tokens), num(r.get("approx", r["atp"])), num(r[f"exact_{metric}"]),
+                             r["rank_approx"], r["chosen"]] for r in rows])
     return "\n".join(lines)
 
 
