@@ -31,8 +31,19 @@ Edit = Callable[[Tensor, Tensor, tuple], tuple[Tensor, Tensor, Tensor]]
 
 
 def active(*fs: Tensor) -> Tensor:
-    """Sorted ids of the latents nonzero anywhere in any of ``fs`` ([batch, pos, d_sae] each): [k]."""
+    """Sorted ids of the latents nonzero anywhere in any of ``fs`` ([batch, pos, d_sae] each): [k]. On meta
+    tensors (a memory plan, feature_planning.py) every latent: the most a run keeps."""
+    if fs[0].is_meta:
+        return torch.arange(fs[0].shape[-1], device=fs[0].device)
     return torch.cat([f.flatten(0, -2).ne(0).any(0).nonzero().view(-1) for f in fs]).unique()
+
+
+def union(*ids: Tensor) -> Tensor:
+    """The sorted union of sorted latent ids [k_1], [k_2], ..; on meta tensors (every latent active, see
+    ``active``) the longest of them."""
+    if ids[0].is_meta:
+        return max(ids, key=len)
+    return torch.cat(ids).unique()
 
 
 def keep_active(f: Tensor, error: Tensor, stats: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:

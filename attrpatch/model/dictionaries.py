@@ -231,11 +231,21 @@ def _sites(hook: str, hook_out: str | None, name: str) -> tuple[str, int, str | 
     return site, layer, out_site
 
 
-def load_dictionary(source: str | Path, hook: str | None = None) -> Dictionary:
-    """A Dictionary from ``source``: 'PATH' or 'PATH@hook' or, for a transcoder, 'PATH@hook_in>hook_out'
-    (module docstring), PATH a sae-lens folder or a safetensors file; ``hook`` overrides the hooks in cfg.json."""
+def _weights(path: Path, meta: bool) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; with ``meta``, empty meta tensors of their shapes (header only)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not meta:
+        return load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def load_dictionary(source: str | Path, hook: str | None = None, *, meta: bool = False) -> Dictionary:
+    """A Dictionary from ``source``: 'PATH' or 'PATH@hook' or, for a transcoder, 'PATH@hook_in>hook_out'
+    (module docstring), PATH a sae-lens folder or a safetensors file; ``hook`` overrides the hooks in cfg.json.
+    meta: weights as meta tensors of their shapes, nothing read but the file's header (a memory plan)."""
     text = str(source)
     if hook is None and "@" in text:
         text, hook = text.rsplit("@", 1)
@@ -245,9 +255,9 @@ def load_dictionary(source: str | Path, hook: str | None = None) -> Dictionary:
         if missing:
             raise FileNotFoundError(f"dictionary folder {str(path)!r} lacks {', '.join(missing)}; a sae-lens folder "
                                     f"has {CFG} and {WEIGHTS}")
-        cfg, weights = json.loads((path / CFG).read_text()), load_file(str(path / WEIGHTS))
+        cfg, weights = json.loads((path / CFG).read_text()), _weights(path / WEIGHTS, meta)
     elif path.is_file() and path.suffix == ".safetensors":
-        cfg, weights = {}, load_file(str(path))
+        cfg, weights = {}, _weights(path, meta)
     else:
         raise FileNotFoundError(f"no dictionary at {str(path)!r}: give a sae-lens folder ({CFG} + {WEIGHTS}) or a "
                                 ".safetensors file with W_enc, b_enc, W_dec, b_dec, and its hook as PATH@hook")

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ...engine.splicing import active, splice
+from ...engine.splicing import active, splice, union
 from ...model.dictionaries import Dictionary, check_fits
 from ...model.sites import Component, ModelSpec
 from .gradients import Chunk, masked
@@ -154,11 +154,11 @@ def _merge(ids: Tensor | None, values: Tensor | None, new_ids: Tensor, new: Tens
     """Add scores [pos, k'] of latents ``new_ids`` into scores [pos, k] of ``ids`` (ids: sorted union)."""
     if ids is None:
         return new_ids, new
-    union = torch.cat([ids, new_ids]).unique()  # sorted
-    out = new.new_zeros(new.shape[0], len(union))
-    out[:, torch.searchsorted(union, ids)] += values
-    out[:, torch.searchsorted(union, new_ids)] += new
-    return union, out
+    both = union(ids, new_ids)  # sorted
+    out = new.new_zeros(new.shape[0], len(both))
+    out[:, torch.searchsorted(both, ids)] += values
+    out[:, torch.searchsorted(both, new_ids)] += new
+    return both, out
 
 
 Recorded = tuple[Tensor, Tensor, Tensor]  # ids [k], latents [batch, pos, k], error [batch, pos, d_model]
@@ -194,7 +194,7 @@ class Splices:
         """Register the scoring of this run's gradient at ``hook`` (class docstring)."""
         (source_ids, source_f, source_error), *rest = self.recorded[hook]
         receiver_ids, receiver_f, receiver_error = rest[0] if rest else mine
-        ids = torch.cat([source_ids, receiver_ids]).unique()  # [k]
+        ids = union(source_ids, receiver_ids)  # [k]
         delta = torch.zeros(*source_f.shape[:-1], len(ids), dtype=source_f.dtype, device=source_f.device)
         delta[..., torch.searchsorted(ids, source_ids)] += source_f
         delta[..., torch.searchsorted(ids, receiver_ids)] -= receiver_f  # [batch, pos, k]
