@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 from .analysis.agreement import agreement, false_negatives, tolerance
+from .analysis.causes import measured_causes
+from .analysis.flags import disagreement_flags
+from .analysis.intervals import effect_intervals, with_intervals
 from .analysis.ranking import control_sample, ranks, top_k
 from .config import ScreenConfig, with_primary_metric
 from .engine.metrics import METRICS
@@ -32,10 +35,11 @@ from .model.sites import as_spec
 @dataclass
 class FeatureResult:
     """``rows``: one per verified latent or error term x direction: name (``L3F17@5``), layer, hook, feature
-    (latent id, None for the error), pos, chosen (top | control), rank_approx, approx (the ranking
-    estimator's score), one score per estimator run (``atp``, ``ig``, ..), and exact_<metric> for every
-    metric. ``agreement[direction][hook]``: Agreement dict (of ``estimator``) + false_negatives + n_scored +
-    ``pearson_by_estimator``. ``hooks``: the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
+    (latent id, None for the error), pos, chosen (top | control), rank_approx, rank_exact (among the verified),
+    approx (the ranking estimator's score), one score per estimator run (``atp``, ``ig``, ..), exact_<metric>
+    for every metric, exact_ci (95% bootstrap over prompt pairs), flags and causes (with exact_half, the half
+    patch, where measured). ``agreement[direction][hook]``: Agreement dict (of ``estimator``) with
+    <statistic>_ci intervals + false_negatives + n_scored + n_flagged + ``pearson_by_estimator``. ``hooks``: the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
 
     hooks: list[str]
     metric: str
@@ -72,37 +76,77 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
                              estimators=estimators)
     for direction in config.directions:
         runs = {est: attribute(spec, batch, sites=[], metrics=graded, direction=direction, estimator=est,
-                               ig_steps=config.ig_steps, batch_size=config.batch_size,
-                               dictionaries=list(found.values())) for est in estimators}
-        scores = runs[estimators[0]]
-        tol = tolerance(scores, config.metric)
+                               ig_steps=config.ig_steps, batch_size=config.batch_size, dictionaries=list(found.values()),
+                               feature_prompts=est == estimators[0]) for est in estimators}
+        tol = tolerance(runs[estimators[0]], config.metric)
         screened.agreement[direction] = {}
         for i, (hook, d) in enumerate(sorted(found.items(), key=lambda item: (item[1].layer, item[0]))):
-            comps = scores.features.components(config.metric, hook=hook)
-            by_est = {est: torch.tensor([r.features.score(c, config.metric) for c in comps], dtype=torch.float64)
-                      for est, r in runs.items()}
-            approx = by_est[estimators[0]]
-            top = top_k(approx, config.top_k)
-            control = control_sample(len(comps), top, config.random_k, config.seed + i)
-            chosen = top + control
-            eff = patch_features(spec, batch, [d], [comps[j] for j in chosen], metrics=config.metrics,
-                                 direction=direction, copies=config.copies or 8)
-            exact = eff.values[:, eff.metrics.index(config.metric)].double()
-            rank = ranks(approx)
-            for n, j in enumerate(chosen):
-                c = comps[j]
-                screened.rows.append({"name": str(c), "direction": direction, "layer": d.layer, "hook": d.hook,
-                                    "feature": c.unit, "pos": c.pos, "chosen": "top" if n < len(top) else "control",
-                                    "rank_approx": int(rank[j]), "approx": float(approx[j]),
-                                    **{est: float(v[j]) for est, v in by_est.items()},
-                                    **{f"exact_{m}": float(eff.values[n, k]) for k, m in enumerate(eff.metrics)}})
-            agreed = agreement(approx[top], exact[:len(top)], min(10, len(top)), tol).to_dict()
-            agreed["pearson_by_estimator"] = {est: agreement(v[top], exact[:len(top)], 1, tol).pearson
-                                            for est, v in by_est.items()}
-            fn = false_negatives(exact[len(top):], exact[:len(top)], len(comps) - len(chosen))
-            screened.agreement[direction][d.hook] = {**agreed, "false_negatives": fn.to_dict(), "n_scored": len(comps),
-                                                   "n_latents_scored": int(sum(c.site == "feature" for c in comps))}
+            rows, screened.agreement[direction][hook] = _screen_dictionary(spec, batch, d, runs, config, direction,
+                                                                           tol, config.seed + i)
+            screened.rows += rows
     return screened
+
+
+def _screen_dictionary(spec, batch: PromptBatch, d: Dictionary, runs: dict, config: ScreenConfig, direction: str,
+                       tol: float, seed: int) -> tuple[list[dict], dict]:
+    """One dictionary's verified rows and agreement (FeatureResult) from the attributions ``runs`` (estimator:
+    Scores, the first ranking, with per-prompt feature scores): the top-k and controls patched exactly with
+    per-prompt effects (``exact_ci``: 95% over pairs), flags (analysis/flags.py) and, for a sign flip or a
+    large error, the half patch and its measured causes (analysis/causes.py)."""
+    metric, (first, *_) = config.metric, list(runs)
+    features = runs[first].features
+    comps = features.components(metric, hook=d.hook)
+    by_est = {est: torch.tensor([r.features.score(c, metric) for c in comps], dtype=torch.float64)
+              for est, r in runs.items()}
+    approx = by_est[first]
+    top = top_k(approx, config.top_k)
+    chosen = top + control_sample(len(comps), top, config.random_k, seed)
+    verified = [comps[j] for j in chosen]
+    eff = patch_features(spec, batch, [d], verified, metrics=config.metrics, direction=direction,
+                         copies=config.copies or 8, per_prompt=True)
+    primary = eff.metrics.index(metric)
+    exact, exact_prompts = eff.values[:, primary].double(), eff.per_prompt[:, primary].double()  # [c], [c, batch]
+    low, high = effect_intervals(exact_prompts) if verified else ([], [])
+    rank, rank_exact = ranks(approx), ranks(exact)
+    rows = []
+    for n, j in enumerate(chosen):
+        c = verified[n]
+        rows.append({"name": str(c), "direction": direction, "layer": d.layer, "hook": d.hook, "feature": c.unit,
+                     "pos": c.pos, "chosen": "top" if n < len(top) else "control", "rank_approx": int(rank[j]),
+                     "rank_exact": int(rank_exact[n]), "approx": float(approx[j]),
+                     **{est: float(v[j]) for est, v in by_est.items()},
+                     **{f"exact_{m}": float(eff.values[n, k]) for k, m in enumerate(eff.metrics)},
+                     "exact_ci": [float(low[n]), float(high[n])],
+                     "flags": disagreement_flags(float(approx[j]), float(exact[n]), tol, int(rank[j]),
+                                                 int(rank_exact[n]), len(top)), "causes": []})
+    _explain(spec, batch, d, rows, verified, config, direction, slope=first == "atp")
+    k = min(10, len(top))
+    agreed = agreement(approx[top], exact[:len(top)], k, tol).to_dict()
+    if len(top) > 1:
+        approx_prompts = torch.stack([features.per_prompt(verified[n], metric) for n in range(len(top))]).double()
+        agreed = with_intervals(agreed, approx_prompts, exact_prompts[:len(top)], tol)
+    agreed["pearson_by_estimator"] = {est: agreement(v[top], exact[:len(top)], 1, tol).pearson
+                                      for est, v in by_est.items()}
+    fn = false_negatives(exact[len(top):], exact[:len(top)], len(comps) - len(chosen))
+    return rows, {**agreed, "false_negatives": fn.to_dict(), "n_scored": len(comps),
+                  "n_latents_scored": int(sum(c.site == "feature" for c in comps)),
+                  "n_flagged": sum(bool(set(r["flags"]) - {"metrics_disagree"}) for r in rows)}
+
+
+def _explain(spec, batch: PromptBatch, d: Dictionary, rows: list[dict], verified: list, config: ScreenConfig,
+             direction: str, *, slope: bool) -> None:
+    """The measured causes (analysis/causes.measured_causes) of every row flagged sign_flip or large_error,
+    in place: one half patch (alpha = 0.5) each; the IG score read when the screen ran IG too."""
+    metric = config.metric
+    flagged = [n for n, r in enumerate(rows) if {"sign_flip", "large_error"} & set(r["flags"])]
+    if not flagged:
+        return
+    half = patch_features(spec, batch, [d], [verified[n] for n in flagged], metrics=[metric], direction=direction,
+                          copies=config.copies or 8, alpha=0.5)
+    for i, n in enumerate(flagged):
+        r = rows[n]
+        r["exact_half"] = float(half.values[i, 0])
+        r["causes"] = measured_causes(r[f"exact_{metric}"], r["exact_half"], r["approx"], r.get("ig"), slope=slope)
 
 
 def check_dictionaries(model: nn.Module, dictionaries: Sequence[Dictionary], config: ScreenConfig,

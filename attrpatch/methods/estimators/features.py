@@ -48,7 +48,9 @@ class FeatureScores:
     """Scores of dictionary latents, mean over prompts, by dictionary hook (``L3.resid_pre``).
     ``ids[metric][hook]``: the latents scored [k] (active in either run somewhere); ``values[metric][hook]``:
     [pos, k]; ``error[metric][hook]``: [pos]; ``layers[hook]``: the dictionary's layer; ``slots[hook]``: its
-    place in the layer (``resid_pre``, ``resid_mid>mlp_out``); ``estimator``: which one gave the scores."""
+    place in the layer (``resid_pre``, ``resid_mid>mlp_out``); ``estimator``: which one gave the scores.
+    ``prompts`` (when kept): per-prompt scores, ``prompts[metric][hook][start]`` = (ids [k], latents [batch,
+    pos, k], error [batch, pos]) of the chunk of prompts from row ``start`` (read by ``per_prompt``)."""
 
     layers: dict[str, int]
     slots: dict[str, str]
@@ -56,11 +58,12 @@ class FeatureScores:
     values: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     error: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     estimator: str = "atp"
+    prompts: dict[str, dict[str, dict[int, tuple[Tensor, Tensor, Tensor]]]] | None = None
 
     @classmethod
-    def of(cls, found: dict[str, Dictionary], estimator: str = "atp") -> "FeatureScores":
+    def of(cls, found: dict[str, Dictionary], estimator: str = "atp", prompts: bool = False) -> "FeatureScores":
         return cls(layers={h: d.layer for h, d in found.items()}, slots={h: d.slot for h, d in found.items()},
-                   estimator=estimator)
+                   estimator=estimator, prompts={} if prompts else None)
 
     def hook(self, c: Component) -> str:
         """The hook of ``c``'s dictionary (KeyError naming the dictionaries when there is none)."""
@@ -82,6 +85,20 @@ class FeatureScores:
         where = (self.ids[metric_name][hook] == c.unit).nonzero().view(-1)
         return 0.0 if len(where) == 0 else float(self.values[metric_name][hook][pos, where[0]].sum())
 
+    def per_prompt(self, c: Component, metric_name: str) -> Tensor:
+        """The score of ``c`` on each prompt: [batch] (needs ``prompts``); pos None sums positions."""
+        if self.prompts is None:
+            raise ValueError("per-prompt feature scores were not kept; attribute(..., feature_prompts=True)")
+        pos, hook, out = slice(None) if c.pos is None else c.pos, self.hook(c), []
+        for _, (ids, values, error) in sorted(self.prompts[metric_name][hook].items()):
+            if c.site == "sae_error":
+                out.append(error[:, pos].reshape(len(error), -1).sum(1))
+                continue
+            where = (ids == c.unit).nonzero().view(-1)
+            out.append(values[:, pos, where[0]].reshape(len(values), -1).sum(1) if len(where)
+                       else values.new_zeros(len(values)))
+        return torch.cat(out)
+
     def components(self, metric_name: str, *, per_position: bool = True, hook: str | None = None) -> list[Component]:
         """Every scored latent and error term under ``metric_name`` (of dictionary ``hook``, or all), per
         position (or all positions)."""
@@ -98,6 +115,8 @@ class FeatureScores:
         def wrapped(*args):
             saved = {name: {m: dict(per) for m, per in getattr(self, name).items()}
                      for name in ("ids", "values", "error")}
+            if self.prompts is not None:
+                saved["prompts"] = {m: {h: dict(chunks) for h, chunks in per.items()} for m, per in self.prompts.items()}
             try:
                 return run(*args)
             except torch.OutOfMemoryError:
@@ -139,25 +158,27 @@ def by_hook(spec: ModelSpec, dictionaries: Sequence[Dictionary]) -> dict[str, Di
 
 
 def feature_scores(spec: ModelSpec, dictionaries: Sequence[Dictionary], *, estimator: str, recompute: bool,
-                   ablation: str | None, per_prompt: bool) -> tuple[dict[str, Dictionary], FeatureScores | None]:
-    """attribute()'s dictionaries by hook and the empty FeatureScores they fill (None without any)."""
+                   ablation: str | None, per_prompt: bool,
+                   prompts: bool = False) -> tuple[dict[str, Dictionary], FeatureScores | None]:
+    """attribute()'s dictionaries by hook and the empty FeatureScores they fill (None without any); prompts:
+    keep per-prompt scores too (``FeatureScores.prompts``)."""
     found = by_hook(spec, dictionaries)
     if found and (estimator not in FEATURE_ESTIMATORS or recompute or ablation is not None or per_prompt):
         raise ValueError(f"dictionaries are scored by estimator {' | '.join(FEATURE_ESTIMATORS)} with the whole "
                          f"backward (got estimator={estimator!r}, recompute={recompute}, ablation={ablation!r}, "
                          f"per_prompt={per_prompt}); use one of those estimators without --recompute, --ablation "
                          "or per-prompt scores")
-    return found, FeatureScores.of(found, estimator) if found else None
+    return found, FeatureScores.of(found, estimator, prompts) if found else None
 
 
 def _merge(ids: Tensor | None, values: Tensor | None, new_ids: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
-    """Add scores [pos, k'] of latents ``new_ids`` into scores [pos, k] of ``ids`` (ids: sorted union)."""
+    """Add scores [.., k'] of latents ``new_ids`` into scores [.., k] of ``ids`` (ids: sorted union)."""
     if ids is None:
         return new_ids, new
     both = union(ids, new_ids)  # sorted
-    out = new.new_zeros(new.shape[0], len(both))
-    out[:, torch.searchsorted(both, ids)] += values
-    out[:, torch.searchsorted(both, new_ids)] += new
+    out = new.new_zeros(*new.shape[:-1], len(both))
+    out[..., torch.searchsorted(both, ids)] += values
+    out[..., torch.searchsorted(both, new_ids)] += new
     return both, out
 
 
@@ -169,10 +190,13 @@ class Splices:
     the first is the source run, a second (IG's plain receiving run) the receiver. A run with grad is
     scored: deltas = source - receiver (the recorded receiver, else this run itself, as for AtP), and its
     error's gradient g (the gradient of the spliced y') scores the error and, through g . W_dec[i] * scale,
-    every kept latent i, each product times ``weight`` (IG: 1 / steps)."""
+    every kept latent i, each product times ``weight`` (IG: 1 / steps). ``start``: the chunk's first prompt
+    row, where its per-prompt scores go when the scores keep them."""
 
-    def __init__(self, chunk: Chunk, dictionaries: dict[str, Dictionary], scores: FeatureScores, weight: float = 1.0):
+    def __init__(self, chunk: Chunk, dictionaries: dict[str, Dictionary], scores: FeatureScores, weight: float = 1.0,
+                 start: int = 0):
         self.chunk, self.dictionaries, self.scores, self.weight = chunk, dict(dictionaries), scores, weight
+        self.start = start
         self.recorded: dict[str, list[Recorded]] = {}
         dtype = next(chunk.spec.model.parameters()).dtype
         self.hooks = []
@@ -203,10 +227,25 @@ class Splices:
         rows, scale = self.dictionaries[hook].W_dec[ids], stats[0]  # [k, d_model]
 
         def on_grad(g: Tensor) -> None:  # g: [batch, pos, d_model]
-            self._add(hook, None, (g * error_delta).sum((0, -1)) * self.weight)  # [pos]
+            error_score = (g * error_delta).sum(-1) * self.weight  # [batch, pos]
             latent_grad = (g * scale).to(rows.dtype) @ rows.T  # d metric / d f: [batch, pos, k]
-            self._add(hook, ids, (latent_grad * delta).sum(0) * self.weight)  # [pos, k]
+            latent_score = latent_grad * delta * self.weight  # [batch, pos, k]
+            self._add(hook, None, error_score.sum(0))  # [pos]
+            self._add(hook, ids, latent_score.sum(0))  # [pos, k]
+            if self.scores.prompts is not None:
+                self._keep(hook, ids, latent_score, error_score)
         error.register_hook(on_grad)
+
+    def _keep(self, hook: str, ids: Tensor, latents: Tensor, error: Tensor) -> None:
+        """Add this pass's per-prompt scores into the chunk's (FeatureScores.prompts)."""
+        chunks = self.scores.prompts.setdefault(self.chunk.metric, {}).setdefault(hook, {})
+        wide = torch.float64 if latents.dtype == torch.float64 else torch.float32
+        latents, error = latents.detach().to(wide), error.detach().to(wide)
+        if self.start in chunks:
+            known, values, before = chunks[self.start]
+            ids, latents = _merge(known, values, ids, latents)
+            error = before + error
+        chunks[self.start] = (ids, latents, error)
 
     def _add(self, hook: str, ids: Tensor | None, score: Tensor) -> None:
         m, s = self.chunk.metric, self.scores

@@ -58,9 +58,9 @@ def _record(store: dict, hook: str):
     return edit
 
 
-def _patcher(hook: str, items: list[tuple[Item, list[str]]], source: tuple[Tensor, Tensor]):
-    """Edit writing each copy's patched latents and error terms of dictionary ``hook`` from ``source`` (f,
-    error); ``items``: each copy's item with the hook of each of its members."""
+def _patcher(hook: str, items: list[tuple[Item, list[str]]], source: tuple[Tensor, Tensor], alpha: float = 1.0):
+    """Edit moving each copy's patched latents and error terms of dictionary ``hook`` ``alpha`` of the way to
+    ``source`` (f, error); ``items``: each copy's item with the hook of each of its members."""
     source_f, source_error = source  # [batch, pos, d_sae], [batch, pos, d_model]
     n = source_f.shape[0]
 
@@ -73,9 +73,9 @@ def _patcher(hook: str, items: list[tuple[Item, list[str]]], source: tuple[Tenso
                     continue
                 pos = slice(None) if c.pos is None else c.pos
                 if c.site == "feature":
-                    f[rows, pos, c.unit] = source_f[:, pos, c.unit]
+                    f[rows, pos, c.unit] += alpha * (source_f[:, pos, c.unit] - f[rows, pos, c.unit])
                 else:
-                    error[rows, pos] = source_error[:, pos]
+                    error[rows, pos] += alpha * (source_error[:, pos] - error[rows, pos])
         ids = active(f)
         return f[..., ids], ids, error
     return edit
@@ -83,9 +83,12 @@ def _patcher(hook: str, items: list[tuple[Item, list[str]]], source: tuple[Tenso
 
 def patch_features(model: nn.Module | ModelSpec, batch: PromptBatch, dictionaries: Sequence[Dictionary],
                    components: Sequence[Item], *, metrics: Sequence[str] = ("logit_diff",),
-                   direction: str = "denoise", copies: int = 8) -> Effects:
+                   direction: str = "denoise", copies: int = 8, per_prompt: bool = False,
+                   alpha: float = 1.0) -> Effects:
     """Exact effect of patching each of ``components`` (``feature``/``sae_error`` Components, or tuples of
-    them patched jointly) with the dictionaries spliced into the runs (module docstring)."""
+    them patched jointly) with the dictionaries spliced into the runs (module docstring). per_prompt: also
+    ``Effects.per_prompt`` [component, metric, batch]; alpha: move each patched value that share of the way
+    from the receiver's to the source's (0.5: the half patch of analysis/causes.py)."""
     spec = as_spec(model)
     found, components, metrics = by_hook(spec, dictionaries), list(components), list(dict.fromkeys(metrics))
     check_direction(direction)
@@ -106,17 +109,20 @@ def patch_features(model: nn.Module | ModelSpec, batch: PromptBatch, dictionarie
         target = Target.from_clean(batch.answer, batch.wrong, clean)
         base = metric_values(metrics, receiver_logits, target)  # {metric: [batch]}
         values = torch.zeros(len(components), len(metrics), dtype=wide(dtype))
+        prompts = torch.zeros(len(components), len(metrics), batch.n, dtype=wide(dtype)) if per_prompt else None
         for start in range(0, len(components), copies):
             group = list(zip(components[start:start + copies], hooks_of[start:start + copies]))
             n = len(group)
             involved = sorted({h for _, hooks in group for h in hooks})
             hooks = [h for hook in involved for h in splice(spec, found[hook], batch.n_pos,
-                                                              _patcher(hook, group, source[hook]))]
+                                                              _patcher(hook, group, source[hook], alpha))]
             with hooked(hooks):
                 logits = forward_last(spec, receiver_ids.repeat(n), batch.mask.repeat(n, 1), batch.last.repeat(n))
             patched = metric_values(metrics, logits, target)
             for j, m in enumerate(metrics):
                 effect = patched[m].view(n, batch.n) - base[m]  # [copy, batch]
                 values[start:start + n, j] = effect.mean(1).cpu().to(values.dtype)
-    return Effects(components=components, metrics=metrics, values=values, direction=direction,
+                if prompts is not None:
+                    prompts[start:start + n, j] = effect.cpu().to(prompts.dtype)
+    return Effects(components=components, metrics=metrics, values=values, direction=direction, per_prompt=prompts,
                    receiver_metric={m: float(base[m].mean()) for m in metrics}, passes={"runs": 2.0})
