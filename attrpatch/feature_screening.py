@@ -39,7 +39,8 @@ class FeatureResult:
     approx (the ranking estimator's score), one score per estimator run (``atp``, ``ig``, ..), exact_<metric>
     for every metric, exact_ci (95% bootstrap over prompt pairs), flags and causes (with exact_half, the half
     patch, where measured). ``agreement[direction][hook]``: Agreement dict (of ``estimator``) with
-    <statistic>_ci intervals + false_negatives + n_scored + n_flagged + ``pearson_by_estimator``. ``hooks``: the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
+    <statistic>_ci intervals + false_negatives + n_scored + n_flagged + ``pearson_by_estimator``. ``hooks``:
+    the dictionaries' hooks (``L3.resid_pre``, ``L3.resid_mid>mlp_out``)."""
 
     hooks: list[str]
     metric: str
@@ -76,7 +77,8 @@ def screen_features(model: nn.Module, batch: PromptBatch, dictionaries: Sequence
                              estimators=estimators)
     for direction in config.directions:
         runs = {est: attribute(spec, batch, sites=[], metrics=graded, direction=direction, estimator=est,
-                               ig_steps=config.ig_steps, batch_size=config.batch_size, dictionaries=list(found.values()),
+                               ig_steps=config.ig_steps, batch_size=config.batch_size,
+                               dictionaries=list(found.values()),
                                feature_prompts=est == estimators[0]) for est in estimators}
         tol = tolerance(runs[estimators[0]], config.metric)
         screened.agreement[direction] = {}

@@ -20,7 +20,8 @@ from test_transcoders import random_transcoder
 @pytest.mark.parametrize("estimator", ("atp", "ig"))
 def test_per_prompt_feature_scores_average_to_the_scores(estimator):
     model, batch = tiny_model("gpt2", dtype=torch.float64), ap.make_batch(random_pairs(n=5))
-    ds = [random_dictionary("resid_pre", 1, "topk", dtype=torch.float64), random_transcoder("mlp_in", 1, dtype=torch.float64)]
+    ds = [random_dictionary("resid_pre", 1, "topk", dtype=torch.float64),
+          random_transcoder("mlp_in", 1, dtype=torch.float64)]
     f = ap.attribute(model, batch, sites=[], dictionaries=ds, estimator=estimator, ig_steps=2, batch_size=2,
                      metrics=["logit_diff", "prob"], feature_prompts=True).features
     for m in ("logit_diff", "prob"):

@@ -19,13 +19,15 @@ def features_markdown(found: dict, tokens: list | None = None) -> str:
     lines = ["## Features", "",
              f"Dictionary latents (`L<layer>F<id>@<pos>`) and error terms (`L<layer>.sae_error@<pos>`) screened like "
              f"the other sites: AtP from the same backward, exact patching of the top-k and a random control "
-             f"sample, with the dictionary spliced in (y = decode(f) + error). Metric: {metric}; ranked by {label}.", ""]
+             f"sample, with the dictionary spliced in (y = decode(f) + error). Metric: {metric}; "
+             f"ranked by {label}.", ""]
     for direction, per_hook in found["agreement"].items():
         lines += [f"### Agreement ({direction})", ""]
         lines += table(["dictionary", "scored", "latents", "Pearson [95% CI]", "Spearman", "sign", "recall@k",
                         "flagged", "false negatives"],
                        [[hook, a["n_scored"], a["n_latents_scored"], _with_ci(a, "pearson"), num(a["spearman"], 2),
-                         num(a["sign_agreement"], 2), f"{num(a['recall_at_k'], 2)} (k={a['k']})", a.get("n_flagged", ""),
+                         num(a["sign_agreement"], 2), f"{num(a['recall_at_k'], 2)} (k={a['k']})",
+                         a.get("n_flagged", ""),
                          a["false_negatives"]["verdict"]] for hook, a in per_hook.items()])
         for hook in per_hook:
             rows = [r for r in found["rows"] if r["direction"] == direction and r["hook"] == hook]

@@ -116,7 +116,8 @@ class FeatureScores:
             saved = {name: {m: dict(per) for m, per in getattr(self, name).items()}
                      for name in ("ids", "values", "error")}
             if self.prompts is not None:
-                saved["prompts"] = {m: {h: dict(chunks) for h, chunks in per.items()} for m, per in self.prompts.items()}
+                saved["prompts"] = {m: {h: dict(chunks) for h, chunks in per.items()}
+                                    for m, per in self.prompts.items()}
             try:
                 return run(*args)
             except torch.OutOfMemoryError:
@@ -224,10 +225,11 @@ class Splices:
         delta[..., torch.searchsorted(ids, receiver_ids)] -= receiver_f  # [batch, pos, k]
         mask = self.chunk.mask
         delta, error_delta = masked(delta, mask), masked(source_error - receiver_error, mask)
-        rows, scale = self.dictionaries[hook].W_dec[ids], stats[0]  # [k, d_model]
+        W_dec, scale = self.dictionaries[hook].W_dec, stats[0]
 
         def on_grad(g: Tensor) -> None:  # g: [batch, pos, d_model]
             error_score = (g * error_delta).sum(-1) * self.weight  # [batch, pos]
+            rows = W_dec[ids]  # [k, d_model], only while this gradient is scored
             latent_grad = (g * scale).to(rows.dtype) @ rows.T  # d metric / d f: [batch, pos, k]
             latent_score = latent_grad * delta * self.weight  # [batch, pos, k]
             self._add(hook, None, error_score.sum(0))  # [pos]
