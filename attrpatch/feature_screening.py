@@ -121,7 +121,7 @@ def _screen_dictionary(spec, batch: PromptBatch, d: Dictionary, runs: dict, conf
                      "exact_ci": [float(low[n]), float(high[n])],
                      "flags": disagreement_flags(float(approx[j]), float(exact[n]), tol, int(rank[j]),
                                                  int(rank_exact[n]), len(top)), "causes": []})
-    _explain(spec, batch, d, rows, verified, config, direction, slope=first == "atp")
+    _explain(spec, batch, d, rows, verified, config, direction, slope=first == "atp", ig=first != "ig")
     k = min(10, len(top))
     agreed = agreement(approx[top], exact[:len(top)], k, tol).to_dict()
     if len(top) > 1:
@@ -136,9 +136,10 @@ def _screen_dictionary(spec, batch: PromptBatch, d: Dictionary, runs: dict, conf
 
 
 def _explain(spec, batch: PromptBatch, d: Dictionary, rows: list[dict], verified: list, config: ScreenConfig,
-             direction: str, *, slope: bool) -> None:
+             direction: str, *, slope: bool, ig: bool) -> None:
     """The measured causes (analysis/causes.measured_causes) of every row flagged sign_flip or large_error,
-    in place: one half patch (alpha = 0.5) each; the IG score read when the screen ran IG too."""
+    in place: one half patch (alpha = 0.5) each; with ``ig`` (the ranking estimator is not IG) the IG score,
+    when the screen ran IG too."""
     metric = config.metric
     flagged = [n for n, r in enumerate(rows) if {"sign_flip", "large_error"} & set(r["flags"])]
     if not flagged:
@@ -148,7 +149,8 @@ def _explain(spec, batch: PromptBatch, d: Dictionary, rows: list[dict], verified
     for i, n in enumerate(flagged):
         r = rows[n]
         r["exact_half"] = float(half.values[i, 0])
-        r["causes"] = measured_causes(r[f"exact_{metric}"], r["exact_half"], r["approx"], r.get("ig"), slope=slope)
+        r["causes"] = measured_causes(r[f"exact_{metric}"], r["exact_half"], r["approx"], r.get("ig") if ig else None,
+                                       slope=slope)
 
 
 def check_dictionaries(model: nn.Module, dictionaries: Sequence[Dictionary], config: ScreenConfig,
