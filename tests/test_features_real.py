@@ -77,3 +77,25 @@ def test_latent_and_error_scores_add_up_to_resid_pre_on_smollm2(smollm2_sae, fea
     f = scores.features
     total = f.values["logit_diff"][d.hook].sum(1) + f.error["logit_diff"][d.hook]
     torch.testing.assert_close(total, scores.values["logit_diff"]["resid_pre"][6], atol=1e-3, rtol=1e-3)
+
+
+TRANSCODER = default_cache_dir() / "transcoder-smollm2-135m-L6-topk32-2048"
+
+
+def test_the_trained_transcoder_splices_transparently_and_its_scores_add_up_to_mlp_out(smollm2_sae, feature_run):
+    # scripts/train_sae.py --transcoder (not trained here when missing: ~30 min)
+    if not (TRANSCODER / "cfg.json").is_file():
+        pytest.skip(f"no transcoder at {TRANSCODER}; train it with scripts/train_sae.py --transcoder")
+    model, _, sae = smollm2_sae
+    t = load_dictionary(TRANSCODER)
+    assert t.hook == "L6.mlp_in>mlp_out"
+    batch = _batch(feature_run[1])
+    with torch.no_grad():
+        plain = model(input_ids=batch.clean, attention_mask=batch.mask).logits
+        with hooked(splice(ap.model_spec(model), t, batch.n_pos)):
+            spliced = model(input_ids=batch.clean, attention_mask=batch.mask).logits
+    torch.testing.assert_close(spliced, plain, atol=2e-4, rtol=1e-4)
+    scores = ap.attribute(model, batch, sites=["mlp_out"], dictionaries=[sae, t])
+    f = scores.features
+    total = f.values["logit_diff"][t.hook].sum(1) + f.error["logit_diff"][t.hook]
+    torch.testing.assert_close(total, scores.values["logit_diff"]["mlp_out"][6], atol=1e-3, rtol=1e-3)
