@@ -49,14 +49,18 @@ def test_the_trained_sae_reconstructs_well_enough_to_be_useful():
     assert stats["fraction_variance_explained"] > 0.6 and stats["l0"] <= 32
 
 
-def test_splicing_the_sae_leaves_smollm2s_logits_unchanged(smollm2_sae, feature_run):
-    model, _, d = smollm2_sae
-    batch = _batch(feature_run[1])
+def assert_splice_is_transparent(model, d, batch) -> None:
+    """SmolLM2's logits with ``d`` spliced in equal its own (float32 tolerance)."""
     with torch.no_grad():
         plain = model(input_ids=batch.clean, attention_mask=batch.mask).logits
         with hooked(splice(ap.model_spec(model), d, batch.n_pos)):
             spliced = model(input_ids=batch.clean, attention_mask=batch.mask).logits
     torch.testing.assert_close(spliced, plain, atol=2e-4, rtol=1e-4)
+
+
+def test_splicing_the_sae_leaves_smollm2s_logits_unchanged(smollm2_sae, feature_run):
+    model, _, d = smollm2_sae
+    assert_splice_is_transparent(model, d, _batch(feature_run[1]))
 
 
 def test_feature_screen_exact_effects_equal_the_naive_reference(smollm2_sae, feature_run):
@@ -90,11 +94,7 @@ def test_the_trained_transcoder_splices_transparently_and_its_scores_add_up_to_m
     t = load_dictionary(TRANSCODER)
     assert t.hook == "L6.mlp_in>mlp_out"
     batch = _batch(feature_run[1])
-    with torch.no_grad():
-        plain = model(input_ids=batch.clean, attention_mask=batch.mask).logits
-        with hooked(splice(ap.model_spec(model), t, batch.n_pos)):
-            spliced = model(input_ids=batch.clean, attention_mask=batch.mask).logits
-    torch.testing.assert_close(spliced, plain, atol=2e-4, rtol=1e-4)
+    assert_splice_is_transparent(model, t, batch)
     scores = ap.attribute(model, batch, sites=["mlp_out"], dictionaries=[sae, t])
     f = scores.features
     total = f.values["logit_diff"][t.hook].sum(1) + f.error["logit_diff"][t.hook]
