@@ -74,3 +74,37 @@ def test_the_feature_screen_ranks_by_the_screens_estimator():
     assert found.estimator == "ig" and all(r["approx"] == r["ig"] and "atp" in r for r in found.rows)
     assert [r["rank_approx"] for r in found.rows[:4]] == [1, 2, 3, 4]
     assert set(found.agreement["denoise"]["L1.resid_pre"]["pearson_by_estimator"]) == {"ig", "atp"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ("sae", "transcoder"))
+def test_ig_along_a_dictionarys_own_line_adds_up_to_patching_its_written_point(family, kind):
+    # Marks et al.'s IG: the dictionary's latents and error move together, so their scores add up to the
+    # exact effect of patching the point it writes (midpoint rule: O(1/steps^2)), on a non-linear metric
+    from attrpatch.methods.estimators.feature_ig import feature_ig
+    model, batch = tiny_model(family, dtype=torch.float64), ap.make_batch(random_pairs())
+    d = (random_dictionary("resid_pre", 1, "topk", dtype=torch.float64) if kind == "sae"
+         else random_transcoder("resid_mid", 1, "topk", dtype=torch.float64))
+    exact = float(ap.patch(model, batch, [ap.Component(d.writes, 1, None)]).values[0, 0])
+    errors = []
+    for steps in (1, 64):
+        f = feature_ig(model, batch, [d], steps=steps)
+        total = f.values["logit_diff"][d.hook].sum() + f.error["logit_diff"][d.hook].sum()
+        errors.append(abs(float(total) - exact))
+    assert abs(exact) > 0.05 and errors[1] < 1e-3 * abs(exact) and errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_ig_along_a_dictionarys_own_line_is_exact_where_the_metric_is_linear(direction):
+    from attrpatch.methods.estimators.feature_ig import feature_ig
+    from attrpatch.methods.patching.features import patch_features
+    from test_attribute import _linear_readout
+    model = tiny_model("llama", dtype=torch.float64)
+    _linear_readout(model)
+    batch, d = ap.make_batch(random_pairs()), random_transcoder("mlp_in", 2, dtype=torch.float64)
+    f = feature_ig(model, batch, [d], direction=direction, steps=2)
+    comps = f.components("logit_diff")
+    eff = patch_features(model, batch, [d], comps, direction=direction, copies=16)
+    approx = torch.tensor([f.score(c, "logit_diff") for c in comps], dtype=torch.float64)
+    assert eff.values[:, 0].abs().max() > 1e-2
+    torch.testing.assert_close(approx, eff.values[:, 0], atol=1e-9, rtol=1e-7)

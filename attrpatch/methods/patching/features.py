@@ -50,7 +50,9 @@ def check_feature(c: Component, found: dict[str, Dictionary], n_pos: int) -> str
     return hook
 
 
-def _record(store: dict, hook: str):
+def recording(store: dict, hook: str):
+    """Edit keeping the run's dense latents and error of dictionary ``hook`` in ``store[hook]``: (f [batch,
+    pos, d_sae], error [batch, pos, d_model]); the run itself unchanged."""
     def edit(f: Tensor, error: Tensor, stats: tuple):
         store[hook] = (f, error)
         ids = active(f)
@@ -102,7 +104,7 @@ def patch_features(model: nn.Module | ModelSpec, batch: PromptBatch, dictionarie
     source_ids, receiver_ids = batch.runs(direction)
     source: dict[str, tuple[Tensor, Tensor]] = {}
     with eval_mode(spec.model), torch.no_grad():
-        with hooked([h for hook, d in found.items() for h in splice(spec, d, batch.n_pos, _record(source, hook))]):
+        with hooked([h for hook, d in found.items() for h in splice(spec, d, batch.n_pos, recording(source, hook))]):
             source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
         receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last)
         clean, _ = clean_and_corrupt(direction, source_logits, receiver_logits)
