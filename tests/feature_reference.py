@@ -1,6 +1,8 @@
 """Naive reference for dictionary latents: the dictionary written out densely in a plain hook, one full
 ``model(...)`` forward per patched component. Shares with attrpatch only the hook-point table and the
-Dictionary's weights; encode and decode are written here from the formulas."""
+Dictionary's weights; encode and decode are written here from the formulas. A transcoder reads its input in
+a second plain hook (the MLP norm's input for resid_mid, the MLP's input for mlp_in), found here from the
+family's Arch row."""
 
 import torch
 
@@ -25,28 +27,42 @@ def decode(d: Dictionary, f):
     return f @ d.W_dec + d.b_dec
 
 
+def _input_module(spec, d):
+    """The module whose input a transcoder reads (None for an SAE: it reads what it writes)."""
+    if d.out_site is None:
+        return None
+    return spec.module(spec.arch.mlp_norm if d.site == "resid_mid" else spec.arch.mlp_out, d.layer)
+
+
 def _dictionary_run(model, d, ids, batch, edit=None):
-    """Last-token logits with ``d`` spliced in at its hook point; edit(f, error) -> (f, error) changes the
-    latents and error before decoding. Returns (logits, f, error) of the run."""
+    """Last-token logits with ``d`` spliced in at its (written) hook point; edit(f, error) -> (f, error)
+    changes the latents and error before decoding. Returns (logits, f, error) of the run."""
     spec = model_spec(model)
-    point = spec.hook_point(d.site, d.layer)
+    point = spec.hook_point(d.out_site or d.site, d.layer)
     seen = {}
 
+    def read_input(module, args, kwargs):
+        raw = args[0] if args else kwargs["hidden_states"]
+        seen["x_in"] = raw.view(batch.n, batch.n_pos, -1) if raw.ndim == 2 else raw
+
     def fn(raw):
-        x = raw.view(batch.n, batch.n_pos, -1) if raw.ndim == 2 else raw  # [batch, pos, d_model]
-        f = encode(d, x)
-        error = x - decode(d, f)
+        y = raw.view(batch.n, batch.n_pos, -1) if raw.ndim == 2 else raw  # [batch, pos, d_model]
+        f = encode(d, seen.get("x_in", y))
+        error = y - decode(d, f)
         seen["f"], seen["error"] = f, error
         if edit is not None:
             f, error = edit(f.clone(), error.clone())
         return (decode(d, f) + error).view(raw.shape)
 
-    handle = _hook(point, fn)
+    reader = _input_module(spec, d)
+    handles = [] if reader is None else [reader.register_forward_pre_hook(read_input, with_kwargs=True)]
+    handles.append(_hook(point, fn))
     try:
         with torch.no_grad():
             logits = _last_logits(model, ids, batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return logits, seen["f"], seen["error"]
 
 

@@ -47,8 +47,7 @@ def test_splicing_a_dictionary_leaves_the_outputs_unchanged(family, architecture
     spec, batch = ap.model_spec(model), ap.make_batch(random_pairs())
     for normalize in ("none", "constant_norm_rescale", "layer_norm"):
         d = random_dictionary(site, 1, architecture, dtype=torch.float64, normalize=normalize)
-        point = spec.hook_point(site, 1)
-        spliced = _logits(model, batch, [(point, splice(point, d, batch.n_pos))])
+        spliced = _logits(model, batch, splice(spec, d, batch.n_pos))
         torch.testing.assert_close(spliced, _logits(model, batch), atol=1e-10, rtol=1e-10)
 
 
@@ -102,10 +101,10 @@ def test_bad_dictionaries_are_refused_with_the_fix(tmp_path):
         ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary(d_model=16)])
     with pytest.raises(ValueError, match=r"hook L5.resid_pre out of range.*0..2"):
         ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary(layer=5)])
-    with pytest.raises(ValueError, match="two dictionaries at layer 1"):
-        ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary(), random_dictionary("mlp_out")])
-    with pytest.raises(ValueError, match="estimator 'atp'"):
-        ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary()], estimator="ig")
+    with pytest.raises(ValueError, match="two dictionaries at L1.resid_pre"):
+        ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary(), random_dictionary(seed=1)])
+    with pytest.raises(ValueError, match=r"estimator atp \| ig .*got estimator='graddrop'"):
+        ap.attribute(model, batch, sites=[], dictionaries=[random_dictionary()], estimator="graddrop")
     with pytest.raises(ValueError, match=r"latent 48 out of range .*0..47"):
         patch_features(model, batch, [random_dictionary()], [Component("feature", 1, 0, 48)])
 
@@ -120,41 +119,37 @@ def test_latent_and_error_scores_add_up_to_the_hook_points_score(family, site):
     f = scores.features
     for m in ("logit_diff", "prob"):
         torch.testing.assert_close(scores.values[m][site], plain.values[m][site])  # splicing changes no site score
-        assert 0 < len(f.ids[m][1]) < d.d_sae  # only latents active in either run are kept
-        total = f.values[m][1].sum(1) + f.error[m][1]  # [pos]
+        assert 0 < len(f.ids[m][d.hook]) < d.d_sae  # only latents active in either run are kept
+        total = f.values[m][d.hook].sum(1) + f.error[m][d.hook]  # [pos]
         torch.testing.assert_close(total, plain.values[m][site][1], atol=1e-10, rtol=1e-8)
 
 
 def test_equal_runs_give_zero_feature_scores():
     model, pairs = tiny_model("gpt2"), random_pairs(changed=())
     scores = ap.attribute(model, ap.make_batch(pairs), sites=[], dictionaries=[random_dictionary()])
-    assert scores.features.values["logit_diff"][1].abs().max() == 0
-    assert scores.features.error["logit_diff"][1].abs().max() == 0
+    assert scores.features.values["logit_diff"]["L1.resid_pre"].abs().max() == 0
+    assert scores.features.error["logit_diff"]["L1.resid_pre"].abs().max() == 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("direction", ap.DIRECTIONS)
-def test_exact_effect_of_a_latent_equals_the_naive_reference(family, architecture, direction):
+def assert_exact_equals_reference(family: str, d: Dictionary, direction: str, n: int = 40, copies: int = 7) -> None:
+    """patch_features of ``d``'s first ``n`` scored components and two all-position ones == the naive reference."""
     model, batch = tiny_model(family, dtype=torch.float64), ap.make_batch(random_pairs())
-    d = random_dictionary("resid_pre", 1, architecture, dtype=torch.float64)
     scores = ap.attribute(model, batch, sites=[], dictionaries=[d], direction=direction)
-    comps = scores.features.components("logit_diff")[:40] + [Component("feature", 1, None, 3),
-                                                              Component("sae_error", 1, None)]
-    eff = patch_features(model, batch, [d], comps, direction=direction, copies=7)
+    comps = scores.features.components("logit_diff")[:n] + [Component("feature", d.layer, None, 3),
+                                                             Component("sae_error", d.layer, None)]
+    eff = patch_features(model, batch, [d], comps, direction=direction, copies=copies)
     ref = torch.tensor([feature_effect_reference(model, d, batch, c, direction) for c in comps], dtype=torch.float64)
     assert ref.abs().max() > 1e-3
     torch.testing.assert_close(eff.values[:, 0], ref, atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("direction", ap.DIRECTIONS)
-def test_atp_equals_exact_where_the_metric_is_linear_in_the_latent(family, direction):
-    # no final norm: logit_diff is linear in the last block's MLP output, so in its dictionary's latents
+def assert_score_equals_exact_when_linear(family: str, d: Dictionary, direction: str, **options) -> None:
+    """With no final norm, logit_diff is linear in the last block's MLP output, so in the latents of ``d``
+    (writing it): every score (attribute's ``options``: estimator, ig_steps) equals the exact effect."""
     model = tiny_model(family, dtype=torch.float64)
     _linear_readout(model)
-    batch, d = ap.make_batch(random_pairs()), random_dictionary("mlp_out", 2, dtype=torch.float64)
-    scores = ap.attribute(model, batch, sites=[], dictionaries=[d], direction=direction).features
+    batch = ap.make_batch(random_pairs())
+    scores = ap.attribute(model, batch, sites=[], dictionaries=[d], direction=direction, **options).features
     comps = [c for per_pos in (True, False) for c in scores.components("logit_diff", per_position=per_pos)]
     eff = patch_features(model, batch, [d], comps, direction=direction, copies=16)
     approx = torch.tensor([scores.score(c, "logit_diff") for c in comps], dtype=torch.float64)
@@ -162,14 +157,32 @@ def test_atp_equals_exact_where_the_metric_is_linear_in_the_latent(family, direc
     torch.testing.assert_close(approx, eff.values[:, 0], atol=1e-9, rtol=1e-7)
 
 
+def assert_joint_patch_equals_the_written_point(family: str, d: Dictionary) -> None:
+    """Every latent and the error of ``d`` patched together == patching the site it writes, per position."""
+    model, batch = tiny_model(family, dtype=torch.float64), ap.make_batch(random_pairs())
+    joint = [tuple(Component("feature", d.layer, pos, i) for i in range(d.d_sae))
+             + (Component("sae_error", d.layer, pos),) for pos in (*range(N_POS), None)]
+    eff = patch_features(model, batch, [d], joint)
+    plain = ap.patch(model, batch, [Component(d.writes, d.layer, pos) for pos in (*range(N_POS), None)])
+    assert plain.values.abs().max() > 1e-2
+    torch.testing.assert_close(eff.values, plain.values, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_exact_effect_of_a_latent_equals_the_naive_reference(family, architecture, direction):
+    d = random_dictionary("resid_pre", 1, architecture, dtype=torch.float64)
+    assert_exact_equals_reference(family, d, direction)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("direction", ap.DIRECTIONS)
+def test_atp_equals_exact_where_the_metric_is_linear_in_the_latent(family, direction):
+    assert_score_equals_exact_when_linear(family, random_dictionary("mlp_out", 2, dtype=torch.float64), direction)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("site", ("resid_pre", "attn_out", "mlp_out"))
 def test_every_latent_and_the_error_patched_together_equal_patching_the_hook_point(family, site):
-    model, batch = tiny_model(family, dtype=torch.float64), ap.make_batch(random_pairs())
-    d = random_dictionary(site, 1, "topk", dtype=torch.float64)
-    joint = [tuple(Component("feature", 1, pos, i) for i in range(d.d_sae)) + (Component("sae_error", 1, pos),)
-             for pos in (*range(N_POS), None)]
-    eff = patch_features(model, batch, [d], joint)
-    plain = ap.patch(model, batch, [Component(site, 1, pos) for pos in (*range(N_POS), None)])
-    assert plain.values.abs().max() > 1e-2
-    torch.testing.assert_close(eff.values, plain.values, atol=1e-9, rtol=1e-7)
+    assert_joint_patch_equals_the_written_point(family, random_dictionary(site, 1, "topk", dtype=torch.float64))

@@ -49,15 +49,18 @@ def test_the_trained_sae_reconstructs_well_enough_to_be_useful():
     assert stats["fraction_variance_explained"] > 0.6 and stats["l0"] <= 32
 
 
-def test_splicing_the_sae_leaves_smollm2s_logits_unchanged(smollm2_sae, feature_run):
-    model, _, d = smollm2_sae
-    batch = _batch(feature_run[1])
-    point = ap.model_spec(model).hook_point(d.site, d.layer)
+def assert_splice_is_transparent(model, d, batch) -> None:
+    """SmolLM2's logits with ``d`` spliced in equal its own (float32 tolerance)."""
     with torch.no_grad():
         plain = model(input_ids=batch.clean, attention_mask=batch.mask).logits
-        with hooked([(point, splice(point, d, batch.n_pos))]):
+        with hooked(splice(ap.model_spec(model), d, batch.n_pos)):
             spliced = model(input_ids=batch.clean, attention_mask=batch.mask).logits
     torch.testing.assert_close(spliced, plain, atol=2e-4, rtol=1e-4)
+
+
+def test_splicing_the_sae_leaves_smollm2s_logits_unchanged(smollm2_sae, feature_run):
+    model, _, d = smollm2_sae
+    assert_splice_is_transparent(model, d, _batch(feature_run[1]))
 
 
 def test_feature_screen_exact_effects_equal_the_naive_reference(smollm2_sae, feature_run):
@@ -76,5 +79,23 @@ def test_latent_and_error_scores_add_up_to_resid_pre_on_smollm2(smollm2_sae, fea
     batch = _batch(feature_run[1])
     scores = ap.attribute(model, batch, sites=["resid_pre"], dictionaries=[d])
     f = scores.features
-    total = f.values["logit_diff"][6].sum(1) + f.error["logit_diff"][6]
+    total = f.values["logit_diff"][d.hook].sum(1) + f.error["logit_diff"][d.hook]
     torch.testing.assert_close(total, scores.values["logit_diff"]["resid_pre"][6], atol=1e-3, rtol=1e-3)
+
+
+TRANSCODER = default_cache_dir() / "transcoder-smollm2-135m-L6-topk32-2048"
+
+
+def test_the_trained_transcoder_splices_transparently_and_its_scores_add_up_to_mlp_out(smollm2_sae, feature_run):
+    # scripts/train_sae.py --transcoder (not trained here when missing: ~30 min)
+    if not (TRANSCODER / "cfg.json").is_file():
+        pytest.skip(f"no transcoder at {TRANSCODER}; train it with scripts/train_sae.py --transcoder")
+    model, _, sae = smollm2_sae
+    t = load_dictionary(TRANSCODER)
+    assert t.hook == "L6.mlp_in>mlp_out"
+    batch = _batch(feature_run[1])
+    assert_splice_is_transparent(model, t, batch)
+    scores = ap.attribute(model, batch, sites=["mlp_out"], dictionaries=[sae, t])
+    f = scores.features
+    total = f.values["logit_diff"][t.hook].sum(1) + f.error["logit_diff"][t.hook]
+    torch.testing.assert_close(total, scores.values["logit_diff"]["mlp_out"][6], atol=1e-3, rtol=1e-3)

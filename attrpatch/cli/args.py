@@ -278,10 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=EPILOG, formatter_class=_Help, parents=[shared()])
     _add_screen_args(screen)
     screen.add_argument("--sae", action="append", default=[], metavar="PATH[@hook]",
-                        help="also screen a sparse dictionary's latents (repeatable, one per layer): a sae-lens "
-                             "folder (cfg.json + sae_weights.safetensors) or a .safetensors file with W_enc, b_enc, "
-                             "W_dec, b_dec (+ threshold); @hook overrides or gives its hook point, e.g. "
-                             "@blocks.3.hook_resid_pre or @L3.mlp_out")
+                        help="also screen a sparse dictionary's latents (repeatable, several per layer): an SAE or a "
+                             "transcoder as a sae-lens folder (cfg.json + sae_weights.safetensors) or a .safetensors "
+                             "file with W_enc, b_enc, W_dec, b_dec (+ threshold); @hook overrides or gives its hook "
+                             "point, e.g. @blocks.3.hook_resid_pre or @L3.mlp_out, a transcoder's as "
+                             "@blocks.3.hook_resid_mid>blocks.3.hook_mlp_out")
     demo = sub.add_parser("demo", help="screen the embedded toy model on the IOI task, offline", formatter_class=_Help,
                           parents=[shared(None)])
     _add_screen_args(demo, demo=True)

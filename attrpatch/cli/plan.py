@@ -21,7 +21,10 @@ def describe(plan: dict) -> str:
     if big:
         lines.append(f"  largest buffer: {size_text(big['bytes'])}, {big['shape']} {big['dtype']} "
                      f"({big['op']}, {big['phase']})")
-    lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("metrics", "edges")))
+    lines.append("  settings: " + ", ".join(f"{k} {v}" for k, v in s.items()
+                                            if k not in ("metrics", "edges", "dictionaries")))
+    if "dictionaries" in s:
+        lines.append("  dictionaries: " + ", ".join(s["dictionaries"]))
     if s["device"] == "cpu":
         lines.append("  one process: a CPU screen of --direction both runs its directions in two (--processes), each "
                      "holding its own activations beside the shared weights; --max-memory keeps one")
@@ -50,6 +53,7 @@ PLAN_EPILOG = """examples:
   attrpatch plan --model ./my-model --task ioi --max-memory 24GB
   attrpatch plan --config config.json --dtype bfloat16 --n-prompts 16 --seq-len 128 --device cuda --json
   attrpatch plan --config config.json --seq-len 128 --edges --max-memory 80GB   # an edges run's phases too
+  attrpatch plan --model M --task ioi --sae SAE_L3 --sae SAE_L6                 # a feature screen's phases too
 takes screen's options; traces attribution and one chunk of exact patching on meta weights (planning.py), and
 with --edges EAP and edge patching (edge_planning.py). screen/edges --max-memory choose settings from it."""
 
@@ -60,6 +64,10 @@ def add_plan_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per prompt (default: the task's longest prompt, which needs --model's tokenizer)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--sae", action="append", default=[], metavar="PATH[@hook]",
+                   help="also plan a feature screen of this dictionary (repeatable; as screen --sae): phases features "
+                        "and feature_patching, every latent taken as active (feature_planning.py); only the "
+                        "safetensors header is read")
     p.add_argument("--edges", action="store_true",
                    help="also plan an edges run (attrpatch edges: EAP, then patching of its top 50 + 30 control "
                         "edges; --batch-size, --copies, --metric(s), --direction and --estimator ig apply): phases "
@@ -83,11 +91,27 @@ def plan_command(args) -> int:
         n_prompts, seq_len = _task_shape(args, model_cfg, any(config.per_position(s) for s in config.sites))
     plan = plan_screen(model_cfg, config, n_prompts=n_prompts, seq_len=seq_len, dtype=args.dtype,
                        device=args.device, max_memory=limit)
+    if args.sae:
+        _add_features(plan, args, model_cfg, config, n_prompts, seq_len)
     if args.edges:
         _add_edges(plan, args, model_cfg, n_prompts, seq_len, limit)
     plan["model"] = args.config or args.model or "embedded toy model"
     print(json.dumps(plan) if args.json else describe(plan))
     return 0
+
+
+def _add_features(plan: dict, args, model_cfg, config, n_prompts: int, seq_len: int) -> None:
+    """The feature screen's phases of ``--sae``'s dictionaries into ``plan`` (feature_planning.py)."""
+    from ..feature_planning import add_features, trace_features
+    from ..model.dictionaries import load_dictionary
+    from ..planning import meta_model, name_devices, synthetic_batch
+
+    dictionaries = [load_dictionary(path, meta=True) for path in args.sae]
+    traced = trace_features(meta_model(model_cfg, args.dtype), synthetic_batch(n_prompts, seq_len), dictionaries,
+                            config)
+    add_features(plan, name_devices(traced, args.device), dictionaries)
+    if "max_memory" in plan:
+        plan["fits"] = plan["peak_bytes"] <= plan["max_memory"]
 
 
 def _add_edges(plan: dict, args, model_cfg, n_prompts: int, seq_len: int, limit: int | None) -> None:

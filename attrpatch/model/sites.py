@@ -236,12 +236,15 @@ def unit_reduce(site: str, prod: Tensor) -> Tensor:
 @dataclass(frozen=True, order=True)
 class Component:
     """One scored unit: a site at a layer, at one position (``pos``) or all (None), and for head-like and
-    neuron sites one ``unit`` (head index, or neuron index). ``embed`` has layer 0."""
+    neuron sites one ``unit`` (head index, or neuron index). ``embed`` has layer 0. A ``feature`` or
+    ``sae_error`` component names its dictionary's ``slot`` (``mlp_out``, ``resid_mid>mlp_out``) when its
+    layer has several dictionaries (model/dictionaries.py), else None."""
 
     site: str
     layer: int
     pos: int | None = None
     unit: int | None = None
+    dictionary: str | None = None
 
     @property
     def head(self) -> int | None:
@@ -259,7 +262,10 @@ class Component:
         elif self.site == "neuron":
             name = f"L{self.layer}N{self.unit}"
         elif self.site == "feature":
-            name = f"L{self.layer}F{self.unit}"
+            slot = "" if self.dictionary is None else f".{self.dictionary}:"
+            name = f"L{self.layer}{slot}F{self.unit}"
+        elif self.site == "sae_error" and self.dictionary is not None:
+            name = f"L{self.layer}.{self.dictionary}:sae_error"
         else:
             name = f"L{self.layer}.{self.site}"
         return name if self.pos is None else f"{name}@{self.pos}"

@@ -26,7 +26,9 @@ def plot_features(found, direction: str | None = None, *, ax=None, fig=None):
     hooks = list(found["agreement"][direction])
     with _style():
         fig, (left, right) = _panels(2, ax, fig, (7.0, 3.4))
-        xs = np.array([r["atp"] for r in rows], dtype=float)
+        xs = np.array([r.get("approx", r["atp"]) for r in rows], dtype=float)
+        est = found.get("estimator", "atp")
+        label = "AtP" if est == "atp" else est
         ys = np.array([r[f"exact_{metric}"] for r in rows], dtype=float)
         if len(rows):
             _square_limits(left, xs, ys)
@@ -38,18 +40,18 @@ def plot_features(found, direction: str | None = None, *, ax=None, fig=None):
                          edgecolors="white", linewidths=0.3, zorder=2)
         for j in sorted(range(len(rows)), key=lambda j: -abs(ys[j]))[:N_NAMED]:
             left.annotate(rows[j]["name"], (xs[j], ys[j]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        left.set_xlabel(f"AtP ({METRIC_UNITS.get(metric, metric)})")
+        left.set_xlabel(f"{label} ({METRIC_UNITS.get(metric, metric)})")
         left.set_ylabel(f"exact ({METRIC_UNITS.get(metric, metric)})")
         named = [Path(str(found["model"])).name if found.get("model") else None, found.get("task"), direction, metric]
         fig.suptitle("features: " + ", ".join(str(v) for v in named if v), fontsize=8)
-        left.set_title("AtP vs exact", loc="left")
+        left.set_title(f"{label} vs exact", loc="left")
         left.legend(fontsize=6, loc="upper left")
-        _bars(right, rows, hooks, metric)
+        _bars(right, rows, hooks, metric, label)
         _layout(fig)
     return fig
 
 
-def _bars(ax, rows: list[dict], hooks: list[str], metric: str) -> None:
+def _bars(ax, rows: list[dict], hooks: list[str], metric: str, label: str = "AtP") -> None:
     """Per dictionary (one colour, top to bottom by layer) its N_BARS largest |exact| features."""
     names, exact, approx, colors = [], [], [], []
     for i, hook in enumerate(hooks):
@@ -57,11 +59,11 @@ def _bars(ax, rows: list[dict], hooks: list[str], metric: str) -> None:
         for r in mine:
             names.append(r["name"])
             exact.append(r[f"exact_{metric}"])
-            approx.append(r["atp"])
+            approx.append(r.get("approx", r["atp"]))
             colors.append(PALETTE[i % len(PALETTE)])
     y = np.arange(len(names))[::-1]
     ax.barh(y, exact, color=colors, height=0.7, label="exact")
-    ax.scatter(approx, y, marker="|", color="black", s=40, zorder=3, label="AtP")
+    ax.scatter(approx, y, marker="|", color="black", s=40, zorder=3, label=label)
     ax.set_yticks(y, names, fontsize=6)
     ax.axvline(0, color=GREY, lw=0.5)
     ax.set_xlabel(f"effect ({METRIC_UNITS.get(metric, metric)})")

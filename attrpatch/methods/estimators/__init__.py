@@ -10,6 +10,7 @@
                   in the backward pass (``relp_gim``: with RelP's rules)
     gradients     the core they share: the source cache, the receiving run with grad, the products
     features      AtP of dictionary latents and error terms, from the same backward as the sites
+    feature_ig    IG of one dictionary's latents and error along its own line (Marks et al. 2024)
     blockwise     the same backward block by block (``recompute=True``): less memory, ~2 more forwards
     attribution   ``attribute``: any estimator over a prompt set, in chunks (``Scores``); ``ESTIMATORS``
 

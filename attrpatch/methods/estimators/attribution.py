@@ -72,7 +72,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
               relp_rules: Sequence[str] = relp.DEFAULT_RULES, gim_rules: gim.GimRules = gim.GimRules(),
               recompute: bool = False,
               prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
-              ablation: str | None = None, dictionaries: Sequence[Dictionary] = ()) -> Scores:
+              ablation: str | None = None, dictionaries: Sequence[Dictionary] = (),
+              feature_prompts: bool = False) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
@@ -89,13 +90,15 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         ``per_prompt``'s [batch, ..] values), per site with positions (True) or summed over them (False;
         sites not named keep them): [batch, layer, pos | 1, (unit)].
     dictionaries: spliced into both runs with their error terms; ``Scores.features`` holds the AtP scores of
-        their active latents and error terms from the same backward (features.py; estimator "atp" only).
+        their active latents and error terms from the same backward (features.py; estimators
+        features.FEATURE_ESTIMATORS: atp, ig, relp, gim, relp_gim, relp_t4); ``feature_prompts``: keep their
+        per-prompt scores too (FeatureScores.per_prompt).
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
     _check(spec, sites, metrics, direction, estimator, ablation, ig_steps, per_prompt and prompt_positions is not None)
     layers, features = feature_scores(spec, dictionaries, estimator=estimator, recompute=recompute,
-                                      ablation=ablation, per_prompt=per_prompt)
+                                      ablation=ablation, per_prompt=per_prompt, prompts=feature_prompts)
     d, device = spec.dims, spec.device
     batch = batch.to(device)
     lead = (batch.n,) if per_prompt else ()
@@ -118,7 +121,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         if fixed is not None:
             chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
         if features is not None:
-            chunk.splices = Splices(chunk, layers, features).hooks
+            chunk.splices = Splices(chunk, layers, features, 1 / ig_steps if estimator == "ig" else 1.0, start).hooks
         ESTIMATORS[estimator].score(chunk, **options)
         for run_name, per_metric in chunk.metric_sums().items():
             for m in metrics:
