@@ -30,7 +30,7 @@ from .analysis.ranking import plan_verification
 from .analysis.records import Cost, Finding, finding_dicts
 from .analysis.results import ScreenResult
 from .config import ScreenConfig, with_primary_metric
-from .engine import distributed
+from .engine import distributed, forked
 from .engine.forked import Forked
 from .inputs.batch import PromptBatch
 from .methods.estimators.attribution import Scores
@@ -61,8 +61,8 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
            progress: Progress | None = None) -> ScreenResult:
     """Run the screen: baselines, then per direction attribution -> plan -> exact patching -> diagnostics
     -> findings (``screen_direction``); then the cross-direction flags. ``progress`` (output.checkpoint.Progress)
-    saves each completed step and, on resume, skips the steps already saved. Two directions on a CPU run in
-    two processes (``config.processes``, engine/forked.py): the same report, sooner."""
+    saves each completed step and, on resume, skips the steps already saved. ``config.processes=2`` runs the
+    two directions side by side in two processes on a CPU (engine/forked.py): the same report."""
     config = with_primary_metric(config)
     run = Steps(as_spec(model), batch, config, progress or Progress(None))
     run.check_inputs()
@@ -94,17 +94,18 @@ def screen(model: nn.Module, batch: PromptBatch, config: ScreenConfig = ScreenCo
 
 
 def processes(config: ScreenConfig, device: torch.device) -> int:
-    """How many processes the screen's directions run in: ``config.processes``, or by default 2 where that is
-    faster and safe (two directions, a CPU, two or more torch threads, one rank, not --low-memory: a second
-    process holds its own activations), else 1."""
-    possible = len(config.directions) == 2 and device.type == "cpu" and not distributed.active()
+    """How many processes the screen's directions run in: ``config.processes``, 1 by default. Two (direction
+    "both", a CPU, one rank) measured only 1.06x faster than one on SmolLM2's IOI screen on 2 cores (192.9 s vs
+    204.8 s, scripts/bench.py --preset smollm2 --only screen; the CLI 217.8 vs 240.8 s, back to back): the patched
+    passes already use both threads well and the noising direction has more to verify, while a second process
+    holds its own activations; so it is an option, not the default."""
+    possible = (len(config.directions) == 2 and device.type == "cpu" and not distributed.active()
+                and forked.available() > 0)
     if config.processes == 2 and not possible:
-        raise ValueError("processes=2 (--processes 2) runs the two directions in two processes: it needs "
-                         "direction='both' (--direction both), a model on the CPU and a single-process run; "
+        raise ValueError("processes=2 (--processes 2) runs the two directions in two forked processes: it needs "
+                         "direction='both' (--direction both), a model on the CPU, a single-process run and Linux; "
                          "use --processes 1")
-    if config.processes is not None:
-        return config.processes
-    return 2 if possible and torch.get_num_threads() >= 2 and not config.low_memory else 1
+    return config.processes or 1
 
 
 def screen_direction(run: Steps, direction: str, unit: bool = False) -> Direction:

@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "attrpatch"
 # The stages in the order data flows; a module may import from its own stage and earlier ones.
 STAGES = ("inputs", "model", "engine", "methods", "config", "analysis", "output", "plot", "steps", "screening", "feature_screening", "edge_mib", "edge_screening",
-          "prompts", "pipeline", "planning", "edge_planning", "cli", "__init__", "__main__")
+          "prompts", "pipeline", "planning", "feature_planning", "edge_planning", "cli", "__init__", "__main__")
 # methods/ in rooms, in the order they may import one another; modules directly in methods/ come first
 ROOMS = ("", "estimators", "patching", "edges")
 CONFIG_TYPES = ("ScreenConfig", "EdgeConfig")  # attrpatch/config.py's dataclasses; readers import them

@@ -98,15 +98,13 @@ def test_two_processes_need_both_directions_on_a_cpu():
         replace(CONFIG, processes=3)
 
 
-def test_default_is_two_processes_only_where_it_helps(monkeypatch):
+def test_one_process_unless_two_are_asked_for(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert screening.processes(CONFIG, cpu) == 2
-    assert screening.processes(replace(CONFIG, direction="noise"), cpu) == 1
-    assert screening.processes(replace(CONFIG, low_memory=True), cpu) == 1
-    assert screening.processes(CONFIG, torch.device("meta")) == 1
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert screening.processes(CONFIG, cpu) == 1
+    assert screening.processes(replace(CONFIG, processes=2), cpu) == 2
+    with pytest.raises(ValueError, match="a model on the CPU"):
+        screening.processes(replace(CONFIG, processes=2), torch.device("meta"))
 
 
 def test_steps_saved_by_both_processes_resume_in_one(tmp_path, monkeypatch):
@@ -120,3 +118,13 @@ def test_steps_saved_by_both_processes_resume_in_one(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "attribute", lambda *a, **k: pytest.fail("recomputed saved scores"))
     again = ap.screen(model, batch, replace(CONFIG, processes=1), progress=Progress(tmp_path, {"run": 1}, resume=True))
     _close(_facts(again), _facts(first))
+
+
+def test_no_fork_off_linux(monkeypatch):
+    """macOS's frameworks are not fork-safe: no second process there, asked for (a clear error) or by default."""
+    from attrpatch.engine import forked
+    monkeypatch.setattr(forked.sys, "platform", "darwin")
+    assert forked.available() == 0
+    with pytest.raises(ValueError, match="Linux"):
+        screening.processes(replace(CONFIG, processes=2), torch.device("cpu"))
+    assert screening.processes(CONFIG, torch.device("cpu")) == 1

@@ -109,7 +109,7 @@ def _screen(args, argv) -> int:
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
                           ablation=args.ablation, low_memory=args.low_memory,
-                          processes=args.processes or (1 if args.max_memory else None)))  # the plan is one process's
+                          processes=1 if args.max_memory else args.processes))  # the plan is one process's
     from ..model.dictionaries import load_dictionary
     dictionaries = tuple(load_dictionary(path) for path in getattr(args, "sae", ()))  # before the model: fail fast
     model, tokenizer = _load(args, device, args.device_map)

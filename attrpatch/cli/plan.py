@@ -26,8 +26,8 @@ def describe(plan: dict) -> str:
     if "dictionaries" in s:
         lines.append("  dictionaries: " + ", ".join(s["dictionaries"]))
     if s["device"] == "cpu":
-        lines.append("  one process: a CPU screen of --direction both runs its directions in two (--processes), each "
-                     "holding its own activations beside the shared weights; --max-memory keeps one")
+        lines.append("  one process: --processes 2 (a CPU screen of --direction both) runs the directions in two, "
+                     "each holding its own activations beside the shared weights; --max-memory keeps one")
     if "edges" in s:
         lines.append("  edges settings: " + ", ".join(f"{k} {v}" for k, v in s["edges"].items() if k != "metrics"))
     if "max_memory" in plan:

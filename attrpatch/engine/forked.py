@@ -8,8 +8,8 @@ use both cores fully.
         theirs = child.result()           # job()'s return value, or its exception raised here
 
 The child is a copy of this process (the model's weights shared, copy-on-write) and dies with it; its
-return value comes back pickled through a pipe (this process's own child, never a file). CPU only: CUDA
-state does not survive a fork.
+return value comes back pickled through a pipe (this process's own child, never a file). CPU and Linux only:
+CUDA state does not survive a fork, and macOS's frameworks are not fork-safe (``available``).
 """
 
 import ctypes
@@ -22,6 +22,14 @@ import traceback
 import torch
 
 PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
+
+
+def available() -> int:
+    """Cores a forked second process could use: 0 where forking is not offered (anywhere but Linux: macOS's
+    frameworks are not fork-safe), else this process's CPUs."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    return len(os.sched_getaffinity(0))
 
 
 class ChildFailed(RuntimeError):

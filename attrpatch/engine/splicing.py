@@ -72,3 +72,13 @@ def splice(spec: ModelSpec, d: Dictionary, n_pos: int, edit: Edit = keep_active)
         out = d.decode(latents, stats, ids) + error  # [batch, pos, d_model]
         return out.reshape(raw.shape)
     return ([(read, remember)] if d.out_site else []) + [(write, callback)]
+
+
+def recording(store: dict, hook: str):
+    """Edit keeping the run's dense latents and error of dictionary ``hook`` in ``store[hook]``: (f [batch,
+    pos, d_sae], error [batch, pos, d_model]); the run itself unchanged."""
+    def edit(f: Tensor, error: Tensor, stats: tuple):
+        store[hook] = (f, error)
+        ids = active(f)
+        return f[..., ids], ids, error
+    return edit

@@ -134,12 +134,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
                                     lambda part, start, into: (step(part, start, into), bar.update(part.n)),
                                     summed={} if per_prompt else values, rows=values if per_prompt else prompts,
                                     device=device, what=f"attributing ({estimator})")
-    if not per_prompt:
-        for per_site in values.values():
-            for t in per_site.values():
-                t /= batch.n
-    if features is not None:
-        features.mean(batch.n)
+    _to_means({} if per_prompt else values, features, batch.n)
     cost = ESTIMATORS[estimator].passes(d.n_layers, len(metrics), **options)
     passes = {k: v * n_chunks + (sum(reruns) if k == "forward" else 0) for k, v in cost.items()}
     return Scores(
@@ -149,6 +144,15 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         passes={**passes, **retried(size, batch_size, batch.n)},
         estimator=estimator, prompts=prompts, features=features,
     )
+
+
+def _to_means(values: dict, features, n: int) -> None:
+    """Sums over ``n`` prompts -> means, in place: every tensor of {metric: {site: tensor}} and the features'."""
+    for per_site in values.values():
+        for t in per_site.values():
+            t /= n
+    if features is not None:
+        features.mean(n)
 
 
 def _options(estimator: str, ig_steps: int, relp_rules: Sequence[str], gim_rules: gim.GimRules) -> dict:

@@ -23,12 +23,11 @@ from torch import Tensor, nn
 from ...engine.forward import forward_last
 from ...engine.hooks import eval_mode, frozen_weights, hooked
 from ...engine.metrics import Target, check_metric, metric
-from ...engine.splicing import active, splice, union
+from ...engine.splicing import active, recording, splice, union
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.dictionaries import Dictionary
 from ...model.sites import ModelSpec, as_spec
-from ..patching.features import recording
 from .features import FeatureScores, by_hook
 from .gradients import masked
 from .ig import alphas

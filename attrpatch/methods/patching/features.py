@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ...engine.forward import forward_last
 from ...engine.hooks import eval_mode, hooked
 from ...engine.metrics import Target, check_metric, metric_values, wide
-from ...engine.splicing import active, splice
+from ...engine.splicing import active, recording, splice
 from ...inputs.batch import PromptBatch
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.dictionaries import Dictionary
@@ -48,16 +48,6 @@ def check_feature(c: Component, found: dict[str, Dictionary], n_pos: int) -> str
     if c.site == "sae_error" and c.unit is not None:
         raise ValueError(f"{c}: an sae_error component takes no unit, got unit={c.unit!r}")
     return hook
-
-
-def recording(store: dict, hook: str):
-    """Edit keeping the run's dense latents and error of dictionary ``hook`` in ``store[hook]``: (f [batch,
-    pos, d_sae], error [batch, pos, d_model]); the run itself unchanged."""
-    def edit(f: Tensor, error: Tensor, stats: tuple):
-        store[hook] = (f, error)
-        ids = active(f)
-        return f[..., ids], ids, error
-    return edit
 
 
 def _patcher(hook: str, items: list[tuple[Item, list[str]]], source: tuple[Tensor, Tensor], alpha: float = 1.0):
