@@ -139,7 +139,7 @@ checks = {
     "verification": lambda: ap.patch(spec, corrupt_full, comps, metrics=screen_config.metrics, runs={},
                                      **patch_options(replace(screen_config, copies=plan["settings"]["copies"]), direction)),
     "edges": lambda: attribute_edges(spec, corrupt_full, metrics=edge_config.metrics, direction="denoise"),
-    "edge_patching": lambda: patch_edges(spec, corrupt_full, verified_edges(spec, edge_config), metrics=edge_config.metrics,
+    "edge_patching": lambda: patch_edges(spec, corrupt_full, verified_edges(spec, edge_config, seq_len), metrics=edge_config.metrics,
                                          direction="denoise",
                                          copies=edge_copies(edge_config, device.split(":")[0], n_prompts).copies),
 }
@@ -160,7 +160,7 @@ result["screen"] = {"seconds": time.perf_counter() - start, "verified": n_verifi
                     "patch_per_component_ratio": timing["verification_s"] / max(n_verified, 1) / timing["forward_s"]}
 say(f"AtP over all sites: {result['screen']['atp_ratio']:.2f}x one forward (goal <= 3); exact patching per component: "
     f"{result['screen']['patch_per_component_ratio']:.3f}x (goal <= 0.25), {n_verified} verified")
-n_edges = len(verified_edges(spec, edge_config))
+n_edges = len(verified_edges(spec, edge_config, seq_len))
 result["edges"] = {"eap_ratio": result["seconds"]["edges"] / forward_s,
                    "patch_per_edge_ratio": result["seconds"]["edge_patching"] / n_edges / forward_s, "verified": n_edges}
 say(f"edges: EAP {result['edges']['eap_ratio']:.2f}x one forward ({len(edge_config.metrics)} metrics), edge patching "
