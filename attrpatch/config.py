@@ -97,6 +97,9 @@ class ScreenConfig:
             check_ablation(self.ablation, self.direction, self.estimator)
         if self.processes not in (None, 1, 2):
             raise ValueError(f"processes must be 1 or 2 (the two directions side by side), got {self.processes}")
+        if self.processes == 2 and self.direction != "both":
+            raise ValueError(f"processes=2 (--processes 2) runs the two directions side by side; it needs "
+                             f"direction='both' (--direction both), got {self.direction!r}")
         if self.fn_subsets != 0 and self.fn_subsets < 4:
             raise ValueError(f"fn_subsets must be 0 (off) or >= 4 (subsets to estimate a variance on both sides "
                              f"of each component), got {self.fn_subsets}; 20 or more gives a useful bound")

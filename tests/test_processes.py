@@ -91,9 +91,13 @@ def test_the_parent_failing_kills_the_child_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
-def test_two_processes_need_both_directions_on_a_cpu():
+def test_two_processes_need_both_directions_on_a_cpu(capsys):
     with pytest.raises(ValueError, match="direction='both'"):
-        ap.screen(tiny_model("gpt2"), ap.make_batch(random_pairs(3)), replace(CONFIG, direction="denoise", processes=2))
+        replace(CONFIG, direction="denoise", processes=2)
+    from attrpatch.cli import main
+    assert main(["screen", "--task", "ioi", "--processes", "2", "--direction", "noise", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--direction both" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="processes must be 1 or 2"):
         replace(CONFIG, processes=3)
 
