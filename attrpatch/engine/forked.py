@@ -38,9 +38,9 @@ class ChildFailed(RuntimeError):
 
 class Forked:
     """``job`` (no arguments) in a forked process on ``threads`` torch threads; the parent's threads are set to
-    ``parent_threads`` until the context exits. ``result()`` waits for it."""
+    ``parent_threads`` until the context exits (None: as they are). ``result()`` waits for it."""
 
-    def __init__(self, job, threads: int, parent_threads: int):
+    def __init__(self, job, threads: int | None = None, parent_threads: int | None = None):
         self.job, self.threads, self.parent_threads = job, threads, parent_threads
         self.pid = self.read = None
         self.before = torch.get_num_threads()
@@ -55,7 +55,8 @@ class Forked:
             _child(self.job, self.threads, write)  # never returns
         os.close(write)
         self.pid, self.read = pid, read
-        torch.set_num_threads(self.parent_threads)
+        if self.parent_threads is not None:
+            torch.set_num_threads(self.parent_threads)
         return self
 
     def result(self):
@@ -84,12 +85,13 @@ class Forked:
             os.waitpid(self.pid, 0)
 
 
-def _child(job, threads: int, write: int) -> None:
+def _child(job, threads: int | None, write: int) -> None:
     """Run ``job`` in the forked process, send ("ok", value) or ("error", exception) and exit."""
     code = 0
     try:
         _die_with_parent()
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         payload = ("ok", job())
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         code = 1

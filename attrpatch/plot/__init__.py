@@ -42,8 +42,6 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
-
 from ..engine import forked
 from ..engine.forked import Forked
 
@@ -123,8 +121,7 @@ def draw_run(run_dir: str | Path, formats: Sequence[str] = DEFAULT_FORMATS,
     draw = lambda keep: [save(fig, out / stem, formats) for stem, fig in figures(run, keep)]
     if (processes or (2 if forked.available() >= 2 else 1)) == 1:
         return [p for paths in draw(None) for p in paths]
-    threads = torch.get_num_threads()
-    with Forked(lambda: draw(lambda i: i % 2 == 1), threads, threads) as child:
+    with Forked(lambda: draw(lambda i: i % 2 == 1)) as child:  # torch's threads as they are: matplotlib draws
         even = draw(lambda i: i % 2 == 0)
         odd = child.result()
     both = [paths for pair in zip_longest(even, odd) for paths in pair if paths is not None]
