@@ -296,7 +296,8 @@ def test_every_figure_names_model_task_direction_and_metric(run):
 def test_circuit_graph_of_a_30_layer_model_is_sized_to_its_layers_and_its_legend_matches_its_colours():
     from matplotlib.colors import to_hex
 
-    from attrpatch.plot.circuit import MAX_CIRCUIT_EDGES, NEG_C, POS_C, ROW_H, circuit_rows, plot_circuit
+    from attrpatch.plot.circuit import NEG_C, POS_C, ROW_H, circuit_rows, plot_circuit
+    from attrpatch.plot.circuit_layout import MAX_CIRCUIT_EDGES
 
     layers = (0, 3, 17, 20, 23, 29)
     edges = [{"sender": f"L{a}H{i % 9}", "receiver": f"L{b}H{(i + 1) % 9}.v", "score": (-1) ** i * (1 + i / 10)}
@@ -329,3 +330,39 @@ def test_two_processes_draw_the_same_files_in_order(run_dir, tmp_path):
     two = plot.draw_run(run_dir, out=tmp_path / "two", processes=2)
     assert [p.name for p in two] == [p.name for p in one] == [f"{s}.png" for s in STEMS]
     assert [p.read_bytes() for p in two] == [p.read_bytes() for p in one]
+
+
+def test_per_position_circuit_is_a_grid_of_positions_with_the_attention_links_its_edges_imply():
+    """--positions each: one column per position holding a node, headed by its token; every edge stays in its
+    column; a head whose k/v input at p and whose write at a later q are both in the circuit gets a dashed link
+    p -> q, and no other head does."""
+    from attrpatch.plot.circuit import plot_circuit
+    from attrpatch.plot.position_circuit import _xy, attention_links, position_label, position_layout
+
+    edges = [{"sender": "embed", "receiver": "L0.mlp", "score": -3.0, "pos": 2},
+             {"sender": "L0.mlp", "receiver": "L2H1.k", "score": 1.5, "pos": 2},
+             {"sender": "L0.mlp", "receiver": "L2H0.v", "score": 0.5, "pos": 2},
+             {"sender": "L2H1", "receiver": "logits", "score": 2.0, "pos": 4},
+             {"sender": "L1H3", "receiver": "L2H0.q", "score": -0.7, "pos": 4},  # L2H0 writes nowhere: no link
+             {"sender": "L0H0", "receiver": "L1H3.v", "score": 0.1, "pos": 4}]  # its key is its query: no link
+    circuit = {"edges": edges, "n_edges": 500, "smallest_faithful": 6, "positions": "each"}
+    report = {"model": "/m/tiny", "task": "ioi", "directions": ["noise"], "metric": "logit_diff", "edges": [],
+              "tokens": ["When", "IO", "S1", " went", "END"]}
+    columns, slots, rows = position_layout(edges)
+    assert columns == [2, 4] and slots == [0, 1, 3] and sorted(rows) == [-1, 0, 1, 2, 3]
+    assert attention_links(edges) == [("L2H1", 2, 4)]  # k at S1 (2) read by its write at END (4)
+    assert position_label(2, report["tokens"]) == "S1 @2" and position_label(7, None) == "@7"
+    for e in edges:  # an edge joins two nodes of one column
+        x0, _ = _xy(e["sender"], e["pos"], columns, slots, rows)
+        x1, _ = _xy(e["receiver"].rsplit(".", 1)[0] if "H" in e["receiver"] else e["receiver"], e["pos"], columns,
+                    slots, rows)
+        width = len(slots) + 1.6
+        assert int((x0 + 0.8) // width) == int((x1 + 0.8) // width) == columns.index(e["pos"])
+    fig = plot_circuit(circuit, report)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["S1 @2", "END @4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "L0", "L1", "L2", "logits"]
+    dashed = [a for a in ax.texts if getattr(a, "arrow_patch", None) is not None
+              and a.arrow_patch.get_linestyle() not in ("-", "solid")]
+    assert len(dashed) == 1
+    assert "per-position edges" in ax.get_title(loc="left")

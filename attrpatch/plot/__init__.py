@@ -30,6 +30,8 @@ One module per figure family, on shared ones; each imports only those listed bef
     corruptions plot_corruptions (several corruptions compared, from corruptions.json; not drawn by draw_run)
     circuit     plot_circuit, plot_faithfulness, plot_edge_scatter, draw_edges (an edge screen's figures, from
                 its report.json and circuit.json)
+    position_circuit  plot_position_circuit (a per-position edge screen's circuit on a position x layer grid;
+                plot_circuit draws it for circuits of --positions each)
 
 Sizes fit a paper column (3.3 in single, 6.75 in double) with fonts of 7 pt or more. Matplotlib is
 imported lazily and no global style is changed: the style applies inside each call only. Figures are

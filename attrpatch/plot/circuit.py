@@ -1,7 +1,8 @@
 """Figures of an edge screen, drawn from its files alone (report.json, circuit.json):
 
     circuit_graph        the circuit's edges, one row per layer holding a node (bottom to top), skipped layers
-                         shaded; orange positive, blue negative, width |effect|
+                         shaded; orange positive, blue negative, width |effect|; per-position edges on a grid of
+                         positions x layers (position_circuit.py)
     faithfulness         faithfulness against circuit size, with CPR and CMD
     mib_faithfulness     MIB's curves at its edge shares, by signed and by absolute score (runs with --mib)
     edges_scatter_{dir}  edge score (EAP) vs exact edge patching
@@ -14,22 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .run import report_title, suptitle
+from .circuit_layout import (NEG_C, POS_C, ROW_H, _circuit_title, _layer, _short_node, _target, circuit_edges,
+                             circuit_rows)
+from .position_circuit import plot_position_circuit
+from .run import suptitle
 from .style import (CONTROL_C, DEFAULT_FORMATS, FLAG_C, GREY, SINGLE, TOP_C, _panels, _square_limits,
                     _style, save)
-
-POS_C, NEG_C = "#D55E00", "#0072B2"  # positive / negative effect (Okabe-Ito vermillion / blue)
-MAX_CIRCUIT_EDGES = 40
-
-
-ROW_H = 0.34  # inches per layer that holds a node of the circuit
-
-
-def _layer(name: str, n_layers: int) -> int:
-    """embed -1, logits n_layers, else the layer in the name."""
-    if name in ("embed", "logits"):
-        return -1 if name == "embed" else n_layers
-    return int(re.match(r"L(\d+)", name).group(1))
 
 
 def _node_xy(name: str, rows: dict[int, int], n_heads: int) -> tuple[float, float]:
@@ -43,46 +34,11 @@ def _node_xy(name: str, rows: dict[int, int], n_heads: int) -> tuple[float, floa
     return float(re.match(r"L\d+H(\d+)", name).group(1)), float(rows[layer])
 
 
-def _short_node(name: str) -> str:
-    """A node's name without its layer (its row says it): 'H3', 'MLP'."""
-    head = re.match(r"L\d+(H\d+)", name)
-    return "MLP" if ".mlp" in name else head.group(1) if head else name
-
-
-def circuit_edges(circuit: dict, report: dict | None = None, n: int | None = None) -> list[dict]:
-    """The circuit's top-n edges with ``value``: the exact effect (first direction) where verified, else the
-    score, and ``exact`` saying which. Per-position edges match on their ``pos`` too (the graph draws the
-    positions of one edge on the same line)."""
-    n = n or circuit.get("smallest_faithful") or 20
-    edges = circuit["edges"][:min(n, MAX_CIRCUIT_EDGES)]
-    exact = {}
-    if report is not None:
-        first = report["directions"][0]
-        exact = {_key(e): e["exact"] for e in report["edges"] if e["direction"] == first}
-    return [{**e, "value": exact.get(_key(e), e["score"]), "exact": _key(e) in exact} for e in edges]
-
-
-def _key(e: dict) -> tuple:
-    """An edge's identity in report.json and circuit.json: sender, receiver and (per-position edges) pos."""
-    return e["sender"], e["receiver"], e.get("pos")
-
-
-def _target(receiver: str) -> str:
-    """The node an edge enters: a head's q/k/v input is drawn at the head."""
-    return receiver.rsplit(".", 1)[0] if re.search(r"H\d+\.[qkv]$", receiver) else receiver
-
-
-def circuit_rows(edges: list[dict], n_layers: int | None = None) -> dict[int, int]:
-    """{layer: row} of the layers that hold a node of ``edges`` (embed -1, logits ``n_layers``), bottom up."""
-    names = {e["sender"] for e in edges} | {_target(e["receiver"]) for e in edges}
-    top = n_layers if n_layers is not None else max((_layer(x, 0) for x in names if x not in ("embed", "logits")),
-                                                     default=0) + 1
-    return {layer: row for row, layer in enumerate(sorted({_layer(x, top) for x in names}))}
-
-
 def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None, ax=None):
     """The top-n edges (default: the smallest circuit reaching the threshold) as a graph, one row per layer that
     holds a node (skipped layers marked), orange positive and blue negative, width |effect|."""
+    if circuit.get("positions") == "each":  # a position x layer grid (position_circuit.py)
+        return plot_position_circuit(circuit, report, n, ax)
     edges = circuit_edges(circuit, report, n)
     names = {e["sender"] for e in edges} | {_target(e["receiver"]) for e in edges}
     heads = [int(m.group(1)) for x in names if (m := re.match(r"L\d+H(\d+)", x))]
@@ -127,15 +83,6 @@ def plot_circuit(circuit: dict, report: dict | None = None, n: int | None = None
         skipped = any(b - a > 1 for a, b in zip(layers, layers[1:]) if a >= 0 and b < max(layers))
         ax.set_title(_circuit_title(circuit, report, len(edges), skipped), loc="left", fontsize=6.5)
     return fig
-
-
-def _circuit_title(circuit: dict, report: dict | None, shown: int, skipped: bool) -> str:
-    kind = "per-position edges (positions drawn on one line)" if circuit.get("positions") == "each" else "edges"
-    head = f"top {shown} of {circuit['n_edges']} {kind}; width |exact| (EAP score where unverified)" + (
-        "; grey: layers skipped" if skipped else "")
-    if report is None:
-        return head
-    return f"{report_title(report, report['directions'][0], report.get('metric'))}\n{head}"
 
 
 def plot_faithfulness(circuit: dict, ax=None, report: dict | None = None):
