@@ -67,7 +67,7 @@ from benchmarks.edges import bench_edges, edge_lines  # noqa: E402
 from benchmarks.lens import bench_transformer_lens  # noqa: E402
 from benchmarks.patching import bench_patch, per_position_sample, pool_naive, topk_sample  # noqa: E402
 from benchmarks.report import table  # noqa: E402
-from benchmarks.screen import bench_screen, screen_lines  # noqa: E402
+from benchmarks.screen import bench_growth, bench_screen, growth_lines, screen_lines  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -91,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     ap_.add_argument("--out", default="bench_results.json", help="JSON results path")
     ap_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap_.add_argument("--edges", type=int, default=40, help="random edges patched exactly in the edge measurement")
-    ap_.add_argument("--only", choices=("all", "edges", "atp", "screen"), default="all",
+    ap_.add_argument("--only", choices=("all", "edges", "atp", "screen", "growth"), default="all",
                      help="edges: only the edge measurements (EAP, exact edge patching), ~1 min; atp: only AtP "
                           "(plain and recompute, time and memory); screen: only the default screen (a preset "
-                          "with a task: smollm2), its phases and the two-process run")
+                          "with a task: smollm2), its phases and the two-process run; growth: the default screen "
+                          "at 16 and at 64 prompt pairs, phase by phase, one process (~20 min on 2 cores)")
     ap_.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # atp_live_memory's child
     return ap_
 
@@ -143,13 +144,13 @@ def main(argv=None) -> dict:
         return memory_probe(b)
     if args.only == "atp":
         return only_atp(b, dims, args, itemsize, t_start)
-    if args.only == "screen":
+    if args.only in ("screen", "growth"):
         if not PRESETS[args.preset].get("task"):
-            sys.exit(f"--only screen needs a preset with a task (smollm2), not {args.preset}")
-        result = {"screen": bench_screen(b)}
+            sys.exit(f"--only {args.only} needs a preset with a task (smollm2), not {args.preset}")
+        result = {"screen": bench_screen(b)} if args.only == "screen" else {"growth": bench_growth(b)}
         b.forward()
         result["unit_seconds"] = {c: b.unit(c) for c in CLOCKS}
-        print("\n".join(screen_lines(result)))
+        print("\n".join(screen_lines(result) if args.only == "screen" else growth_lines(result["growth"])))
         Path(args.out).write_text(json.dumps(result, indent=1))
         return result
     edges = bench_edges(b, args.repeats, args.edges, rng)

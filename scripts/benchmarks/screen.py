@@ -54,12 +54,13 @@ def phase_clock(seconds: dict):
             setattr(owner, attr, real)
 
 
-def _run(b: Bench, config: ScreenConfig) -> tuple[float, dict]:
-    """One CLI-equivalent run (run_screen into a temporary folder, figures included): (wall seconds, report)."""
+def _run(b: Bench, config: ScreenConfig, n_prompts: int | None = None) -> tuple[float, dict]:
+    """One CLI-equivalent run (run_screen into a temporary folder, figures included) of ``n_prompts`` pairs (the
+    bench's batch size by default): (wall seconds, report)."""
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         report = pipeline.run_screen(b.model, b.tokenizer, task=b.task, config=config, out=out,
-                                     model_name="bench", n_prompts=b.batch.n)
+                                     model_name="bench", n_prompts=n_prompts or b.batch.n)
         return time.perf_counter() - start, report
 
 
@@ -100,6 +101,39 @@ def bench_screen(b: Bench) -> dict:
     return dict(seconds=total, phases=seconds, library_atp=library, timing=timing, counted_fwd=counted,
                 clock_fwd=verification / b.unit("wall"), threads=threads, cores=cores, unit_all_threads=unit_all,
                 whole=whole)
+
+
+def bench_growth(b: Bench, sizes: tuple[int, ...] = (16, 64)) -> dict:
+    """The default screen (both directions, one process, the bench's threads) at each number of prompt pairs,
+    phase by phase: {"sizes", "seconds": {n: wall}, "phases": {n: {phase: wall}}, "counted_fwd": {n: count}}.
+    Issue 27's goal: from 16 to 64 pairs each phase grows no faster than the prompts (4x)."""
+    config = ScreenConfig(direction="both", progress=False, processes=1)
+    out = {"sizes": list(sizes), "seconds": {}, "phases": {}, "counted_fwd": {}, "verified": {}}
+    for n in sizes:
+        b.forward()
+        seconds: dict = {}
+        with phase_clock(seconds):
+            total, report = _run(b, config, n)
+        out["seconds"][n], out["phases"][n] = total, seconds
+        out["counted_fwd"][n] = report["timing"]["forward_equivalents_verification"]
+        out["verified"][n] = len(report["components"])  # verified (component, direction) entries
+        b.log(f"  screen of {n} pairs: {total:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return out
+
+
+def growth_lines(g: dict) -> list[str]:
+    small, large = g["sizes"][0], g["sizes"][-1]
+    grow = large / small
+    lines = [f"default screen growth, {small} -> {large} prompt pairs ({grow:.0f}x), one process, measured in one run:"]
+    for name, _, _ in PHASES:
+        a, z = g["phases"][small].get(name), g["phases"][large].get(name)
+        if a and z:
+            lines.append(f"  {name:44s} {a:7.1f} s -> {z:7.1f} s  {z / a:5.2f}x")
+    a, z = g["seconds"][small], g["seconds"][large]
+    lines.append(f"  {'whole run':44s} {a:7.1f} s -> {z:7.1f} s  {z / a:5.2f}x (goal: <= {grow:.0f}x, linear or better)")
+    lines.append(f"  counted verification forward-equivalents {g['counted_fwd'][small]:.1f} -> {g['counted_fwd'][large]:.1f}; "
+                 f"verified (component, direction) entries {g['verified'][small]} -> {g['verified'][large]}")
+    return lines
 
 
 def screen_lines(r: dict) -> list[str]:
