@@ -190,13 +190,14 @@ def section(results: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace what lies between BEGIN and END in ``path`` by ``text`` (a new file: the markers and text)."""
-    old = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"{path} has no {BEGIN!r} ... {END!r} markers; add them where the tables belong")
-    head, rest = old.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between ``begin`` and ``end`` in ``path`` by ``text`` (a new file: the markers and
+    text). scripts/edges_real.py writes its own markers' section with it."""
+    old = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in old or end not in old:
+        raise SystemExit(f"{path} has no {begin!r} ... {end!r} markers; add them where the tables belong")
+    head, rest = old.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def load(path: Path) -> tuple[dict, dict]:
