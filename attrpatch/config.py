@@ -131,16 +131,13 @@ class EdgeConfig:
     seed: int = 0
     batch_size: int | None = None
     copies: int | None = None
-    mib: bool = False  # MIB's scores and faithfulness curve (edge_mib.py), report.json's "mib"
+    mib: bool = False  # MIB's scores and faithfulness curve (edge_mib.py), report.json's "mib"; per position too
     ablation: str | None = None  # zero | mean: the senders' source instead of the corrupt run (methods/edges/sources.py)
     positions: str = "all"  # all: whole edges; each: per-position edges sender@p->receiver@p (methods/edges/positions.py)
 
     def __post_init__(self):
         check_metrics_and_direction(self)
         check_positions(self.positions)
-        if self.positions == "each" and self.mib:
-            raise ValueError("MIB's graphs are whole edges (summed over positions), so --mib takes whole edges; drop "
-                             "--positions each for the MIB export, or drop --mib for per-position edges")
         if self.estimator not in EDGE_ESTIMATORS:
             raise ValueError(f"Unknown edge estimator {self.estimator!r}; known: {', '.join(EDGE_ESTIMATORS)}")
         check_edge_ablation(self.ablation, self.direction, self.estimator)

@@ -174,7 +174,8 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     (``config.positions == "each"``) take aligned prompts, as a per-position screen does. prompts: as for
     :func:`run_screen` (or its fields as keywords), its corruption str alone. Each completed step is saved
     under ``out/.progress``; ``resume=True`` continues a killed run there, as :func:`run_screen` does. ``mib``:
-    write MIB's edge-score JSON there (sets ``config.mib``, which scores the run as MIB does)."""
+    write MIB's edge-score JSON there (sets ``config.mib``, which scores the run as MIB does; per-position runs are
+    scored but write no JSON: MIB's graphs are whole edges)."""
     from .edge_screening import screen_edges
     from .output.edge_report import write_edges
 
@@ -195,7 +196,7 @@ def run_edges(model: nn.Module, tokenizer, *, task: str, config: EdgeConfig, out
     result.sanity["prompt_selection"] = selection
     report = write_edges(Path(out), result, model_name=model_name, task=task, prompt_selection=selection,
                          tokens=position_labels(pairs, tokenizer) if config.positions == "each" else None)
-    if mib is not None:
+    if mib is not None and result.mib_export is not None:  # per-position runs: scores only (edge_mib.py)
         from .output.mib import write_export
         write_export(Path(mib), result.mib_export)
     if figures:

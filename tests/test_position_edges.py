@@ -192,11 +192,9 @@ def test_bad_positions_are_refused_naming_the_fix():
         patch_edges(model, batch, [(("embed", "logits"),)])
     with pytest.raises(ValueError, match=r"Unknown positions 'every'; known: all, each"):
         EdgeConfig(positions="every")
-    with pytest.raises(ValueError, match=r"MIB's graphs are whole edges.*drop --positions each"):
-        EdgeConfig(positions="each", mib=True)
 
 
-def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_path, capsys):
+def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_path):
     from attrpatch.cli import main
     from conftest import saved_model, write_task
 
@@ -217,10 +215,6 @@ def test_cli_per_position_edges_name_positions_and_tokens_in_the_reports(tmp_pat
     assert "pos" in (out / "results.csv").read_text().splitlines()[0]
     for stem in ("circuit_graph", "faithfulness", "edges_scatter_noise"):
         assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
-    assert main(["edges", "--model", str(folder), "--task", str(task), "--positions", "each", "--mib",
-                 str(tmp_path / "mib.json"), "--out", str(tmp_path / "mib")]) == 2
-    err = capsys.readouterr().err
-    assert "attrpatch: error: MIB's graphs are whole edges" in err and "Traceback" not in err
 
 
 @pytest.mark.real_model

@@ -14,5 +14,6 @@
     sanity       the clean-run check: does the model do the task?
     baselines    per-pair logit differences, solved pairs, finite and distinct baselines
     circuits     circuits from edge scores: faithfulness, CPR and CMD
-    mib          MIB's circuits (top-n by signed or |score|, pruned), its shares and its CPR and CMD areas
+    mib          MIB's circuits (top-n by signed or |score|, pruned; per position by (component, position)),
+                 its shares and its CPR and CMD areas
 """

@@ -17,6 +17,20 @@ The area starts at the first share (0.1%), not at 0, and its x axis is the share
 left after pruning (as MIB's). Scores follow MIB's sign: positive when the edge supports the clean behaviour
 (edge_mib.py derives them). A node is a sender; its receivers (a head's q, k and v; an MLP's input) are
 where its incoming edges end (``owners``).
+
+Per position (``--positions each``, methods/edges/positions.py; attrpatch's rule, MIB has none): the E edges
+are the per-position edges A@p -> B@p (graph edges x positions), ranked and cut as above, and the prune acts on
+nodes (component, position), ``prune_positions``:
+
+    node A@p        the embeddings, a head or an MLP at position p (a head at its query position p)
+    edge out        some circuit edge A@p -> B@p (any receiver B; logits@p included)
+    edge in         embed@p: always (the input). Ll.mlp@p: some edge into Ll.mlp@p. LlHh@q: some edge into
+                    LlHh.q@q, or into LlHh.k@p' or LlHh.v@p' at a key position p' <= q (keys and values
+                    reach every later query, so a head at q reads them through its attention)
+    dropped node    its edges out go; the edges into its q@q (a head) or input@p (an MLP) go; the edges into
+                    a head's k@p' / v@p' go once the head is dropped at every query q >= p' (no query left
+                    that reads them). logits@p always stay
+    until nothing changes. On a one-position graph this is ``prune``.
 """
 
 import math
@@ -76,6 +90,33 @@ def prune(in_graph: Tensor, owner: Tensor) -> Tensor:
         edges = pruned
 
 
+def key_value(receivers: Sequence) -> Tensor:
+    """[receiver] bool: a head's k or v receiver (per position: read at key positions, by later queries)."""
+    return torch.tensor([r.kind in ("k", "v") for r in receivers], dtype=torch.bool)
+
+
+def prune_positions(in_graph: Tensor, owner: Tensor, kv: Tensor) -> Tensor:
+    """The per-position prune (module docstring) of a [sender, receiver, pos] bool circuit; ``owner``:
+    ``owners``, ``kv``: ``key_value``."""
+    edges = in_graph.clone()
+    owned = owner >= 0
+    while True:
+        has_out = edges.any(1)  # [sender, pos]
+        into = edges.any(0)  # [receiver, pos]
+        into = torch.where(kv[:, None], into.int().cummax(1).values.bool(), into)  # k/v: any key p' <= q
+        has_in = torch.zeros(has_out.shape).index_add_(0, owner[owned], into[owned].float()) > 0  # [sender, pos]
+        has_in[0] = True  # the input
+        nodes = has_out & has_in  # [sender, pos]
+        alive = torch.ones(into.shape, dtype=torch.bool)  # [receiver, pos]: the logits always
+        at = nodes[owner[owned]]  # [owned receiver, pos]: the owner at that position
+        later = at.flip(1).int().cummax(1).values.bool().flip(1)  # some query q >= p alive
+        alive[owned] = torch.where(kv[owned][:, None], later, at)
+        pruned = edges & nodes[:, None, :] & alive[None]
+        if torch.equal(pruned, edges):
+            return pruned
+        edges = pruned
+
+
 def area(faith: Sequence[float], shares: Sequence[float] = SHARES) -> tuple[float, float]:
     """(area under f, area under |1 - f|) by the trapezoid rule over ``shares``, from the first share."""
     under = from_one = 0.0
@@ -92,10 +133,26 @@ def faithfulness(circuit_metric: Sequence[float], full: float, empty: float) -> 
 
 
 def circuits(scores: Tensor, exists: Tensor, owner: Tensor, absolute: bool,
-             shares: Sequence[float] = SHARES) -> Tensor:
-    """[share, sender, receiver] bool: MIB's pruned circuit at each share."""
+             shares: Sequence[float] = SHARES, kv: Tensor | None = None) -> Tensor:
+    """[share, sender, receiver(, pos)] bool: MIB's pruned circuit at each share; per position (3-d
+    ``scores``, ``kv``: ``key_value``) pruned by ``prune_positions``."""
     n_edges = int(exists.sum())
-    return torch.stack([prune(top_edges(scores, exists, n, absolute), owner) for n in circuit_sizes(n_edges, shares)])
+    cut = (lambda m: prune(m, owner)) if scores.ndim == 2 else (lambda m: prune_positions(m, owner, kv))
+    return torch.stack([cut(top_edges(scores, exists, n, absolute)) for n in circuit_sizes(n_edges, shares)])
+
+
+def kept_top(index: Tensor, value: Tensor, n: int, absolute: bool, n_total: int) -> Tensor | None:
+    """The flat indices of the top-n edges when only the top-K by |score| were kept (``index`` [K] flat,
+    ``value`` [K] their scores, by |score| descending; ``n_total`` edges in all), or None when the kept K
+    do not decide them: by |score|, n > K; by signed score, when the n-th largest kept score is below the
+    K-th |score| (an edge not kept could rank above it). Every edge kept (K = n_total): always decided."""
+    if absolute or len(index) >= n_total:
+        order = torch.arange(len(index)) if absolute else torch.argsort(value, descending=True)
+        return index[order[:n]] if n <= len(index) else None
+    order = torch.argsort(value, descending=True)
+    if n > len(index) or n > 0 and float(value[order[n - 1]]) <= float(value.abs().min()):
+        return None
+    return index[order[:n]]
 
 
 def summary(signed: Sequence[float], absolute: Sequence[float], shares: Sequence[float] = SHARES) -> dict:

@@ -196,7 +196,10 @@ def _edges(args) -> int:
     print(f"circuit: CPR {c['cpr']:.3f}, CMD {c['cmd']:.3f}, smallest with faithfulness >= {c['threshold']}: "
           f"{c['smallest_faithful']} edges")
     if "mib" in report:
-        print(f"MIB: CPR {report['mib']['cpr']:.3f}, CMD {report['mib']['cmd']:.3f}; wrote {args.mib}")
+        wrote = f"wrote {args.mib}" if args.positions == "all" else \
+            f"per-position scores in report.json only, {args.mib} not written (MIB's graphs are whole edges)"
+        from ..output.mib import area_text
+        print(f"MIB: CPR {area_text(report['mib']['cpr'])}, CMD {area_text(report['mib']['cmd'])}; {wrote}")
     print(f"wrote {args.out}/report.md, report.json, circuit.json, results.csv, edge_scores.safetensors"
           + ("" if args.no_figures else ", figures/"))
     return 0

@@ -210,7 +210,9 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
                         "(attrpatch plan --edges) so the run fits, and print the choice")
     p.add_argument("--mib", type=Path, default=None, metavar="FILE.json",
                    help="also score the run as MIB's circuit track does (CPR, CMD at its edge shares; report.json "
-                        "'mib') and write the edge scores in MIB's / EAP-IG's graph JSON to FILE.json")
+                        "'mib') and write the edge scores in MIB's / EAP-IG's graph JSON to FILE.json; with "
+                        "--positions each: MIB's shares of the per-position edges, pruned per (component, position), "
+                        "scores in report.json only, FILE.json not written (MIB cannot load a per-position graph)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing figures into OUT/figures")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed or interrupted run in OUT from its last completed step")

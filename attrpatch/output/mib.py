@@ -110,17 +110,28 @@ def mib_lines(mib: dict) -> list[str]:
 
     def cells(values):
         return ["n/a" if f is None or f != f else f"{round(f, 2) + 0.0:.2f}" for f in values]
-    lines = ["## MIB's scores", "", f"CPR {mib['cpr']:.3f} (area under faithfulness, circuits by signed score), "
-             f"CMD {mib['cmd']:.3f} (area under |1 - faithfulness|, by |score|), as MIB's circuit track computes "
-             f"them: {mib['n_edges']} edges of MIB's graph ({mib['graph']}), scored by {mib['ranked_by']}; each "
-             f"circuit pruned as MIB prunes it and measured exactly ({_outside(mib)}); areas over the shares, "
-             "from 0.1%.", ""]
+    each = mib.get("positions") == "each"
+    pruned = "pruned per (component, position) as attrpatch defines it (analysis/mib.py)" if each else \
+        "pruned as MIB prunes it"
+    lines = ["## MIB's scores", "", f"CPR {area_text(mib['cpr'])} (area under faithfulness, circuits by signed score), "
+             f"CMD {area_text(mib['cmd'])} (area under |1 - faithfulness|, by |score|), as MIB's circuit track computes "
+             f"them: {mib['n_edges']} {'per-position ' if each else ''}edges of MIB's graph ({mib['graph']}), scored "
+             f"by {mib['ranked_by']}; each circuit {pruned} and measured exactly ({_outside(mib)}); areas over the "
+             "shares, from 0.1%." + (" No MIB graph JSON is written for per-position edges." if each else ""), ""]
+    if mib.get("kept"):
+        lines[-2] += (f" Only the top {mib['kept']} per-position edges by |score| were kept: the shares they do not "
+                      "decide are n/a, and so are the areas then.")
     header = ["share", *(f"{100 * p:g}%" for p in c["shares"])]
-    lines += table(header, [["edges (signed)", *map(str, c["edges_signed"])],
+    lines += table(header, [["edges (signed)", *("n/a" if n is None else str(n) for n in c["edges_signed"])],
                             ["faithfulness (signed)", *cells(c["faithfulness_signed"])],
-                            ["edges (absolute)", *map(str, c["edges_absolute"])],
+                            ["edges (absolute)", *("n/a" if n is None else str(n) for n in c["edges_absolute"])],
                             ["faithfulness (absolute)", *cells(c["faithfulness_absolute"])]])
     return lines + [""]
+
+
+def area_text(x: float | None) -> str:
+    """CPR or CMD with 3 decimals; n/a when not measured (None or NaN: a kept top-K left shares undecided)."""
+    return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
 def _outside(mib: dict) -> str:

@@ -106,6 +106,11 @@ def plot_faithfulness(circuit: dict, ax=None, report: dict | None = None):
     return fig
 
 
+def _area(x: float | None) -> str:
+    """CPR / CMD for a label; n/a when not measured (a kept top-K left shares undecided)."""
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
 def plot_mib(mib: dict, ax=None, report: dict | None = None):
     """MIB's faithfulness curves (report.json ``mib``): f at MIB's edge shares (log x), the circuits ranked by
     signed score (CPR: the area under f, shaded) and by |score| (CMD: the area between f and 1, hatched), both
@@ -119,15 +124,15 @@ def plot_mib(mib: dict, ax=None, report: dict | None = None):
         fig, (ax,) = _panels(1, ax, None, (SINGLE, 2.5))
         ax.fill_between(shares, 0, signed, color=POS_C, alpha=0.15, lw=0)
         ax.fill_between(shares, absolute, 1, facecolor="none", edgecolor=NEG_C, hatch="////", lw=0, alpha=0.5)
-        ax.plot(shares, signed, marker="o", ms=2.5, color=POS_C, label=f"by signed score: CPR {mib['cpr']:.3f}")
-        ax.plot(shares, absolute, marker="s", ms=2.5, color=NEG_C, label=f"by |score|: CMD {mib['cmd']:.3f}")
+        ax.plot(shares, signed, marker="o", ms=2.5, color=POS_C, label=f"by signed score: CPR {_area(mib['cpr'])}")
+        ax.plot(shares, absolute, marker="s", ms=2.5, color=NEG_C, label=f"by |score|: CMD {_area(mib['cmd'])}")
         ax.axhline(1, color=GREY, lw=0.6, ls="--")
         ax.axhline(0, color="#DDDDDD", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("share of MIB's edges asked for (%, log; CPR and CMD integrate over the linear share)")
         ax.set_ylabel("faithfulness (0 empty, 1 full)")
         ax.legend(loc="upper left", fontsize=6, frameon=False)
-        ax.set_title(f"MIB: {mib['n_edges']} edges, {mib['intervention']}; {mib['metric']}", loc="left", fontsize=6.5)
+        ax.set_title(f"MIB: {mib['n_edges']} {'per-position ' if mib.get('positions') == 'each' else ''}edges, {mib['intervention']}; {mib['metric']}", loc="left", fontsize=6.5)
         if report is not None and own:
             suptitle(fig, report, "noise", mib.get("metric", report.get("metric")))
     return fig
