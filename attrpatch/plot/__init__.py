@@ -30,6 +30,7 @@ One module per figure family, on shared ones; each imports only those listed bef
     corruptions plot_corruptions (several corruptions compared, from corruptions.json; not drawn by draw_run)
     circuit     plot_circuit, plot_faithfulness, plot_edge_scatter, draw_edges (an edge screen's figures, from
                 its report.json and circuit.json)
+    circuit_layout    what the two circuit graphs share (edges with their values, rows of layers, colours, titles)
     position_circuit  plot_position_circuit (a per-position edge screen's circuit on a position x layer grid;
                 plot_circuit draws it for circuits of --positions each)
 
