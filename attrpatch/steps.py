@@ -221,7 +221,7 @@ class Steps:
         start, start_cpu = time.perf_counter(), time.process_time()
         found, passes = frozen_measurements(
             self.spec, self.batch, todo, direction=direction, metric_name=self.config.metric, copies=self.config.copies,
-            batch_size=self.config.batch_size, reduce=self.reduce, explained=lambda c, freeze, slope, effect:
+            batch_size=self.config.batch_size, reduce=self.reduce, runs=self.runs, explained=lambda c, freeze, slope, effect:
             removed_share(entry[str(c)].exact, entry[str(c)].approx, slope, effect) >= REMOVED)
         # the RelP attributions are in this step's clock, so in its count: a backward through every block, its
         # scores included, took ~2 forwards on SmolLM2 (16 x 14 tokens: RelP 4.0-4.2x one forward in all)

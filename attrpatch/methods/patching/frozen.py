@@ -37,7 +37,7 @@ from ..estimators.attribution import attribute
 from .passes import (block_share, copy_entries, default_rows, equivalents, first_position, group_passes, no_op,
                      same_prefix)  # exact patching's grouping and count
 from ..estimators.relp import is_layer_norm, is_norm, ratio
-from .exact import patcher  # the exact patcher, alpha = 1
+from .exact import fingerprint, patcher  # the exact patcher (alpha = 1); shared runs' key
 
 FREEZES = ("pattern", "norm")
 NAME = "attrpatch_frozen"
@@ -122,11 +122,17 @@ def frozen_norms(spec: ModelSpec, store: dict, last: Tensor) -> list:
 
 def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
                    freeze: str, metric_name: str = "logit_diff", direction: str = "denoise", copies: int = 16,
-                   batch_size: int | None = None) -> tuple[Tensor, dict]:
+                   batch_size: int | None = None, runs: dict | None = None,
+                   receivers: dict | None = None) -> tuple[Tensor, dict]:
     """g(1) - g(0) of each component (mean over prompts, [component] float64) with ``freeze`` (FREEZES) held
     at the receiver's values, and the passes spent {"runs", "patched_rows", "forward_equivalents"}; prompts
     in chunks of ``batch_size`` (all at once for None): a chunk holds every layer's pattern, [batch, head,
-    pos, pos] each."""
+    pos, pos] each.
+
+    runs: exact patching's shared runs (``patch(runs=...)``): the source values are read from there when they
+    hold these prompts, direction and hook points (the same no-grad forward, recorded the same way), else a
+    source run is made. receivers: a dict shared by the calls of every freeze on the same prompts: the
+    receiving run (receiving_run) is made once for all of them. ``passes["runs"]`` counts only the runs made."""
     spec, components = as_spec(model), list(components)
     check_freeze(freeze)
     check_direction(direction)
@@ -137,35 +143,72 @@ def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components:
     batch = batch.to(spec.device)
     total = torch.zeros(len(components), dtype=torch.float64)
     passes = {"runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
+    receivers = {} if receivers is None else receivers
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            total += _frozen_chunk(spec, chunk, components, freeze, metric_name, direction, copies, passes)
+            total += _frozen_chunk(spec, chunk, components, freeze, metric_name, direction, copies, passes, runs,
+                                   receivers)
     return total / batch.n, passes
 
 
-def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], freeze: str, metric_name: str,
-                  direction: str, copies: int, passes: dict) -> Tensor:
-    """Sum over the chunk's prompts of each component's frozen effect: [component] float64."""
-    source_ids, receiver_ids = batch.runs(direction)
-    points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
+def _source(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, runs: dict | None,
+            passes: dict) -> tuple[dict, Tensor]:
+    """The source run's values at ``points`` ({key: [batch, pos, ..]}) and its last-token logits [batch, vocab]:
+    from exact patching's shared ``runs`` when they cover ``points`` for these prompts and direction, else
+    a run made here (counted in ``passes``)."""
+    found = (runs or {}).get((direction, fingerprint(batch)))
+    if found is not None and set(points) <= set(found["source"]):
+        return found["source"], found["source_logits"]
     source: dict = {}
+    with hooked(record(points, source, batch.n_pos, Tensor.clone)):
+        logits = forward_last(spec, batch.runs(direction)[0], batch.mask, batch.last)
+    _count_runs(passes, 1)
+    return source, logits
+
+
+def receiving_run(spec: ModelSpec, batch: PromptBatch, direction: str) -> dict:
+    """The receiving run with eager attention, recording what every freeze needs: "patterns" {layer: [batch,
+    head, pos, pos]}, "norms" {id(norm): (centred input, output)}, "calls" (every block's call), "cache" (its
+    key/value cache where the prompts share a prefix: the pattern freeze resumes after it; else None) and
+    "logits" [batch, vocab]. Recording changes no value, so one run serves both freezes."""
     patterns, norms, kept = {}, {}, {}
+    keep = batch.aligned and same_prefix(batch) > 0
+    with ExitStack() as stack:
+        stack.enter_context(qk_fix.recording(spec, lambda layer, q, k, pattern, *rest: patterns.__setitem__(
+            layer, pattern.detach())))
+        stack.enter_context(installed(recording_norms(spec, norms)))
+        calls = stack.enter_context(block_calls(spec, 0))
+        logits = forward_last(spec, batch.runs(direction)[1], batch.mask, batch.last, kept if keep else None)
+    return {"patterns": patterns, "norms": norms, "calls": calls, "cache": kept.get("cache"), "logits": logits}
+
+
+def _receiver(spec: ModelSpec, batch: PromptBatch, direction: str, receivers: dict, passes: dict) -> dict:
+    """``receivers``' receiving run of these prompts and direction, made (and counted) if missing."""
+    key = (direction, fingerprint(batch))
+    if key not in receivers:
+        receivers[key] = receiving_run(spec, batch, direction)
+        _count_runs(passes, 1)
+    return receivers[key]
+
+
+def _count_runs(passes: dict, n: int) -> None:
+    passes["runs"] += n
+    passes["forward_equivalents"] += n  # a whole forward each
+
+
+def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], freeze: str, metric_name: str,
+                  direction: str, copies: int, passes: dict, runs: dict | None, receivers: dict) -> Tensor:
+    """Sum over the chunk's prompts of each component's frozen effect: [component] float64."""
+    points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
+    source, source_logits = _source(spec, batch, direction, points, runs, passes)
+    receiver = _receiver(spec, batch, direction, receivers, passes)
+    calls, receiver_logits = receiver["calls"], receiver["logits"]
     # the pattern freeze reuses the shared prefix like exact patching (passes.same_prefix): frozen patterns
     # keep the model causal; the norm freeze's recorded values cover every position, so it computes them all
     same = same_prefix(batch) if freeze == "pattern" and batch.aligned else 0
-    with hooked(record(points, source, batch.n_pos, Tensor.clone)):
-        source_logits = forward_last(spec, source_ids, batch.mask, batch.last)
-    with ExitStack() as stack:  # the receiver (eager attention), recording its operating point and calls
-        stack.enter_context(qk_fix.recording(spec, lambda layer, q, k, pattern, *rest: patterns.__setitem__(
-            layer, pattern.detach())))
-        stack.enter_context(installed(recording_norms(spec, norms) if freeze == "norm" else []))
-        calls = stack.enter_context(block_calls(spec, 0))
-        receiver_logits = forward_last(spec, receiver_ids, batch.mask, batch.last, kept if same else None)
     target = Target.from_clean(batch.answer, batch.wrong, clean_and_corrupt(direction, source_logits, receiver_logits)[0])
     base = metric(metric_name, receiver_logits, target)  # [batch]
     out = torch.zeros(len(components), dtype=torch.float64)
-    passes["runs"] += 2
-    passes["forward_equivalents"] += 2
     share, n_layers = block_share(spec, batch.n_pos), spec.dims.n_layers
     todo = [i for i, c in enumerate(components) if not no_op(c, same)]  # the others change nothing: 0
     for group in group_passes(components, todo, lambda first: copies, batch.n_pos if same else None, True, same):
@@ -177,13 +220,13 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
                                                               batch.n_pos - first_pos, first_pos))
                                         for key, found in entries.items()]))
             if freeze == "pattern":
-                stack.enter_context(frozen_patterns(spec, patterns))
+                stack.enter_context(frozen_patterns(spec, receiver["patterns"]))
             else:
                 stack.enter_context(qk_fix.recording(spec, lambda *args: None))  # the receiver's eager masks
-                stack.enter_context(installed(frozen_norms(spec, norms, batch.last)))
+                stack.enter_context(installed(frozen_norms(spec, receiver["norms"], batch.last)))
             hidden = call_input(*calls[starts[0]])[0][:, first_pos:]
             logits = run_blocks(spec, starts[0], hidden.repeat(starts.count(starts[0]), 1, 1), calls, n, batch.n,
-                                batch.last, first_pos, kept.get("cache"), final_patched=True, starts=starts)
+                                batch.last, first_pos, receiver["cache"], final_patched=True, starts=starts)
         patched = metric(metric_name, logits, target.repeat(n)).view(n, batch.n)  # [copy, batch]
         out[group] = (patched - base).double().sum(-1).cpu()
         passes["patched_rows"] += n
@@ -194,17 +237,20 @@ def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Componen
 def frozen_measurements(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
                         direction: str, metric_name: str = "logit_diff", freezes: Sequence[str] = FREEZES,
                         copies: int | None = None, batch_size: int | None = None, explained=None,
-                        reduce=lambda t: t) -> tuple[dict[str, dict[str, tuple[float, float]]], dict]:
+                        reduce=lambda t: t, runs: dict | None = None
+                        ) -> tuple[dict[str, dict[str, tuple[float, float]]], dict]:
     """Per component (by name), per freeze, (g'(0), g(1) - g(0)) (mean over prompts): RelP's gradient with
     that one rule, and the frozen patched run. ``freezes`` run in order; ``explained(component, freeze,
     slope, effect)`` True leaves the component out of the later freezes (None: every freeze measures every
-    component). reduce: the mean over ranks of a local [component] mean. Also the passes spent: {"forward",
-    "backward"} of the attributions and {"runs", "patched_rows", "forward_equivalents"} of the patches."""
+    component). reduce: the mean over ranks of a local [component] mean. runs: exact patching's shared runs,
+    the patches' source (frozen_effects); one receiving run serves every freeze. Also the passes spent:
+    {"forward", "backward"} of the attributions and {"runs", "patched_rows", "forward_equivalents"} of the
+    patches ("runs": those made)."""
     spec = as_spec(model)
     rows = copies or max(1, default_rows(spec.device, batch.n_pos) // (batch_size or batch.n))
     out: dict = {str(c): {} for c in components}
     passes = {"forward": 0, "backward": 0, "runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
-    todo = list(components)
+    todo, receivers = list(components), {}
     for freeze in freezes:
         if not todo:
             break
@@ -212,7 +258,8 @@ def frozen_measurements(model: nn.Module | ModelSpec, batch: PromptBatch, compon
                            direction=direction, estimator="relp", relp_rules=(freeze,), batch_size=batch_size)
         slopes = reduce(torch.tensor([scores.score(c, metric_name) for c in todo], dtype=torch.float64))
         effects, spent = frozen_effects(spec, batch, todo, freeze=freeze, metric_name=metric_name,
-                                        direction=direction, copies=rows, batch_size=batch_size)
+                                        direction=direction, copies=rows, batch_size=batch_size, runs=runs,
+                                        receivers=receivers)
         effects = reduce(effects)
         for key, value in (*scores.passes.items(), *spent.items()):
             passes[key] = passes.get(key, 0) + value
