@@ -46,9 +46,10 @@ def _comps(model):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_reused_runs_give_the_same_frozen_measurements(family, direction, batch_size):
-    """Source from patch's shared runs and one receiver for both freezes: the same slopes and effects as
-    every run made per freeze, and two runs fewer per chunk (the two sources) plus one (the second receiver),
-    each a forward-equivalent."""
+    """One attribution source run for both freezes, the patches' source from it (or patch's shared runs), one
+    receiver for both freezes: the same slopes and effects as every run made per freeze, and per chunk three
+    runs fewer (the two patch sources, the second receiver) and one attribution forward fewer, each a
+    forward-equivalent."""
     model = tiny_model(family)
     batch, comps = ap.make_batch(random_pairs(n=5)), _comps(model)
     shared: dict = {}
@@ -62,13 +63,11 @@ def test_reused_runs_give_the_same_frozen_measurements(family, direction, batch_
             for found in (reused, own):
                 assert found[str(c)][freeze] == pytest.approx(ref[str(c)][freeze], abs=1e-6), (str(c), freeze)
     chunks = len(list(batch.chunks(batch_size)))
-    assert ref_passes["runs"] == 4 * chunks  # per freeze: a source and a receiver
-    assert own_passes["runs"] == 3 * chunks  # per freeze a source, one receiver
-    assert passes["runs"] == chunks  # the receiver only
+    assert (ref_passes["runs"], ref_passes["forward"]) == (4 * chunks, 4 * chunks)  # per freeze and chunk 2 + 2
     for found in (passes, own_passes):
-        saved = ref_passes["runs"] - found["runs"]
-        assert found["forward_equivalents"] == pytest.approx(ref_passes["forward_equivalents"] - saved)
-        assert found["patched_rows"] == ref_passes["patched_rows"]
+        assert (found["runs"], found["forward"]) == (chunks, 3 * chunks)  # the receiver; 2 + 1 attribution forwards
+        assert found["forward_equivalents"] == pytest.approx(ref_passes["forward_equivalents"] - 3 * chunks)
+        assert (found["patched_rows"], found["backward"]) == (ref_passes["patched_rows"], ref_passes["backward"])
 
 
 def test_uncovered_hook_points_make_their_own_source_run():
@@ -77,10 +76,11 @@ def test_uncovered_hook_points_make_their_own_source_run():
     batch, comps = ap.make_batch(random_pairs(n=3)), _comps(model)
     shared: dict = {}
     ap.patch(model, batch, comps[:1], runs=shared)  # one hook point only
-    found, passes = frozen_measurements(model, batch, comps, direction="denoise", runs=shared)
-    ref, _ = frozen_reference(model, batch, comps, direction="denoise")
-    assert passes["runs"] == 3  # per freeze a source, one receiver
-    assert all(found[str(c)][f] == pytest.approx(ref[str(c)][f], abs=1e-6) for c in comps for f in FREEZES)
+    for freeze in FREEZES:
+        found, passes = frozen_effects(model, batch, comps, freeze=freeze, runs=shared, sources={})
+        ref, _ = frozen_effects(model, batch, comps, freeze=freeze)
+        assert passes["runs"] == 2  # the source and the receiver
+        torch.testing.assert_close(found, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -112,4 +112,6 @@ def test_a_screen_reports_the_same_causes_with_the_runs_reused(family, monkeypat
     n = len(spent) // 2
     saved = sum(p["runs"] for p in spent[n:]) - sum(p["runs"] for p in spent[:n])
     assert saved >= n  # at least the pattern freeze's source, per direction
-    assert reused.timing["frozen_forward_equivalents"] == pytest.approx(ref.timing["frozen_forward_equivalents"] - saved)
+    fewer = sum(p["forward"] for p in spent[n:]) - sum(p["forward"] for p in spent[:n])  # attribution sources
+    assert reused.timing["frozen_forward_equivalents"] == pytest.approx(
+        ref.timing["frozen_forward_equivalents"] - saved - fewer)

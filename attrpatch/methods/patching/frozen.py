@@ -29,7 +29,7 @@ from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import call_input, eval_mode, hooked, installed, record
 from ...engine.metrics import Target, metric
 from ...engine.partial import run_blocks
-from ...inputs.batch import PromptBatch
+from ...inputs.batch import PromptBatch, fingerprint
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import Component, ModelSpec, as_spec, check_component
 from ..estimators import qk_fix
@@ -37,7 +37,7 @@ from ..estimators.attribution import attribute
 from .passes import (block_share, copy_entries, default_rows, equivalents, first_position, group_passes, no_op,
                      same_prefix)  # exact patching's grouping and count
 from ..estimators.relp import is_layer_norm, is_norm, ratio
-from .exact import fingerprint, patcher  # the exact patcher (alpha = 1); shared runs' key
+from .exact import patcher  # the exact patcher, alpha = 1
 
 FREEZES = ("pattern", "norm")
 NAME = "attrpatch_frozen"
@@ -122,17 +122,18 @@ def frozen_norms(spec: ModelSpec, store: dict, last: Tensor) -> list:
 
 def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components: Sequence[Component], *,
                    freeze: str, metric_name: str = "logit_diff", direction: str = "denoise", copies: int = 16,
-                   batch_size: int | None = None, runs: dict | None = None,
+                   batch_size: int | None = None, runs: dict | None = None, sources: dict | None = None,
                    receivers: dict | None = None) -> tuple[Tensor, dict]:
     """g(1) - g(0) of each component (mean over prompts, [component] float64) with ``freeze`` (FREEZES) held
     at the receiver's values, and the passes spent {"runs", "patched_rows", "forward_equivalents"}; prompts
     in chunks of ``batch_size`` (all at once for None): a chunk holds every layer's pattern, [batch, head,
     pos, pos] each.
 
-    runs: exact patching's shared runs (``patch(runs=...)``): the source values are read from there when they
-    hold these prompts, direction and hook points (the same no-grad forward, recorded the same way), else a
-    source run is made. receivers: a dict shared by the calls of every freeze on the same prompts: the
-    receiving run (receiving_run) is made once for all of them. ``passes["runs"]`` counts only the runs made."""
+    runs, sources: exact patching's shared runs (``patch(runs=...)``) and attribution's (``attribute(sources=
+    ...)``): the source values are read from there when they hold these prompts, direction and hook points (the
+    same no-grad forward, recorded the same way), else a source run is made. receivers: a dict shared by the
+    calls of every freeze on the same prompts: the receiving run (receiving_run) is made once for all of
+    them. ``passes["runs"]`` counts only the runs made."""
     spec, components = as_spec(model), list(components)
     check_freeze(freeze)
     check_direction(direction)
@@ -146,24 +147,31 @@ def frozen_effects(model: nn.Module | ModelSpec, batch: PromptBatch, components:
     receivers = {} if receivers is None else receivers
     with eval_mode(spec.model), torch.no_grad():
         for chunk in batch.chunks(batch_size):
-            total += _frozen_chunk(spec, chunk, components, freeze, metric_name, direction, copies, passes, runs,
-                                   receivers)
+            source = _source(spec, chunk, direction, components, runs, sources, passes)
+            total += _frozen_chunk(spec, chunk, components, freeze, metric_name, direction, copies, passes, source,
+                                   _receiver(spec, chunk, direction, receivers, passes))
     return total / batch.n, passes
 
 
-def _source(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, runs: dict | None,
-            passes: dict) -> tuple[dict, Tensor]:
-    """The source run's values at ``points`` ({key: [batch, pos, ..]}) and its last-token logits [batch, vocab]:
-    from exact patching's shared ``runs`` when they cover ``points`` for these prompts and direction, else
-    a run made here (counted in ``passes``)."""
-    found = (runs or {}).get((direction, fingerprint(batch)))
-    if found is not None and set(points) <= set(found["source"]):
-        return found["source"], found["source_logits"]
-    source: dict = {}
-    with hooked(record(points, source, batch.n_pos, Tensor.clone)):
+def _source(spec: ModelSpec, batch: PromptBatch, direction: str, components: list[Component], runs: dict | None,
+            sources: dict | None, passes: dict) -> tuple[dict, Tensor]:
+    """The source run's values at the components' hook points ({(site, layer): [batch, pos, ..]}) and its
+    last-token logits [batch, vocab]: from exact patching's shared ``runs`` or attribution's ``sources`` when
+    one covers them for these prompts and direction, else a run made here (counted in ``passes``)."""
+    points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
+    key, found = (direction, fingerprint(batch)), []
+    if runs and key in runs:
+        found.append((runs[key]["source"], runs[key]["source_logits"]))
+    if sources and key in sources:
+        found.append(sources[key])
+    for values, logits in found:
+        if set(points) <= set(values):
+            return values, logits
+    values = {}
+    with hooked(record(points, values, batch.n_pos, Tensor.clone)):
         logits = forward_last(spec, batch.runs(direction)[0], batch.mask, batch.last)
     _count_runs(passes, 1)
-    return source, logits
+    return values, logits
 
 
 def receiving_run(spec: ModelSpec, batch: PromptBatch, direction: str) -> dict:
@@ -197,12 +205,11 @@ def _count_runs(passes: dict, n: int) -> None:
 
 
 def _frozen_chunk(spec: ModelSpec, batch: PromptBatch, components: list[Component], freeze: str, metric_name: str,
-                  direction: str, copies: int, passes: dict, runs: dict | None, receivers: dict) -> Tensor:
-    """Sum over the chunk's prompts of each component's frozen effect: [component] float64."""
+                  direction: str, copies: int, passes: dict, source: tuple[dict, Tensor], receiver: dict) -> Tensor:
+    """Sum over the chunk's prompts of each component's frozen effect, from its source run (values, logits)
+    and its receiving run (receiving_run): [component] float64."""
     points = {key: spec.hook_point(*key) for key in {(c.site, c.layer) for c in components}}
-    source, source_logits = _source(spec, batch, direction, points, runs, passes)
-    receiver = _receiver(spec, batch, direction, receivers, passes)
-    calls, receiver_logits = receiver["calls"], receiver["logits"]
+    (source, source_logits), calls, receiver_logits = source, receiver["calls"], receiver["logits"]
     # the pattern freeze reuses the shared prefix like exact patching (passes.same_prefix): frozen patterns
     # keep the model causal; the norm freeze's recorded values cover every position, so it computes them all
     same = same_prefix(batch) if freeze == "pattern" and batch.aligned else 0
@@ -250,16 +257,17 @@ def frozen_measurements(model: nn.Module | ModelSpec, batch: PromptBatch, compon
     rows = copies or max(1, default_rows(spec.device, batch.n_pos) // (batch_size or batch.n))
     out: dict = {str(c): {} for c in components}
     passes = {"forward": 0, "backward": 0, "runs": 0.0, "patched_rows": 0.0, "forward_equivalents": 0.0}
-    todo, receivers = list(components), {}
+    todo, receivers, sources = list(components), {}, {}  # one receiving run, one attribution source run
     for freeze in freezes:
         if not todo:
             break
         scores = attribute(spec, batch, sites=sorted({c.site for c in todo}), metrics=(metric_name,),
-                           direction=direction, estimator="relp", relp_rules=(freeze,), batch_size=batch_size)
+                           direction=direction, estimator="relp", relp_rules=(freeze,), batch_size=batch_size,
+                           sources=sources)
         slopes = reduce(torch.tensor([scores.score(c, metric_name) for c in todo], dtype=torch.float64))
         effects, spent = frozen_effects(spec, batch, todo, freeze=freeze, metric_name=metric_name,
                                         direction=direction, copies=rows, batch_size=batch_size, runs=runs,
-                                        receivers=receivers)
+                                        sources=sources, receivers=receivers)
         effects = reduce(effects)
         for key, value in (*scores.passes.items(), *spent.items()):
             passes[key] = passes.get(key, 0) + value
