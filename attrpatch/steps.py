@@ -213,7 +213,8 @@ class Steps:
         """Which non-linearity carries each large AtP error (entries ``large``, their components among
         ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
         receiver's, then the norm scales for the errors the patterns leave (methods/patching/frozen.py: one RelP
-        attribution per freeze, one resumed patched copy per component and freeze)."""
+        attribution per freeze, their source run shared; the patches' source from ``runs``, verification's; one
+        receiving run for both freezes; one resumed patched copy per component and freeze)."""
         entry = {e.name: e for e in large}
         todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block
         if not todo:

@@ -12,10 +12,14 @@ g(0) = f(0) (the receiver is its own operating point) and g'(0) is RelP's gradie
 (``attribute(..., estimator="relp", relp_rules=(freeze,))``), so the frozen error g'(0) - (g(1) - g(0))
 against AtP's says how much of the bend that non-linearity carries (analysis/causes.py frozen_causes).
 
-Cost: the source and receiving runs (whole forwards), then one patched copy per component and freeze,
-joining the pass at the component's block (engine/partial.py), ``copies`` per pass, counted in ``passes``
-like ``patch``'s; the pattern freeze also starts at the first position the patch or the prompts change
-(passes.same_prefix).
+Cost, per chunk of prompts and direction (frozen_measurements): one RelP attribution per freeze (a receiving
+forward with grad and a backward each) sharing one source run; the patches' source values read from that
+run or from exact patching's shared runs (a source run of their own only where neither holds them); one
+eager receiving run recording what both freezes hold (receiving_run); then one patched copy per component
+and freeze, joining the pass at the component's block (engine/partial.py), ``copies`` per pass, counted in
+``passes`` like ``patch``'s (runs only where made); the pattern freeze also starts at the first position the
+patch or the prompts change (passes.same_prefix). Both freezes: 1 + 2 attribution forwards, 2 backwards, 1
+run and the copies (4 + 2 + 4 before issue 27).
 """
 
 from contextlib import ExitStack, contextmanager
