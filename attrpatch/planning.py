@@ -21,7 +21,8 @@ Not traced, or traced differently from a real run:
     seeded random scores.
   - The baseline forwards, diagnostics, half and frozen patches and --fn-subsets: passes no wider than
     verification's (the frozen patches add one RelP attribution per large error, like the attribution
-    phase); the CPU copies of scores, reports and figures.
+    phase, their source run kept for both freezes: its values and the deltas alive at once, up to twice the
+    source cache of the large errors' sites); the CPU copies of scores, reports and figures.
   - Inside an op: a fused kernel's workspace, allocator caching and fragmentation (engine/memory.py). sdpa
     attention is planned as the fused CPU flash kernel (engine/memory.fused_attention: no attention
     matrix, as CUDA's flash and memory-efficient kernels); eager attention (Gemma 2) keeps its matrices.

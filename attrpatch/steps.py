@@ -213,7 +213,8 @@ class Steps:
         """Which non-linearity carries each large AtP error (entries ``large``, their components among
         ``comps``): per name, {freeze: (g'(0), g(1) - g(0))} with the attention patterns frozen at the
         receiver's, then the norm scales for the errors the patterns leave (methods/patching/frozen.py: one RelP
-        attribution per freeze, one resumed patched copy per component and freeze)."""
+        attribution per freeze, their source run shared; the patches' source from ``runs``, verification's; one
+        receiving run for both freezes; one resumed patched copy per component and freeze)."""
         entry = {e.name: e for e in large}
         todo = [c for c in comps if str(c) in entry and c.site != "embed"]  # frozen runs resume at a block
         if not todo:
@@ -221,7 +222,7 @@ class Steps:
         start, start_cpu = time.perf_counter(), time.process_time()
         found, passes = frozen_measurements(
             self.spec, self.batch, todo, direction=direction, metric_name=self.config.metric, copies=self.config.copies,
-            batch_size=self.config.batch_size, reduce=self.reduce, explained=lambda c, freeze, slope, effect:
+            batch_size=self.config.batch_size, reduce=self.reduce, runs=self.runs, explained=lambda c, freeze, slope, effect:
             removed_share(entry[str(c)].exact, entry[str(c)].approx, slope, effect) >= REMOVED)
         # the RelP attributions are in this step's clock, so in its count: a backward through every block, its
         # scores included, took ~2 forwards on SmolLM2 (16 x 14 tokens: RelP 4.0-4.2x one forward in all)

@@ -113,3 +113,11 @@ def make_batch(pairs: Sequence[PairLike], pad_id: int = 0) -> PromptBatch:
         wrong=torch.tensor([int(p.wrong_id) for p in pairs]),
         last=mask.sum(1) - 1,
     )
+
+
+def fingerprint(batch: PromptBatch) -> int:
+    """A hash of every tensor of the prompt batch: the key of runs shared between calls on the same prompts
+    (``patch(runs=...)``, ``attribute(sources=...)``)."""
+    return hash(tuple(None if t is None else (tuple(t.shape), t.detach().cpu().numpy().tobytes())
+                      for t in (batch.clean, batch.corrupt, batch.mask, batch.answer, batch.wrong, batch.last,
+                                batch.noise)))

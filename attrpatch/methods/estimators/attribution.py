@@ -73,7 +73,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
               recompute: bool = False,
               prompt_positions: Mapping[str, bool] | None = None, progress: bool = False,
               ablation: str | None = None, dictionaries: Sequence[Dictionary] = (),
-              feature_prompts: bool = False) -> Scores:
+              feature_prompts: bool = False, sources: dict | None = None) -> Scores:
     """Scores of every component of ``sites`` under each of ``metrics``, in ``direction``.
 
     batch: prompt pairs, processed in chunks of ``batch_size`` prompts (all at once for None).
@@ -93,6 +93,8 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         their active latents and error terms from the same backward (features.py; estimators
         features.FEATURE_ESTIMATORS: atp, ig, relp, gim, relp_gim, relp_t4); ``feature_prompts``: keep their
         per-prompt scores too (FeatureScores.per_prompt).
+    sources: a dict shared by calls on the same prompts and direction: a chunk's source run is read from there
+        if it holds the chunk's points, else made and stored (Chunk.cache_source); passes count the runs made.
     """
     spec = as_spec(model)
     sites, metrics = list(dict.fromkeys(sites)), list(dict.fromkeys(metrics))
@@ -117,7 +119,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         """Score one chunk of prompts, adding its sums to ``into`` (per_prompt: its rows of ``values``)."""
         rows = slice(start, start + part.n) if per_prompt or prompts is not None else None
         chunk = Chunk(spec, part, sites, metrics, direction, values if per_prompt else into, rows, prompts=prompts,
-                      recompute=recompute)
+                      recompute=recompute, sources=sources)
         if fixed is not None:
             chunk.ablated = {key: t[start:start + part.n] for key, t in fixed.items()}
         if features is not None:
@@ -126,7 +128,7 @@ def attribute(model: nn.Module | ModelSpec, batch: PromptBatch, *, sites: Sequen
         for run_name, per_metric in chunk.metric_sums().items():
             for m in metrics:
                 sums[run_name][m] += per_metric[m]
-        reruns.append(chunk.reruns)
+        reruns.append(chunk.reruns - chunk.saved)
     with eval_mode(spec.model), frozen_weights(spec.model), tqdm(total=batch.n, desc="attribution",
                                                                  disable=not progress) as bar:
         step = run if features is None else features.undoable(run)  # a retried chunk's features counted once

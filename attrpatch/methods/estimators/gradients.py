@@ -20,7 +20,7 @@ from torch import Tensor
 from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import batch_pos, hooked, record
 from ...engine.metrics import Target, metric
-from ...inputs.batch import PromptBatch, RunInput
+from ...inputs.batch import PromptBatch, RunInput, fingerprint
 from ...inputs.directions import clean_and_corrupt
 from ...model.sites import ModelSpec, unit_reduce
 from . import blockwise
@@ -85,14 +85,16 @@ class Chunk(Receiving):
     (``values[metric][site]``, [layer, pos, (unit)] summed over prompts, or [batch, layer, pos, (unit)]
     written at ``rows`` when scores are kept per prompt; ``prompts[metric][site]``, if given, receives the
     per-prompt scores at ``rows`` as [batch, layer, pos | 1, (unit)], positions summed where its pos is 1).
-    recompute: the backward block by block (blockwise.py).
+    recompute: the backward block by block (blockwise.py). sources: source runs shared by calls on the same
+    prompts and direction (cache_source).
 
     ``metric`` and ``label`` say which backward pass is running: the metric differentiated, and the
     estimator's label of the pass (None for the plain one; GradDrop labels a pass by its dropped layer).
     """
 
     def __init__(self, spec: ModelSpec, batch: PromptBatch, sites: list[str], metrics: list[str], direction: str,
-                 values: dict, rows: slice | None, *, prompts: dict | None = None, recompute: bool = False):
+                 values: dict, rows: slice | None, *, prompts: dict | None = None, recompute: bool = False,
+                 sources: dict | None = None):
         super().__init__(batch, metrics, direction)
         self.spec, self.sites = spec, sites
         self.values, self.rows, self.prompts, self.recompute = values, rows, prompts, recompute
@@ -108,6 +110,8 @@ class Chunk(Receiving):
         self.deltas: dict[Key, Tensor] = {}
         self.ablated: dict[Key, Tensor] | None = None  # an ablation's source values (methods/ablation.py)
         self.splices: list = []  # (point, callback) hooks active in both runs: dictionaries (features.py)
+        self.sources = sources  # source runs shared by calls on the same prompts (attribute(sources=...))
+        self.saved = 0  # source runs read from ``sources``, not made: forwards the estimator's count overstates
 
     def cache(self, run: RunInput, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
         """No-grad forward caching each point's normalised view (detached): ({key: tensor}, last logits)."""
@@ -122,17 +126,32 @@ class Chunk(Receiving):
         whose tensor shares no storage with another (``own``, never an ablation's) becomes its delta in place.
         With ``recompute`` and ``lazy`` (for estimators with one backward call that read the source only
         through the deltas) and no ablation, only the embeddings and each block's call are kept: blockwise.py
-        reruns each source block when the backward reaches it."""
+        reruns each source block when the backward reaches it. Otherwise the run may come from ``sources``
+        (_source_values), whose values are then never written."""
         if self.recompute and lazy and not self.ablated:
             with block_calls(self.spec) as calls:
                 self.source, self.logits["source"] = self.cache(self.source_run, {("embed", 0): self.embed})
             self.source_calls = calls
             return
-        self.source, self.logits["source"] = self.cache(self.source_run, {**self.points, ("embed", 0): self.embed})
+        self.source, self.logits["source"] = self._source_values({**self.points, ("embed", 0): self.embed})
         self.source.update(self.ablated or {})
         storage = [t.untyped_storage().data_ptr() for t in self.source.values()]
-        self.own = {key for key, ptr in zip(self.source, storage)
-                    if storage.count(ptr) == 1 and key not in (self.ablated or {})}
+        self.own = set() if self.sources is not None else {  # a shared run's values are never written
+            key for key, ptr in zip(self.source, storage) if storage.count(ptr) == 1 and key not in (self.ablated or {})}
+
+    def _source_values(self, points: dict) -> tuple[dict[Key, Tensor], Tensor]:
+        """The source run's values at ``points`` and its last logits (``cache``): read from ``sources`` when a
+        call on the same prompts and direction stored them there, covering ``points`` (counted in ``saved``),
+        else run, and stored there; with an ablation or dictionaries (they change the values) always run."""
+        if self.sources is None or self.ablated or self.splices:
+            return self.cache(self.source_run, points)
+        key = (self.direction, fingerprint(self.batch))
+        if key not in self.sources or not set(points) <= set(self.sources[key][0]):
+            self.sources[key] = self.cache(self.source_run, points)
+        else:
+            self.saved += 1
+        values, logits = self.sources[key]
+        return {k: values[k] for k in points}, logits
 
     def add(self, site: str, layer: int, score: Tensor) -> None:
         """Add a [batch, pos, (unit)] score into ``values`` under the running metric."""

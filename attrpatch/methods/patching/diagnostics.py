@@ -17,10 +17,9 @@ from torch import Tensor
 
 from ...engine.forward import forward_last
 from ...engine.hooks import hooked, noised, record
-from ...inputs.batch import PromptBatch, RunInput
+from ...inputs.batch import PromptBatch, RunInput, fingerprint
 from ...model.sites import Component, ModelSpec
 from ..ablation import ablated_values
-from .exact import fingerprint
 
 SATURATED_MAX_PROB = 0.95  # a head whose rows put more than this on one token is called saturated
 LARGE_CHANGE = 0.75  # relative activation change above which linearisation is doubtful

@@ -28,7 +28,7 @@ from ...engine.forward import block_calls, forward_last
 from ...engine.hooks import batch_pos, call_input, eval_mode, hooked, record
 from ...engine.metrics import Target, check_metric, metric, metric_values, wide
 from ...engine.partial import run_blocks
-from ...inputs.batch import PromptBatch
+from ...inputs.batch import PromptBatch, fingerprint
 from ...inputs.directions import check_direction, clean_and_corrupt
 from ...model.sites import Component, ModelSpec, as_spec, check_component
 from ..ablation import ablated_values
@@ -121,13 +121,6 @@ def _source_values(spec: ModelSpec, batch: PromptBatch, ids, points: dict,
     with hooked(record(points, source, batch.n_pos, Tensor.clone)):
         logits = forward_last(spec, ids, batch.mask, batch.last, cache)
     return source, logits
-
-
-def fingerprint(batch: PromptBatch) -> int:
-    """A hash of every tensor of the prompt batch: the key of shared runs (``patch(runs=...)``)."""
-    return hash(tuple(None if t is None else (tuple(t.shape), t.detach().cpu().numpy().tobytes())
-                      for t in (batch.clean, batch.corrupt, batch.mask, batch.answer, batch.wrong, batch.last,
-                                batch.noise)))
 
 
 def _runs(spec: ModelSpec, batch: PromptBatch, direction: str, points: dict, first: int, reuse_pos: bool,
