@@ -9,6 +9,7 @@ from ..engine.metrics import ALL_METRICS, METRICS
 from ..inputs.corruption import CORRUPTIONS
 from ..methods.ablation import ABLATIONS
 from ..methods.estimators.attribution import ESTIMATORS
+from ..model.archs import ARCHS
 from ..model.fetch import MODELS
 from ..model.sites import RESID_LIKE, SITES
 
@@ -160,7 +161,8 @@ EDGES_EPILOG = """examples:
   attrpatch edges --task ioi --positions each --top-k 20 --out runs/pos-edges   # per-position edges
 edges are named sender->receiver: senders embed, L3H2, L3.mlp; receivers L5H1.q, L5H1.k, L5H0.v, L5.mlp, logits;
 with --positions each, sender@p->receiver@p: L3H2@5->L5H1.k@5.
-supported families: gpt2, llama (Llama 2 and 3), mistral, qwen2, qwen3, phi3."""
+supported families (config.model_type): """ + ", ".join(name for name, arch in ARCHS.items() if arch.edges) + """
+(OPT with do_layer_norm_before only); others via --arch or --arch-file."""
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
