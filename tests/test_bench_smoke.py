@@ -15,3 +15,5 @@ def test_bench_tiny_preset_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["preset"] == "tiny" and "atp" in result
+    assert set(result["atp"]) == {"plain", "recompute", "floor"}  # AtP's floor is measured beside it
+    assert "AtP / floor" in done.stdout

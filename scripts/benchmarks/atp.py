@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import attrpatch as ap
 
 from .common import CLOCKS, PRESETS, Bench, _max, fmt, mb, med, site_bytes, verdict, git_state
@@ -24,14 +26,42 @@ ATP_SITES = ("resid_pre", "attn_out", "mlp_out", "head", "neuron")
 ATP_MODES = {"plain": {}, "recompute": {"recompute": True}}  # mode -> attribute(...) options
 
 
+def bare_passes(b: Bench) -> None:
+    """AtP's floor: its three passes without attrpatch's hooks. The source run without grad, the receiving
+    run with grad from a leaf at the embeddings (forward_last: last-position logits only, as AtP), and one
+    backward of logit_diff to that leaf: what AtP costs before any site is read, delta formed or product taken."""
+    from attrpatch.engine.forward import forward_last
+    from attrpatch.engine.metrics import Target, metric
+
+    spec = ap.model_spec(b.model)
+    batch, leaf = b.batch, []
+
+    def make_leaf(module, args, out):
+        leaf.append(out.detach().requires_grad_(True))
+        return leaf[-1]
+    with torch.no_grad():
+        source = forward_last(spec, batch.clean, batch.mask, batch.last)
+    handle = b.model.get_input_embeddings().register_forward_hook(make_leaf)
+    try:
+        with torch.enable_grad():
+            logits = forward_last(spec, batch.corrupt, batch.mask, batch.last)
+            total = metric("logit_diff", logits, Target.from_clean(batch.answer, batch.wrong, source)).sum()
+            torch.autograd.grad(total, leaf)
+    finally:
+        handle.remove()
+
+
 def bench_atp(b: Bench, dims, repeats: int, itemsize: int) -> dict:
-    """AtP over ATP_SITES, each mode ``repeats`` times, interleaved with plain forwards."""
-    res = {mode: {"seconds": [], "peaks": []} for mode in ATP_MODES}
+    """AtP over ATP_SITES, each mode ``repeats`` times, and its floor (bare_passes), interleaved with plain
+    forwards."""
+    calls = {mode: (lambda options=options: ap.attribute(b.model, b.batch, sites=ATP_SITES, metrics=["logit_diff"],
+                                                           **options)) for mode, options in ATP_MODES.items()}
+    calls["floor"] = lambda: bare_passes(b)
+    res = {mode: {"seconds": [], "peaks": []} for mode in calls}
     for _ in range(repeats):
-        for mode, options in ATP_MODES.items():
+        for mode, call in calls.items():
             b.forward()
-            t, peak, _ = b.timed(lambda: ap.attribute(b.model, b.batch, sites=ATP_SITES, metrics=["logit_diff"],
-                                                      **options))
+            t, peak, _ = b.timed(call)
             res[mode]["seconds"].append(t)
             res[mode]["peaks"].append(peak)
             b.log(f"  AtP {mode} {fmt(t)}")
@@ -92,6 +122,11 @@ def atp_lines(atp: dict) -> list[str]:
         lines.append(f"{title:<44}{a['fwd_wall']:>7.2f}x{'':>10}{'<= 2.5x' if goal else '':>9}  "
                      f"{verdict('atp', a['fwd_wall']) if goal else '':<7}{a['fwd_cpu']:>6.2f}x{'':>9}  "
                      f"{verdict('atp', a['fwd_cpu']) if goal else '':<6}{mb(a['peak_bytes']):>9}{mb(a['cache_bytes']):>8}")
+    floor = atp.get("floor")
+    if floor is not None:
+        lines.append(f"  its floor: the same 3 passes, no hooks{floor['fwd_wall']:>11.2f}x{'':>28}{floor['fwd_cpu']:>6.2f}x"
+                     f"   AtP / floor: {atp['plain']['fwd_wall'] / floor['fwd_wall']:.2f}x wall, "
+                     f"{atp['plain']['fwd_cpu'] / floor['fwd_cpu']:.2f}x cpu")
     for mode in ATP_MODES:
         a = atp[mode]
         rss = a["peak_bytes"] / a["cache_bytes"] if a["peak_bytes"] is not None else float("nan")
