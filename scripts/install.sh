@@ -18,7 +18,7 @@ case "${1:-}" in
   *) echo "install.sh: unknown option '$1'; use --tested or nothing" >&2; exit 2 ;;
 esac
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "${PIN[@]}" "torch>=2.13,<2.15"
+  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "${PIN[@]}" "torch>=2.13,<2.16"
 fi
 "$PY" -m pip install -q "${PIN[@]}" -e ".[test,gguf]"
 echo "real model: $("$PY" -m attrpatch.cli fetch smollm2)"
