@@ -122,11 +122,10 @@ def atp_lines(atp: dict) -> list[str]:
         lines.append(f"{title:<44}{a['fwd_wall']:>7.2f}x{'':>10}{'<= 2.5x' if goal else '':>9}  "
                      f"{verdict('atp', a['fwd_wall']) if goal else '':<7}{a['fwd_cpu']:>6.2f}x{'':>9}  "
                      f"{verdict('atp', a['fwd_cpu']) if goal else '':<6}{mb(a['peak_bytes']):>9}{mb(a['cache_bytes']):>8}")
-    floor = atp.get("floor")
-    if floor is not None:
-        lines.append(f"  its floor: the same 3 passes, no hooks{floor['fwd_wall']:>11.2f}x{'':>28}{floor['fwd_cpu']:>6.2f}x"
-                     f"   AtP / floor: {atp['plain']['fwd_wall'] / floor['fwd_wall']:.2f}x wall, "
-                     f"{atp['plain']['fwd_cpu'] / floor['fwd_cpu']:.2f}x cpu")
+    floor = atp["floor"]
+    lines.append(f"  its floor: the same 3 passes, no hooks{floor['fwd_wall']:>11.2f}x{'':>28}{floor['fwd_cpu']:>6.2f}x"
+                 f"   AtP / floor: {atp['plain']['fwd_wall'] / floor['fwd_wall']:.2f}x wall, "
+                 f"{atp['plain']['fwd_cpu'] / floor['fwd_cpu']:.2f}x cpu")
     for mode in ATP_MODES:
         a = atp[mode]
         rss = a["peak_bytes"] / a["cache_bytes"] if a["peak_bytes"] is not None else float("nan")
