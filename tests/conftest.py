@@ -4,7 +4,9 @@ Weights are drawn with a larger initializer range than the libraries' default (0
 activations, logits and patching effects are O(1) and tolerances mean something.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +105,12 @@ def saved_model(folder, family="gpt2", **overrides):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def load_script(path: str):
+    """A script of the repository (path relative to its root, e.g. "scripts/layout.py") imported as a module."""
+    file = Path(__file__).resolve().parents[1] / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 union of the estimators' tops plus controls outside it, and docs/edges_estimators.md's section between the
 markers is exactly what the script writes from docs/edges_estimators.json."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,13 @@ import attrpatch as ap
 from attrpatch.inputs.batch import make_batch
 from attrpatch.methods.edges.eap import attribute_edges
 from attrpatch.prompts import pad_token, prepare_pairs
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("edges_real", ROOT / "scripts" / "edges_real.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/edges_real.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@ Llama-3-8B's width (hidden 4096, 32 query / 8 key-value heads, head dim 128) in 
 every site (neurons included) and a real edges run on 2 prompts of 4 tokens, measured with engine/memory.py's
 tracker; the plan of the same run agrees within 10% per phase."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 PHASES = ("attribution", "verification", "edges", "edge_patching")
 
 
 def _fullwidth():
-    spec = importlib.util.spec_from_file_location("fullwidth", ROOT / "scripts" / "benchmarks" / "fullwidth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/benchmarks/fullwidth.py")
 
 
 def test_one_block_at_llama_3_8b_width_screens_and_runs_edges_within_10_percent_of_its_plan():

@@ -1,17 +1,15 @@
 """The package layout: stages import only from themselves and earlier ones, no circle, small modules."""
 
 import ast
-import importlib.util
 from pathlib import Path
+
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "layout.py"
 
 
 def _layout():
-    spec = importlib.util.spec_from_file_location("layout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/layout.py")
 
 
 def test_stages_import_only_earlier_stages_and_modules_stay_small():
