@@ -75,6 +75,9 @@ class ScreenConfig:
     # processes the directions run in: 2 runs direction "both"'s second direction in a forked process, each on
     # half the threads (CPU only; screening.processes: 1.06x faster on SmolLM2, 2 cores); None or 1: one
     processes: int | None = None
+    # measure the causes of the flagged components (a half patch each, frozen patches of the large errors:
+    # analysis/causes.py); False: the flags alone, their causes marked not measured (~27% of the SmolLM2 screen)
+    measure_causes: bool = True
 
     def __post_init__(self):
         for s in self.sites:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .analysis.agreement import agreement, false_negatives, tolerance
-from .analysis.causes import measured_causes
+from .analysis.causes import NOT_MEASURED, measured_causes
 from .analysis.flags import disagreement_flags
 from .analysis.intervals import effect_intervals, with_intervals
 from .analysis.ranking import control_sample, ranks, top_k
@@ -139,9 +139,13 @@ def _explain(spec, batch: PromptBatch, d: Dictionary, rows: list[dict], verified
              direction: str, *, slope: bool, ig: bool) -> None:
     """The measured causes (analysis/causes.measured_causes) of every row flagged sign_flip or large_error,
     in place: one half patch (alpha = 0.5) each; with ``ig`` (the ranking estimator is not IG) the IG score,
-    when the screen ran IG too."""
+    when the screen ran IG too. With ``config.measure_causes`` False: none measured, marked NOT_MEASURED."""
     metric = config.metric
     flagged = [n for n, r in enumerate(rows) if {"sign_flip", "large_error"} & set(r["flags"])]
+    if not config.measure_causes:
+        for n in flagged:  # as measured causes would, this replaces the row's (empty) causes
+            rows[n]["causes"] = [NOT_MEASURED]
+        return
     if not flagged:
         return
     half = patch_features(spec, batch, [d], [verified[n] for n in flagged], metrics=[metric], direction=direction,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .analysis.causes import explain
+from .analysis.causes import explain, unmeasured
 from .analysis.findings import non_finite, site_results
 from .analysis.flags import APPROX_FLAGS, mark_cross_flags
 from .analysis.grading import grade_estimators
@@ -132,8 +132,12 @@ def screen_direction(run: Steps, direction: str, unit: bool = False) -> Directio
     flagged_comps = [c for c in verified if str(c) in {e.name for e in flagged}]
     slope = config.estimators[0] == "atp"  # AtP is f'(0): its error is the bend the causes locate
     large = [e for e in flagged if "large_error" in e.flags]
-    frozen = run.frozen(direction, large, flagged_comps) if slope and not config.ablation else {}
-    explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
+    if config.measure_causes:
+        frozen = run.frozen(direction, large, flagged_comps) if slope and not config.ablation else {}
+        explain(flagged, run.half(direction, flagged_comps), slope=slope, frozen=frozen)
+    else:
+        for e in flagged:
+            e.causes = unmeasured(e.causes)
     return Direction(scores=scores, all_scores=est_scores,
                      verification={site: site_plan.summary() for site, site_plan in plan.items()},
                      attention={"max_prob": max_prob.tolist(), "entropy": entropy.tolist()}, agreement=agree,

@@ -30,6 +30,8 @@ from .records import Finding
 THRESHOLD = 0.2  # relative size above which a measurement names a cause
 REMOVED = 0.5  # share of the AtP error a freeze must remove to name its non-linearity
 NO_CAUSE = "no cause found: every measurement below its threshold"
+NOT_MEASURED = ("cause not measured (--no-causes): the flag stands on exact patching; any cause after this is "
+                "evidence only")
 FREEZE_WORDS = {"pattern": "attention pattern change", "norm": "norm scale change"}
 FROZEN_WHAT = {"pattern": "the attention patterns", "norm": "the norm scales"}
 
@@ -117,3 +119,9 @@ def explain(entries: list[Finding], half: dict[str, float], slope: bool = True,
             e.evidence["frozen"] = {k: list(v) for k, v in frozen[e.name].items()}
             measured = frozen_causes(e.exact, e.approx, frozen[e.name]) + measured
         e.causes = measured + e.causes or [NO_CAUSE]
+
+
+def unmeasured(causes: list[str]) -> list[str]:
+    """A flagged entry's causes when the screen measured none (ScreenConfig.measure_causes False):
+    NOT_MEASURED in the measured causes' place, first, then the evidence-based ones."""
+    return [NOT_MEASURED, *causes]

@@ -108,7 +108,7 @@ def _screen(args, argv) -> int:
                           positions=args.positions, seed=args.seed,
                           batch_size=args.batch_size, copies=args.copies, estimator=args.estimator,
                           ig_steps=args.ig_steps, fn_subsets=args.fn_subsets, progress=not args.quiet,
-                          ablation=args.ablation, low_memory=args.low_memory,
+                          ablation=args.ablation, low_memory=args.low_memory, measure_causes=not args.no_causes,
                           processes=1 if args.max_memory else args.processes))  # the plan is one process's
     from ..model.dictionaries import load_dictionary
     dictionaries = tuple(load_dictionary(path) for path in getattr(args, "sae", ()))  # before the model: fail fast

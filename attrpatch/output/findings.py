@@ -4,7 +4,7 @@ table. Rendered from the report dict alone; the full evidence stays in report.js
 
 from collections import Counter
 
-from ..analysis.causes import NO_CAUSE, removed_share
+from ..analysis.causes import NO_CAUSE, NOT_MEASURED, removed_share
 from ..analysis.flags import APPROX_FLAGS
 from ..analysis.groups import group_components
 from .markdown import ci, group_name, name, num, span, table
@@ -142,7 +142,8 @@ CAUSE_WORDS = (  # the opening of a cause in analysis/causes.py or flags.py, its
     ("curvature", "curvature"), ("non-linearity along the straight path", "path (IG right)"),
     ("interaction", "interaction (IG off too)"), ("attention saturation", "saturation"),
     ("large activation change", "activation change"), ("early-layer", "layer 0"),
-    ("metric non-linearity", "metric non-linearity"), ("backup behaviour", "backup"), (NO_CAUSE, "none found"))
+    ("metric non-linearity", "metric non-linearity"), ("backup behaviour", "backup"), (NO_CAUSE, "none found"),
+    (NOT_MEASURED, "not measured"))
 
 
 def short_cause(causes: list[str], most: int = 2) -> str:

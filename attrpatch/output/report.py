@@ -26,6 +26,7 @@ def report_dict(result: ScreenResult, *, model: str, task: str, tokens: list[str
         "metrics": list(o["metrics"]), "sites": list(o["sites"]),
         "positions": {s: ("each" if c.per_position(s) else "all") for s in c.sites},
         "top_k": o["top_k"], "random_k": o["random_k"], "verify_budget": o["verify_budget"],
+        "measure_causes": o["measure_causes"],
         "clean_metric": result.clean_metric, "corrupt_metric": result.corrupt_metric,
         "components": result.components, "groups": group_components(result.components),
         "agreement": result.agreement,

@@ -35,7 +35,7 @@ def render(r: dict) -> str:
         lines += _direction_section(r, direction, comps)
     lines += ["## Where AtP and exact patching disagree", ""]
     for direction in r["directions"]:
-        lines += _no_cause_words([c for c in r["components"] if c["direction"] == direction], direction)
+        lines += _no_cause_words(r, [c for c in r["components"] if c["direction"] == direction], direction)
     lines += findings.disagreement_table(r)
     both = [c for c in r["components"] if "directions_disagree" in c["flags"] and c["direction"] == "denoise"]
     if both:
@@ -183,12 +183,15 @@ def _subset_words(fns: dict) -> list[str]:
     return ["Joint patches of random subsets of the unverified components (--fn-subsets):", "", *found, ""] if found else []
 
 
-def _no_cause_words(comps: list[dict], direction: str) -> list[str]:
+def _no_cause_words(r: dict, comps: list[dict], direction: str) -> list[str]:
     """The share of large errors whose measured causes and evidence name nothing, and which non-linearity the
     frozen runs (analysis/causes.py frozen_causes) found carrying them."""
     large = [c for c in comps if "large_error" in c["flags"]]
     if not large:
         return []
+    if not r.get("measure_causes", True):
+        return [f"{direction.capitalize()}: {len(large)} large errors; their causes were not measured (--no-causes: "
+                "no half or frozen patches), so the flags stand on exact patching alone.", ""]
     unexplained = sum(c["causes"][:1] == [NO_CAUSE] for c in large)
     carried = {}
     for c in large:
