@@ -106,7 +106,7 @@ def test_killed_edges_run_resumes_to_the_same_report(tmp_path, inputs, monkeypat
     assert _edge_report(tmp_path / "run" / "report.json") == _edge_report(tmp_path / "whole" / "report.json")
     capsys.readouterr()
     assert main(argv[:-2] + ["--top-k", "4", "--out", str(tmp_path / "run"), "--resume"]) == 2
-    assert "different ['options']" in capsys.readouterr().err
+    assert "different options.top_k: 3 then, 4 now;" in capsys.readouterr().err  # names what changed
 
 
 def test_edge_report_names_the_batch_an_out_of_memory_retry_ended_with(monkeypatch):

@@ -25,6 +25,18 @@ from ..methods.patching.exact import Effects
 from .files import write_atomic, write_json
 
 
+def _differences(before: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value then, value now) of every leaf that differs between two run identities."""
+    out = []
+    for k in sorted(set(before) | set(now)):
+        a, b = before.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 class Progress:
     def __init__(self, folder: Path | None, identity: dict | None = None, resume: bool = False):
         self.folder = None if folder is None else Path(folder) / ".progress"
@@ -34,8 +46,10 @@ class Progress:
         marker = self.folder / "run.json"
         if resume and marker.exists():
             before = json.loads(marker.read_text())
-            if before != json.loads(json.dumps(identity)):
-                changed = sorted(k for k in set(before) | set(identity or {}) if before.get(k) != (identity or {}).get(k))
+            now = json.loads(json.dumps(identity or {}))
+            if before != now:
+                changed = ", ".join(f"{k}: {before_value!r} then, {now_value!r} now"
+                                    for k, before_value, now_value in _differences(before, now))
                 raise ValueError(f"--resume: the run in {self.folder.parent} was made with different {changed}; "
                                  "rerun with the same model, task and options, or drop --resume to start over")
         elif distributed.rank() == 0:
