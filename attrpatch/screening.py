@@ -9,7 +9,8 @@ Per prompt pair, scores and exact effects of the verified components are kept (a
 checkpointed), so every agreement statistic and exact effect gets a bootstrap interval over pairs. Each
 flagged component gets one more patched copy moved half way (alpha = 0.5) for its measured causes
 (analysis/causes.py), and each large AtP error one with the attention patterns frozen at the receiver's
-(a second, norm scales frozen, where that leaves half the error; methods/patching/frozen.py); ``fn_subsets`` adds
+(a second, norm scales frozen, where that leaves half the error; methods/patching/frozen.py), unless
+``measure_causes`` is False (--no-causes: the same flags, causes marked not measured); ``fn_subsets`` adds
 joint patches of random subsets of each site's unverified components, read with the estimator's scores as
 a control variate, and of all of them, the additivity check (analysis/subsets.py).
 

@@ -119,7 +119,7 @@ def _add_screen_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--no-causes", action="store_true",
                    help="skip measuring why AtP and exact disagree (a half patch of every flagged component, "
                         "frozen-attention patches of the large errors): the same flags from exact patching, their "
-                        "causes marked not measured; about a quarter less time on SmolLM2")
+                        "causes marked not measured; 0.78x the wall time on SmolLM2 IOI")
     p.add_argument("--low-memory", action="store_true",
                    help="attribution's backward block by block, rerunning each block when the gradient reaches "
                         "it: a fraction of the memory, for about two more forward passes (same scores)")
