@@ -110,4 +110,4 @@ def test_killed_run_resumes_to_the_same_report(tmp_path):
     assert _report_without_timing(tmp_path / "resumed" / "report.json") == \
         _report_without_timing(tmp_path / "whole" / "report.json")
     other = run(tmp_path / "resumed", "--resume", "--top-k", "4")
-    assert other.returncode != 0 and "different ['options']" in other.stderr
+    assert other.returncode != 0 and "different options.top_k: 3 then, 4 now;" in other.stderr
